@@ -54,3 +54,37 @@ def family(request):
 @pytest.fixture
 def tiny_model(family):
     return make_tiny_model(family)
+
+
+def make_tiny_tokenizer():
+    """A character-level fast tokenizer (< 128 ids) that needs no download."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def save_tiny_checkpoint(path, family: str = "llama", seed: int = 0, **overrides):
+    """A tiny random model plus the character tokenizer saved as an HF directory."""
+    from pathlib import Path
+
+    path = Path(path)
+    model = make_tiny_model(family, seed=seed, **overrides)
+    model.save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, family):
+    return save_tiny_checkpoint(tmp_path / f"tiny-{family}", family)
