@@ -12,12 +12,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from pdc.errors import PdcError
 from pdc.stages import DataSource
+
+if TYPE_CHECKING:  # torch is imported where used: `pdc.assets` must import fast
+    import torch
 
 _LOCAL_KINDS = {"json": "json", "jsonl": "json", "text": "text", "parquet": "parquet"}
 
@@ -61,8 +62,10 @@ def load_texts(source: DataSource, base_dir: Path | None = None, stage: str | No
     return [t for t in ds[fld] if isinstance(t, str) and t.strip()]
 
 
-def pack(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int | None) -> torch.Tensor:
+def pack(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int | None) -> "torch.Tensor":
     """Concatenate documents (EOS between them) and cut into [N, seq_len] blocks."""
+    import torch
+
     stream: list[int] = []
     for ids in token_lists:
         stream.extend(ids)
@@ -83,7 +86,7 @@ def token_blocks(
     base_dir: Path | None = None,
     stage: str | None = None,
     cache: bool = True,
-) -> torch.Tensor:
+) -> "torch.Tensor":
     """Packed token blocks [N, seq_len] of `source`, cached by content and tokenizer."""
     texts = load_texts(source, base_dir, stage)
     key = hashlib.sha256()
@@ -93,6 +96,8 @@ def token_blocks(
     for t in texts:
         key.update(hashlib.sha256(t.encode()).digest())
     cache_file = cache_root() / "tokens" / f"{key.hexdigest()[:24]}.pt"
+    import torch
+
     if cache and cache_file.exists():
         return torch.load(cache_file)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -109,7 +114,7 @@ def token_blocks(
     return blocks
 
 
-def split_blocks(blocks: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+def split_blocks(blocks: "torch.Tensor", val_fraction: float) -> tuple["torch.Tensor", "torch.Tensor"]:
     """(train, validation): the last `val_fraction` of blocks (at least one) is held out."""
     if val_fraction <= 0:
         return blocks, blocks[:0]
@@ -119,10 +124,12 @@ def split_blocks(blocks: torch.Tensor, val_fraction: float) -> tuple[torch.Tenso
     return blocks[:-n_val], blocks[-n_val:]
 
 
-def take(blocks: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+def take(blocks: "torch.Tensor", n: int, seed: int = 0) -> "torch.Tensor":
     """`n` blocks chosen reproducibly (all of them, in order, if fewer are available)."""
     if n >= len(blocks):
         return blocks
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(blocks), generator=g)[:n].sort().values
     return blocks[idx]

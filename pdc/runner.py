@@ -79,13 +79,11 @@ def materialize_model(src: ModelSource, base_dir: Path) -> Path:
 
         return assets.builtin_model_dir(src.ref)
     if src.kind == "gguf":
-        from pdc import assets
-
         path = Path(src.ref).expanduser()
         path = path if path.is_absolute() else base_dir / path
         if not path.exists():
             raise PdcError(f"GGUF file not found: {path}", "load")
-        return assets.convert_gguf(path)
+        return _converted_gguf(path)
     if src.kind == "hf":
         try:
             from huggingface_hub import snapshot_download
@@ -98,6 +96,23 @@ def materialize_model(src: ModelSource, base_dir: Path) -> Path:
                 "load",
             ) from None
     raise PdcError(f"unknown model source kind {src.kind!r}", "load")
+
+
+def _converted_gguf(path: Path) -> Path:
+    """A GGUF file dequantized once into a plain HF checkpoint in the cache."""
+    from pdc import assets
+    from pdc.data import cache_root
+
+    ident = hashlib.sha256(json.dumps([str(path.resolve()), _file_identity(path)]).encode()).hexdigest()[:16]
+    final = cache_root() / "models" / f"gguf-{path.stem}-{ident}"
+    if (final / "config.json").exists():
+        return final
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[pdc] converting {path.name} to a Hugging Face checkpoint (once)")
+    assets.convert_gguf(path, tmp, verify=False)
+    tmp.rename(final)
+    return final
 
 
 def _model_identity(src: ModelSource, base_dir: Path) -> list:
@@ -125,7 +140,11 @@ class Build:
         self.out = Path(out_dir) if out_dir else default_build_dir(spec)
         self.base = spec_dir(spec)
         self.progress = progress
-        self.stages = {type(s).__name__.replace("Stage", "").lower(): s for s in spec.stages}
+        self.stages: dict = {}
+        for st in spec.stages:
+            if st.name in self.stages:
+                raise PdcError(f"the runner supports one {st.name} stage per spec (line {st.span.line})", st.name)
+            self.stages[st.name] = st
         self._tokenizers: dict[Path, object] = {}
         self._model_dirs: dict[str, Path] = {}
         self.keys: dict[str, str] = {}
@@ -159,10 +178,22 @@ class Build:
             return self.out / "correct" / "model"
         return self.model_dir(self.spec.source_model)
 
-    def prune_input_dir(self) -> Path:
+    @property
+    def prune_names(self) -> list[str]:
+        """Prune stages in spec order ("prune", "prune2", ...); each prunes the previous one's output."""
+        return [n for n in self.stages if n.startswith("prune")]
+
+    def prune_input_dir(self, name: str = "prune") -> Path:
+        names = self.prune_names
+        i = names.index(name) if name in names else 0
+        if i > 0:
+            return self.out / names[i - 1] / "model"
         if self.correction_order == "sequential":
             return self.out / "correct" / "model"
         return self.model_dir(self.spec.source_model)
+
+    def student_dir(self) -> Path:
+        return self.out / self.prune_names[-1] / "model"
 
     # -- keys: a stage's key covers its settings and everything upstream of it --
     def stage_key(self, name: str) -> str:
@@ -172,15 +203,19 @@ class Build:
         src = _model_identity(spec.models[spec.source_model], self.base)
         if name == "correct":
             k = _key("correct", st, src, _data_identity(spec.data[st.data], self.base))
-        elif name == "prune":
-            up = self.stage_key("correct") if self.correction_order == "sequential" else src
+        elif name.startswith("prune"):
+            i = self.prune_names.index(name)
+            if i > 0:
+                up = self.stage_key(self.prune_names[i - 1])
+            else:
+                up = self.stage_key("correct") if self.correction_order == "sequential" else src
             data = _data_identity(spec.data[st.data], self.base) if st.data else None
             k = _key("prune", st, up, data)
         elif name == "distill":
             teacher = self.stage_key("correct") if "correct" in self.stages else src
-            k = _key("distill", st, teacher, self.stage_key("prune"), _data_identity(spec.data[st.data], self.base))
+            k = _key("distill", st, teacher, self.stage_key(self.prune_names[-1]), _data_identity(spec.data[st.data], self.base))
         elif name == "evaluate":
-            ups = [self.stage_key(s) for s in ("correct", "prune", "distill") if s in self.stages]
+            ups = [self.stage_key(s) for s in self.stages if s != "evaluate"]
             k = _key("evaluate", st, src, ups, st.tasks_dir)
         else:
             raise KeyError(name)
@@ -250,11 +285,11 @@ class Build:
         work = self._work_dir("correct")
         return run_correct(src, train, val, st.train, work, out, progress=self.progress)
 
-    def prune(self, out: Path) -> dict:
+    def prune(self, out: Path, name: str = "prune") -> dict:
         from pdc.data import take
 
-        st = self.stages["prune"]
-        model_dir = self.prune_input_dir()
+        st = self.stages[name]
+        model_dir = self.prune_input_dir(name)
         if st.kind == "width":
             from pdc.prune_width import prune_width
 
@@ -285,7 +320,7 @@ class Build:
 
         st = self.stages["distill"]
         teacher = self.teacher_dir()
-        student = self.out / "prune" / "model"
+        student = self.student_dir()
         train, val = split_blocks(self.blocks(st.data, teacher, st.train.seq_len, "distill"), st.train.val_fraction)
         return run_distill(teacher, student, train, val, st.train, self._work_dir("distill"), out, progress=self.progress)
 
@@ -312,8 +347,8 @@ class Build:
         candidates = {"teacher": self.model_dir(self.spec.source_model)}
         if "correct" in self.stages:
             candidates["corrected teacher"] = self.out / "correct" / "model"
-        if "prune" in self.stages:
-            candidates["pruned"] = self.out / "prune" / "model"
+        if self.prune_names:
+            candidates["pruned"] = self.student_dir()
         if "distill" in self.stages:
             candidates["distilled"] = self.out / "distill" / "model"
         heldout = None
@@ -378,40 +413,45 @@ class Build:
         print(f"[pdc] report: {md}")
 
 
-STAGE_FUNCS = {"correct": Build.correct, "prune": Build.prune, "distill": Build.distill, "evaluate": Build.evaluate}
+def _stage_func(build: Build, name: str) -> Callable[[Path], dict | None]:
+    if name.startswith("prune"):
+        return lambda out: build.prune(out, name)
+    return lambda out: getattr(build, name)(out)
 
 
 def _run(build: Build, names) -> Path:
     build.write_plan()
-    try:
-        build.emit_stage_files()
-    except ImportError:
-        pass
+    build.emit_stage_files()
+    order = list(build.stages)
     for name in names:
-        if name not in build.stages:
-            continue
-        for up in STAGE_ORDER[: STAGE_ORDER.index(name)]:
-            if up in build.stages and up not in names:
+        for up in order[: order.index(name)]:
+            if up not in names:
                 build.require(up)
-        build.run_stage(name, lambda out, n=name: STAGE_FUNCS[n](build, out))
-        if name == "prune":
-            _write_lock(build)
+        build.run_stage(name, _stage_func(build, name))
+        if name.startswith("prune"):
+            _write_lock(build, name)
     build.write_report()
     return build.out
 
 
-def _write_lock(build: Build):
+def lock_path_of(build_dir: Path, prune_name: str) -> Path:
+    return build_dir / f"{prune_name}.lock.json"
+
+
+def _write_lock(build: Build, name: str):
     from pdc.lock import build_lock, write_lock
 
-    lock = build_lock(build.out, build.prune_input_dir(), build.spec.text)
-    write_lock(lock, build.out / "prune.lock.json")
+    lock = build_lock(build.out, build.prune_input_dir(name), build.spec.text, stage_dir=build.out / name)
+    write_lock(lock, lock_path_of(build.out, name))
 
 
 def compile_spec(spec, out_dir: Path | None = None, progress: bool = True) -> Path:
     """Run the stages up to pruning (correction first when it is sequential) and write the plans
     and launch commands of the later stages."""
     build = Build(spec, out_dir, progress)
-    names = ["prune"]
+    names = list(build.prune_names)
+    if not names:
+        raise PdcError("the spec has no prune stage: nothing to compile (use `pdc run`)")
     if build.correction_order == "sequential":
         names.insert(0, "correct")
     return _run(build, names)
@@ -422,32 +462,42 @@ def run_spec(spec, out_dir: Path | None = None, stage: str | None = None, progre
     build = Build(spec, out_dir, progress)
     if stage is not None:
         if stage not in build.stages:
-            have = ", ".join(s for s in STAGE_ORDER if s in build.stages)
-            raise PdcError(f"the spec has no stage {stage!r} (it has: {have})")
+            raise PdcError(f"the spec has no stage {stage!r} (it has: {', '.join(build.stages)})")
         return _run(build, [stage])
-    return _run(build, [s for s in STAGE_ORDER if s in build.stages])
+    return _run(build, list(build.stages))
 
 
 def check_spec(spec, lock_path: Path | None = None, out_dir: Path | None = None, progress: bool = True) -> int:
-    """Recompile the prune stage in a scratch directory and compare it with the committed lock.
-    Returns the process exit code (0 when it matches)."""
-    from pdc.lock import check_build
+    """Recompile the prune stages in a scratch directory and compare each with its committed
+    lock (`--lock` names the lock of the first prune stage). Returns the exit code: 0 on a match."""
+    from pdc.lock import compare_locks, read_lock, render_mismatches
 
     home = Path(out_dir) if out_dir else default_build_dir(spec)
-    lock_path = Path(lock_path) if lock_path else home / "prune.lock.json"
-    if not lock_path.exists():
-        raise PdcError(f"no lock at {lock_path}: run `pdc compile {spec.path}` and commit the lock", "check")
+    build_probe = Build(spec, home, progress)
+    names = build_probe.prune_names
+    if not names:
+        raise PdcError("the spec has no prune stage: there is no lock to check", "check")
+    locks = {n: lock_path_of(home, n) for n in names}
+    if lock_path is not None:
+        locks[names[0]] = Path(lock_path)
+    for n, p in locks.items():
+        if not p.exists():
+            raise PdcError(f"no lock at {p}: run `pdc compile {spec.path}` and commit the lock", "check")
+    ok_all = True
     with tempfile.TemporaryDirectory(prefix="pdc-check-") as scratch:
         build = Build(spec, Path(scratch), progress)
         if build.correction_order == "sequential":
             # Reuse the corrected teacher of the real build when it is up to date.
-            real = Build(spec, home, progress)
-            if not real.done("correct"):
+            if not build_probe.done("correct"):
                 raise PdcError("the corrected teacher is missing or stale: run `pdc run --stage correct` first", "check")
             shutil.copytree(home / "correct", build.out / "correct")
         build.write_plan()
-        build.run_stage("prune", lambda out: build.prune(out))
-        _write_lock(build)
-        ok, message = check_build(build.out, lock_path)
-    print(message)
-    return 0 if ok else 1
+        for n in names:
+            build.run_stage(n, _stage_func(build, n))
+            _write_lock(build, n)
+            expected, actual = read_lock(locks[n]), read_lock(lock_path_of(build.out, n))
+            mismatches = compare_locks(expected, actual)
+            ok, message = not mismatches, render_mismatches(mismatches, expected, actual)
+            print(f"{n}: {message}" if len(names) > 1 else message)
+            ok_all = ok_all and ok
+    return 0 if ok_all else 1

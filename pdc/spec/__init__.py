@@ -1,0 +1,33 @@
+"""The .pds front end: parse (`parser`), check and lower (`check`, `lower`), format (`fmt`).
+
+    from pdc.spec import load_spec
+    spec = load_spec("specs/llama-3.1-8b-to-4b-width.pds")   # CheckedSpec, or raises SpecError
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pdc.spec.diagnostics import Diagnostic, Span, SpecError
+from pdc.spec.lower import CheckedSpec, CorrectStage, DistillStage, EvaluateStage, PruneStage
+from pdc.spec.parser import parse_file, parse_text, read_spec_text
+
+
+def check_text(text: str, path: str | Path = "<spec>") -> CheckedSpec:
+    """Parse and check spec source `text` as if read from `path` (relative paths resolve
+    against `path`'s directory)."""
+    from pdc.spec.check import check
+
+    return check(parse_text(text, str(path)), text, path)
+
+
+def load_spec(path: str | Path) -> CheckedSpec:
+    """Read, parse, resolve the source model's config and check a `.pds` file."""
+    text = read_spec_text(path)
+    return check_text(text, path)
+
+
+__all__ = [
+    "CheckedSpec", "CorrectStage", "Diagnostic", "DistillStage", "EvaluateStage", "PruneStage",
+    "Span", "SpecError", "check_text", "load_spec", "parse_file", "parse_text", "read_spec_text",
+]

@@ -1,0 +1,201 @@
+"""Drop decoder layers from the exported graph and renumber the layers that follow.
+
+Before: `program.structure().layers` lists the current decoder layers 0..n-1, each a `LayerBlock`
+whose `output` node (its second residual add) is the residual stream leaving it and whose `input`
+node is the residual stream entering it; parameters are named `model.layers.<i>.*` (current index).
+`program.kept["layers"]` is keyed by *source* layer index (one key per current layer).
+
+After (for `drop` = a set of current indices, not all of them):
+- every user of a dropped layer's `output` reads that layer's `input` instead, so the graph computes
+  exactly the source model with those layers' residual updates skipped (what a checkpoint without
+  them computes); the dropped layers' nodes and parameters are gone;
+- the remaining layers are renamed `model.layers.0..n-len(drop)-1` in order (parameters and their
+  `get_attr` targets), so `program.state_dict()` is a valid HF state dict of the shorter model;
+- `program.arch.layers`, `program.hf_config` (`num_hidden_layers`, per-layer lists such as
+  `layer_types`), `program.kept["layers"]` (dropped source keys removed) and
+  `program.kept["dropped_layers"]` (source indices, ascending, accumulated) follow;
+- with meta weights, `program.weights` answers the new names with the source tensors (and any
+  recorded `program.meta["source_index"]` slicing follows the rename).
+
+Run it through `PassManager` (or `drop_layers(program, drop)`), which re-derives shapes and the
+structure afterwards; called directly, the graph is recompiled and runnable but node shape
+metadata of the graph is left as it was (still correct: no surviving node changes shape).
+
+Returns `PassResult("drop_layers", {"layers": [n_before, n_after], "dropped_layers": [source idx]})`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from pdc.errors import PdcError
+from pdc.graph.manager import STAGE, PassResult, Program
+
+LAYER_PREFIX = "model.layers."
+PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
+
+
+class RenamedWeights:
+    """A weight store that answers renamed (renumbered) parameter names with source tensors."""
+
+    def __init__(self, inner, source_name: dict[str, str]):
+        self.inner = inner
+        self.source_name = dict(source_name)  # current name -> name in `inner`
+
+    def _src(self, name: str) -> str:
+        return self.source_name.get(name, name)
+
+    def load(self, name: str, dtype=None):
+        return self.inner.load(self._src(name), dtype)
+
+    def shape(self, name: str):
+        return self.inner.shape(self._src(name))
+
+    def resolve(self, name: str) -> str:
+        return self.inner.resolve(self._src(name))
+
+    def __getattr__(self, attr):  # names(), largest_shard_bytes(), model_dir, ...
+        return getattr(self.inner, attr)
+
+
+class DropLayers:
+    """Graph pass: remove decoder layers `drop` (current indices) and renumber the rest."""
+
+    name = "drop_layers"
+
+    def __init__(self, drop: Iterable[int]):
+        self.drop = sorted(set(int(i) for i in drop))
+
+    def __call__(self, program: Program) -> PassResult:
+        layers = program.structure().layers
+        n = len(layers)
+        bad = [i for i in self.drop if not 0 <= i < n]
+        if bad:
+            raise PdcError(f"drop_layers: layers {bad} do not exist (the graph has {n} decoder layers)", STAGE)
+        if len(self.drop) >= n:
+            raise PdcError(f"drop_layers: cannot drop all {n} decoder layers", STAGE)
+        if not self.drop:
+            return PassResult(self.name, {"layers": [n, n], "dropped_layers": []})
+        source_keys = sorted(program.kept.get("layers", {str(i): None for i in range(n)}), key=int)
+        if len(source_keys) != n:
+            raise PdcError(f"drop_layers: kept_indices lists {len(source_keys)} layers, the graph has {n}", STAGE)
+        for layer in layers:
+            if layer.prefix != f"{LAYER_PREFIX}{layer.index}.":
+                raise PdcError(f"drop_layers: layer {layer.index} has parameter prefix {layer.prefix!r}, expected "
+                               f"'{LAYER_PREFIX}{layer.index}.'", STAGE)
+        nodes = {node.name: node for node in program.gm.graph.nodes}
+
+        # 1. Skip each dropped layer. Last first: when consecutive layers go, the later one's
+        #    input is the earlier one's output, which is rewired next.
+        for i in reversed(self.drop):
+            out_node, in_node = nodes[layers[i].output], nodes[layers[i].input]
+            out_node.replace_all_uses_with(in_node)
+        _eliminate_dead(program)
+
+        # 2. Delete the parameters that nothing reads any more.
+        read = {node.target for node in program.gm.graph.nodes if node.op == "get_attr"}
+        for i in self.drop:
+            for name in _layer_param_names(program, i, read_too=False):
+                if program.prefix + name in read:
+                    raise PdcError(f"drop_layers: {name} is still read after skipping layer {i}", STAGE)
+                program.del_param(name)
+                program.meta.get("source_index", {}).pop(name, None)
+
+        # 3. Renumber the survivors, ascending, so each target name is already free.
+        keep = [i for i in range(n) if i not in set(self.drop)]
+        renamed: dict[str, str] = {}
+        for new, old in enumerate(keep):
+            if new == old:
+                continue
+            for name in _layer_param_names(program, old, read_too=True):
+                new_name = f"{LAYER_PREFIX}{new}." + name[len(f"{LAYER_PREFIX}{old}."):]
+                program.rename_param(name, new_name)
+                renamed[new_name] = name
+                index = program.meta.get("source_index")
+                if index is not None and name in index:
+                    index[new_name] = index.pop(name)
+        if renamed and program.weights is not None:
+            _chain_weight_names(program, renamed)
+        # Runnable when called directly; the PassManager then refreshes shapes and structure.
+        program.gm.recompile()
+        program._structure = None
+
+        # 4. Bookkeeping: arch, config, kept indices.
+        dropped_src = [int(source_keys[i]) for i in self.drop]
+        for key in (source_keys[i] for i in self.drop):
+            program.kept.get("layers", {}).pop(key, None)
+        program.kept["dropped_layers"] = sorted(set(program.kept.get("dropped_layers", [])) | set(dropped_src))
+        program.arch = program.arch.with_sizes(layers=len(keep))
+        cfg = dict(program.hf_config)
+        cfg["num_hidden_layers"] = len(keep)
+        for key in PER_LAYER_CONFIG_KEYS:
+            value = cfg.get(key)
+            if isinstance(value, (list, tuple)) and len(value) == n:
+                cfg[key] = [value[i] for i in keep]
+        program.hf_config = cfg
+        return PassResult(self.name, {"layers": [n, len(keep)], "dropped_layers": dropped_src})
+
+
+def _eliminate_dead(program: Program) -> int:
+    """Erase every node the output no longer depends on. fx's own dead-code elimination keeps
+    the skipped layers alive: export leaves side-effecting `_assert_tensor_metadata` checks on
+    their tensors and (eval-mode, unused) dropout nodes, both "impure". Here a check lives only as
+    long as the tensor it checks, and a dropout only if something reads it."""
+    import torch
+
+    assert_op = torch.ops.aten._assert_tensor_metadata.default
+    random_ops = {torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default}
+    nodes = list(program.gm.graph.nodes)
+    live: set = set()
+    for node in reversed(nodes):
+        if node.op in ("output", "placeholder"):
+            live.add(node)
+        elif node.target is assert_op:
+            continue  # decided below, from the tensor it checks
+        elif any(user in live for user in node.users):
+            live.add(node)
+        elif node.is_impure() and node.target not in random_ops:
+            live.add(node)
+    for node in nodes:
+        if node.target is assert_op and node.args and node.args[0] in live:
+            live.add(node)
+    erased = 0
+    for node in reversed(nodes):
+        if node not in live:
+            program.gm.graph.erase_node(node)
+            erased += 1
+    return erased
+
+
+def _layer_param_names(program: Program, index: int, read_too: bool) -> list[str]:
+    """HF names of every parameter/buffer attribute of current layer `index` (whether or not the
+    graph still reads it), found on the module tree itself."""
+    root = program.gm
+    for part in (program.prefix + LAYER_PREFIX).strip(".").split("."):
+        root = getattr(root, part, None)
+        if root is None:
+            return []
+    layer = getattr(root, str(index), None)
+    if layer is None:
+        return []
+    names = [f"{LAYER_PREFIX}{index}.{n}" for n, _ in layer.named_parameters(remove_duplicate=False)]
+    names += [f"{LAYER_PREFIX}{index}.{n}" for n, _ in layer.named_buffers(remove_duplicate=False)]
+    return names
+
+
+def _chain_weight_names(program: Program, renamed: dict[str, str]) -> None:
+    """Make `program.weights` answer the new names (composing with an earlier rename)."""
+    store = program.weights
+    if isinstance(store, RenamedWeights):
+        mapping = {k: v for k, v in store.source_name.items() if k not in renamed.values()}
+        mapping.update({new: store.source_name.get(old, old) for new, old in renamed.items()})
+        program.weights = RenamedWeights(store.inner, mapping)
+    else:
+        program.weights = RenamedWeights(store, renamed)
+
+
+def drop_layers(program: Program, drop: Iterable[int], check: bool = True) -> PassResult:
+    """Run the pass through the pass manager (lint + probe forward afterwards)."""
+    from pdc.graph.manager import PassManager
+
+    return PassManager([DropLayers(drop)], check=check).run(program)[-1]

@@ -1,0 +1,34 @@
+"""Slice hidden (embedding/residual) channels everywhere they are coupled.
+
+Before: the hidden group (discovered from the graph by channel coupling) lists every (parameter,
+dim) tied to the residual stream: embedding columns, q/k/v/gate/up input columns, o/down output
+rows (and o bias), every norm weight, the output head's columns, tied or not.
+After: every member keeps exactly the channels `keep` (ascending, into the current channels), in
+the same order, so residual adds stay aligned; `program.arch.hidden` and `program.kept["hidden"]`
+follow. Keeping every channel is the identity. (RMSNorm then averages over fewer channels: that
+is the intended effect of hidden pruning, not a graph edit.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pdc.graph.manager import PassResult, Program
+from pdc.graph.rewrite import slice_param
+
+
+class SliceHidden:
+    name = "slice_hidden"
+    keeps_topology = True  # slices parameters and shape constants only: no node changes
+
+    def __init__(self, keep: torch.Tensor):
+        self.keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+
+    def __call__(self, program: Program) -> PassResult:
+        group = program.structure().hidden
+        # Rule (data): every coupled (param, dim) keeps the same channels.
+        for name, dim in group.members:
+            slice_param(program, name, dim, self.keep)
+        program.kept["hidden"] = [program.kept["hidden"][i] for i in self.keep.tolist()]
+        program.arch = program.arch.with_sizes(hidden=len(self.keep))
+        return PassResult(self.name, {"hidden": [group.size, len(self.keep)], "members": len(group.members)})

@@ -1,0 +1,46 @@
+"""Slice MLP neurons: keep some intermediate channels of each decoder layer's MLP.
+
+Before: each layer's MLP group (discovered from the graph) has `size` neurons: rows of the gate/up
+projections (and their biases) and columns of the down projection.
+After: layer i keeps exactly `keep[i]` (ascending source-relative indices into the current
+neurons); the same neurons are kept in every matrix of the group, so the layer computes the
+source MLP restricted to those neurons (keeping all of them is the identity).
+`program.arch.mlp` and `program.kept["layers"][*]["mlp"]` follow.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pdc.graph.manager import PassResult, Program
+from pdc.graph.rewrite import Rule, apply_rules, source_layer
+
+RULES = [
+    Rule("gate/up output rows are the neurons", lambda g: g.rows, dim=0),
+    Rule("gate/up biases follow their rows", lambda g: g.row_biases, dim=0),
+    Rule("down projection reads the neurons through its columns", lambda g: [g.down], dim=1),
+]
+
+
+class SliceMlp:
+    name = "slice_mlp"
+    keeps_topology = True  # slices parameters and shape constants only: no node changes
+
+    def __init__(self, keep: dict[int, torch.Tensor]):
+        self.keep = keep  # current layer index -> kept neuron indices
+
+    def __call__(self, program: Program) -> PassResult:
+        changed, sizes = {}, set()
+        for layer in program.structure().layers:
+            if layer.index not in self.keep:
+                continue
+            keep = torch.as_tensor(self.keep[layer.index], dtype=torch.long).sort().values
+            apply_rules(program, RULES, layer.mlp, keep)
+            key = source_layer(program, layer.index)
+            entry = program.kept["layers"][key]
+            entry["mlp"] = [entry["mlp"][i] for i in keep.tolist()]
+            changed[key] = {"mlp": [layer.mlp.size, len(keep)]}
+            sizes.add(len(keep))
+        if len(sizes) == 1:
+            program.arch = program.arch.with_sizes(mlp=sizes.pop())
+        return PassResult(self.name, {"layers": changed})

@@ -1,0 +1,184 @@
+"""The `pdc` console script.
+
+    pdc compile SPEC [--dry-run] [--json] [--out DIR]
+    pdc fmt SPEC [--write | --check]
+    pdc run SPEC [--stage NAME] [--out DIR]
+    pdc check SPEC [--lock PATH]
+    pdc setup
+
+Exit codes: 0 success, 1 a runtime fault (`PdcError`, printed as `pdc: error: ...`), 2 bad
+input (a spec error report, or a usage error), 130 interrupted. Expected faults never print a
+traceback. Heavy modules (torch, the runner) are imported only by the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from pdc import __version__
+from pdc.errors import PdcError
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temp file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load(spec_path: str):
+    from pdc.spec import load_spec
+
+    spec = load_spec(spec_path)
+    if spec.warnings:
+        print(spec.render_warnings(), file=sys.stderr)
+    return spec
+
+
+def cmd_compile(args) -> int:
+    if args.json and not args.dry_run:
+        print("pdc: error: --json needs --dry-run", file=sys.stderr)
+        return 2
+    spec = _load(args.spec)
+    if args.dry_run:
+        from pdc.plan import build_plan, render_plan
+
+        plan = build_plan(spec)
+        print(json.dumps(plan, indent=2) if args.json else render_plan(plan))
+        if args.out:
+            _write_atomic(Path(args.out) / "plan.json", json.dumps(plan, indent=2) + "\n")
+        return 0
+    from pdc import runner
+
+    runner.compile_spec(spec, Path(args.out) if args.out else None)
+    return 0
+
+
+def cmd_fmt(args) -> int:
+    from pdc.spec.fmt import format_spec
+    from pdc.spec.parser import parse_text, read_spec_text
+
+    text = read_spec_text(args.spec)
+    formatted = format_spec(parse_text(text, args.spec), text)
+    if args.check:
+        if formatted != text:
+            print(f"{args.spec}: not in canonical form (run `pdc fmt --write {args.spec}`)", file=sys.stderr)
+            return 1
+        return 0
+    if args.write:
+        if formatted != text:
+            _write_atomic(Path(args.spec), formatted)
+        return 0
+    sys.stdout.write(formatted)
+    return 0
+
+
+def cmd_run(args) -> int:
+    spec = _load(args.spec)
+    from pdc import runner
+
+    runner.run_spec(spec, Path(args.out) if args.out else None, args.stage)
+    return 0
+
+
+def cmd_check(args) -> int:
+    spec = _load(args.spec)
+    from pdc import runner
+
+    return int(runner.check_spec(spec, Path(args.lock) if args.lock else None))
+
+
+def cmd_setup(args) -> int:
+    from pdc import assets
+
+    assets.setup()
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits 2 with a one-line usage error (its default) — kept explicit so the
+    exit code contract is visible here."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.print_usage(sys.stderr)
+        self.exit(2, f"pdc: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pdc", description="Prune and distill a language model from a .pds spec.")
+    p.add_argument("--version", action="version", version=f"pdc {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    c = sub.add_parser("compile", help="check a spec and build it (or only plan it with --dry-run)",
+                       description="Check SPEC and run its stages into the build directory.")
+    c.add_argument("spec", metavar="SPEC", help="the .pds file")
+    c.add_argument("--dry-run", action="store_true",
+                   help="only print the plan: sizes, parameter counts, FLOPs ratio, steps per stage")
+    c.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    c.add_argument("--out", metavar="DIR", help="build directory (default: build/<spec stem>/ next to the spec)")
+    c.set_defaults(func=cmd_compile)
+
+    f = sub.add_parser("fmt", help="print the spec in canonical form",
+                       description="Print SPEC in canonical form (idempotent; comments are kept).")
+    f.add_argument("spec", metavar="SPEC")
+    g = f.add_mutually_exclusive_group()
+    g.add_argument("--write", action="store_true", help="rewrite SPEC in place")
+    g.add_argument("--check", action="store_true", help="exit 1 if SPEC is not in canonical form")
+    f.set_defaults(func=cmd_fmt)
+
+    r = sub.add_parser("run", help="run the spec's stages (all, or one with --stage)",
+                       description="Run SPEC's stages into the build directory.")
+    r.add_argument("spec", metavar="SPEC")
+    r.add_argument("--stage", metavar="NAME", help="run only this stage (correct, prune, distill, evaluate)")
+    r.add_argument("--out", metavar="DIR", help="build directory")
+    r.set_defaults(func=cmd_run)
+
+    k = sub.add_parser("check", help="verify a build against its lock file",
+                       description="Check that SPEC's build still matches its lock (prune.lock.json).")
+    k.add_argument("spec", metavar="SPEC")
+    k.add_argument("--lock", metavar="PATH", help="lock file (default: the build directory's)")
+    k.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("setup", help="install the local assets (SmolLM2-135M, text data, eval tasks)",
+                       description="Install the assets the examples and tests use.")
+    s.set_defaults(func=cmd_setup)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pdc.spec.diagnostics import SpecError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 2
+    except PdcError as exc:
+        print(f"pdc: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pdc: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `pdc compile --dry-run | head`
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Rewrite rules as data, and the one action they share: keep some indices along one dimension.
+
+A `Rule` names a pattern (a function from a discovered group to the parameter names it matches),
+the dimension to slice, and the unit of the kept indices ("channel": one row/column each;
+"head"/"kv_head": blocks of head_dim rows/columns). Passes declare lists of rules and apply them
+with `apply_rules`; composing passes is running them one after another.
+
+Parameters on the meta device (a source that was exported without weights) are sliced in shape
+only; the composed source index per dimension is recorded in `program.meta["source_index"]`, and
+`materialize_sliced` later reads each source tensor once and slices it to its final shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from pdc.graph.manager import Program
+
+
+@dataclass(frozen=True)
+class Rule:
+    what: str  # one-line description (why this parameter moves with the group)
+    match: Callable[[Any], Iterable[Optional[str]]]  # group -> parameter names (None skipped)
+    dim: int
+    unit: str = "channel"  # "channel" | "head" (blocks of head_dim)
+
+
+def expand_blocks(keep: torch.Tensor, block: int) -> torch.Tensor:
+    """Block ids -> element ids: [1, 3] with block 2 -> [2, 3, 6, 7]."""
+    return (keep[:, None] * block + torch.arange(block)[None, :]).reshape(-1)
+
+
+def slice_param(program: Program, name: str, dim: int, keep: torch.Tensor) -> tuple[int, int]:
+    """Keep indices `keep` (ascending LongTensor) of parameter `name` along `dim`.
+    Returns (size before, size after)."""
+    tensor = program.param(name)
+    before = tensor.shape[dim]
+    if tensor.is_meta:
+        index = program.meta.setdefault("source_index", {}).setdefault(name, [None] * tensor.dim())
+        index[dim] = keep.clone() if index[dim] is None else index[dim][keep]
+        shape = list(tensor.shape)
+        shape[dim] = len(keep)
+        new = torch.empty(shape, dtype=tensor.dtype, device="meta")
+    else:
+        new = tensor.index_select(dim, keep).contiguous()
+    program.set_param(name, new)
+    return before, len(keep)
+
+
+def apply_rules(program: Program, rules: list[Rule], group: Any, keep: torch.Tensor, head_dim: int = 1) -> dict:
+    """Apply every rule to `group`; returns {param: [before, after]}."""
+    changed = {}
+    for rule in rules:
+        index = expand_blocks(keep, head_dim) if rule.unit == "head" else keep
+        for name in rule.match(group):
+            if name is not None and name not in changed:
+                changed[name] = list(slice_param(program, name, rule.dim, index))
+    return changed
+
+
+def materialize_sliced(program: Program, dtype: torch.dtype = torch.float32, progress: bool = False) -> None:
+    """Replace every meta parameter by its source tensor from `program.weights`, sliced by the
+    recorded source indices. Peak memory: the result so far plus one source tensor."""
+    from tqdm import tqdm
+
+    indices = program.meta.get("source_index", {})
+    names = [n for n in program.param_nodes() if program.param(n).is_meta]
+    for name in tqdm(names, desc="read+slice weights", disable=not progress):
+        tensor = program.weights.load(name)
+        for dim, idx in enumerate(indices.get(name, [])):
+            if idx is not None:
+                tensor = tensor.index_select(dim, idx)
+        program.set_param(name, tensor.to(dtype).contiguous())
+        del tensor
+
+
+def source_layer(program: Program, layer_index: int) -> str:
+    """The kept_indices key (source layer number) of the current layer `layer_index`: layers
+    dropped by a depth pass are absent from `program.kept["layers"]`."""
+    keys = sorted(program.kept["layers"], key=int)
+    return keys[layer_index]

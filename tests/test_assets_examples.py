@@ -1,0 +1,32 @@
+"""The shipped examples check and plan without any asset installed (the dry run needs only the
+bundled SmolLM2 config), and say in their header how to run them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("name", ["quickstart", "depth"])
+def test_example_checks_and_plans_without_assets(name, tmp_path, monkeypatch):
+    from pdc.plan import build_plan
+    from pdc.spec import load_spec
+
+    monkeypatch.setenv("PDC_CACHE", str(tmp_path))  # empty: nothing from `pdc setup`
+    path = EXAMPLES / f"{name}.pds"
+    header = path.read_text().split("\nmodel ")[0]
+    assert f"pdc compile examples/{name}.pds" in header and "pdc setup" in header
+    plan = build_plan(load_spec(path))
+    assert plan["source"]["params_total"] == 134_515_008  # SmolLM2-135M
+    kinds = [s["kind"] for s in plan["stages"]]
+    final = plan["final"]
+    if name == "quickstart":
+        assert kinds == ["correct", "prune", "distill", "evaluate"]
+        assert (final["hidden"], final["mlp"], final["depth"], final["heads"]) == (432, 1024, 30, 9)
+    else:
+        assert kinds == ["prune", "evaluate"]
+        assert final["depth"] == 25 and plan["stages"][0]["saliency"]["task"] == "social_iqa_local"
+        assert plan["stages"][0]["contiguous"] is True

@@ -1,0 +1,217 @@
+"""Depth pruning: saliency choices against brute force, dropped-layer models against hand-built
+references, and the emitted checkpoint (loads, generates with the KV cache)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from conftest import make_tiny_model
+from pdc.arch import Arch
+from pdc.depth import block_influence, candidates, layers_removed, prune_depth, saliency_table
+from pdc.errors import PdcError
+from pdc.stages import DepthTarget, Saliency
+from test_eval_support import char_tokenizer, write_mc_task
+
+
+def _blocks(n=4, length=12, seed=0):
+    return torch.randint(3, 98, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _hand_built(model, drop):
+    """Reference: a fresh model of the smaller config loaded with the renamed state dict."""
+    from transformers import AutoModelForCausalLM
+
+    n = model.config.num_hidden_layers
+    keep = [i for i in range(n) if i not in drop]
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = len(keep)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    ref = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("model.layers."):
+            idx, rest = name[len("model.layers."):].split(".", 1)
+            if int(idx) not in keep:
+                continue
+            name = f"model.layers.{keep.index(int(idx))}.{rest}"
+        state[name] = tensor
+    ref.load_state_dict(state, strict=True)
+    return ref
+
+
+def _brute_force_losses(model, blocks, cands):
+    """Mean next-token NLL of the hand-built model for each candidate."""
+    out = []
+    with torch.no_grad():
+        for cand in cands:
+            ref = _hand_built(model, cand)
+            logits = ref(input_ids=blocks).logits
+            out.append(float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))))
+    return out
+
+
+def test_candidates_enumeration():
+    assert candidates(5, 3, True) == [[0, 1], [1, 2], [2, 3], [3, 4]]
+    assert candidates(5, 3, False) == [[0], [1], [2], [3], [4]]
+    assert candidates(4, 4, True) == []
+    for bad in (0, 5):
+        with pytest.raises(PdcError, match="depth"):
+            candidates(4, bad, True)
+
+
+@pytest.mark.parametrize("family, contiguous", [("llama", True), ("qwen2", False), ("mistral", False), ("qwen2", True)])
+def test_loss_choice_equals_brute_force(family, contiguous):
+    """The dropped layers are the argmin of the brute-force loss table (contiguous block) or the
+    `drop` single layers with the lowest brute-force loss (non-contiguous)."""
+    model = make_tiny_model(family, num_hidden_layers=5)
+    blocks = _blocks()
+    target = DepthTarget(depth=3, saliency=Saliency("loss"), contiguous=contiguous)
+    table = saliency_table(model, target, blocks, progress=False)
+    cands = candidates(5, 3, contiguous)
+    ref = _brute_force_losses(model, blocks, cands)
+    assert [c["layers"] for c in table["candidates"]] == cands
+    assert torch.allclose(torch.tensor([c["value"] for c in table["candidates"]]), torch.tensor(ref), rtol=1e-4)
+    if contiguous:
+        expected = cands[min(range(len(ref)), key=ref.__getitem__)]
+    else:
+        expected = sorted(cands[i][0] for i in sorted(range(len(ref)), key=ref.__getitem__)[:2])
+    assert table["dropped_layers"] == expected
+    # the metric after dropping them all together, measured on the hand-built model
+    (after,) = _brute_force_losses(model, blocks, [expected])
+    assert table["after_drop"] == pytest.approx(after, rel=1e-4)
+    assert table["baseline"] == pytest.approx(_brute_force_losses(model, blocks, [[]])[0], rel=1e-4)
+
+
+@settings(max_examples=6, deadline=None)
+@given(drop=st.sets(st.integers(0, 3), min_size=1, max_size=3), family=st.sampled_from(["llama", "mistral", "qwen2"]))
+def test_layers_removed_equals_hand_built_and_restores(drop, family):
+    """Inside `layers_removed`, logits equal the hand-built smaller model; afterwards they equal
+    the original model's again."""
+    model = make_tiny_model(family)
+    ids = _blocks(2, 10, seed=len(drop))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        with layers_removed(model, sorted(drop)):
+            inside = model(input_ids=ids).logits
+            assert model.config.num_hidden_layers == 4 - len(drop)
+        after = model(input_ids=ids).logits
+        ref = _hand_built(model, sorted(drop))(input_ids=ids).logits
+    torch.testing.assert_close(inside, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(before, after)
+    assert model.config.num_hidden_layers == 4
+
+
+def test_block_influence_matches_hidden_states():
+    """BI of a run = 1 - cos(h before its first layer, h after its last layer), token mean."""
+    model = make_tiny_model("llama")
+    blocks = _blocks(3, 8)
+    runs = [[0], [1, 2], [2, 3], [3]]
+    captured = {}
+    hook = model.model.norm.register_forward_pre_hook(lambda m, args: captured.update(last=args[0]))
+    with torch.no_grad():
+        hs = list(model(input_ids=blocks, output_hidden_states=True).hidden_states)
+    hook.remove()
+    hs[-1] = captured["last"]  # HF's last hidden state is after the final norm; BI wants before
+    ref = [float((1 - F.cosine_similarity(hs[r[0]].double(), hs[r[-1] + 1].double(), dim=-1)).mean()) for r in runs]
+    got = block_influence(model, blocks, runs, batch_size=2)
+    assert torch.allclose(torch.tensor(got, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64), rtol=1e-6)
+
+
+def test_cosine_saliency_picks_lowest_influence():
+    model = make_tiny_model("mistral", num_hidden_layers=5)
+    table = saliency_table(model, DepthTarget(3, Saliency("cosine"), contiguous=True), _blocks(), progress=False)
+    values = [c["value"] for c in table["candidates"]]
+    assert table["dropped_layers"] == table["candidates"][values.index(min(values))]["layers"]
+    assert all(0.0 <= v <= 2.0 for v in values) and table["baseline"] is None
+
+
+def _save_source(tmp_path, family, layers=4):
+    src = tmp_path / "src"
+    make_tiny_model(family, num_hidden_layers=layers).save_pretrained(src)
+    char_tokenizer().save_pretrained(src)
+    return src
+
+
+def test_prune_depth_emits_checkpoint_equal_to_reference_and_generates(tmp_path, family):
+    """The emitted checkpoint loads, has renumbered layers and an updated config, computes the
+    hand-built reference's logits, and greedy generate() gives the same tokens with and without
+    the KV cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _save_source(tmp_path, family)
+    out = tmp_path / "prune"
+    summary = prune_depth(src, DepthTarget(2, Saliency("loss"), contiguous=True), _blocks(), out, progress=False)
+    dropped = summary["dropped_layers"]
+    assert len(dropped) == 2 and dropped[1] == dropped[0] + 1
+    for name in ("kept_indices.json", "saliency.json", "saliency.png", "summary.json", "model/config.json"):
+        assert (out / name).exists(), name
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    kept = json.loads((out / "kept_indices.json").read_text())
+    assert kept["dropped_layers"] == dropped
+    assert sorted(map(int, kept["layers"])) == [i for i in range(4) if i not in dropped]
+
+    pruned = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+    assert pruned.config.num_hidden_layers == 2 and len(pruned.model.layers) == 2
+    if isinstance(getattr(pruned.config, "layer_types", None), list):
+        assert len(pruned.config.layer_types) == 2
+    source = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = _blocks(2, 10, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(input_ids=ids).logits, _hand_built(source, dropped)(input_ids=ids).logits)
+    arch = Arch.from_hf_config(pruned.config.to_dict())
+    assert summary["params_after"] == arch.total_params() == sum(p.numel() for p in pruned.parameters())
+
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    prompt = tok("Hello there", return_tensors="pt")
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        cached = pruned.generate(**prompt, use_cache=True, **kwargs)
+        uncached = pruned.generate(**prompt, use_cache=False, **kwargs)
+    assert cached.shape[1] == prompt["input_ids"].shape[1] + 8
+    assert torch.equal(cached, uncached)
+
+
+def test_prune_depth_non_contiguous_with_task_saliency(tmp_path):
+    """Task saliency through lm-eval on a local MC task: accuracies in [0, 1], the chosen single
+    layers are those whose removal keeps accuracy highest."""
+    src = _save_source(tmp_path, "llama", layers=3)
+    tasks = write_mc_task(tmp_path / "tasks")
+    target = DepthTarget(2, Saliency("task", task="tiny_mc", shots=0, limit=6), contiguous=False)
+    summary = prune_depth(src, target, None, tmp_path / "prune", tasks_dir=tasks, progress=False)
+    table = json.loads((tmp_path / "prune" / "saliency.json").read_text())
+    values = [c["value"] for c in table["candidates"]]
+    assert len(values) == 3 and all(0.0 <= v <= 1.0 for v in values)
+    assert 0.0 <= table["baseline"] <= 1.0
+    best = max(values)
+    assert values[summary["dropped_layers"][0]] == best
+
+
+def test_prune_depth_errors(tmp_path):
+    src = _save_source(tmp_path, "llama")
+    with pytest.raises(PdcError, match="needs data blocks"):
+        prune_depth(src, DepthTarget(2, Saliency("loss")), None, tmp_path / "out", progress=False)
+    with pytest.raises(PdcError, match="depth 9"):
+        prune_depth(src, DepthTarget(9, Saliency("loss")), _blocks(), tmp_path / "out", progress=False)
+    with pytest.raises(PdcError, match="no HF checkpoint"):
+        prune_depth(tmp_path / "missing", DepthTarget(2), _blocks(), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_with_cache_inside_layers_removed(family):
+    """Renumbered KV-cache indices: cached greedy decoding of the temporarily shortened model
+    equals uncached decoding and the hand-built model's."""
+    model = make_tiny_model(family)
+    prompt = _blocks(1, 5, seed=7)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), layers_removed(model, [1]):
+        cached = model.generate(prompt, use_cache=True, **kwargs)
+        uncached = model.generate(prompt, use_cache=False, **kwargs)
+    ref = _hand_built(model, [1]).generate(prompt, use_cache=True, **kwargs)
+    assert torch.equal(cached, uncached) and torch.equal(cached, ref)

@@ -1,0 +1,41 @@
+"""Real-model depth pruning (slow): SmolLM2-135M-Instruct, 30 -> 27 layers by block influence."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def test_smollm2_depth_prune_loads_and_generates(tmp_path):
+    """The emitted 27-layer checkpoint loads, has the arch's parameter count, and greedy decoding
+    with the KV cache equals decoding without it."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pdc.arch import Arch
+    from pdc.assets import smollm2_dir
+    from pdc.depth import prune_depth
+    from pdc.evaluate import builtin_heldout_blocks
+    from pdc.stages import DepthTarget, Saliency
+
+    try:
+        src = smollm2_dir()
+    except Exception as exc:
+        pytest.skip(f"SmolLM2 not installed: {exc}")
+    tok = AutoTokenizer.from_pretrained(src)
+    blocks = builtin_heldout_blocks(tok, 128, n_blocks=2)
+    summary = prune_depth(src, DepthTarget(27, Saliency("cosine")), blocks, tmp_path / "prune", progress=False)
+    assert summary["layers_after"] == 27 and len(summary["dropped_layers"]) == 3
+    table = json.loads((tmp_path / "prune" / "saliency.json").read_text())
+    assert len(table["candidates"]) == 28
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "prune" / "model", dtype=torch.float32).eval()
+    assert sum(p.numel() for p in model.parameters()) == Arch.from_hf_config(model.config.to_dict()).total_params()
+    prompt = AutoTokenizer.from_pretrained(tmp_path / "prune" / "model")("The capital of France is", return_tensors="pt")
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**prompt, use_cache=True, **kwargs), model.generate(**prompt, use_cache=False, **kwargs))

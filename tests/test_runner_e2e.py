@@ -1,0 +1,110 @@
+"""End to end on a tiny llama: `pdc run` through every stage, skipping, and `pdc check`.
+
+One build is shared by the tests of this module (it is the expensive part)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from conftest import save_tiny_checkpoint
+from pdc.arch import Arch
+from pdc.cli import main as pdc_main
+
+SPEC = """\
+model teacher = dir("tiny")
+data corpus = jsonl("corpus.jsonl")
+
+correct teacher on corpus { steps=2 lr=1e-4 warmup=1 global_batch=4 micro_batch=2 seq_len=32 }
+prune width { hidden=48 mlp=64 importance=activation(samples=8, seq_len=32) }
+distill from teacher on corpus { steps=3 lr=1e-3 min_lr=1e-4 warmup=1 global_batch=4 micro_batch=2 seq_len=32 }
+evaluate with lm_eval { perplexity(corpus) }
+"""
+
+
+def _write_corpus(path, n=200, seed=0):
+    rng = random.Random(seed)
+    words = "the cat sat on a mat while dogs ran past old trees and new houses near rivers".split()
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(30))}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    save_tiny_checkpoint(root / "tiny", "llama")
+    _write_corpus(root / "corpus.jsonl")
+    (root / "tiny.pds").write_text(SPEC)
+    assert pdc_main(["run", str(root / "tiny.pds")]) == 0
+    return root
+
+
+def test_run_writes_every_stage(project):
+    """After `pdc run` every stage has its output and the report exists."""
+    build = project / "build" / "tiny"
+    for stage in ("correct", "prune", "distill", "evaluate"):
+        assert json.loads((build / stage / "stage.json").read_text())["key"]
+    assert not list(build.glob("*.tmp"))
+    assert (build / "report.md").read_text().count("|") > 10
+    assert (build / "report.html").exists()
+    results = json.loads((build / "evaluate" / "results.json").read_text())
+    assert set(results) == {"teacher", "corrected teacher", "pruned", "distilled"}
+
+
+def test_pruned_checkpoint_matches_the_plan(project):
+    """The built student's parameter count equals the dry-run prediction."""
+    from transformers import AutoModelForCausalLM
+
+    build = project / "build" / "tiny"
+    plan = json.loads((build / "plan.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(build / "prune" / "model")
+    predicted = Arch.from_hf_config(model.config.to_dict()).total_params()
+    assert sum(p.numel() for p in model.parameters()) == predicted
+    assert str(predicted) in json.dumps(plan)
+
+
+def test_distillation_lowered_the_validation_kl(project):
+    """Distillation moves the student towards the teacher on held-out blocks."""
+    metrics = json.loads((project / "build" / "tiny" / "distill" / "metrics.json").read_text())
+    assert metrics["val_kl_end"] < metrics["val_kl_start"]
+    corrected = json.loads((project / "build" / "tiny" / "correct" / "metrics.json").read_text())
+    # The student is taught by the corrected teacher: its loss is the reference.
+    assert metrics["teacher_val_loss"] == pytest.approx(corrected["val_loss_after"], rel=1e-6)
+
+
+def test_rerun_skips_up_to_date_stages(project, capsys):
+    """Unchanged inputs and settings: every stage is skipped."""
+    assert pdc_main(["run", str(project / "tiny.pds")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date, skipped") == 4
+
+
+def test_changed_setting_reruns_only_downstream(project, capsys):
+    """Changing the evaluation reruns evaluate alone; the training stages stay skipped."""
+    spec = project / "tiny2.pds"
+    spec.write_text(SPEC.replace("perplexity(corpus)", "perplexity(corpus) seq_len=16"))
+    shutil.copytree(project / "build" / "tiny", project / "build" / "tiny2")
+    assert pdc_main(["run", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date, skipped") == 3
+    assert "evaluate: running" in out
+
+
+def test_check_passes_then_fails_on_an_altered_lock(project, capsys):
+    """`pdc check` accepts an unchanged recompile and names axis and layer of an altered index."""
+    lock_path = project / "build" / "tiny" / "prune.lock.json"
+    assert pdc_main(["check", str(project / "tiny.pds")]) == 0
+    lock = json.loads(lock_path.read_text())
+    kept = lock["kept_indices"]["layers"]["2"]["mlp"]
+    kept[0] = next(i for i in range(96) if i not in kept)
+    bad = project / "altered.lock.json"
+    bad.write_text(json.dumps(lock))
+    capsys.readouterr()
+    assert pdc_main(["check", str(project / "tiny.pds"), "--lock", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "layer 2 mlp" in out

@@ -1,0 +1,165 @@
+"""Config resolution without weights (`pdc/sources.py`) and the checker's source handling."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pdc.arch import Arch
+from pdc.sources import SourceError, gguf_config, resolve_config
+from pdc.spec import SpecError, check_text
+from pdc.spec.check import HIDDEN_DIVISIBLE_BY_HEADS
+from pdc.stages import ModelSource
+
+
+def _write_gguf(path, tied: bool, vocab: int = 11):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_embedding_length(64)
+    w.add_block_count(3)
+    w.add_feed_forward_length(96)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_context_length(256)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    w.add_token_list([f"t{i}" for i in range(vocab)])
+    w.add_tensor("token_embd.weight", np.zeros((vocab, 64), dtype=np.float32))
+    if not tied:
+        w.add_tensor("output.weight", np.zeros((vocab, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gguf_header_gives_config(tmp_path, tied):
+    """Sizes come from the header, vocab from the token list, tied = no output.weight."""
+    path = tmp_path / "m.gguf"
+    _write_gguf(path, tied)
+    cfg = gguf_config(path)
+    arch = Arch.from_hf_config(cfg)
+    assert (arch.hidden, arch.mlp, arch.layers, arch.heads, arch.kv_heads, arch.head_dim) == (64, 96, 3, 4, 2, 16)
+    assert arch.vocab == 11 and arch.tied is tied
+    assert cfg["rms_norm_eps"] == pytest.approx(1e-6)
+
+
+def test_gguf_spec_relative_path(tmp_path):
+    _write_gguf(tmp_path / "m.gguf", tied=True)
+    spec = check_text('model m = gguf("m.gguf")\nprune width { mlp=48 importance=magnitude }\n',
+                      tmp_path / "s.pds")
+    assert spec.final_arch.mlp == 48
+    assert spec.models["m"].ref == str(tmp_path / "m.gguf")
+
+
+def test_dir_source_and_errors(tmp_path):
+    cfg = dict(model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=96,
+               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps(cfg))
+    assert resolve_config(ModelSource("dir", "tiny"), tmp_path)["hidden_size"] == 64
+    with pytest.raises(SourceError, match="not found"):
+        resolve_config(ModelSource("dir", "nope"), tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no config.json"):
+        resolve_config(ModelSource("dir", "empty"), tmp_path)
+    with pytest.raises(SourceError, match="not found"):
+        resolve_config(ModelSource("gguf", "x.gguf"), tmp_path)
+
+
+def test_bundled_configs_and_aliases():
+    a = Arch.from_hf_config(resolve_config(ModelSource("hf", "meta-llama/Llama-3.1-8B")))
+    assert (a.hidden, a.mlp, a.layers, a.heads, a.kv_heads, a.head_dim, a.vocab, a.tied) == \
+        (4096, 14336, 32, 32, 8, 128, 128256, False)
+    m1 = resolve_config(ModelSource("hf", "mistralai/Mistral-Nemo-Base-2407"))
+    m2 = resolve_config(ModelSource("hf", "nvidia/Mistral-NeMo-12B-Base"))
+    assert m1 == m2
+    m = Arch.from_hf_config(m1)
+    assert (m.hidden, m.mlp, m.layers, m.heads, m.kv_heads, m.head_dim, m.vocab, m.tied) == \
+        (5120, 14336, 40, 32, 8, 128, 131072, False)
+    s = Arch.from_hf_config(resolve_config(ModelSource("builtin", "smollm2-135m")))
+    assert (s.hidden, s.mlp, s.layers, s.heads, s.kv_heads, s.head_dim, s.vocab, s.tied) == \
+        (576, 1536, 30, 9, 3, 64, 49152, True)
+
+
+def test_unknown_hub_id_is_spec_error_at_source(tmp_path):
+    text = 'model t = hf("nobody/nothing-xyz")\nprune width { mlp=8 importance=random }\n'
+    with pytest.raises(SpecError) as info:
+        check_text(text, tmp_path / "s.pds")
+    assert info.value.headlines()[0].startswith("1:11: error: unknown hub model 'nobody/nothing-xyz'")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_divisibility_table_matches_transformers(model_type):
+    """HIDDEN_DIVISIBLE_BY_HEADS lists exactly the model types whose transformers config class
+    refuses hidden % heads != 0 with an explicit head_dim."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.for_model(model_type, hidden_size=448, num_attention_heads=9, num_key_value_heads=3,
+                             head_dim=64, intermediate_size=96, num_hidden_layers=2, vocab_size=64)
+        refused = False
+    except Exception:
+        refused = True
+    assert refused == (model_type in HIDDEN_DIVISIBLE_BY_HEADS)
+
+
+def test_nearest_valid_hidden_is_representable(tmp_path):
+    """The values suggested for a non-representable hidden are accepted by the checker."""
+    head = 'model s = builtin("smollm2-135m")\nprune width { hidden=%d importance=magnitude }\n'
+    with pytest.raises(SpecError) as info:
+        check_text(head % 448, tmp_path / "s.pds")
+    msg = info.value.headlines()[0]
+    suggested = [int(x) for x in msg.split("nearest valid: ")[1].split(" or ")]
+    assert suggested == [441, 450]
+    for h in suggested:
+        assert check_text(head % h, tmp_path / "s.pds").final_arch.hidden == h
+
+
+def test_builtin_names_agree_with_assets():
+    """The checker's builtin names are the ones `pdc setup` installs."""
+    from pdc import assets
+    from pdc.sources import _index
+    from pdc.spec.check import BUILTIN_DATA
+
+    assert set(BUILTIN_DATA) == set(assets.BUILTIN_DATA)
+    assert set(_index()["builtin"]) == set(assets.BUILTIN_MODELS)
+
+
+def test_installed_smollm2_config_matches_bundled():
+    """When `pdc setup` has run, the checkpoint's config gives the bundled architecture."""
+    from pdc import assets
+    from pdc.sources import bundled_config
+
+    path = assets.smollm2_dir(check=False) / "config.json"
+    if not path.exists():
+        pytest.skip("pdc setup has not installed SmolLM2")
+    installed = Arch.from_hf_config(json.loads(path.read_text()))
+    assert installed == Arch.from_hf_config(bundled_config("smollm2-135m.json"))
+
+
+def test_plan_counts_match_installed_checkpoint(tmp_path):
+    """The dry run's parameter count for builtin("smollm2-135m") equals the number of weights
+    in the installed checkpoint's safetensors (read from the headers, no tensors loaded)."""
+    import math
+    import struct
+
+    from pdc import assets
+    from pdc.plan import build_plan
+    from pdc.spec import check_text
+
+    ckpt = assets.smollm2_dir(check=False)
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        pytest.skip("pdc setup has not installed SmolLM2")
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    plan = build_plan(check_text('model m = builtin("smollm2-135m")\n', tmp_path / "s.pds"))
+    assert plan["source"]["params_total"] == total

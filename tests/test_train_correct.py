@@ -1,0 +1,66 @@
+"""Teacher correction: LoRA merges into a plain checkpoint, norm-only touches only norms, loss falls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pdc.stages import TrainConfig
+from pdc.train.correct import paper_correction_config, run_correct
+from test_train_common import learnable_blocks, save_tiny, weights
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("correct") / "model", family="qwen2", seed=3)
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    b = learnable_blocks(36, seed=1)
+    return b[:32], b[32:]
+
+
+def _cfg(method: str, **kw) -> TrainConfig:
+    return TrainConfig(steps=10, lr=kw.pop("lr", 1e-2), min_lr=1e-3, warmup=0, global_batch=4, micro_batch=4,
+                       seq_len=16, method=method, lora_rank=4, checkpoint_every=100, **kw)
+
+
+def test_lora_merges_into_a_plain_checkpoint_with_the_same_parameter_count(source, blocks, tmp_path):
+    """Output: no adapter tensors, same names/shapes/count as the source; weights changed; val loss falls."""
+    m = run_correct(source, *blocks, _cfg("lora"), tmp_path / "w", tmp_path / "o", progress=False)
+    before, after = weights(source), weights(tmp_path / "o" / "model")
+    assert after.keys() == before.keys()
+    assert all(after[k].shape == before[k].shape for k in before)
+    assert not any("lora" in k for k in after)
+    assert not (tmp_path / "o" / "model" / "adapter_config.json").exists()
+    src = AutoModelForCausalLM.from_pretrained(source)
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "model")
+    assert sum(p.numel() for p in out.parameters()) == sum(p.numel() for p in src.parameters())
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(k.endswith("proj.weight") for k in changed)  # only adapted matrices move
+    assert m["val_loss_after"] < m["val_loss_before"]
+    assert m["method"] == "lora" and m["trainable_params"] < sum(p.numel() for p in src.parameters()) / 5
+
+
+def test_norm_only_changes_only_norm_weights(source, blocks, tmp_path):
+    m = run_correct(source, *blocks, _cfg("norm", lr=5e-2), tmp_path / "w", tmp_path / "o", progress=False)
+    before, after = weights(source), weights(tmp_path / "o" / "model")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    norms = {k for k in before if "norm" in k}
+    assert changed and changed <= norms
+    assert m["trainable_params"] == sum(before[k].numel() for k in norms)
+    assert m["val_loss_after"] < m["val_loss_before"]
+
+
+def test_full_correction_lowers_validation_loss(source, blocks, tmp_path):
+    m = run_correct(source, *blocks, _cfg("full", lr=3e-3), tmp_path / "w", tmp_path / "o", progress=False)
+    assert m["val_loss_after"] < m["val_loss_before"]
+    assert (tmp_path / "o" / "loss.png").stat().st_size > 0
+
+
+def test_paper_defaults_are_a_fifth_of_the_peak_with_120_warmup_steps():
+    c = paper_correction_config(TrainConfig(lr=1e-4, min_lr=1e-5, steps=500))
+    assert c.lr == pytest.approx(2e-5) and c.min_lr == pytest.approx(2e-6)
+    assert c.warmup == 120 and c.schedule == "cosine" and c.steps == 500

@@ -1,0 +1,147 @@
+"""Distillation on DeepSpeed, in-process, tiny models: loss falls, outputs are complete, faults are one line."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pdc.errors import PdcError
+from pdc.stages import TrainConfig
+from pdc.train.distill import run_distill
+from pdc.train.schedule import lr_schedule
+from test_train_common import learnable_blocks, save_tiny, weights
+
+CFG = TrainConfig(steps=12, lr=5e-3, min_lr=5e-4, warmup=2, global_batch=4, micro_batch=2, seq_len=16,
+                  checkpoint_every=5)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill_models")
+    teacher = save_tiny(root / "teacher", seed=0)
+    student = save_tiny(root / "student", seed=1, num_hidden_layers=2)
+    return teacher, student
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    b = learnable_blocks(40)
+    return b[:32], b[32:]
+
+
+@pytest.fixture(scope="module")
+def distilled(models, blocks, tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill_run")
+    teacher, student = models
+    teacher_before = weights(teacher)
+    metrics = run_distill(teacher, student, *blocks, CFG, root / "work", root / "out", progress=False)
+    return metrics, root, teacher_before
+
+
+def test_distillation_lowers_the_kl_and_publishes_a_complete_output(distilled, models):
+    """Validation KL to the teacher falls; out_dir has model/ (loadable), metrics, log, plot; no .tmp left."""
+    metrics, root, _ = distilled
+    out = root / "out"
+    assert metrics["val_kl_end"] < metrics["val_kl_start"]
+    assert metrics["train_loss_last"] < metrics["train_loss_first"]
+    assert {p.name for p in out.iterdir()} >= {"model", "metrics.json", "log.jsonl", "loss.png"}
+    assert json.loads((out / "metrics.json").read_text())["steps"] == CFG.steps
+    assert not (root / "out.tmp").exists()
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.config.num_hidden_layers == 2
+    assert weights(out / "model").keys() == weights(models[1]).keys()
+    for name in ("ds_config.json", "launch.sh", "stage.json"):
+        assert (root / "work" / name).exists()
+    assert "pdc.train.worker" in (root / "work" / "launch.sh").read_text()
+
+
+def test_log_has_one_record_per_step_with_the_schedules_lr(distilled):
+    """log.jsonl: steps 1..N, LR equal to DeepSpeed's schedule, KL logged, positive throughput."""
+    _, root, _ = distilled
+    records = [json.loads(l) for l in (root / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, CFG.steps + 1))
+    assert [r["lr"] for r in records] == pytest.approx(lr_schedule(CFG, CFG.steps))
+    assert all(r["tokens_per_s"] > 0 and r["kl"] >= 0 for r in records)
+
+
+def test_teacher_is_not_modified(distilled, models):
+    _, _, before = distilled
+    after = weights(models[0])
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_rerun_of_a_finished_run_only_republishes(distilled, models, blocks):
+    """Same arguments again: no training (weights identical), out_dir rewritten whole."""
+    _, root, _ = distilled
+    w0 = weights(root / "out" / "model")
+    run_distill(*models, *blocks, CFG, root / "work", root / "out", progress=False)
+    w1 = weights(root / "out" / "model")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_kl_is_zero_when_student_is_the_teacher(models, blocks, tmp_path):
+    """Student == teacher: the KL at the first step and on validation is 0 (up to float error)."""
+    teacher, _ = models
+    cfg = TrainConfig(steps=1, lr=1e-3, global_batch=2, micro_batch=2, seq_len=16)
+    m = run_distill(teacher, teacher, *blocks, cfg, tmp_path / "w", tmp_path / "o", progress=False)
+    assert abs(m["train_loss_first"]) < 1e-5
+    assert abs(m["val_kl_start"]) < 1e-5
+
+
+def test_nan_loss_stops_with_the_step_number(models, blocks, tmp_path):
+    teacher, student = models
+    bad = AutoModelForCausalLM.from_pretrained(teacher)
+    with torch.no_grad():
+        bad.lm_head.weight.fill_(float("nan"))
+    bad.save_pretrained(tmp_path / "nan_teacher")
+    cfg = TrainConfig(steps=3, global_batch=2, micro_batch=2, seq_len=16)
+    with pytest.raises(PdcError, match=r"loss is nan at step 1") as info:
+        run_distill(tmp_path / "nan_teacher", student, blocks[0], blocks[1][:0], cfg, tmp_path / "w",
+                    tmp_path / "o", progress=False)
+    assert info.value.stage == "distill"
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_dir_is_one_line(models, blocks, tmp_path):
+    with pytest.raises(PdcError, match="teacher model directory not found") as info:
+        run_distill(tmp_path / "nope", models[1], *blocks, CFG, tmp_path / "w", tmp_path / "o", progress=False)
+    assert info.value.stage == "distill"
+
+
+def test_missing_checkpoint_dir_is_one_line(models, blocks, tmp_path):
+    """A resume pointer naming a deleted checkpoint: a clear error, not a traceback."""
+    cfg = TrainConfig(steps=4, global_batch=2, micro_batch=2, seq_len=16, checkpoint_every=2)
+    work = tmp_path / "w"
+    run_distill(*models, *blocks, cfg, work, tmp_path / "o", progress=False)
+    # Pretend the run died after its step-2 checkpoint, then lost the checkpoint's directory.
+    import shutil
+
+    shutil.rmtree(work / "final")
+    pointer = json.loads((work / "checkpoints" / "resume.json").read_text())
+    assert pointer["step"] == 2
+    shutil.rmtree(work / "checkpoints" / pointer["tag"])
+    with pytest.raises(PdcError, match="checkpoint directory .* is missing"):
+        run_distill(*models, *blocks, cfg, work, tmp_path / "o", progress=False)
+
+
+def test_full_disk_while_checkpointing_is_one_line(models, blocks, tmp_path, monkeypatch):
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    def full_disk(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(DeepSpeedEngine, "save_checkpoint", full_disk)
+    cfg = TrainConfig(steps=3, global_batch=2, micro_batch=2, seq_len=16, checkpoint_every=1)
+    with pytest.raises(PdcError, match="disk full while saving the checkpoint of step 1"):
+        run_distill(*models, *blocks, cfg, tmp_path / "w", tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_batch_geometry_is_rejected_before_launch(models, blocks, tmp_path):
+    cfg = TrainConfig(steps=3, global_batch=3, micro_batch=2, seq_len=16)
+    with pytest.raises(PdcError, match="not a multiple"):
+        run_distill(*models, *blocks, cfg, tmp_path / "w", tmp_path / "o", progress=False)

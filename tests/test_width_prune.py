@@ -1,0 +1,153 @@
+"""Width pruning invariants on tiny random llama / mistral / qwen2 models."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import FAMILY_CONFIGS, make_tiny_model
+from graph_exports import exported
+from pdc.arch import Arch
+from pdc.emit import emit_checkpoint
+from pdc.errors import PdcError
+from pdc.graph.manager import PassManager
+from pdc.importance import select_heads
+from pdc.passes.slice_heads import SliceHeads
+from pdc.passes.slice_hidden import SliceHidden
+from pdc.passes.slice_mlp import SliceMlp
+from pdc.prune_width import prune_program, prune_width
+from pdc.stages import ImportanceConfig, WidthTarget
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+IDS = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(1))
+CALIB = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(2))
+
+
+def test_keep_everything_reproduces_source_logits(family):
+    """Passes that keep every unit leave the logits bit-identical (fp32)."""
+    program = exported(family)
+    before = program.forward(IDS)
+    a = program.arch
+    layers = range(a.layers)
+    PassManager([
+        SliceHidden(torch.arange(a.hidden)),
+        SliceMlp({i: torch.arange(a.mlp) for i in layers}),
+        SliceHeads({i: torch.arange(a.heads) for i in layers}, {i: torch.arange(a.kv_heads) for i in layers}),
+    ]).run(program)
+    assert torch.equal(program.forward(IDS), before)
+    assert program.num_params() == a.total_params()
+
+
+@pytest.mark.parametrize("target", [WidthTarget(hidden=48, mlp=64, heads=2), WidthTarget(hidden=40, kv_heads=1)],
+                         ids=["hidden-mlp-heads", "hidden-kv"])
+def test_rewritten_graph_matches_emitted_checkpoint(family, target, tmp_path):
+    """The rewritten graph and the emitted HF checkpoint give the same logits (fp32, 1e-5), and
+    both have exactly Arch.with_sizes(target).total_params() parameters."""
+    from transformers import AutoModelForCausalLM
+
+    program = exported(family)
+    source_arch = program.arch
+    prune_program(program, CALIB, target, ImportanceConfig(), progress=False)
+    want = source_arch.with_sizes(hidden=target.hidden, mlp=target.mlp, heads=target.heads,
+                                  kv_heads=target.kv_heads)
+    if target.kv_heads is not None and target.heads is None:
+        want = want.with_sizes(heads=target.kv_heads * source_arch.heads // source_arch.kv_heads)
+    assert program.arch == want
+    assert program.num_params() == want.total_params()
+    emit_checkpoint(program, tmp_path / "model")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
+    assert sum(p.numel() for p in hf.parameters()) == want.total_params()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits, program.forward(IDS), atol=1e-5, rtol=0)
+
+
+def test_pruned_graph_reexports(family):
+    """The rewritten GraphModule re-exports (torch.export) with dynamic batch/sequence and the
+    exported program computes the same logits."""
+    program = exported(family)
+    prune_program(program, None, WidthTarget(hidden=32, mlp=48), ImportanceConfig(method="magnitude"), progress=False)
+    ep = program.export()
+    torch.testing.assert_close(ep.module()(IDS), program.forward(IDS), atol=1e-6, rtol=0)
+
+
+def test_gqa_heads_even_per_group_and_kv_drops_whole_groups():
+    """Reducing heads keeps the same number of query heads in every kv group; reducing kv_heads
+    removes whole groups (every kept query head reads a kept group)."""
+    program = exported("llama")  # 4 heads over 2 kv groups
+    prune_program(program, CALIB, WidthTarget(heads=2), ImportanceConfig(), progress=False)
+    for entry in program.kept["layers"].values():
+        groups = [h // 2 for h in entry["heads"]]
+        assert sorted(groups) == [0, 1] and entry["kv_heads"] == [0, 1]
+    program = exported("llama")
+    prune_program(program, CALIB, WidthTarget(kv_heads=1), ImportanceConfig(), progress=False)
+    for entry in program.kept["layers"].values():
+        assert len(entry["kv_heads"]) == 1
+        assert [h // 2 for h in entry["heads"]] == entry["kv_heads"] * 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(kv=st.sampled_from([1, 2, 3, 4]), rep=st.sampled_from([1, 2, 3, 4]), data=st.data())
+def test_select_heads_property(kv, rep, data):
+    """For any scores and any valid target, selected heads sit in selected groups, evenly."""
+    new_kv = data.draw(st.integers(1, kv))
+    new_rep = data.draw(st.integers(1, rep))
+    scores = torch.tensor(data.draw(st.lists(st.floats(0, 1), min_size=kv * rep, max_size=kv * rep)))
+    heads, groups = select_heads(scores, scores.reshape(kv, rep).sum(1), kv * rep, kv, new_kv * new_rep, new_kv)
+    assert len(groups) == new_kv and len(heads) == new_kv * new_rep
+    assert torch.equal(torch.bincount(heads // rep, minlength=kv)[groups], torch.full((new_kv,), new_rep))
+    assert set((heads // rep).tolist()) == set(groups.tolist())
+
+
+def test_activation_importance_aggregations_differ_and_are_finite():
+    """Every seq/batch aggregation gives finite, non-negative scores of the right sizes, and the
+    choice matters (mean vs l2 rank neurons differently on random weights)."""
+    from pdc.importance import compute
+
+    program = exported("llama")
+    results = {}
+    for seq_agg in ("mean", "l2"):
+        for batch_agg in ("l2", "mean"):
+            imp = compute(program, CALIB, ImportanceConfig(seq_agg=seq_agg, batch_agg=batch_agg))
+            assert imp.hidden.shape == (program.arch.hidden,)
+            assert all(s.shape == (program.arch.mlp,) and torch.isfinite(s).all() and (s >= 0).all() for s in imp.mlp.values())
+            assert all(s.shape == (program.arch.heads,) for s in imp.heads.values())
+            results[seq_agg, batch_agg] = imp.mlp[0]
+    assert not torch.allclose(results["mean", "l2"], results["l2", "l2"])
+
+
+def test_prune_width_writes_build_dir_atomically(tmp_path, monkeypatch):
+    """prune_width writes model/, kept_indices.json, importance.json/png, summary.json. A bad
+    target fails before any work with a one-line PdcError and leaves nothing behind; a run that
+    fails half-way (after model/ was written) leaves the previous output untouched and no
+    temporary directory."""
+    import pdc.prune_width as prune_mod
+
+    src = tmp_path / "src"
+    make_tiny_model("qwen2").save_pretrained(src)
+    out = tmp_path / "prune"
+    summary = prune_width(src, CALIB, WidthTarget(hidden=48, mlp=64), ImportanceConfig(), out, progress=False)
+    assert {p.name for p in out.iterdir()} >= {"model", "kept_indices.json", "importance.json", "importance.png", "summary.json"}
+    kept = json.loads((out / "kept_indices.json").read_text())
+    assert len(kept["hidden"]) == 48 and all(len(v["mlp"]) == 64 for v in kept["layers"].values())
+    want = Arch.from_hf_config(FAMILY_CONFIGS["qwen2"]).with_sizes(hidden=48, mlp=64).total_params()
+    assert summary["params_after"] == want
+    assert json.loads((out / "model" / "config.json").read_text())["head_dim"] == 16
+    bad = tmp_path / "bad"
+    with pytest.raises(PdcError, match="cannot keep 999 hidden channels: the source has 64"):
+        prune_width(src, CALIB, WidthTarget(hidden=999), ImportanceConfig(), bad, progress=False)
+    assert not bad.exists()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def broken_plot(*args, **kwargs):
+        raise PdcError("plotting failed", "prune")
+
+    monkeypatch.setattr(prune_mod, "plot_importance", broken_plot)
+    with pytest.raises(PdcError, match="plotting failed"):
+        prune_width(src, CALIB, WidthTarget(hidden=32), ImportanceConfig(method="magnitude"), out, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not any(".tmp." in p.name for p in tmp_path.iterdir())
