@@ -391,6 +391,21 @@ class _temp_dir_beside:
 
 
 # ---- the prune stage's artifacts ---------------------------------------------------------
+def fp32_noise(model, ids: torch.Tensor, max_params: int = 2_000_000_000) -> Optional[float]:
+    """Max |fp32 logits - fp64 logits| on `ids`: the floor any other fp32 runtime can reach.
+    None for models too large to copy in fp64 here."""
+    import copy
+
+    if sum(p.numel() for p in model.parameters()) > max_params:
+        return None
+    with torch.no_grad():
+        ref32 = reference_logits(model, ids).double()
+        m64 = copy.deepcopy(model).double()
+        ref64 = reference_logits(m64, ids)
+    del m64
+    return float((ref32 - ref64).abs().max())
+
+
 def emit_all(prune_dir: Union[str, Path], probe_ids: Optional[torch.Tensor] = None, onnx: bool = True,
              progress: bool = False) -> dict:
     """Write `program.pt2` and `model.onnx` for the checkpoint in `prune_dir/model`, each
@@ -426,7 +441,14 @@ def emit_all(prune_dir: Union[str, Path], probe_ids: Optional[torch.Tensor] = No
     if onnx:
         bar.set_postfix_str("onnx")
         start = time.perf_counter()
-        tol = dict(atol=ONNX_ATOL, rtol=ONNX_RTOL)
+        noise = fp32_noise(model, probe_ids)
+        # ONNX must agree with PyTorch to 1e-4, or within twice PyTorch fp32's own error against
+        # fp64 when that is larger (a freshly pruned model is badly conditioned: SmolLM2 at
+        # hidden=432 measured 2.0e-3 fp32-vs-fp64 on the probe, against 8e-5 before pruning).
+        atol = ONNX_ATOL if noise is None else max(ONNX_ATOL, 2 * noise)
+        tol = dict(atol=atol, rtol=ONNX_RTOL)
+        record["fp32_noise"] = noise
+        record["onnx_atol"] = atol
         path = export_onnx(ep, probe_ids, prune_dir / "model.onnx", **tol)
         export_seconds = time.perf_counter() - start
         dynamic = record["program.pt2"]["dynamic"]

@@ -20,6 +20,7 @@ interrupted setup leaves nothing half-written, and a finished asset is skipped o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -130,6 +131,16 @@ def _fresh_tmp(final: Path) -> Path:
     return tmp
 
 
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path):
+    """Delete the half-built `tmp` directory if the block raises (the error still propagates)."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _publish(tmp: Path, final: Path) -> None:
     """Move a completed `tmp` directory to `final` (replacing an incomplete older one)."""
     if final.exists():
@@ -219,7 +230,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path, verify: bool = True) -> dict:
     # A config that still says "gguf" would make every later load try to dequantize again.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config._name_or_path = SMOLLM2_DIRNAME
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
     # lm_head is tied to the embedding: it may be reported missing, nothing else may be.
@@ -241,6 +251,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, verify: bool = True) -> dict:
     answer = ""
     if verify:
         reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+        saved, kept = reloaded.state_dict(), model.state_dict()
+        if saved.keys() != kept.keys() or not all(torch.equal(saved[k], kept[k]) for k in kept):
+            raise PdcError("the saved checkpoint does not reload to the converted weights", STAGE)
         answer = greedy_answer(reloaded, AutoTokenizer.from_pretrained(out_dir))
         if VERIFY_ANSWER not in answer:
             raise PdcError(f"converted SmolLM2 answered {answer!r} to {VERIFY_PROMPT!r} "
@@ -259,9 +272,10 @@ def setup_smollm2(progress: bool = True, verify: bool = True) -> Path:
     _say(progress, f"model: converting {gguf.name} to an fp32 HF checkpoint (a minute or two)")
     tmp = _fresh_tmp(final)
     t0 = time.time()
-    info = convert_gguf(gguf, tmp, verify=verify)
-    info.update(source=f"{SMOLLM2_PACKAGE}:{SMOLLM2_GGUF}", seconds=round(time.time() - t0, 1))
-    (tmp / "pdc_asset.json").write_text(json.dumps(info, indent=1) + "\n")
+    with _removed_on_failure(tmp):
+        info = convert_gguf(gguf, tmp, verify=verify)
+        info.update(source=f"{SMOLLM2_PACKAGE}:{SMOLLM2_GGUF}", seconds=round(time.time() - t0, 1))
+        (tmp / "pdc_asset.json").write_text(json.dumps(info, indent=1) + "\n")
     _publish(tmp, final)
     _say(progress, f"model: {final} ({info['params']:,} params; "
                    f"{VERIFY_PROMPT!r} -> {info['answer'].strip()!r})")
@@ -307,15 +321,35 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_members(tar_path: Path, suffixes: Sequence[str]) -> dict[str, bytes]:
+class _CountingReader:
+    """A binary file whose reads advance a progress bar (tarfile reads the gzip stream through it)."""
+
+    def __init__(self, f, bar):
+        self._f, self._bar = f, bar
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self._bar.update(len(data))
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def read_members(tar_path: Path, suffixes: Sequence[str], progress: bool = False) -> dict[str, bytes]:
     """Contents of the members whose names end with each suffix, in one pass over the archive.
 
     The sdist is a 358 MB gzip stream: we stop as soon as every wanted member has been read and
     never extract anything else to disk.
     """
+    from tqdm.auto import tqdm
+
     wanted = {s: None for s in suffixes}
     try:
-        with tarfile.open(tar_path, "r:*") as tar:
+        with open(tar_path, "rb") as raw, \
+                tqdm(total=tar_path.stat().st_size, unit="B", unit_scale=True, desc=f"reading {tar_path.name}",
+                     disable=not progress, leave=False) as bar, \
+                tarfile.open(fileobj=_CountingReader(raw, bar), mode="r:*") as tar:
             for member in tar:
                 for s in wanted:
                     if wanted[s] is None and member.isfile() and member.name.endswith(s):
@@ -443,16 +477,18 @@ def setup_text_assets(progress: bool = True, downloads: Path | None = None) -> t
         return d_final, t_final
     sdist = download_bigbench(downloads or cache_root() / "downloads", progress)
     _say(progress, f"data: reading 2 members of {sdist.name} (half a minute)")
-    members = read_members(sdist, [SQUAD_WIKI_MEMBER, SOCIAL_IQA_MEMBER])
+    members = read_members(sdist, [SQUAD_WIKI_MEMBER, SOCIAL_IQA_MEMBER], progress)
     if not data_done:
         tmp = _fresh_tmp(d_final)
-        info = build_wiki(members[SQUAD_WIKI_MEMBER], tmp)
+        with _removed_on_failure(tmp):
+            info = build_wiki(members[SQUAD_WIKI_MEMBER], tmp)
         _publish(tmp, d_final)
         _say(progress, f"data: wiki {info['train']} paragraphs, wiki-heldout {info['heldout']} "
                        f"({info['chars']:,} characters) in {d_final}")
     if not tasks_done:
         tmp = _fresh_tmp(t_final)
-        info = build_social_iqa(members[SOCIAL_IQA_MEMBER], tmp, t_final)
+        with _removed_on_failure(tmp):
+            info = build_social_iqa(members[SOCIAL_IQA_MEMBER], tmp, t_final)
         _publish(tmp, t_final)
         _say(progress, f"tasks: {LOCAL_TASK} {info['test']} test + {info['fewshot']} few-shot "
                        f"examples in {t_final}")

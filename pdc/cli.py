@@ -89,7 +89,10 @@ def cmd_run(args) -> int:
     spec = _load(args.spec)
     from pdc import runner
 
-    runner.run_spec(spec, Path(args.out) if args.out else None, args.stage)
+    if args.nproc < 1:
+        print("pdc: error: --nproc must be at least 1", file=sys.stderr)
+        return 2
+    runner.run_spec(spec, Path(args.out) if args.out else None, args.stage, world_size=args.nproc)
     return 0
 
 
@@ -97,7 +100,7 @@ def cmd_check(args) -> int:
     spec = _load(args.spec)
     from pdc import runner
 
-    return int(runner.check_spec(spec, Path(args.lock) if args.lock else None))
+    return int(runner.check_spec(spec, Path(args.lock) if args.lock else None, rtol=args.rtol, atol=args.atol))
 
 
 def cmd_setup(args) -> int:
@@ -143,12 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("spec", metavar="SPEC")
     r.add_argument("--stage", metavar="NAME", help="run only this stage (correct, prune, distill, evaluate)")
     r.add_argument("--out", metavar="DIR", help="build directory")
+    r.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="training processes (gloo on CPU; the global batch stays as the spec says)")
     r.set_defaults(func=cmd_run)
 
     k = sub.add_parser("check", help="verify a build against its lock file",
                        description="Check that SPEC's build still matches its lock (prune.lock.json).")
     k.add_argument("spec", metavar="SPEC")
     k.add_argument("--lock", metavar="PATH", help="lock file (default: the build directory's)")
+    k.add_argument("--rtol", type=float, default=None, help="relative tolerance of the numeric fingerprint (default 1e-4)")
+    k.add_argument("--atol", type=float, default=None, help="absolute tolerance of the numeric fingerprint (default 1e-4)")
     k.set_defaults(func=cmd_check)
 
     s = sub.add_parser("setup", help="install the local assets (SmolLM2-135M, text data, eval tasks)",
@@ -165,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return 2
+    _quiet_runtime_noise()
     try:
         return args.func(args)
     except SpecError as exc:
@@ -178,6 +186,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `pdc compile --dry-run | head`
         return 0
+    except Exception as exc:  # a fault nobody anticipated: one line, the traceback on request
+        if os.environ.get("PDC_TRACEBACK"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"pdc: error: {type(exc).__name__}: {first} (set PDC_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _quiet_runtime_noise() -> None:
+    """Silence library chatter that says nothing to a pdc user (no effect on results)."""
+    import logging
+
+    # DeepSpeed warns on every import when it falls back to the CPU; say CPU up front instead.
+    if "DS_ACCELERATOR" not in os.environ and not _has_cuda_device():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    # torch.onnx lists the torchvision operators it skips because torchvision is absent.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
+def _has_cuda_device() -> bool:
+    """True when an NVIDIA device node exists (cheap: no torch import)."""
+    return os.path.exists("/dev/nvidiactl") or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -254,6 +254,8 @@ def saliency_table(model, target: DepthTarget, blocks=None, tokenizer=None, task
     cands = candidates(n_layers, target.depth, target.contiguous)
     n_drop = n_layers - target.depth
     sal = target.saliency
+    if sal.kind not in _METRIC:
+        raise PdcError(f"unknown depth saliency {sal.kind!r} (expected loss, task or cosine)", STAGE)
     if blocks is not None and sal.samples and len(blocks) > sal.samples:
         from pdc.data import take
 

@@ -10,7 +10,8 @@ Per block the values are aggregated over the sequence (`seq_agg`: "mean" of |x|,
 then over blocks (`batch_agg`: "l2" norm, or "mean"). The output head is never evaluated: the
 recorded nodes all come before it, so the pass stops there.
 
-`magnitude`: L2 norm of every weight slice that moves with the unit (no data).
+`magnitude`: L2 norm of every weight slice that moves with the unit (no data; a tied
+embedding/head matrix counts once).
 `random`: uniform scores from `seed` (ablation baseline).
 
 Weights: if the program's parameters are on the meta device, each one is read from
@@ -81,12 +82,13 @@ class _Accumulator:
         self.count = 0
 
     def add(self, per_token: torch.Tensor) -> None:
-        """per_token: [B, L, U] non-negative unit magnitudes."""
+        """per_token: [B, L, U] unit values of any sign; their magnitudes are aggregated.
+        (vector_norm fuses |x| and the sum: no [B, L, U] temporary per tap.)"""
         per_token = per_token.float()
-        if self.seq_agg == "mean":
-            per_block = per_token.mean(dim=1)
-        else:
-            per_block = per_token.pow(2).sum(dim=1).sqrt()
+        if self.seq_agg == "mean":  # mean over the sequence of |x|
+            per_block = torch.linalg.vector_norm(per_token, ord=1, dim=1) / per_token.shape[1]
+        else:  # l2 norm over the sequence
+            per_block = torch.linalg.vector_norm(per_token, ord=2, dim=1)
         part = per_block.pow(2).sum(0) if self.batch_agg == "l2" else per_block.sum(0)
         self.total = part if self.total is None else self.total + part
         self.count += per_token.shape[0]
@@ -116,9 +118,7 @@ def _activation(program: Program, calib: torch.Tensor, config: ImportanceConfig,
             kind, _, head_dim = taps[name]
             if kind == "heads":
                 b, l, width = value.shape
-                value = value.reshape(b, l, width // head_dim, head_dim).norm(dim=-1)
-            else:
-                value = value.abs()
+                value = torch.linalg.vector_norm(value.reshape(b, l, width // head_dim, head_dim), dim=-1)
             accs[name].add(value)
     hidden = None
     imp = Importance(method="activation", hidden=torch.zeros(0))
@@ -232,7 +232,12 @@ def _slice_norms(tensor: torch.Tensor, dim: int) -> torch.Tensor:
 def _magnitude(program: Program) -> Importance:
     structure = program.structure()
     hidden = torch.zeros(structure.hidden.size)
-    for name, dim in structure.hidden.members:
+    members = list(structure.hidden.members)
+    h = structure.hidden
+    if program.arch.tied and h.head != h.embedding and (h.embedding, 1) in members:
+        # A meta export reads the tied matrix under both names: count it once, as in memory.
+        members.remove((h.head, 1))
+    for name, dim in members:
         if program.param(name).dim() > 1:  # norm weights are scales, not connections
             hidden += _slice_norms(_weight(program, name), dim)
     imp = Importance(method="magnitude", hidden=hidden.sqrt())

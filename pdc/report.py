@@ -120,7 +120,7 @@ def render_html(doc: Doc, title: str) -> str:
             out.append("<table><thead><tr>" + "".join(f"<th{cls(i)}>{e(h)}</th>" for i, h in enumerate(header))
                        + "</tr></thead><tbody>")
             for r in rows:
-                out.append("<tr>" + "".join(f"<td{cls(i)}>{e(c)}</td>" for i, c in enumerate(r)) + "</tr>")
+                out.append("<tr>" + "".join(f"<td{cls(i)}>{_inline_code(c)}</td>" for i, c in enumerate(r)) + "</tr>")
             out.append("</tbody></table>")
         elif kind == "img":
             data = base64.b64encode(b[1].read_bytes()).decode("ascii")
@@ -250,11 +250,11 @@ def _arch_section(doc: Doc, plan: dict | None, prune_summary: dict | None):
     if prune_summary and prune_summary.get("params_after") is not None and fin.get("params_total") is not None:
         counted = prune_summary.get("params_after_counted", prune_summary["params_after"])
         verdict = "matches the plan" if counted == fin["params_total"] else \
-            f"differs from the plan ({fin['params_total']:,}): later stages change the shape"
+            f"the plan's final student has {fin['params_total']:,}"
         doc.p(f"The pruned checkpoint has {counted:,} parameters ({verdict}).")
 
 
-def _stages_section(doc: Doc, stages: dict | None, plan: dict | None):
+def _stages_section(doc: Doc, stages: dict | None, plan: dict | None, build: Path):
     doc.h(2, "Time per stage")
     planned = [s.get("name") for s in (plan or {}).get("stages", []) if isinstance(s, dict)]
     if not stages and not planned:
@@ -267,7 +267,10 @@ def _stages_section(doc: Doc, stages: dict | None, plan: dict | None):
     for name in dict.fromkeys(names):
         rec = stages.get(name)
         if not isinstance(rec, dict):
-            rows.append([name, NOT_RUN, "-"])
+            # The runner builds each stage in `<stage>.tmp/`: present without a record means the
+            # stage is running now or was interrupted.
+            started = (build / f"{name}.tmp").exists()
+            rows.append([name, "started, not finished" if started else NOT_RUN, "-"])
             continue
         secs = rec.get("seconds")
         if isinstance(secs, (int, float)):
@@ -362,6 +365,7 @@ def plot_losses(correct_log: list[dict], correct: dict | None, distill_log: list
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4), squeeze=False)
     for ax, (name, log, metrics) in zip(axes[0], panels):
@@ -392,6 +396,7 @@ def plot_losses(correct_log: list[dict], correct: dict | None, distill_log: list
         for lab, y, color, style in hlines:
             if isinstance(y, (int, float)) and math.isfinite(y):
                 ax.axhline(y, color=color, ls=style, lw=1.3, label=f"{lab}: {y:.3f}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
@@ -487,7 +492,7 @@ def build_doc(build_dir: Path) -> Doc:
     sections = [
         ("Spec", lambda d: _spec_section(d, build, plan)),
         ("Architecture", lambda d: _arch_section(d, plan, prune_summary if isinstance(prune_summary, dict) else None)),
-        ("Time per stage", lambda d: _stages_section(d, stages if isinstance(stages, dict) else None, plan)),
+        ("Time per stage", lambda d: _stages_section(d, stages if isinstance(stages, dict) else None, plan, build)),
         ("Pruning", lambda d: _prune_section(d, build, plan)),
         ("Training", lambda d: _training_section(d, build)),
         ("Evaluation", lambda d: _eval_section(d, build)),

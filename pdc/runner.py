@@ -36,19 +36,22 @@ def default_build_dir(spec) -> Path:
     return Path(spec.path).parent / "build" / Path(spec.path).stem
 
 
-def _key(*parts) -> str:
-    def norm(x):
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            return {"__type__": type(x).__name__, **{f.name: norm(getattr(x, f.name)) for f in dataclasses.fields(x)}}
-        if isinstance(x, (list, tuple)):
-            return [norm(v) for v in x]
-        if isinstance(x, dict):
-            return {str(k): norm(v) for k, v in x.items()}
-        if isinstance(x, Path):
-            return str(x)
-        return x
+def _norm(x):
+    """JSON-able form of stage settings; source spans are left out (moving a line changes nothing)."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        fields = {f.name: _norm(getattr(x, f.name)) for f in dataclasses.fields(x) if f.name != "span"}
+        return {"__type__": type(x).__name__, **fields}
+    if isinstance(x, (list, tuple)):
+        return [_norm(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): _norm(v) for k, v in x.items()}
+    if isinstance(x, Path):
+        return str(x)
+    return x
 
-    blob = json.dumps([__version__, *map(norm, parts)], sort_keys=True, default=repr)
+
+def _key(*parts) -> str:
+    blob = json.dumps([__version__, *map(_norm, parts)], sort_keys=True, default=repr)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -135,8 +138,11 @@ def _data_identity(src: DataSource, base_dir: Path) -> list:
 class Build:
     """One build directory and the stages of one spec."""
 
-    def __init__(self, spec, out_dir: Path | None = None, progress: bool = True):
+    def __init__(self, spec, out_dir: Path | None = None, progress: bool = True, artifacts: bool = True,
+                 world_size: int = 1):
         self.spec = spec
+        self.world_size = world_size  # training processes; the global batch does not change
+        self.artifacts = artifacts  # exported program + ONNX beside each pruned checkpoint
         self.out = Path(out_dir) if out_dir else default_build_dir(spec)
         self.base = spec_dir(spec)
         self.progress = progress
@@ -283,7 +289,7 @@ class Build:
         src = self.model_dir(st.model)
         train, val = split_blocks(self.blocks(st.data, src, st.train.seq_len, "correct"), st.train.val_fraction)
         work = self._work_dir("correct")
-        return run_correct(src, train, val, st.train, work, out, progress=self.progress)
+        return run_correct(src, train, val, st.train, work, out, progress=self.progress, world_size=self.world_size)
 
     def prune(self, out: Path, name: str = "prune") -> dict:
         from pdc.data import take
@@ -305,7 +311,8 @@ class Build:
                 data_name = sal.data or st.data
                 blocks = take(self.blocks(data_name, model_dir, sal.seq_len, "prune"), sal.samples, 0)
             summary = prune_depth(model_dir, st.depth, blocks, out, tasks_dir=self.tasks_dir(), progress=self.progress)
-        self._emit_artifacts(out)
+        if self.artifacts:
+            self._emit_artifacts(out)
         return summary
 
     def _emit_artifacts(self, out: Path):
@@ -322,7 +329,8 @@ class Build:
         teacher = self.teacher_dir()
         student = self.student_dir()
         train, val = split_blocks(self.blocks(st.data, teacher, st.train.seq_len, "distill"), st.train.val_fraction)
-        return run_distill(teacher, student, train, val, st.train, self._work_dir("distill"), out, progress=self.progress)
+        return run_distill(teacher, student, train, val, st.train, self._work_dir("distill"), out,
+                           progress=self.progress, world_size=self.world_size)
 
     def tasks_dir(self) -> Path | None:
         st = self.stages.get("evaluate")
@@ -340,7 +348,7 @@ class Build:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from pdc.evaluate import comparison_table, evaluate_model
+        from pdc.evaluate import comparison_table, evaluate_model, write_results
 
         st = self.stages["evaluate"]
         cfg = st.eval
@@ -362,10 +370,8 @@ class Build:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
             results[label] = evaluate_model(model, self.tokenizer(path), cfg, self.tasks_dir(), heldout)
             del model
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        table = comparison_table(results)
-        (out / "results.md").write_text(table + "\n")
-        print(table)
+        write_results(results, out)  # results.json and table.md
+        print(comparison_table(results))
         return {"models": list(results)}
 
     def _heldout_blocks(self, cfg):
@@ -377,8 +383,9 @@ class Build:
         distill = self.stages.get("distill")
         if distill is not None and distill.data == name:
             # The same corpus as training: only its held-out tail is fair to measure on.
-            return split_blocks(blocks, distill.train.val_fraction)[1]
-        return blocks
+            blocks = split_blocks(blocks, distill.train.val_fraction)[1]
+        # `limit` caps the perplexity blocks as it caps task examples (the first N, fixed).
+        return blocks[: cfg.limit] if cfg.limit else blocks
 
     def _work_dir(self, name: str) -> Path:
         """Persistent checkpoints of a training stage; wiped when the stage's key changes."""
@@ -404,7 +411,8 @@ class Build:
 
         for name in ("correct", "distill"):
             if name in self.stages:
-                write_stage_files(self.out / f"{name}.work", self.stages[name].train, stage=name)
+                write_stage_files(self.out / f"{name}.work", self.stages[name].train, stage=name,
+                                  world_size=self.world_size)
 
     def write_report(self):
         from pdc.report import write_report
@@ -438,10 +446,22 @@ def lock_path_of(build_dir: Path, prune_name: str) -> Path:
     return build_dir / f"{prune_name}.lock.json"
 
 
+LOCK_CALIB_BLOCKS = 4  # calibration blocks whose LM loss goes into the lock's numeric fingerprint
+
+
 def _write_lock(build: Build, name: str):
+    from pdc.data import take
     from pdc.lock import build_lock, write_lock
 
-    lock = build_lock(build.out, build.prune_input_dir(name), build.spec.text, stage_dir=build.out / name)
+    st, source = build.stages[name], build.prune_input_dir(name)
+    seq_len = st.importance.seq_len if st.kind == "width" else st.depth.saliency.seq_len
+    calib = take(build.blocks(st.data, source, seq_len, name), LOCK_CALIB_BLOCKS) if st.data else None
+    # The lock pins what decides the pruned graph (the stage's settings and data identity),
+    # not the spec's text: editing a comment or another stage must not fail `pdc check`.
+    # No paths or mtimes: a fresh clone elsewhere must give the same lock (the calibration
+    # tokens themselves are hashed into the lock's inputs).
+    identity = json.dumps(_norm(st), sort_keys=True, default=repr)
+    lock = build_lock(build.out, source, identity, calib_blocks=calib, stage_dir=build.out / name)
     write_lock(lock, lock_path_of(build.out, name))
 
 
@@ -457,9 +477,10 @@ def compile_spec(spec, out_dir: Path | None = None, progress: bool = True) -> Pa
     return _run(build, names)
 
 
-def run_spec(spec, out_dir: Path | None = None, stage: str | None = None, progress: bool = True) -> Path:
+def run_spec(spec, out_dir: Path | None = None, stage: str | None = None, progress: bool = True,
+             world_size: int = 1) -> Path:
     """Run every stage in order (or just `stage`), skipping those that are up to date."""
-    build = Build(spec, out_dir, progress)
+    build = Build(spec, out_dir, progress, world_size=world_size)
     if stage is not None:
         if stage not in build.stages:
             raise PdcError(f"the spec has no stage {stage!r} (it has: {', '.join(build.stages)})")
@@ -467,7 +488,8 @@ def run_spec(spec, out_dir: Path | None = None, stage: str | None = None, progre
     return _run(build, list(build.stages))
 
 
-def check_spec(spec, lock_path: Path | None = None, out_dir: Path | None = None, progress: bool = True) -> int:
+def check_spec(spec, lock_path: Path | None = None, out_dir: Path | None = None, progress: bool = True,
+               rtol: float | None = None, atol: float | None = None) -> int:
     """Recompile the prune stages in a scratch directory and compare each with its committed
     lock (`--lock` names the lock of the first prune stage). Returns the exit code: 0 on a match."""
     from pdc.lock import compare_locks, read_lock, render_mismatches
@@ -480,12 +502,14 @@ def check_spec(spec, lock_path: Path | None = None, out_dir: Path | None = None,
     locks = {n: lock_path_of(home, n) for n in names}
     if lock_path is not None:
         locks[names[0]] = Path(lock_path)
+    expected = {}
     for n, p in locks.items():
         if not p.exists():
             raise PdcError(f"no lock at {p}: run `pdc compile {spec.path}` and commit the lock", "check")
+        expected[n] = read_lock(p)  # a corrupt lock fails here, before the recompile
     ok_all = True
     with tempfile.TemporaryDirectory(prefix="pdc-check-") as scratch:
-        build = Build(spec, Path(scratch), progress)
+        build = Build(spec, Path(scratch), progress, artifacts=False)
         if build.correction_order == "sequential":
             # Reuse the corrected teacher of the real build when it is up to date.
             if not build_probe.done("correct"):
@@ -495,9 +519,9 @@ def check_spec(spec, lock_path: Path | None = None, out_dir: Path | None = None,
         for n in names:
             build.run_stage(n, _stage_func(build, n))
             _write_lock(build, n)
-            expected, actual = read_lock(locks[n]), read_lock(lock_path_of(build.out, n))
-            mismatches = compare_locks(expected, actual)
-            ok, message = not mismatches, render_mismatches(mismatches, expected, actual)
+            actual = read_lock(lock_path_of(build.out, n))
+            mismatches = compare_locks(expected[n], actual, rtol=rtol, atol=atol)
+            ok, message = not mismatches, render_mismatches(mismatches, expected[n], actual)
             print(f"{n}: {message}" if len(names) > 1 else message)
             ok_all = ok_all and ok
     return 0 if ok_all else 1

@@ -24,6 +24,10 @@ def _leftovers(directory) -> list[str]:
     return [name for name in os.listdir(directory) if name.startswith(".")]
 
 
+# One family in the default run (each ONNX export costs tens of seconds on 2 cores); all three
+# with `pytest -m slow`.
+@pytest.mark.parametrize("family", ["llama", pytest.param("mistral", marks=pytest.mark.slow),
+                                    pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_onnx_matches_pytorch_on_each_family(family, tmp_path):
     """Invariants: onnxruntime reproduces the model's logits to 1e-4, also on a batch size and
     length other than the (batch-1) probe's, so both axes are dynamic; the same file checked

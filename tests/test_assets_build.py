@@ -151,7 +151,7 @@ def test_interrupted_build_leaves_no_partial_asset(cache, monkeypatch):
     monkeypatch.setattr(assets, "build_social_iqa", boom)
     with pytest.raises(PdcError, match="simulated"):
         assets.setup_text_assets(progress=False)
-    assert not (cache / "tasks").exists()
+    assert not (cache / "tasks").exists() and not (cache / "tasks.tmp").exists()
     assert (cache / "data" / "wiki.jsonl").exists()
     monkeypatch.setattr(assets, "build_social_iqa", real)
     assets.setup_text_assets(progress=False)

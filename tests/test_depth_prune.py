@@ -16,7 +16,8 @@ from pdc.arch import Arch
 from pdc.depth import block_influence, candidates, layers_removed, prune_depth, saliency_table
 from pdc.errors import PdcError
 from pdc.stages import DepthTarget, Saliency
-from test_eval_support import char_tokenizer, write_mc_task
+from conftest import make_tiny_tokenizer
+from test_eval_support import write_mc_task
 
 
 def _blocks(n=4, length=12, seed=0):
@@ -135,7 +136,7 @@ def test_cosine_saliency_picks_lowest_influence():
 def _save_source(tmp_path, family, layers=4):
     src = tmp_path / "src"
     make_tiny_model(family, num_hidden_layers=layers).save_pretrained(src)
-    char_tokenizer().save_pretrained(src)
+    make_tiny_tokenizer().save_pretrained(src)
     return src
 
 

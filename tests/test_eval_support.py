@@ -1,31 +1,15 @@
-"""Helpers shared by the eval and depth tests (no tests here): a character-level tokenizer that
-fits the tiny models' 128-token vocabulary, and a writer for tiny local multiple-choice tasks."""
+"""Helpers shared by the eval and depth tests (no tests here): a writer for tiny local
+multiple-choice lm-eval tasks and a rigged output head. The tokenizer is conftest's character
+tokenizer (`make_tiny_tokenizer`), whose ids fit the tiny models' 128-token vocabulary."""
 
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 import torch
 
 MC_CHOICES = ("a", "b", "y")  # "y" is always the right answer; its position varies per question
-
-
-def char_tokenizer():
-    """One token per printable ASCII character (98 ids: <unk>, <s>, </s> and 95 characters)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for ch in string.printable[:95]:  # digits, letters, punctuation, space
-        vocab[ch] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
-    )
 
 
 def write_mc_task(folder: Path, name: str = "tiny_mc", n: int = 6, relative: bool = True) -> Path:
@@ -68,7 +52,7 @@ def rig_to_prefer(model, token_id: int, strength: float = 30.0):
 
 
 def make_tiny_model_for_tasks(family: str = "llama", seed: int = 0):
-    """A tiny random model whose vocabulary covers `char_tokenizer` (98 < 128 ids)."""
+    """A tiny random model whose vocabulary covers `make_tiny_tokenizer` (< 128 ids)."""
     from conftest import make_tiny_model
 
     return make_tiny_model(family, seed=seed)

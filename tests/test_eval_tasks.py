@@ -10,7 +10,8 @@ import pytest
 from pdc.errors import PdcError
 from pdc.evaluate import comparison_table, evaluate_model, run_tasks, task_accuracy, write_results
 from pdc.stages import EvalConfig, EvalTask
-from test_eval_support import char_tokenizer, make_tiny_model_for_tasks, rig_to_prefer, write_mc_task
+from conftest import make_tiny_tokenizer
+from test_eval_support import make_tiny_model_for_tasks, rig_to_prefer, write_mc_task
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def tasks_dir(tmp_path_factory):
 
 
 def test_random_model_accuracy_is_a_fraction(tasks_dir):
-    model, tok = make_tiny_model_for_tasks("llama"), char_tokenizer()
+    model, tok = make_tiny_model_for_tasks("llama"), make_tiny_tokenizer()
     acc = task_accuracy(model, tok, "tiny_mc", shots=0, tasks_dir=tasks_dir)
     assert 0.0 <= acc <= 1.0
     # 6 questions: accuracy is a multiple of 1/6
@@ -30,7 +31,7 @@ def test_random_model_accuracy_is_a_fraction(tasks_dir):
 def test_rigged_model_scores_exactly_one_and_anti_rigged_zero(tasks_dir, shots):
     """A head that always predicts "y" picks the right choice everywhere; one predicting "a" never
     does. Checks that lm-eval's gold index, our choice of metric and shots wiring agree."""
-    tok = char_tokenizer()
+    tok = make_tiny_tokenizer()
     good = rig_to_prefer(make_tiny_model_for_tasks("qwen2"), tok.convert_tokens_to_ids("y"))
     bad = rig_to_prefer(make_tiny_model_for_tasks("qwen2"), tok.convert_tokens_to_ids("a"))
     assert task_accuracy(good, tok, "tiny_mc", shots=shots, tasks_dir=tasks_dir) == 1.0
@@ -38,7 +39,7 @@ def test_rigged_model_scores_exactly_one_and_anti_rigged_zero(tasks_dir, shots):
 
 
 def test_limit_restricts_examples(tasks_dir):
-    tok = char_tokenizer()
+    tok = make_tiny_tokenizer()
     good = rig_to_prefer(make_tiny_model_for_tasks("llama"), tok.convert_tokens_to_ids("y"))
     res = run_tasks(good, tok, [EvalTask("tiny_mc", 0)], tasks_dir, limit=2)
     assert res["tiny_mc"]["acc"] == 1.0 and res["tiny_mc"]["shots"] == 0
@@ -46,7 +47,7 @@ def test_limit_restricts_examples(tasks_dir):
 
 def test_unknown_task_is_one_line_pdc_error(tasks_dir):
     with pytest.raises(PdcError) as err:
-        task_accuracy(make_tiny_model_for_tasks("llama"), char_tokenizer(), "tiny_mcq_nonexistent", 0, tasks_dir)
+        task_accuracy(make_tiny_model_for_tasks("llama"), make_tiny_tokenizer(), "tiny_mcq_nonexistent", 0, tasks_dir)
     assert err.value.stage == "evaluate"
     assert "unknown lm-eval task 'tiny_mcq_nonexistent'" in str(err.value)
     assert "\n" not in str(err.value)
@@ -54,13 +55,13 @@ def test_unknown_task_is_one_line_pdc_error(tasks_dir):
 
 def test_missing_tasks_dir_is_pdc_error(tmp_path):
     with pytest.raises(PdcError, match="task folder not found"):
-        task_accuracy(make_tiny_model_for_tasks("llama"), char_tokenizer(), "tiny_mc", 0, tmp_path / "nope")
+        task_accuracy(make_tiny_model_for_tasks("llama"), make_tiny_tokenizer(), "tiny_mc", 0, tmp_path / "nope")
 
 
 def test_evaluate_model_and_results_files(tasks_dir, tmp_path):
     import torch
 
-    tok = char_tokenizer()
+    tok = make_tiny_tokenizer()
     blocks = torch.randint(3, 98, (3, 16), generator=torch.Generator().manual_seed(0))
     cfg = EvalConfig(tasks=(EvalTask("tiny_mc", 0),))
     results = {}
@@ -79,7 +80,7 @@ def test_evaluate_model_and_results_files(tasks_dir, tmp_path):
     assert lines[0] == "| metric | teacher | pruned |"
     assert any(l.startswith("| tiny_mc (0-shot) acc % | 100.00 ± 0.00 |") for l in lines)
     assert (tmp_path / "evaluate" / "table.md").read_text() == table
-    assert not (tmp_path / "evaluate.tmp").exists()
+    assert sorted(p.name for p in (tmp_path / "evaluate").iterdir()) == ["results.json", "table.md"]
 
 
 def test_comparison_table_orders_columns_like_the_paper():

@@ -61,8 +61,13 @@ def test_unknown_op_on_hidden_channels_names_the_node():
 def test_resized_structure_equals_rediscovery_after_slicing():
     """Slicing passes keep the graph's topology, so the pass manager keeps the structure and only
     re-reads its sizes; with check="full" it re-propagates shapes and rediscovers after every
-    pass and fails if the two differ. The final structure has the sliced sizes."""
-    from pdc.graph.manager import PassManager
+    pass and fails if the two disagree (groups, sizes, shape-constant values). Cutting to one
+    query head per kv group makes the repeat constants ambiguous to rediscovery; the kept
+    structure still tracks them. A wrong size or constant is reported."""
+    import copy
+
+    from pdc.graph.manager import PassManager, refresh_shapes
+    from pdc.graph.structure import discover
     from pdc.passes.slice_heads import SliceHeads
     from pdc.passes.slice_hidden import SliceHidden
     from pdc.passes.slice_mlp import SliceMlp
@@ -74,7 +79,36 @@ def test_resized_structure_equals_rediscovery_after_slicing():
         SliceMlp({i: torch.arange(10, 50) for i in layers}),
         SliceHeads({i: torch.tensor([0, 2]) for i in layers}, {i: torch.tensor([0, 1]) for i in layers}),
     ], check="full").run(program)
-    s = program.structure()
-    assert s.hidden.size == 32
-    assert all((l.mlp.size, l.attn.heads, l.attn.kv_heads) == (40, 2, 2) for l in s.layers)
-    assert program.forward(program.probe).shape == (*program.probe.shape, program.arch.vocab)
+    kept = program.structure()
+    assert kept.hidden.size == 32
+    assert all((l.mlp.size, l.attn.heads, l.attn.kv_heads) == (40, 2, 2) for l in kept.layers)
+    assert {c.roles for c in kept.layers[0].attn.shape_consts} >= {("kv",), ("rep",), ("kv", "rep")}
+    refresh_shapes(program)
+    fresh = discover(program)
+    assert kept.mismatch(fresh, program) is None
+    wrong_size = copy.deepcopy(kept)
+    wrong_size.layers[1].mlp.size = 41
+    assert kept.mismatch(fresh, program) is None and wrong_size.mismatch(fresh, program) == "groups or sizes differ"
+    wrong_const = copy.deepcopy(kept)
+    wrong_const.layers[0].attn.shape_consts[0].roles = ("head", "hd")
+    assert "shape constant" in wrong_const.mismatch(fresh, program)
+
+
+def test_pass_manager_names_the_pass_that_breaks_shapes():
+    """A pass that leaves the graph inconsistent (an MLP's up rows cut but not its gate rows)
+    fails the per-pass probe check with a PdcError naming that pass, not a later one."""
+    from pdc.graph.manager import PassManager, PassResult
+    from pdc.graph.rewrite import slice_param
+    from pdc.passes.slice_mlp import SliceMlp
+
+    class CutUpRowsOnly:
+        name = "cut_up_rows_only"
+
+        def __call__(self, program):
+            slice_param(program, program.structure().layers[0].mlp.rows[1], 0, torch.arange(8))
+            return PassResult(self.name)
+
+    program = exported("llama")
+    later = SliceMlp({i: torch.arange(48) for i in range(program.arch.layers)})
+    with pytest.raises(PdcError, match="after pass cut_up_rows_only"):
+        PassManager([CutUpRowsOnly(), later]).run(program)

@@ -192,3 +192,5 @@ def test_report_reads_the_real_plan_format(tmp_path, monkeypatch):
     assert f"{plan['final']['params_total']:,}" in md and "hidden=432" in md
     for stage in ("correct", "prune", "distill", "evaluate"):
         assert f"| {stage} | {NOT_RUN} | - |" in md
+    (b / "correct.tmp").mkdir()  # the runner's in-progress folder
+    assert "| correct | started, not finished | - |" in write_report(b)[0].read_text()

@@ -90,13 +90,13 @@ def test_runtime_error_from_runner_exit_1(monkeypatch, capsys):
 
     from pdc.errors import PdcError
 
-    def fail(spec, out_dir, stage=None):
+    def fail(spec, out_dir, stage=None, **options):
         raise PdcError("no GPU here", "distill")
 
     fake = types.ModuleType("pdc.runner")
     fake.run_spec = fail
     fake.compile_spec = lambda spec, out: None
-    fake.check_spec = lambda spec, lock: 3
+    fake.check_spec = lambda spec, lock, **options: 3
     monkeypatch.setitem(sys.modules, "pdc.runner", fake)
     import pdc
 

@@ -112,20 +112,20 @@ def test_missing_model_dir_is_one_line(models, blocks, tmp_path):
     assert info.value.stage == "distill"
 
 
-def test_missing_checkpoint_dir_is_one_line(models, blocks, tmp_path):
+def test_missing_checkpoint_dir_is_one_line(distilled, models, blocks, tmp_path):
     """A resume pointer naming a deleted checkpoint: a clear error, not a traceback."""
-    cfg = TrainConfig(steps=4, global_batch=2, micro_batch=2, seq_len=16, checkpoint_every=2)
-    work = tmp_path / "w"
-    run_distill(*models, *blocks, cfg, work, tmp_path / "o", progress=False)
-    # Pretend the run died after its step-2 checkpoint, then lost the checkpoint's directory.
     import shutil
 
+    _, root, _ = distilled
+    work = tmp_path / "w"
+    shutil.copytree(root / "work", work)
+    # Pretend the run died after its last checkpoint, then lost the checkpoint's directory.
     shutil.rmtree(work / "final")
     pointer = json.loads((work / "checkpoints" / "resume.json").read_text())
-    assert pointer["step"] == 2
+    assert pointer["step"] == 10  # checkpoint_every=5 over 12 steps: the step-10 one is kept
     shutil.rmtree(work / "checkpoints" / pointer["tag"])
     with pytest.raises(PdcError, match="checkpoint directory .* is missing"):
-        run_distill(*models, *blocks, cfg, work, tmp_path / "o", progress=False)
+        run_distill(*models, *blocks, CFG, work, tmp_path / "o", progress=False)
 
 
 def test_full_disk_while_checkpointing_is_one_line(models, blocks, tmp_path, monkeypatch):
@@ -145,3 +145,17 @@ def test_bad_batch_geometry_is_rejected_before_launch(models, blocks, tmp_path):
     cfg = TrainConfig(steps=3, global_batch=3, micro_batch=2, seq_len=16)
     with pytest.raises(PdcError, match="not a multiple"):
         run_distill(*models, *blocks, cfg, tmp_path / "w", tmp_path / "o", progress=False)
+
+
+@pytest.mark.slow
+def test_zero_stage_2_follows_the_same_trajectory_as_stage_0(distilled, models, blocks, tmp_path):
+    """ZeRO partitions optimizer state/gradients; on one rank it must not change the numbers."""
+    import dataclasses
+
+    _, root, _ = distilled
+    cfg = dataclasses.replace(CFG, zero=2)
+    run_distill(*models, *blocks, cfg, tmp_path / "w", tmp_path / "o", progress=False)
+    z0 = [json.loads(l)["loss"] for l in (root / "out" / "log.jsonl").read_text().splitlines()]
+    z2 = [json.loads(l)["loss"] for l in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    assert z2 == pytest.approx(z0, rel=1e-5)
+    assert json.loads((tmp_path / "w" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2

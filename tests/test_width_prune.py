@@ -75,6 +75,26 @@ def test_pruned_graph_reexports(family):
     torch.testing.assert_close(ep.module()(IDS), program.forward(IDS), atol=1e-6, rtol=0)
 
 
+def test_meta_export_with_streamed_weights_matches_in_memory(tmp_path):
+    """Pruning a checkpoint exported on the meta device (weights read from safetensors only when
+    sliced) gives the same kept indices and the same logits as pruning the in-memory model
+    (tied qwen2: the head is served from the embedding's tensor)."""
+    from pdc.graph.export import export_dir
+
+    src = tmp_path / "src"
+    make_tiny_model("qwen2").save_pretrained(src)
+    target, config = WidthTarget(hidden=40, mlp=64, heads=2), ImportanceConfig(method="magnitude")
+    streamed = export_dir(src)
+    assert streamed.on_meta()
+    prune_program(streamed, None, target, config, progress=False)
+    assert not streamed.on_meta()
+    in_memory = exported("qwen2")
+    prune_program(in_memory, None, target, config, progress=False)
+    assert streamed.kept == in_memory.kept
+    assert streamed.num_params() == in_memory.num_params() == in_memory.arch.total_params()
+    torch.testing.assert_close(streamed.forward(IDS), in_memory.forward(IDS), atol=1e-6, rtol=0)
+
+
 def test_gqa_heads_even_per_group_and_kv_drops_whole_groups():
     """Reducing heads keeps the same number of query heads in every kv group; reducing kv_heads
     removes whole groups (every kept query head reads a kept group)."""

@@ -19,10 +19,12 @@ Contract for passes (the depth engineer's `passes/drop_layers.py` uses the same 
   `keeps_topology = True` (it only changes parameter sizes and the integer constants the
   structure records, never nodes or names: the slicing passes). Then the manager keeps the
   structure and re-reads its sizes from the parameters (`Structure.resize`), which is what
-  rediscovery would find (tests check this) at a fraction of the cost.
+  rediscovery would find (tests check this) at a fraction of the cost. It is also more
+  informative: once a count drops to 1 (one query head per kv group), rediscovery can no longer
+  tell which size-1 constants mean "heads per group"; the kept structure still knows.
 - Node shape metadata (`node.meta["val"]`) is re-derived lazily: `invalidate()` only marks it
   stale, and `structure()` refreshes it before rediscovering. The per-pass check is a lint and
-  one probe forward (cheap); `PassManager(check="full")` also re-propagates symbolic shapes and
+  one probe forward on fake tensors (cheap; one real forward after the last pass); `PassManager(check="full")` also re-propagates symbolic shapes and
   rediscovers the structure after every pass (slow; for debugging a new pass).
 - Parameters may live on the meta device (large sources export without weights); the probe
   forward then checks shapes only. `program.weights` (if set) loads real tensors by name.
@@ -43,6 +45,7 @@ from pdc.arch import Arch
 from pdc.errors import PdcError
 
 STAGE = "prune"
+REAL_PROBE_MAX_PARAMS = 20_000_000  # per-pass probe: real forward below, fake tensors above
 
 
 @dataclass
@@ -164,7 +167,7 @@ class Program:
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, L, vocab]; with meta weights, a meta tensor of the right shape."""
+        """Logits [B, L, vocab]; with meta weights, a fake tensor of the right shape (no values)."""
         if self.on_meta():
             from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -172,6 +175,16 @@ class Program:
             with _fake_cpu_params(self, mode), mode:
                 return self.gm(mode.from_tensor(ids))
         return self.gm(ids)
+
+    @torch.no_grad()
+    def forward_shapes(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run the graph on fake tensors only (shapes, no arithmetic) whatever the weights:
+        the cheap structural check. Returns a fake tensor of the logits' shape."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with _fake_cpu_params(self, mode), mode:
+            return self.gm(mode.from_tensor(ids))
 
     def export(self, dynamic: bool = True) -> "torch.export.ExportedProgram":
         """Re-export the rewritten graph as an `ExportedProgram` (for `torch.export.save`,
@@ -181,22 +194,27 @@ class Program:
         return reexport(self, dynamic=dynamic)
 
     def clone(self) -> "Program":
-        """A deep copy (graph and parameters) for before/after comparisons in tests."""
+        """A deep copy (graph, parameters, cached structure: it names nodes, which the copy keeps)
+        for before/after comparisons and for tests that share one export."""
         return Program(
             gm=copy.deepcopy(self.gm), arch=self.arch, hf_config=dict(self.hf_config),
             probe=self.probe, prefix=self.prefix, kept=copy.deepcopy(self.kept),
             weights=self.weights, meta=copy.deepcopy(self.meta), _shapes_stale=self._shapes_stale,
+            _structure=copy.deepcopy(self._structure),
         )
 
 
 class PassManager:
-    """Runs passes in order. After each: recompile, `graph.lint()` and a forward on the probe
-    (shape check with meta weights, real numbers otherwise: must be finite). A failure is a
-    `PdcError` naming the pass. `results` collects every `PassResult`.
+    """Runs passes in order. After each: recompile, `graph.lint()` and a forward of the probe on
+    fake tensors (shapes: cheap even for large models; small models run it for real, which is
+    cheaper still). After the last pass, with real weights, one real forward of the probe whose
+    logits must be finite. A failure is a `PdcError` naming
+    the pass. `results` collects every `PassResult`.
 
     `check`: "probe" (default; also `True`) as above; "full" additionally re-propagates
     symbolic shapes and rediscovers the structure after every pass, and for passes that keep
-    the topology checks that the resized structure equals the rediscovered one; "none" (also
+    the topology checks that the resized structure agrees with the rediscovered one
+    (`Structure.mismatch`); "none" (also
     `False`) only recompiles."""
 
     def __init__(self, passes: Iterable[GraphPass], check: "bool | str" = True, progress: bool = False):
@@ -224,6 +242,10 @@ class PassManager:
                 raise PdcError(f"pass {p.name} failed: {_one_line(exc)}", STAGE) from exc
             result.seconds = time.perf_counter() - start
             self.results.append(result)
+        if self.passes and self.check != "none" and not program.on_meta():
+            # Values once, after the last pass (a real forward of a large model costs seconds;
+            # the per-pass checks above ran on fake tensors and already named any shape fault).
+            verify(program, self.passes[-1].name, values=True)
         return self.results
 
     def _after(self, p: GraphPass, program: Program) -> None:
@@ -234,29 +256,37 @@ class PassManager:
             program._structure = kept
         if self.check == "none":
             return
-        verify(program, p.name)
+        # Fake-tensor dispatch costs about as much per node as a tiny model's real op: below
+        # REAL_PROBE_MAX_PARAMS the real forward is the cheaper check (and also checks values).
+        verify(program, p.name, values=program.num_params() <= REAL_PROBE_MAX_PARAMS)
         if self.check == "full":
             refresh_shapes(program)
             program._structure = None
             fresh = program.structure()
-            if kept is not None and fresh.describe() != kept.describe():
-                raise PdcError(f"after pass {p.name}: the resized structure differs from rediscovery", STAGE)
+            problem = kept.mismatch(fresh, program) if kept is not None else None
+            if problem:
+                raise PdcError(f"after pass {p.name}: the resized structure differs from rediscovery: {problem}", STAGE)
+            if kept is not None:
+                program._structure = kept  # it also tracks constants rediscovery cannot see
 
 
-def verify(program: Program, after: str = "export") -> None:
-    """Lint the graph and run the probe; raise `PdcError` naming `after` on any fault."""
+def verify(program: Program, after: str = "export", values: Optional[bool] = None) -> None:
+    """Lint the graph and run the probe; raise `PdcError` naming `after` on any fault.
+    `values` (default: whenever the weights are real) runs the real forward and requires finite
+    logits; otherwise the probe runs on fake tensors and checks shapes only (cheap)."""
     try:
         program.gm.graph.lint()
     except Exception as exc:
         raise PdcError(f"graph invalid after pass {after}: {_one_line(exc)}", STAGE) from exc
+    values = not program.on_meta() if values is None else values and not program.on_meta()
     try:
-        logits = program.forward(program.probe)
+        logits = program.forward(program.probe) if values else program.forward_shapes(program.probe)
     except Exception as exc:
         raise PdcError(f"forward on the probe fails after pass {after}: {_one_line(exc)}", STAGE) from exc
     want = (*program.probe.shape, program.arch.vocab)
     if tuple(logits.shape) != want:
         raise PdcError(f"after pass {after}: logits shape {tuple(logits.shape)} != {want}", STAGE)
-    if not logits.is_meta and not torch.isfinite(logits).all():
+    if values and not torch.isfinite(logits).all():
         raise PdcError(f"after pass {after}: non-finite logits on the probe", STAGE)
 
 

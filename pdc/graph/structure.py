@@ -135,6 +135,33 @@ class Structure:
             a.heads = int(program.param(a.q).shape[0]) // a.head_dim
             a.kv_heads = int(program.param(a.k).shape[0]) // a.head_dim
 
+    def mismatch(self, fresh: "Structure", program: Program) -> Optional[str]:
+        """Compare this (resized) structure with `fresh` rediscovery of the same graph; None if
+        they agree. Groups and sizes must be equal. Shape constants are compared by value: a
+        constant whose count became 1 (or equal to another) is ambiguous to rediscovery, which
+        then finds fewer or coarser roles, so each rediscovered constant must be one we track,
+        and every tracked constant must hold the product of the current counts of its roles."""
+        def strip(text):
+            return [line for line in text.splitlines() if "shape const" not in line]
+
+        if strip(self.describe()) != strip(fresh.describe()):
+            return "groups or sizes differ"
+        nodes = {n.name: n for n in program.gm.graph.nodes}
+        for mine, theirs in zip(self.layers, fresh.layers):
+            a = mine.attn
+            sizes = {"head": a.heads, "kv": a.kv_heads, "rep": a.heads // max(1, a.kv_heads), "hd": a.head_dim}
+            tracked = {(c.node, c.index) for c in a.shape_consts}
+            extra = [(c.node, c.index) for c in theirs.attn.shape_consts if (c.node, c.index) not in tracked]
+            if extra:
+                return f"layer {mine.index}: untracked shape constants {extra}"
+            for c in a.shape_consts:
+                want = 1
+                for role in c.roles:
+                    want *= sizes[role]
+                if nodes[c.node].args[1][c.index] != want:
+                    return f"layer {mine.index}: shape constant {c.node}[{c.index}] is not {'*'.join(c.roles)} = {want}"
+        return None
+
     def describe(self) -> str:
         """Stable text form (golden snapshots)."""
         h = self.hidden

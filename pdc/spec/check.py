@@ -434,6 +434,7 @@ class _Checker:
             "correct", _head_span(st),
         )
         order = got.get("order", ("sequential",))[0]
+        self.correct_keys_given = set(got)
         if model is None or data is None:
             return None
         return CorrectStage(model, data, train, order, span=st.span)
@@ -755,6 +756,7 @@ class _Checker:
         if correct_stage is not None and correct_stage.order == "parallel" and distill_st is None:
             self.error("order=parallel corrects the teacher alongside distillation, but there is "
                        "no distill stage", correct_st.block.span)
+        lowered = self.paper_correction_defaults(lowered)
         self.warn_unused(lowered)
         if arch is None and not self.sink.has_errors:  # defensive: every path above reports
             self.error(f"cannot determine the architecture of model '{source_name}'", self.decl[source_name].span
@@ -772,6 +774,29 @@ class _Checker:
             source_model=source_name, source_arch=arch, source_config=cfg, stages=tuple(named),
             warnings=self.sink.warnings,
         )
+
+    def paper_correction_defaults(self, lowered):
+        """The paper's teacher-correction settings where the spec gives none: peak LR (and min
+        LR) one fifth of the distillation's, 120 warm-up steps (at most half the steps)."""
+        correct = next((s for s in lowered if isinstance(s, CorrectStage)), None)
+        distill = next((s for s in lowered if isinstance(s, DistillStage)), None)
+        if correct is None:
+            return lowered
+        given = getattr(self, "correct_keys_given", set())
+        t = correct.train
+        if distill is not None and "lr" not in given:
+            t = replace(t, lr=distill.train.lr / 5)
+            if "min_lr" not in given:
+                t = replace(t, min_lr=min(distill.train.min_lr / 5, t.lr))
+        if t.min_lr > t.lr:
+            self.error(f"min_lr={t.min_lr:g} is larger than the default correction lr={t.lr:g} "
+                       "(one fifth of the distillation lr); set lr= explicitly", correct.span)
+        if "warmup" not in given:
+            per_step = t.global_batch * t.seq_len
+            steps = t.steps or (-(-t.tokens // per_step) if t.tokens else 0)
+            t = replace(t, warmup=min(120, steps // 2))
+        fixed = replace(correct, train=t)
+        return [fixed if s is correct else s for s in lowered]
 
     def warn_unused(self, lowered) -> None:
         """Warnings, not errors: declarations no stage uses, warmup that outlasts training."""

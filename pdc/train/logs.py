@@ -53,7 +53,7 @@ def plot_loss(records: list[dict], png: Path, title: str) -> None:
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["loss"] for r in records], label="train loss")
-    if records and "kl" in records[0]:
+    if records and "kl" in records[0] and any(abs(r["kl"] - r["loss"]) > 1e-9 for r in records):
         ax.plot(steps, [r["kl"] for r in records], label="KL term", alpha=0.7)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
