@@ -37,6 +37,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 
 from pdc.artifacts import set_default_file_mode
+from pdc.assets import file_sha256
 from pdc.errors import PdcError
 
 LOCK_VERSION = 1
@@ -190,13 +191,13 @@ def source_identity(source_dir: Path) -> dict:
     """sha256 of the config (canonical JSON without volatile keys) and of every weight file."""
     source_dir = Path(source_dir)
     if source_dir.is_file():  # a single-file source (e.g. GGUF): its bytes are its identity
-        return {"config_sha256": None, "weights_sha256": {source_dir.name: _file_sha256(source_dir)}}
+        return {"config_sha256": None, "weights_sha256": {source_dir.name: file_sha256(source_dir)}}
     if not source_dir.is_dir():
         raise PdcError(f"source checkpoint not found: {source_dir}", "lock")
     cfg = _config_of(source_dir)
     stable = {k: v for k, v in cfg.items() if k not in VOLATILE_CONFIG_KEYS}
     weights = {
-        p.name: _file_sha256(p)
+        p.name: file_sha256(p)
         for p in sorted(source_dir.iterdir())
         if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
     }
@@ -291,13 +292,6 @@ def _environment() -> dict:
 
     return {"pdc": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_json(path: Path, stage: str) -> Any:

@@ -39,7 +39,8 @@ def default_build_dir(spec) -> Path:
 def _norm(x):
     """JSON-able form of stage settings; source spans are left out (moving a line changes nothing)."""
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        fields = {f.name: _norm(getattr(x, f.name)) for f in dataclasses.fields(x) if f.name != "span"}
+        fields = {f.name: _norm(getattr(x, f.name)) for f in dataclasses.fields(x)
+                  if f.name not in ("span", "check_tolerance")}
         return {"__type__": type(x).__name__, **fields}
     if isinstance(x, (list, tuple)):
         return [_norm(v) for v in x]
@@ -520,7 +521,9 @@ def check_spec(spec, lock_path: Path | None = None, out_dir: Path | None = None,
             build.run_stage(n, _stage_func(build, n))
             _write_lock(build, n)
             actual = read_lock(lock_path_of(build.out, n))
-            mismatches = compare_locks(expected[n], actual, rtol=rtol, atol=atol)
+            spec_rtol, spec_atol = build.stages[n].check_tolerance  # the command line wins
+            mismatches = compare_locks(expected[n], actual, rtol=spec_rtol if rtol is None else rtol,
+                                       atol=spec_atol if atol is None else atol)
             ok, message = not mismatches, render_mismatches(mismatches, expected[n], actual)
             print(f"{n}: {message}" if len(names) > 1 else message)
             ok_all = ok_all and ok

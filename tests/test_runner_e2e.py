@@ -107,3 +107,20 @@ def test_check_passes_then_fails_on_an_altered_lock(project, capsys):
     assert pdc_main(["check", str(project / "tiny.pds"), "--lock", str(bad)]) == 1
     out = capsys.readouterr().out
     assert "layer 2 mlp" in out
+
+
+def test_check_tolerance_from_the_command_line_and_the_spec(project, capsys):
+    """A numeric drift beyond the default tolerance fails `pdc check`; the same drift passes when
+    `--rtol` or the prune block's `check_rtol=` allows it."""
+    lock = json.loads((project / "build" / "tiny" / "prune.lock.json").read_text())
+    lock["numeric"]["probe_loss"] *= 1.001  # 1e-3 relative: above the 1e-4 default
+    drifted = project / "drifted.lock.json"
+    drifted.write_text(json.dumps(lock))
+    spec = str(project / "tiny.pds")
+    assert pdc_main(["check", spec, "--lock", str(drifted)]) == 1
+    assert "probe_loss" in capsys.readouterr().out
+    assert pdc_main(["check", spec, "--lock", str(drifted), "--rtol", "1e-2"]) == 0
+    tolerant = project / "tolerant.pds"
+    tolerant.write_text(SPEC.replace("prune width {", "prune width { check_rtol=1e-2"))
+    shutil.copytree(project / "build" / "tiny", project / "build" / "tolerant")
+    assert pdc_main(["check", str(tolerant), "--lock", str(drifted)]) == 0

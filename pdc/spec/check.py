@@ -83,6 +83,11 @@ def _suggest(word: str, choices) -> str:
 # ---- value readers: (value node, key) -> python value, or raise _Bad ------------------------
 
 
+def _tolerance(got: dict) -> tuple:
+    """(rtol, atol) for `pdc check` as written in a prune block; None where not written."""
+    return tuple(got[k][0] if k in got else None for k in ("check_rtol", "check_atol"))
+
+
 def _int(lo: int | None = None, hi: int | None = None) -> Callable[[ast.Value, str], int]:
     def read(v: ast.Value, key: str) -> int:
         if not isinstance(v, ast.Number):
@@ -244,14 +249,18 @@ class _Checker:
             return None
         return pos[0]
 
-    def model_source(self, call: ast.Call) -> Optional[ModelSource]:
+    def _source_kind(self, call: ast.Call, kinds, noun: str) -> Optional[str]:
+        """The call's name if it is a known source kind; else an error with a suggestion."""
         kind = call.name.value
-        if kind not in MODEL_KINDS:
-            self.error(
-                f"unknown model source '{kind}': expected one of {', '.join(MODEL_KINDS)}"
-                + _suggest(kind, MODEL_KINDS),
-                call.name.span,
-            )
+        if kind in kinds:
+            return kind
+        self.error(f"unknown {noun} source '{kind}': expected one of {', '.join(kinds)}"
+                   + _suggest(kind, kinds), call.name.span)
+        return None
+
+    def model_source(self, call: ast.Call) -> Optional[ModelSource]:
+        kind = self._source_kind(call, MODEL_KINDS, "model")
+        if kind is None:
             return None
         what = {"hf": "hub id", "dir": "directory", "gguf": "file", "builtin": "asset name"}[kind]
         ref = self._one_string(call, what)
@@ -265,13 +274,8 @@ class _Checker:
         return ModelSource(kind, value)
 
     def data_source(self, call: ast.Call) -> Optional[DataSource]:
-        kind = call.name.value
-        if kind not in DATA_KINDS:
-            self.error(
-                f"unknown data source '{kind}': expected one of {', '.join(DATA_KINDS)}"
-                + _suggest(kind, DATA_KINDS),
-                call.name.span,
-            )
+        kind = self._source_kind(call, DATA_KINDS, "data")
+        if kind is None:
             return None
         what = {"hf": "dataset name", "builtin": "asset name"}.get(kind, "file")
         ref = self._one_string(call, what)
@@ -554,7 +558,8 @@ class _Checker:
         for e in st.block.entries:
             self.error("unexpected entry in prune; settings are written key=value", e.span)
         axes = {"hidden": _int(1), "mlp": _int(1), "heads": _int(1), "kv_heads": _int(1), "depth": _int(1)}
-        schema = dict(axes, data=self.data_reader())
+        # check_rtol/check_atol: the numeric tolerance `pdc check` allows against the lock.
+        schema = dict(axes, data=self.data_reader(), check_rtol=_float(lo=0), check_atol=_float(lo=0))
         if kind == "width":
             schema["importance"] = self.importance
         else:
@@ -606,7 +611,8 @@ class _Checker:
             target = arch.with_sizes(**targets)
             if not bad_axis:
                 self.check_heads(target, arch, got, source_note)
-            return PruneStage("width", width, None, importance, data, target, arch, span=st.span)
+            return PruneStage("width", width, None, importance, data, target, arch, span=st.span,
+                              check_tolerance=_tolerance(got))
         # depth
         if "depth" not in got:
             if not any(k == "depth" for k in (s.key.value for s in st.block.settings)):
@@ -622,7 +628,7 @@ class _Checker:
         depth = DepthTarget(got["depth"][0], saliency, got.get("contiguous", (True,))[0])
         target = arch.with_sizes(layers=depth.depth)
         return PruneStage("depth", None, depth, ImportanceConfig(), data or default_data, target, arch,
-                          span=st.span)
+                          span=st.span, check_tolerance=_tolerance(got))
 
     def check_heads(self, target: Arch, source: Arch, got: dict, source_note: Note) -> None:
         def where(*keys: str) -> Span | None:

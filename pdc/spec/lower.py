@@ -54,6 +54,9 @@ class PruneStage:
     source_arch: Optional[Arch] = None
     span: Span = field(default=_NOSPAN, compare=False)
     name: str = "prune"
+    # (rtol, atol) that `pdc check` allows on the lock's numbers; None = the defaults. Not part of
+    # what the stage computes, so it is left out of the stage's content key and lock identity.
+    check_tolerance: tuple = (None, None)
 
 
 @dataclass(frozen=True)
