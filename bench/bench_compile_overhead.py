@@ -31,11 +31,11 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from pdc.graph.export import export_dir, materialize
-    from pdc.prune_width import prune_program
-    from pdc.stages import ImportanceConfig, WidthTarget
+    from pdc.stages.prune_width import prune_program
+    from pdc.lang.settings import ImportanceConfig, WidthTarget
 
     try:
-        from pdc.assets import smollm2_dir
+        from pdc.inputs.assets import smollm2_dir
 
         src = smollm2_dir()
         target = WidthTarget(hidden=432, mlp=1024)
@@ -43,8 +43,8 @@ def main() -> None:
         raise SystemExit("SmolLM2 asset missing: run `pdc setup` first")
     from transformers import AutoTokenizer
 
-    from pdc.data import take, token_blocks
-    from pdc.stages import DataSource
+    from pdc.inputs.data import take, token_blocks
+    from pdc.lang.settings import DataSource
 
     calib = take(token_blocks(DataSource("builtin", "wiki"), AutoTokenizer.from_pretrained(src), args.seq),
                  args.blocks, seed=0)

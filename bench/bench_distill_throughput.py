@@ -42,9 +42,9 @@ def bare_loop(teacher_dir: Path, student_dir: Path, blocks: torch.Tensor, cfg, s
     """Per-step (tokens/s, tokens per CPU-second) of the same work without DeepSpeed."""
     from transformers import AutoModelForCausalLM
 
-    from pdc.train.losses import distill_loss
-    from pdc.train.loop import global_batch_indices
-    from pdc.train.schedule import ADAM_BETAS, ADAM_EPS, GRADIENT_CLIPPING
+    from pdc.stages.train.losses import distill_loss
+    from pdc.stages.train.loop import global_batch_indices
+    from pdc.stages.train.schedule import ADAM_BETAS, ADAM_EPS, GRADIENT_CLIPPING
 
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     student = AutoModelForCausalLM.from_pretrained(student_dir).train()
@@ -84,8 +84,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
 
-    from pdc.stages import TrainConfig
-    from pdc.train.distill import run_distill
+    from pdc.lang.settings import TrainConfig
+    from pdc.stages.distill import run_distill
 
     cfg = TrainConfig(steps=args.steps, lr=1e-3, min_lr=1e-4, warmup=2, global_batch=args.global_batch,
                       micro_batch=args.micro_batch, seq_len=args.seq_len, checkpoint_every=0)
@@ -109,8 +109,8 @@ def main() -> None:
         "model": f"llama hidden {args.hidden}, teacher {args.layers} layers, student {args.layers // 2}, vocab {args.vocab}",
         "tokens_per_step": args.global_batch * args.seq_len, "steps": args.steps, "threads": args.threads,
         "bare_tokens_per_s": round(bare, 1), "bare_before_after": [round(before, 1), round(after, 1)],
-        "deepspeed_tokens_per_s": round(metrics["tokens_per_s"], 1),
-        "ratio": round(metrics["tokens_per_s"] / bare, 3),
+        "deepspeed_tokens_per_s": round(metrics.tokens_per_s, 1),
+        "ratio": round(metrics.tokens_per_s / bare, 3),
         "bare_tokens_per_cpu_s": round(bare_cpu, 1), "deepspeed_tokens_per_cpu_s": round(ds_cpu, 1),
         "cpu_ratio": round(ds_cpu / bare_cpu, 3),
         "run_distill_wall_s": round(ds_wall, 1),

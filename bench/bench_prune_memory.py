@@ -57,15 +57,15 @@ def make_checkpoint(path: Path, gb: float) -> dict:
 
 def child(src: str, out: str) -> None:
     torch.set_num_threads(2)
-    from pdc.prune_width import prune_width
-    from pdc.stages import ImportanceConfig, WidthTarget
+    from pdc.stages.prune_width import prune_width
+    from pdc.lang.settings import ImportanceConfig, WidthTarget
 
     cfg = json.loads((Path(src) / "config.json").read_text())
     target = WidthTarget(hidden=cfg["hidden_size"] // 2, mlp=cfg["intermediate_size"] // 2)
     summary = prune_width(Path(src), None, target, ImportanceConfig(method="magnitude"), Path(out),
                           progress=False, stream_weights=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_rss": peak, "params_after": summary["params_after"]}))
+    print(json.dumps({"peak_rss": peak, "params_after": summary.params_after}))
 
 
 def main() -> None:

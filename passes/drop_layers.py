@@ -1,6 +1,6 @@
 """Drop decoder layers from the exported graph and renumber the layers that follow.
 
-Before: `program.structure().layers` lists the current decoder layers 0..n-1, each a `LayerBlock`
+Before: `structure_of(program).layers` lists the current decoder layers 0..n-1, each a `LayerBlock`
 whose `output` node (its second residual add) is the residual stream leaving it and whose `input`
 node is the residual stream entering it; parameters are named `model.layers.<i>.*` (current index).
 `program.kept["layers"]` is keyed by *source* layer index (one key per current layer).
@@ -17,8 +17,7 @@ After (for `drop` = a set of current indices, not all of them):
 - with meta weights, `program.weights` answers the new names with the source tensors (and any
   recorded `program.meta["source_index"]` slicing follows the rename).
 
-Run it through `PassManager` (or `drop_layers(program, drop)`), which re-derives shapes and the
-structure afterwards; called directly, the graph is recompiled and runnable but node shape
+Run it through `PassManager`, which re-derives shapes and the structure afterwards; called directly, the graph is recompiled and runnable but node shape
 metadata of the graph is left as it was (still correct: no surviving node changes shape).
 
 Returns `PassResult("drop_layers", {"layers": [n_before, n_after], "dropped_layers": [source idx]})`.
@@ -26,10 +25,12 @@ Returns `PassResult("drop_layers", {"layers": [n_before, n_after], "dropped_laye
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable
 
 from pdc.errors import PdcError
-from pdc.graph.manager import STAGE, PassResult, Program
+from pdc.graph.manager import PassResult
+from pdc.graph.program import STAGE, Program
+from pdc.graph.structure import structure_of
 
 LAYER_PREFIX = "model.layers."
 PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
@@ -67,7 +68,7 @@ class DropLayers:
         self.drop = sorted(set(int(i) for i in drop))
 
     def __call__(self, program: Program) -> PassResult:
-        layers = program.structure().layers
+        layers = structure_of(program).layers
         n = len(layers)
         bad = [i for i in self.drop if not 0 <= i < n]
         if bad:
@@ -193,9 +194,3 @@ def _chain_weight_names(program: Program, renamed: dict[str, str]) -> None:
     else:
         program.weights = RenamedWeights(store, renamed)
 
-
-def drop_layers(program: Program, drop: Iterable[int], check: bool = True) -> PassResult:
-    """Run the pass through the pass manager (lint + probe forward afterwards)."""
-    from pdc.graph.manager import PassManager
-
-    return PassManager([DropLayers(drop)], check=check).run(program)[-1]

@@ -15,8 +15,10 @@ from __future__ import annotations
 import torch
 
 from pdc.errors import PdcError
-from pdc.graph.manager import STAGE, PassResult, Program
+from pdc.graph.manager import PassResult
+from pdc.graph.program import STAGE, Program
 from pdc.graph.rewrite import Rule, apply_rules, source_layer
+from pdc.graph.structure import structure_of
 
 QUERY_RULES = [
     Rule("query rows, one head_dim block per query head", lambda a: [a.q, a.q_bias], dim=0, unit="head"),
@@ -52,7 +54,7 @@ class SliceHeads:
     def __call__(self, program: Program) -> PassResult:
         changed, counts = {}, set()
         nodes = {n.name: n for n in program.gm.graph.nodes}
-        for layer in program.structure().layers:
+        for layer in structure_of(program).layers:
             if layer.index not in self.keep_heads:
                 continue
             attn = layer.attn

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from pdc.graph.manager import PassResult, Program
+from pdc.graph.manager import PassResult
+from pdc.graph.program import Program
 from pdc.graph.rewrite import slice_param
+from pdc.graph.structure import structure_of
 
 
 class SliceHidden:
@@ -25,7 +27,7 @@ class SliceHidden:
         self.keep = torch.as_tensor(keep, dtype=torch.long).sort().values
 
     def __call__(self, program: Program) -> PassResult:
-        group = program.structure().hidden
+        group = structure_of(program).hidden
         # Rule (data): every coupled (param, dim) keeps the same channels.
         for name, dim in group.members:
             slice_param(program, name, dim, self.keep)

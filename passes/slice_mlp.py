@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from pdc.graph.manager import PassResult, Program
+from pdc.graph.manager import PassResult
+from pdc.graph.program import Program
 from pdc.graph.rewrite import Rule, apply_rules, source_layer
+from pdc.graph.structure import structure_of
 
 RULES = [
     Rule("gate/up output rows are the neurons", lambda g: g.rows, dim=0),
@@ -31,7 +33,7 @@ class SliceMlp:
 
     def __call__(self, program: Program) -> PassResult:
         changed, sizes = {}, set()
-        for layer in program.structure().layers:
+        for layer in structure_of(program).layers:
             if layer.index not in self.keep:
                 continue
             keep = torch.as_tensor(self.keep[layer.index], dtype=torch.long).sort().values

@@ -73,6 +73,10 @@ class Arch:
                 )
         return out
 
+    def sizes(self) -> dict[str, int]:
+        """Size per axis (the keys a `PruneResult` and the lock record)."""
+        return {k: getattr(self, k) for k in ("hidden", "mlp", "layers", "heads", "kv_heads", "head_dim", "vocab")}
+
     def with_sizes(self, **sizes: int | None) -> "Arch":
         return replace(self, **{k: v for k, v in sizes.items() if v is not None})
 

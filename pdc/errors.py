@@ -1,6 +1,6 @@
 """Runtime faults that reach the user as one line, never as a traceback.
 
-Spec errors (bad `.pds` input) are `pdc.spec.diagnostics.SpecError` and exit with code 2; every
+Spec errors (bad `.pds` input) are `pdc.lang.diagnostics.SpecError` and exit with code 2; every
 other expected failure (missing file, unsupported graph, NaN loss, failed launch) is a
 `PdcError` naming the stage it happened in, and exits with code 1.
 """

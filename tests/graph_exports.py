@@ -11,7 +11,7 @@ import functools
 
 from conftest import make_tiny_model
 from pdc.graph.export import export_model
-from pdc.graph.manager import Program
+from pdc.graph.program import Program
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdc import assets
+from pdc.files import sha256_file
+from pdc.inputs import assets
 from pdc.errors import PdcError
 
 SQUAD = {
@@ -59,7 +60,7 @@ def cache(tmp_path, monkeypatch):
     downloads = tmp_path / "cache" / "downloads"
     downloads.mkdir(parents=True)
     fake = _fake_sdist(downloads / assets.BIGBENCH_SDIST)
-    monkeypatch.setattr(assets, "BIGBENCH_SHA256", assets.file_sha256(fake))
+    monkeypatch.setattr(assets, "BIGBENCH_SHA256", sha256_file(fake))
 
     def no_network(*args, **kwargs):  # a test that reaches pip would download 358 MB
         pytest.fail("unexpected pip call")

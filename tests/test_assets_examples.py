@@ -12,8 +12,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 @pytest.mark.parametrize("name", ["quickstart", "depth"])
 def test_example_checks_and_plans_without_assets(name, tmp_path, monkeypatch):
-    from pdc.plan import build_plan
-    from pdc.spec import load_spec
+    from pdc.plan.dry_run import build_plan
+    from pdc.lang import load_spec
 
     monkeypatch.setenv("PDC_CACHE", str(tmp_path))  # empty: nothing from `pdc setup`
     path = EXAMPLES / f"{name}.pds"

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from pdc.depth import layers_removed
+from pdc.stages.prune_depth import layers_removed
 from pdc.errors import PdcError
 from pdc.graph.export import export_model, materialize
-from pdc.passes.drop_layers import DropLayers, drop_layers
+from pdc.graph.manager import PassManager
+from pdc.graph.structure import structure_of
+from pdc.passes.drop_layers import DropLayers
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -68,8 +70,8 @@ def test_graph_without_layers_equals_model_without_layers(exported, family, drop
 def test_passes_compose_in_source_indices(exported):
     """Dropping current layer 1 twice drops source layers 1 and 2; kept keys stay source keys."""
     model, program = exported("llama")
-    drop_layers(program, [1])  # through the pass manager: lint, shape refresh, probe forward
-    program.structure()
+    PassManager([DropLayers([1])]).run(program)  # through the pass manager: lint, shape refresh, probe forward
+    structure_of(program)
     DropLayers([1])(program)
     assert program.kept["dropped_layers"] == [1, 2]
     assert sorted(map(int, program.kept["layers"])) == [0, 3]
@@ -96,7 +98,7 @@ def test_meta_weights_follow_the_rename_and_emit_generates(exported, tmp_path):
     greedy tokens with and without the KV cache."""
     from transformers import AutoModelForCausalLM
 
-    from pdc.emit import emit_checkpoint
+    from pdc.emit.checkpoint import emit_checkpoint
 
     model, program = exported("qwen2")
     for name, tensor in program.state_dict().items():

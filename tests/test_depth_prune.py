@@ -13,9 +13,9 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import make_tiny_model
 from pdc.arch import Arch
-from pdc.depth import block_influence, candidates, layers_removed, prune_depth, saliency_table
+from pdc.stages.prune_depth import block_influence, candidates, layers_removed, prune_depth, saliency_table
 from pdc.errors import PdcError
-from pdc.stages import DepthTarget, Saliency
+from pdc.lang.settings import DepthTarget, Saliency
 from conftest import make_tiny_tokenizer
 from test_eval_support import write_mc_task
 
@@ -149,9 +149,9 @@ def test_prune_depth_emits_checkpoint_equal_to_reference_and_generates(tmp_path,
     src = _save_source(tmp_path, family)
     out = tmp_path / "prune"
     summary = prune_depth(src, DepthTarget(2, Saliency("loss"), contiguous=True), _blocks(), out, progress=False)
-    dropped = summary["dropped_layers"]
+    dropped = list(summary.saliency.dropped_layers)
     assert len(dropped) == 2 and dropped[1] == dropped[0] + 1
-    for name in ("kept_indices.json", "saliency.json", "saliency.png", "summary.json", "model/config.json"):
+    for name in ("kept_indices.json", "saliency.json", "saliency.png", "model/config.json"):
         assert (out / name).exists(), name
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     kept = json.loads((out / "kept_indices.json").read_text())
@@ -167,7 +167,7 @@ def test_prune_depth_emits_checkpoint_equal_to_reference_and_generates(tmp_path,
     with torch.no_grad():
         torch.testing.assert_close(pruned(input_ids=ids).logits, _hand_built(source, dropped)(input_ids=ids).logits)
     arch = Arch.from_hf_config(pruned.config.to_dict())
-    assert summary["params_after"] == arch.total_params() == sum(p.numel() for p in pruned.parameters())
+    assert summary.params_after == arch.total_params() == sum(p.numel() for p in pruned.parameters())
 
     tok = AutoTokenizer.from_pretrained(out / "model")
     prompt = tok("Hello there", return_tensors="pt")
@@ -191,7 +191,7 @@ def test_prune_depth_non_contiguous_with_task_saliency(tmp_path):
     assert len(values) == 3 and all(0.0 <= v <= 1.0 for v in values)
     assert 0.0 <= table["baseline"] <= 1.0
     best = max(values)
-    assert values[summary["dropped_layers"][0]] == best
+    assert values[list(summary.saliency.dropped_layers)[0]] == best
 
 
 def test_prune_depth_errors(tmp_path):
@@ -200,7 +200,7 @@ def test_prune_depth_errors(tmp_path):
         prune_depth(src, DepthTarget(2, Saliency("loss")), None, tmp_path / "out", progress=False)
     with pytest.raises(PdcError, match="depth 9"):
         prune_depth(src, DepthTarget(9, Saliency("loss")), _blocks(), tmp_path / "out", progress=False)
-    with pytest.raises(PdcError, match="no HF checkpoint"):
+    with pytest.raises(PdcError, match="no Hugging Face checkpoint"):
         prune_depth(tmp_path / "missing", DepthTarget(2), _blocks(), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -11,26 +11,22 @@ import torch
 pytestmark = pytest.mark.slow
 
 
-def test_smollm2_depth_prune_loads_and_generates(tmp_path):
+def test_smollm2_depth_prune_loads_and_generates(tmp_path, real_assets):
     """The emitted 27-layer checkpoint loads, has the arch's parameter count, and greedy decoding
     with the KV cache equals decoding without it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pdc.arch import Arch
-    from pdc.assets import smollm2_dir
-    from pdc.depth import prune_depth
-    from pdc.evaluate import builtin_heldout_blocks
-    from pdc.stages import DepthTarget, Saliency
+    from pdc.stages.prune_depth import prune_depth
+    from pdc.stages.evaluate import builtin_heldout_blocks
+    from pdc.lang.settings import DepthTarget, Saliency
 
-    try:
-        src = smollm2_dir()
-    except Exception as exc:
-        pytest.skip(f"SmolLM2 not installed: {exc}")
+    src = real_assets["smollm2"]
     tok = AutoTokenizer.from_pretrained(src)
     blocks = builtin_heldout_blocks(tok, 128, n_blocks=2)
     summary = prune_depth(src, DepthTarget(27, Saliency("cosine")), blocks, tmp_path / "prune", progress=False)
-    assert summary["layers_after"] == 27 and len(summary["dropped_layers"]) == 3
+    assert summary.arch_after["layers"] == 27 and len(list(summary.saliency.dropped_layers)) == 3
     table = json.loads((tmp_path / "prune" / "saliency.json").read_text())
     assert len(table["candidates"]) == 28
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "prune" / "model", dtype=torch.float32).eval()

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import make_tiny_model
 from pdc.errors import PdcError
-from pdc.evaluate import mean_nll, nll_sum, perplexity
+from pdc.stages.evaluate import mean_nll, nll_sum, perplexity
 
 MODEL = make_tiny_model("llama")
 

@@ -11,22 +11,17 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(real_assets):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pdc.assets import smollm2_dir
-
-    try:
-        d = smollm2_dir()
-    except Exception as exc:  # assets not installed: `pdc setup`
-        pytest.skip(f"SmolLM2 not installed: {exc}")
+    d = real_assets["smollm2"]
     return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(d)
 
 
 def test_smollm2_heldout_perplexity_far_below_uniform(smollm2):
     """A trained model predicts held-out English far better than a uniform guess over the vocab."""
-    from pdc.evaluate import builtin_heldout_blocks, perplexity
+    from pdc.stages.evaluate import builtin_heldout_blocks, perplexity
 
     model, tok = smollm2
     ppl = perplexity(model, builtin_heldout_blocks(tok, 128, n_blocks=4))
@@ -34,11 +29,11 @@ def test_smollm2_heldout_perplexity_far_below_uniform(smollm2):
 
 
 def test_smollm2_social_iqa_local_through_lm_eval(smollm2):
-    from pdc.assets import local_tasks_dir
-    from pdc.evaluate import run_tasks
-    from pdc.stages import EvalTask
+    from pdc.inputs.assets import local_tasks_dir
+    from pdc.stages.evaluate import run_tasks
+    from pdc.lang.settings import EvalTask
 
     model, tok = smollm2
     res = run_tasks(model, tok, [EvalTask("social_iqa_local", 1)], local_tasks_dir(), limit=12)["social_iqa_local"]
-    assert 0.0 <= res["acc"] <= 1.0 and res["shots"] == 1
-    assert res["acc_stderr"] is not None and "acc_norm" in res
+    assert res.shots == 1 and res.items == 12 and res.primary == "acc"
+    assert set(res.values) >= {"acc", "acc_norm"} and res.stderr["acc"] > 0

@@ -8,8 +8,15 @@ import math
 import pytest
 
 from pdc.errors import PdcError
-from pdc.evaluate import comparison_table, evaluate_model, run_tasks, task_accuracy, write_results
-from pdc.stages import EvalConfig, EvalTask
+from pdc.stages.evaluate import (
+    comparison_table,
+    evaluate_model,
+    evaluate_models,
+    run_tasks,
+    task_accuracy,
+    write_results,
+)
+from pdc.lang.settings import EvalConfig, EvalTask
 from conftest import make_tiny_tokenizer
 from test_eval_support import make_tiny_model_for_tasks, rig_to_prefer, write_mc_task
 
@@ -42,7 +49,7 @@ def test_limit_restricts_examples(tasks_dir):
     tok = make_tiny_tokenizer()
     good = rig_to_prefer(make_tiny_model_for_tasks("llama"), tok.convert_tokens_to_ids("y"))
     res = run_tasks(good, tok, [EvalTask("tiny_mc", 0)], tasks_dir, limit=2)
-    assert res["tiny_mc"]["acc"] == 1.0 and res["tiny_mc"]["shots"] == 0
+    assert res["tiny_mc"].values["acc"] == 1.0 and res["tiny_mc"].shots == 0 and res["tiny_mc"].items == 2
 
 
 def test_unknown_task_is_one_line_pdc_error(tasks_dir):
@@ -58,38 +65,56 @@ def test_missing_tasks_dir_is_pdc_error(tmp_path):
         task_accuracy(make_tiny_model_for_tasks("llama"), make_tiny_tokenizer(), "tiny_mc", 0, tmp_path / "nope")
 
 
-def test_evaluate_model_and_results_files(tasks_dir, tmp_path):
+def test_evaluate_model_scores_a_rigged_model_exactly(tasks_dir):
+    """A model rigged to answer "y" scores 100 % with zero standard error; perplexity is finite."""
     import torch
 
     tok = make_tiny_tokenizer()
     blocks = torch.randint(3, 98, (3, 16), generator=torch.Generator().manual_seed(0))
     cfg = EvalConfig(tasks=(EvalTask("tiny_mc", 0),))
-    results = {}
-    for label, model in (
-        ("teacher", rig_to_prefer(make_tiny_model_for_tasks("llama"), tok.convert_tokens_to_ids("y"))),
-        ("pruned", make_tiny_model_for_tasks("llama", seed=1)),
-    ):
-        results[label] = evaluate_model(model, tok, cfg, tasks_dir=tasks_dir, heldout_blocks=blocks, progress=False)
-    assert results["teacher"]["tasks"]["tiny_mc"]["acc"] == 1.0
-    assert results["teacher"]["tasks"]["tiny_mc"]["acc_stderr"] == 0.0
-    assert all(r["perplexity"] > 1.0 for r in results.values())
-    path = write_results(results, tmp_path / "evaluate")
-    assert json.loads(path.read_text()) == results
-    table = comparison_table(results)
+    good = rig_to_prefer(make_tiny_model_for_tasks("llama"), tok.convert_tokens_to_ids("y"))
+    scores = evaluate_model(good, tok, cfg, "rigged", tasks_dir=tasks_dir, heldout_blocks=blocks, progress=False)
+    score = scores.tasks["tiny_mc"]
+    assert score.values["acc"] == 1.0 and score.stderr["acc"] == 0.0 and score.primary == "acc"
+    assert math.isfinite(scores.perplexity) and scores.perplexity > 1.0
+
+
+def test_evaluate_models_and_results_files(tasks_dir, tmp_path):
+    """evaluate_models (what the evaluate stage runs) loads each model directory, skips columns
+    without a checkpoint; results.json reads back as the same typed result; the table follows it."""
+    import torch
+
+    from pdc.plan.results import EvaluateResult, decode
+
+    tok = make_tiny_tokenizer()
+    blocks = torch.randint(3, 98, (3, 16), generator=torch.Generator().manual_seed(0))
+    cfg = EvalConfig(tasks=(EvalTask("tiny_mc", 0),))
+    dirs = {"teacher": tmp_path / "teacher", "pruned": tmp_path / "pruned", "distilled": tmp_path / "not-built"}
+    for seed, label in enumerate(("teacher", "pruned")):
+        make_tiny_model_for_tasks("llama", seed=seed).save_pretrained(dirs[label])
+    result = evaluate_models(dirs, lambda path: tok, cfg, tasks_dir, blocks, progress=False)
+    assert list(result.models) == ["teacher", "pruned"]
+    assert result.models["teacher"].perplexity != result.models["pruned"].perplexity
+    assert result.perplexity_tokens == blocks.numel()
+    path = write_results(result, tmp_path / "evaluate")
+    assert decode(EvaluateResult, json.loads(path.read_text())) == result
+    table = comparison_table(result)
     lines = table.strip().splitlines()
     assert lines[0] == "| metric | teacher | pruned |"
-    assert any(l.startswith("| tiny_mc (0-shot) acc % | 100.00 ± 0.00 |") for l in lines)
+    assert lines[3].startswith("| tiny_mc (0-shot) acc % |")
     assert (tmp_path / "evaluate" / "table.md").read_text() == table
-    assert sorted(p.name for p in (tmp_path / "evaluate").iterdir()) == ["results.json", "table.md"]
 
 
 def test_comparison_table_orders_columns_like_the_paper():
-    res = {
-        "distilled": {"perplexity": 3.0, "tasks": {"t": {"acc": 0.5, "acc_stderr": None, "shots": 5}}},
-        "teacher": {"perplexity": 2.0, "tasks": {"t": {"acc": 0.75, "acc_stderr": 0.01, "shots": 5}}},
-        "pruned": {"perplexity": None, "tasks": {}},
-    }
+    from pdc.plan.results import EvaluateResult, ModelScores, TaskScore
+
+    t = lambda acc, err: TaskScore(shots=5, primary="acc", values={"acc": acc}, stderr=err)  # noqa: E731
+    res = EvaluateResult(models={
+        "distilled": ModelScores("d", 3.0, {"t": t(0.5, {})}),
+        "teacher": ModelScores("t", 2.0, {"t": t(0.75, {"acc": 0.01})}),
+        "pruned": ModelScores("p", None, {}),
+    }, limit=None)
     lines = comparison_table(res).strip().splitlines()
     assert lines[0] == "| metric | teacher | pruned | distilled |"
     assert lines[2] == "| perplexity (held-out) | 2.000 | - | 3.000 |"
-    assert lines[3] == "| t (5-shot) acc % | 75.00 ± 1.00 | - | 50.00 |"
+    assert lines[3] == "| t (5-shot) acc % | 75.0 ± 1.0 | - | 50.0 |"

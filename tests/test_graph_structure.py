@@ -13,13 +13,14 @@ import torch
 
 from graph_exports import exported
 from pdc.errors import PdcError
+from pdc.graph.structure import structure_of
 
 GOLDEN = Path(__file__).parent / "golden" / "graph_structure_llama.txt"
 
 
 def test_golden_structure_tiny_llama():
     """The discovered structure of the tiny llama matches the reviewed snapshot."""
-    text = exported("llama").structure().describe()
+    text = structure_of(exported("llama")).describe()
     if os.environ.get("PDC_UPDATE_GOLDEN"):
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(text)
@@ -30,7 +31,7 @@ def test_structure_covers_every_parameter(family):
     """Every parameter the graph reads is in the hidden group, one MLP group or one attention
     group; sizes agree with the config."""
     program = exported(family)
-    s = program.structure()
+    s = structure_of(program)
     a = program.arch
     assert s.hidden.size == a.hidden and len(s.layers) == a.layers
     grouped = {n for n, _ in s.hidden.members}
@@ -55,7 +56,7 @@ def test_unknown_op_on_hidden_channels_names_the_node():
     emb.replace_all_uses_with(flip, delete_user_cb=lambda u: u is not flip)
     program.invalidate()
     with pytest.raises(PdcError, match=f"cannot classify node {flip.name}"):
-        program.structure()
+        structure_of(program)
 
 
 def test_resized_structure_equals_rediscovery_after_slicing():
@@ -66,7 +67,8 @@ def test_resized_structure_equals_rediscovery_after_slicing():
     structure still tracks them. A wrong size or constant is reported."""
     import copy
 
-    from pdc.graph.manager import PassManager, refresh_shapes
+    from pdc.graph.manager import PassManager
+    from pdc.graph.program import refresh_shapes
     from pdc.graph.structure import discover
     from pdc.passes.slice_heads import SliceHeads
     from pdc.passes.slice_hidden import SliceHidden
@@ -79,7 +81,7 @@ def test_resized_structure_equals_rediscovery_after_slicing():
         SliceMlp({i: torch.arange(10, 50) for i in layers}),
         SliceHeads({i: torch.tensor([0, 2]) for i in layers}, {i: torch.tensor([0, 1]) for i in layers}),
     ], check="full").run(program)
-    kept = program.structure()
+    kept = structure_of(program)
     assert kept.hidden.size == 32
     assert all((l.mlp.size, l.attn.heads, l.attn.kv_heads) == (40, 2, 2) for l in kept.layers)
     assert {c.roles for c in kept.layers[0].attn.shape_consts} >= {("kv",), ("rep",), ("kv", "rep")}
@@ -105,7 +107,7 @@ def test_pass_manager_names_the_pass_that_breaks_shapes():
         name = "cut_up_rows_only"
 
         def __call__(self, program):
-            slice_param(program, program.structure().layers[0].mlp.rows[1], 0, torch.arange(8))
+            slice_param(program, structure_of(program).layers[0].mlp.rows[1], 0, torch.arange(8))
             return PassResult(self.name)
 
     program = exported("llama")

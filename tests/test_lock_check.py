@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import make_tiny_model
-from pdc import lock as lockmod
+from pdc.emit import lock as lockmod
 from pdc.errors import PdcError
-from pdc.stages import ImportanceConfig, WidthTarget
+from pdc.lang.settings import ImportanceConfig, WidthTarget
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -26,7 +26,7 @@ TARGET = WidthTarget(hidden=48, mlp=64)
 
 def _prune(source, build_dir):
     """A real width-pruned build directory (the width engineer's stage) under `build_dir`."""
-    from pdc.prune_width import prune_width
+    from pdc.stages.prune_width import prune_width
 
     prune_width(source, CALIB, TARGET, ImportanceConfig(), build_dir / "prune", progress=False)
     return build_dir
@@ -156,7 +156,7 @@ def test_bad_lock_file_is_a_one_line_error(built, tmp_path, content, cause):
 
 
 def test_missing_pruned_checkpoint_is_a_one_line_error(tmp_path):
-    with pytest.raises(PdcError, match="no pruned checkpoint"):
+    with pytest.raises(PdcError, match="no Hugging Face checkpoint in .*prune/model"):
         lockmod.build_lock(tmp_path, None, SPEC_TEXT)
 
 

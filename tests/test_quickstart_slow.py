@@ -24,17 +24,12 @@ SHORTER = {  # the same recipe, budgets cut to minutes
 }
 
 
-def test_quickstart_with_short_budgets(tmp_path):
+def test_quickstart_with_short_budgets(tmp_path, real_assets):
     from transformers import AutoModelForCausalLM
 
-    from pdc import assets
+    from pdc.plan.results import read_record
     from pdc.cli import main as pdc_main
 
-    try:
-        assets.smollm2_dir()
-        assets.builtin_data_path("wiki")
-    except Exception as exc:  # the assets are installed by `pdc setup`
-        pytest.skip(f"assets missing: {exc}")
     text = (EXAMPLES / "quickstart.pds").read_text()
     for pattern, repl in SHORTER.items():
         text, n = re.subn(pattern, repl, text, flags=re.S)
@@ -47,6 +42,6 @@ def test_quickstart_with_short_budgets(tmp_path):
     plan = json.loads((build / "plan.json").read_text())
     student = AutoModelForCausalLM.from_pretrained(build / "prune" / "model")
     assert sum(p.numel() for p in student.parameters()) == plan["final"]["params_total"]
-    metrics = json.loads((build / "distill" / "metrics.json").read_text())
-    assert metrics["val_loss_end"] < metrics["val_loss_start"]
+    metrics = read_record(build / "distill").result
+    assert metrics.val_loss_end < metrics.val_loss_start
     assert (build / "report.html").exists()

@@ -1,47 +1,23 @@
 """End to end on a tiny llama: `pdc run` through every stage, skipping, and `pdc check`.
 
-One build is shared by the tests of this module (it is the expensive part)."""
+The build is the session's shared `width_build` (tests/tiny_builds.py; it is the expensive part)."""
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 
 import pytest
-import torch
 
-from conftest import save_tiny_checkpoint
 from pdc.arch import Arch
 from pdc.cli import main as pdc_main
-
-SPEC = """\
-model teacher = dir("tiny")
-data corpus = jsonl("corpus.jsonl")
-
-correct teacher on corpus { steps=2 lr=1e-4 warmup=1 global_batch=4 micro_batch=2 seq_len=32 }
-prune width { hidden=48 mlp=64 importance=activation(samples=8, seq_len=32) }
-distill from teacher on corpus { steps=3 lr=1e-3 min_lr=1e-4 warmup=1 global_batch=4 micro_batch=2 seq_len=32 }
-evaluate with lm_eval { perplexity(corpus) }
-"""
-
-
-def _write_corpus(path, n=200, seed=0):
-    rng = random.Random(seed)
-    words = "the cat sat on a mat while dogs ran past old trees and new houses near rivers".split()
-    with open(path, "w") as f:
-        for _ in range(n):
-            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(30))}) + "\n")
-
+from pdc.plan.results import read_record
+from tiny_builds import WIDTH_SPEC
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    save_tiny_checkpoint(root / "tiny", "llama")
-    _write_corpus(root / "corpus.jsonl")
-    (root / "tiny.pds").write_text(SPEC)
-    assert pdc_main(["run", str(root / "tiny.pds")]) == 0
-    return root
+def project(width_build):
+    """The folder of the shared tiny width build (spec `tiny.pds`, build `build/tiny/`)."""
+    return width_build.parent.parent
 
 
 def test_run_writes_every_stage(project):
@@ -52,8 +28,8 @@ def test_run_writes_every_stage(project):
     assert not list(build.glob("*.tmp"))
     assert (build / "report.md").read_text().count("|") > 10
     assert (build / "report.html").exists()
-    results = json.loads((build / "evaluate" / "results.json").read_text())
-    assert set(results) == {"teacher", "corrected teacher", "pruned", "distilled"}
+    results = read_record(build / "evaluate").result
+    assert set(results.models) == {"teacher", "corrected teacher", "pruned", "distilled"}
 
 
 def test_pruned_checkpoint_matches_the_plan(project):
@@ -69,11 +45,11 @@ def test_pruned_checkpoint_matches_the_plan(project):
 
 def test_distillation_lowered_the_validation_kl(project):
     """Distillation moves the student towards the teacher on held-out blocks."""
-    metrics = json.loads((project / "build" / "tiny" / "distill" / "metrics.json").read_text())
-    assert metrics["val_kl_end"] < metrics["val_kl_start"]
-    corrected = json.loads((project / "build" / "tiny" / "correct" / "metrics.json").read_text())
+    metrics = read_record(project / "build" / "tiny" / "distill").result
+    assert metrics.val_kl_end < metrics.val_kl_start
+    corrected = read_record(project / "build" / "tiny" / "correct").result
     # The student is taught by the corrected teacher: its loss is the reference.
-    assert metrics["teacher_val_loss"] == pytest.approx(corrected["val_loss_after"], rel=1e-6)
+    assert metrics.teacher_val_loss == pytest.approx(corrected.val_loss_end, rel=1e-6)
 
 
 def test_rerun_skips_up_to_date_stages(project, capsys):
@@ -86,7 +62,7 @@ def test_rerun_skips_up_to_date_stages(project, capsys):
 def test_changed_setting_reruns_only_downstream(project, capsys):
     """Changing the evaluation reruns evaluate alone; the training stages stay skipped."""
     spec = project / "tiny2.pds"
-    spec.write_text(SPEC.replace("perplexity(corpus)", "perplexity(corpus) seq_len=16"))
+    spec.write_text(WIDTH_SPEC.replace("perplexity(corpus)", "perplexity(corpus) seq_len=16"))
     shutil.copytree(project / "build" / "tiny", project / "build" / "tiny2")
     assert pdc_main(["run", str(spec)]) == 0
     out = capsys.readouterr().out
@@ -121,6 +97,6 @@ def test_check_tolerance_from_the_command_line_and_the_spec(project, capsys):
     assert "probe_loss" in capsys.readouterr().out
     assert pdc_main(["check", spec, "--lock", str(drifted), "--rtol", "1e-2"]) == 0
     tolerant = project / "tolerant.pds"
-    tolerant.write_text(SPEC.replace("prune width {", "prune width { check_rtol=1e-2"))
+    tolerant.write_text(WIDTH_SPEC.replace("prune width {", "prune width { check_rtol=1e-2"))
     shutil.copytree(project / "build" / "tiny", project / "build" / "tolerant")
     assert pdc_main(["check", str(tolerant), "--lock", str(drifted)]) == 0

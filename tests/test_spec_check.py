@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdc.spec import CorrectStage, DistillStage, EvaluateStage, PruneStage, SpecError, check_text
+from pdc.lang import CorrectStage, DistillStage, EvaluateStage, PruneStage, SpecError, check_text
 
 BASE = Path(__file__).resolve().parents[1] / "specs" / "t.pds"
 HEAD = 'model m = builtin("smollm2-135m")\ndata wiki = builtin("wiki")\ndata held = builtin("wiki-heldout")\n'

@@ -85,27 +85,19 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_runtime_error_from_runner_exit_1(monkeypatch, capsys):
-    """Commands delegated to the runner: a PdcError prints `pdc: error: ...` and exits 1."""
-    import types
-
+    """Commands delegated to the runner: a PdcError prints `pdc: error: ...` and exits 1; the
+    exit code of `pdc check` is passed through."""
     from pdc.errors import PdcError
+    from pdc.runner import build, check
 
     def fail(spec, out_dir, stage=None, **options):
         raise PdcError("no GPU here", "distill")
 
-    fake = types.ModuleType("pdc.runner")
-    fake.run_spec = fail
-    fake.compile_spec = lambda spec, out: None
-    fake.check_spec = lambda spec, lock, **options: 3
-    monkeypatch.setitem(sys.modules, "pdc.runner", fake)
-    import pdc
-
-    monkeypatch.setattr(pdc, "runner", fake, raising=False)
+    monkeypatch.setattr(build, "run_spec", fail)
+    monkeypatch.setattr(check, "check_spec", lambda spec, lock, **options: 3)
     assert main(["run", str(WIDTH), "--stage", "distill"]) == 1
     assert capsys.readouterr().err.strip() == "pdc: error: distill: no GPU here"
     assert main(["check", str(WIDTH)]) == 3
-    assert main(["compile", str(WIDTH)]) == 0
-
 
 def test_console_script_version_and_help():
     """The installed entry point works as a subprocess (exit codes included)."""

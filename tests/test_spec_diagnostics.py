@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pdc.spec import SpecError, load_spec
+from pdc.lang import SpecError, load_spec
 
 DIAG_DIR = Path(__file__).parent / "diagnostics"
 CASES = sorted(DIAG_DIR.glob("*.pds"))

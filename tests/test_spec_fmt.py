@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import example, HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pdc.spec.ast import number_value
-from pdc.spec.fmt import fmt, format_string
-from pdc.spec.parser import parse_text
+from pdc.lang.ast import number_value
+from pdc.lang.formatter import fmt, format_string
+from pdc.lang.parser import parse_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,6 +65,9 @@ FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthChe
 
 @FAST
 @given(spec_texts())
+# Several statements on one line followed by a multi-line one: the trailing comment belongs to
+# the statement it follows, not to the first statement on its line.
+@example('model _ = _() model _ = _() model _ = _() data _ =  # note\n_()  # note\n')
 def test_fmt_is_idempotent_keeps_meaning_and_comments(text):
     once = fmt(text)
     assert fmt(once) == once

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pdc.spec import SpecError, check_text
-from pdc.spec.fmt import fmt
+from pdc.lang import SpecError, check_text
+from pdc.lang.formatter import fmt
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_DIR = REPO / "specs"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pdc.spec import check_text
+from pdc.lang import check_text
 
 BASE = """\
 model teacher = builtin("smollm2-135m")
@@ -37,7 +37,7 @@ def test_short_runs_warm_up_for_at_most_half_the_steps():
 
 def test_min_lr_above_the_default_lr_is_an_error():
     """A min_lr the derived peak would undercut is reported, not silently kept."""
-    from pdc.spec import SpecError
+    from pdc.lang import SpecError
 
     with pytest.raises(SpecError, match="min_lr=0.0001 is larger than the default correction lr=2e-05"):
         _correct("steps=100 min_lr=1e-4")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pdc.plan import build_plan, human_count, render_plan, train_steps
-from pdc.spec import load_spec
-from pdc.stages import TrainConfig
+from pdc.plan.dry_run import build_plan, human_count, render_plan, train_steps
+from pdc.lang import load_spec
+from pdc.lang.settings import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SPECS = REPO / "specs"

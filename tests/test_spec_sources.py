@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from pdc.arch import Arch
-from pdc.sources import SourceError, gguf_config, resolve_config
-from pdc.spec import SpecError, check_text
-from pdc.spec.check import HIDDEN_DIVISIBLE_BY_HEADS
-from pdc.stages import ModelSource
+from pdc.lang.sources import SourceError, gguf_config, resolve_config
+from pdc.lang import SpecError, check_text
+from pdc.lang.checker import HIDDEN_DIVISIBLE_BY_HEADS
+from pdc.lang.settings import ModelSource
 
 
 def _write_gguf(path, tied: bool, vocab: int = 11):
@@ -122,40 +122,35 @@ def test_nearest_valid_hidden_is_representable(tmp_path):
 
 def test_builtin_names_agree_with_assets():
     """The checker's builtin names are the ones `pdc setup` installs."""
-    from pdc import assets
-    from pdc.sources import _index
-    from pdc.spec.check import BUILTIN_DATA
+    from pdc.inputs import assets
+    from pdc.lang.sources import _index
+    from pdc.lang.checker import BUILTIN_DATA
 
     assert set(BUILTIN_DATA) == set(assets.BUILTIN_DATA)
     assert set(_index()["builtin"]) == set(assets.BUILTIN_MODELS)
 
 
-def test_installed_smollm2_config_matches_bundled():
-    """When `pdc setup` has run, the checkpoint's config gives the bundled architecture."""
-    from pdc import assets
-    from pdc.sources import bundled_config
+@pytest.mark.slow
+def test_installed_smollm2_config_matches_bundled(real_assets):
+    """The installed checkpoint's config gives the bundled architecture."""
+    from pdc.lang.sources import bundled_config
 
-    path = assets.smollm2_dir(check=False) / "config.json"
-    if not path.exists():
-        pytest.skip("pdc setup has not installed SmolLM2")
+    path = real_assets["smollm2"] / "config.json"
     installed = Arch.from_hf_config(json.loads(path.read_text()))
     assert installed == Arch.from_hf_config(bundled_config("smollm2-135m.json"))
 
 
-def test_plan_counts_match_installed_checkpoint(tmp_path):
+@pytest.mark.slow
+def test_plan_counts_match_installed_checkpoint(tmp_path, real_assets):
     """The dry run's parameter count for builtin("smollm2-135m") equals the number of weights
     in the installed checkpoint's safetensors (read from the headers, no tensors loaded)."""
     import math
     import struct
 
-    from pdc import assets
-    from pdc.plan import build_plan
-    from pdc.spec import check_text
+    from pdc.plan.dry_run import build_plan
+    from pdc.lang import check_text
 
-    ckpt = assets.smollm2_dir(check=False)
-    files = sorted(ckpt.glob("*.safetensors"))
-    if not files:
-        pytest.skip("pdc setup has not installed SmolLM2")
+    files = sorted(real_assets["smollm2"].glob("*.safetensors"))
     total = 0
     for f in files:
         with open(f, "rb") as fh:

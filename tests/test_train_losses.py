@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings, strategies as st
 
-from pdc.stages import TrainConfig
-from pdc.train.losses import distill_loss, kl_divergence, lm_loss
+from pdc.lang.settings import TrainConfig
+from pdc.stages.train.losses import distill_loss, kl_divergence, lm_loss
 
 
 def _logits(seed: int, shape=(2, 5, 17), scale=3.0):

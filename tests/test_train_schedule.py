@@ -9,9 +9,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from pdc.errors import PdcError
-from pdc.stages import TrainConfig
-from pdc.train.loop import global_batch_indices, rank_micro_batch
-from pdc.train.schedule import ds_config, grad_accumulation, lr_schedule, total_steps
+from pdc.lang.settings import TrainConfig
+from pdc.stages.train.loop import global_batch_indices, rank_micro_batch
+from pdc.plan.training import ds_config, grad_accumulation, total_steps
+from pdc.stages.train.schedule import lr_schedule
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min():
@@ -95,7 +96,7 @@ def test_stage_files_hold_the_deepspeed_config_and_both_launch_lines(tmp_path):
     launch.sh: the torchrun (CPU/gloo) line pdc runs and the deepspeed launcher line for GPUs."""
     import json
 
-    from pdc.train.launch import write_stage_files
+    from pdc.emit.launch_files import write_stage_files
 
     cfg = TrainConfig(steps=100, lr=2e-4, min_lr=2e-5, warmup=10, global_batch=8, micro_batch=2, zero=1)
     write_stage_files(tmp_path / "w", cfg, stage="distill", world_size=2)
@@ -106,5 +107,5 @@ def test_stage_files_hold_the_deepspeed_config_and_both_launch_lines(tmp_path):
     assert c["scheduler"]["params"]["total_num_steps"] == 100
     assert c["zero_optimization"]["stage"] == 1 and c["gradient_accumulation_steps"] == 2
     script = (tmp_path / "w" / "launch.sh").read_text()
-    assert "torch.distributed.run --nproc_per_node 2" in script and "-m pdc.train.worker --stage-dir" in script
-    assert "deepspeed --num_gpus 2 --module pdc.train.worker" in script
+    assert "torch.distributed.run --nproc_per_node 2" in script and "-m pdc.stages.train.worker --stage-dir" in script
+    assert "deepspeed --num_gpus 2 --module pdc.stages.train.worker" in script

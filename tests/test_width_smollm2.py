@@ -21,11 +21,11 @@ def test_activation_importance_beats_magnitude_and_random(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pdc.arch import Arch
-    from pdc.assets import smollm2_dir
-    from pdc.data import take, token_blocks
-    from pdc.evaluate import builtin_heldout_blocks, perplexity
-    from pdc.prune_width import prune_width
-    from pdc.stages import DataSource, ImportanceConfig, WidthTarget
+    from pdc.inputs.assets import smollm2_dir
+    from pdc.inputs.data import take, token_blocks
+    from pdc.stages.evaluate import builtin_heldout_blocks, perplexity
+    from pdc.stages.prune_width import prune_width
+    from pdc.lang.settings import DataSource, ImportanceConfig, WidthTarget
 
     src = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(src)
@@ -42,11 +42,11 @@ def test_activation_importance_beats_magnitude_and_random(tmp_path):
     for method in ("activation", "magnitude", "random"):
         out = tmp_path / method
         summary = prune_width(src, calib, target, ImportanceConfig(method=method), out, progress=False)
-        assert summary["params_after"] == want
+        assert summary.params_after == want
         model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
         assert sum(p.numel() for p in model.parameters()) == want
         ppl[method] = perplexity(model, heldout, batch_size=8)
-        print(f"{method}: ppl {ppl[method]:.1f}  seconds {summary['seconds']}")
+        print(f"{method}: ppl {ppl[method]:.1f}  seconds {summary.seconds}")
         del model
     print("held-out perplexity:", {k: round(v, 1) for k, v in ppl.items()})
     assert ppl["activation"] * 10 < ppl["magnitude"]

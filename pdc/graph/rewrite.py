@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from pdc.graph.manager import Program
+from pdc.graph.program import Program
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import torch
 import torch.fx
 
 from pdc.errors import PdcError
-from pdc.graph.manager import STAGE, Program
+from pdc.graph.program import STAGE, Program, refresh_shapes
 
 aten = torch.ops.aten
 
@@ -216,6 +216,22 @@ def _last(node) -> Optional[int]:
 
 def _describe_node(node: torch.fx.Node) -> str:
     return f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"
+
+
+def structure_of(program: Program) -> Structure:
+    """The structure of `program`'s current graph, cached on the program until its next edit
+    (`Program.invalidate`). Stale shape metadata is refreshed first: discovery reads shapes."""
+    if program._structure is None:
+        if program._shapes_stale:
+            refresh_shapes(program)
+        program._structure = discover(program)
+    return program._structure
+
+
+def discover_fresh(program: Program) -> Structure:
+    """Rediscover from scratch (shapes re-propagated), without touching the cached structure."""
+    refresh_shapes(program)
+    return discover(program)
 
 
 def discover(program: Program) -> Structure:

@@ -1,0 +1,287 @@
+"""Importance of hidden channels, MLP neurons, attention heads and kv groups (forward only).
+
+`activation` (Minitron): one pass over the calibration blocks through the exported graph,
+recording at the nodes the structure names:
+- MLP neuron i of layer l: the input of the down projection, channel i;
+- attention head h: the input of the output projection, the L2 norm of head h's head_dim block;
+  a kv group scores the sum of its query heads;
+- hidden channel c: the output of every norm (all layers and the final one), channel c, summed.
+Per block the values are aggregated over the sequence (`seq_agg`: "mean" of |x|, or "l2" norm),
+then over blocks (`batch_agg`: "l2" norm, or "mean"). The output head is never evaluated: the
+recorded nodes all come before it, so the pass stops there.
+
+`magnitude`: L2 norm of every weight slice that moves with the unit (no data; a tied
+embedding/head matrix counts once).
+`random`: uniform scores from `seed` (ablation baseline).
+
+Weights: if the program's parameters are on the meta device, each one is read from
+`program.weights` right before the node that uses it and dropped after (peak memory: activations
+plus one weight), otherwise the in-memory parameters are used.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from pdc.errors import PdcError
+from pdc.graph.program import STAGE, Program
+from pdc.graph.structure import structure_of
+from pdc.lang.settings import ImportanceConfig
+
+
+@dataclass
+class Importance:
+    """Scores per unit; higher = more important. Layer keys are current layer indices."""
+
+    method: str
+    hidden: torch.Tensor
+    mlp: dict[int, torch.Tensor] = field(default_factory=dict)
+    heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    kv_heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    seconds: float = 0.0
+    tokens: int = 0
+
+    def to_json(self) -> dict:
+        return {
+            "method": self.method,
+            "hidden": self.hidden.tolist(),
+            "layers": {
+                str(i): {"mlp": self.mlp[i].tolist(), "heads": self.heads[i].tolist(), "kv_heads": self.kv_heads[i].tolist()}
+                for i in sorted(self.mlp)
+            },
+        }
+
+
+def compute(program: Program, calib: torch.Tensor, config: ImportanceConfig, batch_size: int = 8,
+            progress: bool = False) -> Importance:
+    start = time.perf_counter()
+    if config.method == "activation":
+        imp = _activation(program, calib, config, batch_size, progress)
+        imp.tokens = int(calib.numel())
+    elif config.method == "magnitude":
+        imp = _magnitude(program)
+    elif config.method == "random":
+        imp = _random(program, config.seed)
+    else:
+        raise PdcError(f"unknown importance method {config.method!r}", STAGE)
+    imp.seconds = time.perf_counter() - start
+    return imp
+
+
+# ---- activation -------------------------------------------------------------------------
+class _Accumulator:
+    """Per-unit sums over blocks of the per-block sequence aggregate (or of its square)."""
+
+    def __init__(self, seq_agg: str, batch_agg: str):
+        self.seq_agg, self.batch_agg = seq_agg, batch_agg
+        self.total = None
+        self.count = 0
+
+    def add(self, per_token: torch.Tensor) -> None:
+        """per_token: [B, L, U] unit values of any sign; their magnitudes are aggregated.
+        (vector_norm fuses |x| and the sum: no [B, L, U] temporary per tap.)"""
+        per_token = per_token.float()
+        if self.seq_agg == "mean":  # mean over the sequence of |x|
+            per_block = torch.linalg.vector_norm(per_token, ord=1, dim=1) / per_token.shape[1]
+        else:  # l2 norm over the sequence
+            per_block = torch.linalg.vector_norm(per_token, ord=2, dim=1)
+        part = per_block.pow(2).sum(0) if self.batch_agg == "l2" else per_block.sum(0)
+        self.total = part if self.total is None else self.total + part
+        self.count += per_token.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return self.total.sqrt() if self.batch_agg == "l2" else self.total / max(1, self.count)
+
+
+@torch.no_grad()
+def _activation(program: Program, calib: torch.Tensor, config: ImportanceConfig, batch_size: int, progress: bool) -> Importance:
+    from tqdm import tqdm
+
+    if calib.dim() != 2 or calib.dtype != torch.long:
+        raise PdcError(f"calibration blocks must be a LongTensor [N, L], got {calib.dtype} {tuple(calib.shape)}", STAGE)
+    structure = structure_of(program)
+    taps: dict[str, tuple] = {}  # node name -> (kind, layer, head_dim)
+    for layer in structure.layers:
+        taps[layer.mlp.down_input] = ("mlp", layer.index, 0)
+        taps[layer.attn.o_input] = ("heads", layer.index, layer.attn.head_dim)
+    for name in structure.hidden.norm_outputs:
+        taps[name] = ("hidden", -1, 0)
+    accs = {key: _Accumulator(config.seq_agg, config.batch_agg) for key in taps}
+    runner = _TapRunner(program, set(taps))
+    for start in tqdm(range(0, calib.shape[0], batch_size), desc="calibration", unit="batch", disable=not progress):
+        ids = calib[start:start + batch_size]
+        for name, value in runner.run(ids).items():
+            kind, _, head_dim = taps[name]
+            if kind == "heads":
+                b, l, width = value.shape
+                value = torch.linalg.vector_norm(value.reshape(b, l, width // head_dim, head_dim), dim=-1)
+            accs[name].add(value)
+    hidden = None
+    imp = Importance(method="activation", hidden=torch.zeros(0))
+    for name, (kind, index, _) in taps.items():
+        score = accs[name].result()
+        if kind == "hidden":
+            hidden = score if hidden is None else hidden + score
+        elif kind == "mlp":
+            imp.mlp[index] = score
+        else:
+            imp.heads[index] = score
+    imp.hidden = hidden
+    for layer in structure.layers:
+        imp.kv_heads[layer.index] = _group_sum(imp.heads[layer.index], layer.attn.kv_heads)
+    return imp
+
+
+def _group_sum(head_scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    return head_scores.reshape(kv_heads, -1).sum(dim=1)
+
+
+class _TapRunner:
+    """Runs the graph node by node up to the last tapped node, returning tapped values.
+    Frees each value after its last use; meta parameters are streamed from `program.weights`."""
+
+    def __init__(self, program: Program, taps: set[str]):
+        self.program = program
+        self.nodes = list(program.gm.graph.nodes)
+        last_tap = max(i for i, n in enumerate(self.nodes) if n.name in taps)
+        self.nodes = self.nodes[: last_tap + 1]
+        self.taps = taps
+        self.stream = program.on_meta()
+        position = {n: i for i, n in enumerate(self.nodes)}
+        self.last_use: dict[int, list] = {}
+        for n in self.nodes:
+            users = [position[u] for u in n.users if u in position]
+            self.last_use.setdefault(max(users, default=position[n]), []).append(n)
+        self.gm = program.gm
+
+    def _fetch(self, node):
+        name = node.target[len(self.program.prefix):] if node.target.startswith(self.program.prefix) else None
+        value = self.program.param(name) if name else _fetch_attr(self.gm, node.target)
+        if self.stream and value.is_meta:
+            value = self.program.weights.load(name, torch.float32)
+        return value
+
+    def run(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        env: dict = {}
+        out = {}
+        for i, node in enumerate(self.nodes):
+            if node.op == "placeholder":
+                env[node] = ids
+            elif node.op == "get_attr":
+                env[node] = _Lazy(node) if self.stream else self._fetch(node)
+            elif node.op == "call_function":
+                args = torch.fx.node.map_arg(node.args, lambda a: self._value(env, a))
+                kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: self._value(env, a))
+                env[node] = node.target(*args, **kwargs)
+            elif node.op == "call_module":
+                if node.target == "_guards_fn":  # export's input guard; nothing to compute
+                    env[node] = None
+                    continue
+                args = torch.fx.node.map_arg(node.args, lambda a: self._value(env, a))
+                env[node] = getattr(self.gm, node.target)(*args)
+            else:
+                continue
+            if node.name in self.taps:
+                out[node.name] = env[node]
+            for dead in self.last_use.get(i, []):
+                env.pop(dead, None)
+        return out
+
+    def _value(self, env, node):
+        value = env[node]
+        return self._fetch(value.node) if isinstance(value, _Lazy) else value
+
+
+class _Lazy:
+    __slots__ = ("node",)
+
+    def __init__(self, node):
+        self.node = node
+
+
+def _fetch_attr(root, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ---- magnitude / random ------------------------------------------------------------------
+def _weight(program: Program, name: str) -> torch.Tensor:
+    tensor = program.param(name)
+    if tensor.is_meta:
+        tensor = program.weights.load(name, torch.float32)
+        index = program.meta.get("source_index", {}).get(name)
+        for dim, idx in enumerate(index or []):
+            if idx is not None:
+                tensor = tensor.index_select(dim, idx)
+    return tensor.float()
+
+
+def _slice_norms(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """Squared L2 norm of every slice along `dim`."""
+    other = [d for d in range(tensor.dim()) if d != dim]
+    return tensor.pow(2).sum(dim=other) if other else tensor.pow(2)
+
+
+@torch.no_grad()
+def _magnitude(program: Program) -> Importance:
+    structure = structure_of(program)
+    hidden = torch.zeros(structure.hidden.size)
+    members = list(structure.hidden.members)
+    h = structure.hidden
+    if program.arch.tied and h.head != h.embedding and (h.embedding, 1) in members:
+        # A meta export reads the tied matrix under both names: count it once, as in memory.
+        members.remove((h.head, 1))
+    for name, dim in members:
+        if program.param(name).dim() > 1:  # norm weights are scales, not connections
+            hidden += _slice_norms(_weight(program, name), dim)
+    imp = Importance(method="magnitude", hidden=hidden.sqrt())
+    for layer in structure.layers:
+        m, a = layer.mlp, layer.attn
+        mlp = sum(_slice_norms(_weight(program, n), 0) for n in m.rows) + _slice_norms(_weight(program, m.down), 1)
+        imp.mlp[layer.index] = mlp.sqrt()
+        q = _slice_norms(_weight(program, a.q), 0).reshape(a.heads, a.head_dim).sum(1)
+        o = _slice_norms(_weight(program, a.o), 1).reshape(a.heads, a.head_dim).sum(1)
+        imp.heads[layer.index] = (q + o).sqrt()
+        kv = sum(_slice_norms(_weight(program, n), 0).reshape(a.kv_heads, a.head_dim).sum(1) for n in (a.k, a.v))
+        imp.kv_heads[layer.index] = kv.sqrt() + _group_sum(imp.heads[layer.index], a.kv_heads)
+    return imp
+
+
+def _random(program: Program, seed: int) -> Importance:
+    structure = structure_of(program)
+    g = torch.Generator().manual_seed(seed)
+    imp = Importance(method="random", hidden=torch.rand(structure.hidden.size, generator=g))
+    for layer in structure.layers:
+        imp.mlp[layer.index] = torch.rand(layer.mlp.size, generator=g)
+        imp.heads[layer.index] = torch.rand(layer.attn.heads, generator=g)
+        imp.kv_heads[layer.index] = torch.rand(layer.attn.kv_heads, generator=g)
+    return imp
+
+
+# ---- selection ---------------------------------------------------------------------------
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, ascending (ties broken by lower index)."""
+    if k > scores.numel() or k < 1:
+        raise PdcError(f"cannot keep {k} of {scores.numel()} units", STAGE)
+    order = torch.argsort(-scores, stable=True)
+    return order[:k].sort().values
+
+
+def select_heads(head_scores: torch.Tensor, kv_scores: torch.Tensor, heads: int, kv_heads: int,
+                 new_heads: int, new_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GQA-aware: keep the `new_kv` best kv groups, then the same number of best query heads
+    (new_heads // new_kv) inside each kept group. Returns (query head ids, kv group ids)."""
+    if new_heads % new_kv:
+        raise PdcError(f"heads {new_heads} must be a multiple of kv_heads {new_kv}", STAGE)
+    rep, new_rep = heads // kv_heads, new_heads // new_kv
+    if new_rep > rep:
+        raise PdcError(f"cannot keep {new_rep} query heads per kv group: the source has {rep}", STAGE)
+    groups = top_k(kv_scores, new_kv)
+    kept = [g * rep + top_k(head_scores[g * rep:(g + 1) * rep], new_rep) for g in groups.tolist()]
+    return torch.cat(kept).sort().values, groups

@@ -1,0 +1,112 @@
+"""Model sources as local Hugging Face checkpoint directories, and the one way pdc loads them.
+
+`materialize_model` resolves a spec's `ModelSource`: `dir(...)` is used in place, `builtin(...)`
+is a `pdc setup` asset, `gguf(...)` is dequantized once into the cache, `hf(...)` must already be
+in the local Hugging Face cache (pdc never downloads at run time). `source_identity` says what a
+source is for the build's stage keys; `load_causal_lm` is the one loader (fp32 by default, eval
+mode) that evaluation, depth saliency and training use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from transformers import AutoModelForCausalLM
+
+from pdc.errors import PdcError
+from pdc.files import staged_dir
+from pdc.inputs import assets
+from pdc.inputs.cache import cache_root
+from pdc.inputs.gguf import convert_gguf
+from pdc.lang.settings import DataSource, ModelSource
+
+LOCAL_DATA_KINDS = ("json", "jsonl", "text", "parquet")
+
+
+def local_path(ref: str, base_dir: Path) -> Path:
+    path = Path(ref).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def materialize_model(src: ModelSource, base_dir: Path) -> Path:
+    """A local Hugging Face checkpoint directory for `src`."""
+    if src.kind == "dir":
+        path = local_path(src.ref, base_dir)
+        if not (path / "config.json").exists():
+            raise PdcError(f"{path} is not a Hugging Face checkpoint directory (no config.json)", "load")
+        return path
+    if src.kind == "builtin":
+        return assets.builtin_model_dir(src.ref)
+    if src.kind == "gguf":
+        path = local_path(src.ref, base_dir)
+        if not path.exists():
+            raise PdcError(f"GGUF file not found: {path}", "load")
+        return converted_gguf(path)
+    if src.kind == "hf":
+        try:
+            return Path(snapshot_download(src.ref, local_files_only=True))
+        except Exception:  # any hub-client failure means: not available offline
+            raise PdcError(
+                f"hub model {src.ref!r} is not in the local Hugging Face cache and pdc never "
+                "downloads at run time; download it first and use dir(\"...\")",
+                "load",
+            ) from None
+    raise PdcError(f"unknown model source kind {src.kind!r}", "load")
+
+
+def converted_gguf(path: Path) -> Path:
+    """A GGUF file dequantized once into a plain HF checkpoint in the cache."""
+    ident = hashlib.sha256(json.dumps([str(path.resolve()), file_identity(path)]).encode()).hexdigest()[:16]
+    final = cache_root() / "models" / f"gguf-{path.stem}-{ident}"
+    if (final / "config.json").exists():
+        return final
+    print(f"[pdc] converting {path.name} to a Hugging Face checkpoint (once)")
+    with staged_dir(final) as tmp:
+        convert_gguf(path, tmp, verify=False)
+    return final
+
+
+def file_identity(path: Path) -> list:
+    """Cheap identity of a file or directory: names, sizes and mtimes (weights are not hashed)."""
+    if path.is_file():
+        st = path.stat()
+        return [path.name, st.st_size, int(st.st_mtime)]
+    if path.is_dir():
+        return [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(path.iterdir()) if p.is_file()]
+    return [str(path), "missing"]
+
+
+def source_identity(src: ModelSource, base_dir: Path) -> list:
+    if src.kind in ("dir", "gguf"):
+        path = local_path(src.ref, base_dir)
+        return [src.kind, str(path), file_identity(path)]
+    return [src.kind, src.ref]
+
+
+def data_identity(src: DataSource, base_dir: Path) -> list:
+    if src.kind in LOCAL_DATA_KINDS:
+        return [dataclasses.astuple(src), file_identity(local_path(src.ref, base_dir))]
+    return [dataclasses.astuple(src)]
+
+
+def load_causal_lm(model_dir: Path, stage: str, dtype: torch.dtype = torch.float32,
+                   attn_implementation: str | None = None):
+    """The checkpoint in `model_dir` as an eval-mode `AutoModelForCausalLM`; a one-line
+    `PdcError` naming the directory when it cannot be loaded."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise PdcError(f"no Hugging Face checkpoint in {model_dir} (config.json missing)", stage)
+    kwargs = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except Exception as exc:  # transformers/safetensors raise many types for a bad checkpoint
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PdcError(f"cannot load the checkpoint in {model_dir}: {first}", stage) from exc
+    return model.eval()

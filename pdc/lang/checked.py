@@ -1,0 +1,133 @@
+"""The lowered, checked spec: what the runner and the dry run consume.
+
+`CheckedSpec.stages` is in execution order (correct -> prune... -> distill -> evaluate) and every
+name in it refers to a key of `models` / `data`. Stage configs are the shared dataclasses of
+`pdc/lang/settings.py`; each stage keeps the `span` of its statement for error messages at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal, Optional, Union
+
+from pdc.arch import Arch
+from pdc.lang.diagnostics import Diagnostic, Span, render
+from pdc.lang.settings import (
+    DataSource,
+    DepthTarget,
+    EvalConfig,
+    ImportanceConfig,
+    ModelSource,
+    TrainConfig,
+    WidthTarget,
+)
+
+_NOSPAN = Span("<none>", 0, 0, 0, 0)
+# Stage kinds in the order they run (the paper's): the one definition of stage order.
+STAGE_KINDS = ("correct", "prune", "distill", "evaluate")
+
+
+@dataclass(frozen=True)
+class CorrectStage:
+    """Teacher correction: fine-tune `model` on `data` before (sequential) or alongside
+    (parallel, the paper's Figure 4 alternative) the distillation of the pruned student."""
+
+    stage_kind: ClassVar[str] = "correct"
+
+    model: str
+    data: str
+    train: TrainConfig
+    order: Literal["sequential", "parallel"] = "sequential"
+    span: Span = field(default=_NOSPAN, compare=False)
+    name: str = "correct"
+
+
+@dataclass(frozen=True)
+class PruneStage:
+    """One pruning step. Exactly one of `width`/`depth` is set, matching `kind`. `data` names the
+    calibration data (activation importance, loss/cosine saliency). `source_arch` is the
+    architecture this stage starts from and `target_arch` the one it produces."""
+
+    stage_kind: ClassVar[str] = "prune"
+
+    kind: Literal["width", "depth"]
+    width: Optional[WidthTarget]
+    depth: Optional[DepthTarget]
+    importance: ImportanceConfig
+    data: Optional[str]
+    target_arch: Arch
+    source_arch: Optional[Arch] = None
+    span: Span = field(default=_NOSPAN, compare=False)
+    name: str = "prune"
+    # (rtol, atol) that `pdc check` allows on the lock's numbers; None = the defaults. Not part of
+    # what the stage computes, so it is left out of the stage's content key and lock identity.
+    check_tolerance: tuple = (None, None)
+
+
+@dataclass(frozen=True)
+class DistillStage:
+    """Logit distillation from `teacher` (the corrected teacher when a correct stage exists)."""
+
+    stage_kind: ClassVar[str] = "distill"
+
+    teacher: str
+    data: str
+    train: TrainConfig
+    span: Span = field(default=_NOSPAN, compare=False)
+    name: str = "distill"
+
+
+@dataclass(frozen=True)
+class EvaluateStage:
+
+    stage_kind: ClassVar[str] = "evaluate"
+    eval: EvalConfig
+    tasks_dir: Optional[str] = None  # absolute path, "builtin", or None (lm-eval's registry)
+    harness: str = "lm_eval"
+    span: Span = field(default=_NOSPAN, compare=False)
+    name: str = "evaluate"
+
+
+Stage = Union[CorrectStage, PruneStage, DistillStage, EvaluateStage]
+
+
+@dataclass(frozen=True)
+class CheckedSpec:
+    """A parsed and checked spec. Invariants: names in stages exist in `models`/`data`; stages
+    are in order; `final_arch` is the last prune stage's target (or the source)."""
+
+    path: Path
+    text: str
+    models: dict[str, ModelSource]
+    data: dict[str, DataSource]
+    source_model: str
+    source_arch: Arch
+    source_config: dict
+    stages: tuple[Stage, ...]
+    warnings: tuple[Diagnostic, ...] = ()
+
+    def render_warnings(self) -> str:
+        """Compiler-style text of the checker's warnings ("" when there are none)."""
+        return render(self.warnings, self.text) if self.warnings else ""
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.path).resolve().parent
+
+    @property
+    def final_arch(self) -> Arch:
+        arch = self.source_arch
+        for s in self.stages:
+            if isinstance(s, PruneStage):
+                arch = s.target_arch
+        return arch
+
+    def stage(self, name: str) -> Optional[Stage]:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        return None
+
+    def prune_stages(self) -> tuple[PruneStage, ...]:
+        return tuple(s for s in self.stages if isinstance(s, PruneStage))

@@ -1,0 +1,154 @@
+"""Resolved stage configurations: the contract between the spec front end and the back ends.
+
+The checker (`pdc.lang.checker`) lowers a parsed, checked spec into these plain frozen dataclasses;
+the graph passes, trainers and evaluators consume only these, never the AST. Every field has a
+usable default so back ends and their tests can build them directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal, Optional
+
+ModelKind = Literal["hf", "dir", "gguf", "builtin"]
+DataKind = Literal["hf", "json", "jsonl", "text", "parquet", "builtin"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. `hf`: a hub id (only its bundled config is known offline);
+    `dir`: a local Hugging Face directory; `gguf`: a local GGUF file; `builtin`: an asset that
+    `pdc setup` installs (e.g. "smollm2-135m")."""
+
+    kind: ModelKind
+    ref: str
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A text corpus. `hf` goes through `datasets.load_dataset(ref, split=...)`; local kinds are
+    files read the same way; `builtin` names a `pdc setup` asset (e.g. "wiki")."""
+
+    kind: DataKind
+    ref: str
+    split: str = "train"
+    field: str = "text"
+
+
+@dataclass(frozen=True)
+class ImportanceConfig:
+    """How to rank channels/neurons/heads. `activation` is the paper's (forward-only)."""
+
+    method: Literal["activation", "magnitude", "random"] = "activation"
+    samples: int = 1024
+    seq_len: int = 8192
+    seq_agg: Literal["mean", "l2"] = "mean"  # over the sequence first
+    batch_agg: Literal["l2", "mean"] = "l2"  # then over the batch
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class WidthTarget:
+    """Target sizes; None keeps the source size on that axis."""
+
+    hidden: Optional[int] = None
+    mlp: Optional[int] = None
+    heads: Optional[int] = None
+    kv_heads: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Saliency:
+    """Depth saliency: `loss` (LM loss on `data`), `task` (lm-eval or local MC task `task` with
+    `shots`), `cosine` (block influence, 1 - cos(input, output))."""
+
+    kind: Literal["loss", "task", "cosine"] = "loss"
+    data: Optional[str] = None  # name of a `data` declaration (loss, cosine)
+    task: Optional[str] = None
+    shots: int = 0
+    samples: int = 64
+    seq_len: int = 512
+    limit: Optional[int] = None  # task examples scored per candidate
+
+
+@dataclass(frozen=True)
+class DepthTarget:
+    depth: int
+    saliency: Saliency = field(default_factory=Saliency)
+    contiguous: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Shared by teacher correction and distillation. `tokens` and `steps` are alternatives: the
+    plan turns tokens into steps with global_batch * seq_len tokens per step."""
+
+    tokens: Optional[int] = None
+    steps: Optional[int] = None
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup: int = 0
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    global_batch: int = 8
+    micro_batch: int = 1
+    seq_len: int = 512
+    zero: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    weight_decay: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 1
+    val_fraction: float = 0.05
+    # teacher correction only
+    method: Literal["full", "lora", "norm"] = "full"
+    lora_rank: int = 16
+    # distillation only
+    loss: Literal["kl_forward", "kl_reverse"] = "kl_forward"
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    top_k: Optional[int] = None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    def total_steps(self) -> int:
+        """`steps`, or enough whole steps to see `tokens` (rounded up); 0 when neither is set.
+        The one step count: the checker, the plan and the training loop all use it."""
+        if self.steps is not None:
+            return int(self.steps)
+        if self.tokens is not None:
+            return -(-int(self.tokens) // self.tokens_per_step)
+        return 0
+
+
+# The paper's teacher correction where a spec says nothing: peak LR one fifth of distillation's,
+# 120 warm-up steps (at most half the steps), cosine decay.
+PAPER_CORRECTION_LR_FRACTION = 0.2
+PAPER_CORRECTION_WARMUP = 120
+
+
+def paper_correction(correct: TrainConfig, distill: Optional[TrainConfig], given: frozenset) -> TrainConfig:
+    """`correct` with the paper's defaults filled in for every key not in `given`."""
+    out = correct
+    if distill is not None and "lr" not in given:
+        out = replace(out, lr=distill.lr * PAPER_CORRECTION_LR_FRACTION)
+        if "min_lr" not in given:
+            out = replace(out, min_lr=min(distill.min_lr * PAPER_CORRECTION_LR_FRACTION, out.lr))
+    if "warmup" not in given:
+        out = replace(out, warmup=min(PAPER_CORRECTION_WARMUP, out.total_steps() // 2))
+    return out
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    name: str
+    shots: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tasks: tuple[EvalTask, ...] = ()
+    perplexity_data: Optional[str] = None  # name of a `data` declaration; held-out slice
+    limit: Optional[int] = None
+    seq_len: int = 512

@@ -1,0 +1,193 @@
+"""The dry-run plan: what a checked spec will do, computed from configs alone (no weights).
+
+`build_plan(spec)` returns a JSON-able dict (written as `plan.json` in the build directory);
+`render_plan(plan)` prints it as tables. Token budgets become optimizer steps by
+`TrainConfig.total_steps`; parameter counts are `pdc.arch.Arch`'s exact counts
+(non-embedding excludes the input embedding and the output head, as in the paper's Table 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from pdc.arch import Arch
+from pdc.lang.checked import (
+    CheckedSpec,
+    CorrectStage,
+    DistillStage,
+    EvaluateStage,
+    PruneStage,
+)
+from pdc.lang.settings import TrainConfig
+
+DEFAULT_FLOPS_SEQ_LEN = 4096
+AXES = (("hidden", "hidden"), ("mlp", "mlp"), ("heads", "heads"), ("kv_heads", "kv_heads"),
+        ("depth", "layers"), ("head_dim", "head_dim"))
+
+
+def human_count(n: float) -> str:
+    """4_512_746_496 -> '4.5B', 134_515_008 -> '134.5M'."""
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(int(n))
+
+
+def arch_summary(arch: Arch) -> dict[str, Any]:
+    return {
+        "model_type": arch.model_type,
+        **{axis: getattr(arch, attr) for axis, attr in AXES},
+        "vocab": arch.vocab,
+        "tied_embeddings": arch.tied,
+        "params_total": arch.total_params(),
+        "params_non_embedding": arch.non_embedding_params(),
+    }
+
+
+def train_steps(train: TrainConfig) -> tuple[int, int]:
+    """(steps, tokens): a token budget rounded up to whole steps, or a step budget's tokens."""
+    steps = train.total_steps()
+    return steps, train.tokens if train.tokens is not None else steps * train.tokens_per_step
+
+
+def _train_dict(train: TrainConfig, kind: str) -> dict[str, Any]:
+    steps, tokens = train_steps(train)
+    out = {
+        "tokens": tokens,
+        "steps": steps,
+        "tokens_per_step": train.global_batch * train.seq_len,
+        "budget_given_as": "tokens" if train.tokens is not None else "steps",
+        "lr": train.lr, "min_lr": train.min_lr, "warmup": train.warmup, "schedule": train.schedule,
+        "global_batch": train.global_batch, "micro_batch": train.micro_batch,
+        "seq_len": train.seq_len, "zero": train.zero, "precision": train.precision,
+        "weight_decay": train.weight_decay, "seed": train.seed,
+    }
+    if kind == "correct":
+        out.update(method=train.method)
+        if train.method == "lora":
+            out.update(lora_rank=train.lora_rank)
+    else:
+        out.update(loss=train.loss, temperature=train.temperature, ce_weight=train.ce_weight,
+                   top_k=train.top_k)
+    return out
+
+
+def build_plan(spec: CheckedSpec) -> dict[str, Any]:
+    """The JSON-able plan of `spec`: source architecture, each stage in order, final student."""
+    distill = next((s for s in spec.stages if isinstance(s, DistillStage)), None)
+    flops_seq = distill.train.seq_len if distill else DEFAULT_FLOPS_SEQ_LEN
+    source = spec.source_arch
+    stages: list[dict[str, Any]] = []
+    for st in spec.stages:
+        if isinstance(st, CorrectStage):
+            stages.append({"name": st.name, "kind": "correct", "model": st.model, "data": st.data,
+                           "order": st.order, **_train_dict(st.train, "correct")})
+        elif isinstance(st, PruneStage):
+            before = st.source_arch or source
+            after = st.target_arch
+            entry: dict[str, Any] = {
+                "name": st.name, "kind": "prune", "prune": st.kind, "data": st.data,
+                "axes": {axis: [getattr(before, a), getattr(after, a)] for axis, a in AXES},
+                "params_total": [before.total_params(), after.total_params()],
+                "params_non_embedding": [before.non_embedding_params(), after.non_embedding_params()],
+                "flops_per_token_ratio": after.flops_per_token(flops_seq) / before.flops_per_token(flops_seq),
+                "target": arch_summary(after),
+            }
+            if st.kind == "width":
+                entry["importance"] = asdict(st.importance)
+            else:
+                entry["saliency"] = asdict(st.depth.saliency)
+                entry["contiguous"] = st.depth.contiguous
+            stages.append(entry)
+        elif isinstance(st, DistillStage):
+            stages.append({"name": st.name, "kind": "distill", "teacher": st.teacher, "data": st.data,
+                           **_train_dict(st.train, "distill")})
+        elif isinstance(st, EvaluateStage):
+            stages.append({
+                "name": st.name, "kind": "evaluate", "harness": st.harness,
+                "tasks": [{"name": t.name, "shots": t.shots} for t in st.eval.tasks],
+                "perplexity_data": st.eval.perplexity_data, "limit": st.eval.limit,
+                "seq_len": st.eval.seq_len, "tasks_dir": st.tasks_dir,
+            })
+    final = spec.final_arch
+    return {
+        "spec": str(spec.path),
+        "source_model": spec.source_model,
+        "source_ref": {"kind": spec.models[spec.source_model].kind, "ref": spec.models[spec.source_model].ref},
+        "source": arch_summary(source),
+        "final": arch_summary(final),
+        "flops_seq_len": flops_seq,
+        "flops_per_token_ratio": final.flops_per_token(flops_seq) / source.flops_per_token(flops_seq),
+        "stages": stages,
+    }
+
+
+def _table(rows: list[list[str]], header: list[str]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    fmt_row = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return [fmt_row(header), "  ".join("-" * w for w in widths)] + [fmt_row(r) for r in rows]
+
+
+def _params_row(label: str, pair: list[int]) -> list[str]:
+    a, b = pair
+    return [label, f"{human_count(a)} ({a:,})", f"{human_count(b)} ({b:,})", f"{b / a:.3f}x"]
+
+
+def render_plan(plan: dict[str, Any]) -> str:
+    src = plan["source"]
+    ref = plan["source_ref"]
+    out = [
+        f"plan for {plan['spec']}",
+        f"source model '{plan['source_model']}' = {ref['kind']}(\"{ref['ref']}\"): {src['model_type']}, "
+        f"{human_count(src['params_total'])} params ({src['params_total']:,}), "
+        f"{human_count(src['params_non_embedding'])} non-embedding",
+        "",
+        "stages: " + " -> ".join(s["name"] for s in plan["stages"]) if plan["stages"] else "stages: (none)",
+    ]
+    for i, st in enumerate(plan["stages"], 1):
+        out.append("")
+        kind = st["kind"]
+        if kind == "prune":
+            out.append(f"[{i}] {st['name']}: prune {st['prune']}"
+                       + (f" (calibration data '{st['data']}')" if st.get("data") and (
+                           st["prune"] == "width" or st["saliency"]["kind"] != "task") else ""))
+            rows = [[axis, str(a), str(b), f"{b / a:.3f}x" if a else "-"] for axis, (a, b) in st["axes"].items()]
+            rows.append(_params_row("params", st["params_total"]))
+            rows.append(_params_row("non-embedding", st["params_non_embedding"]))
+            rows.append(["flops/token", "1", f"{st['flops_per_token_ratio']:.3f}", f"{st['flops_per_token_ratio']:.3f}x"])
+            out.extend("    " + line for line in _table(rows, ["axis", "source", "target", "ratio"]))
+            if st["prune"] == "width":
+                imp = st["importance"]
+                out.append(f"    importance: {imp['method']} (samples={imp['samples']}, seq_len={imp['seq_len']}, "
+                           f"batch={imp['batch_agg']}, seq={imp['seq_agg']})")
+            else:
+                sal = st["saliency"]
+                what = f"task {sal['task']} ({sal['shots']}-shot)" if sal["kind"] == "task" else f"{sal['kind']} on '{sal['data']}'"
+                out.append(f"    saliency: {what}, contiguous={str(st['contiguous']).lower()}")
+        elif kind in ("correct", "distill"):
+            who = f"correct '{st['model']}'" if kind == "correct" else f"distill from '{st['teacher']}'"
+            extra = f", method={st['method']}, order={st['order']}" if kind == "correct" else \
+                f", loss={st['loss']}, T={st['temperature']:g}"
+            out.append(f"[{i}] {st['name']}: {who} on '{st['data']}'{extra}")
+            out.append(f"    {human_count(st['tokens'])} tokens ({st['tokens']:,}) = {st['steps']:,} steps x "
+                       f"{st['tokens_per_step']:,} tokens/step (global_batch={st['global_batch']} x "
+                       f"seq_len={st['seq_len']}, rounded up)")
+            out.append(f"    lr={st['lr']:g} -> min_lr={st['min_lr']:g}, {st['schedule']}, warmup={st['warmup']}; "
+                       f"deepspeed zero={st['zero']} {st['precision']}")
+        elif kind == "evaluate":
+            tasks = ", ".join(f"{t['name']}({t['shots']}-shot)" for t in st["tasks"])
+            if st["perplexity_data"]:
+                tasks = ", ".join(x for x in (tasks, f"perplexity on '{st['perplexity_data']}'") if x)
+            out.append(f"[{i}] {st['name']}: {st['harness']}: {tasks}"
+                       + (f", limit={st['limit']}" if st["limit"] else ""))
+    fin = plan["final"]
+    out += [
+        "",
+        f"final {'student' if any(s['kind'] == 'prune' for s in plan['stages']) else 'model'}: {fin['model_type']} hidden={fin['hidden']} mlp={fin['mlp']} depth={fin['depth']} "
+        f"heads={fin['heads']} kv_heads={fin['kv_heads']} head_dim={fin['head_dim']}",
+        f"    {human_count(fin['params_total'])} total ({fin['params_total']:,}), "
+        f"{human_count(fin['params_non_embedding'])} non-embedding ({fin['params_non_embedding']:,}), "
+        f"{plan['flops_per_token_ratio']:.3f}x the source's FLOPs/token at seq_len {plan['flops_seq_len']}",
+    ]
+    return "\n".join(out)

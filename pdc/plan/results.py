@@ -1,0 +1,274 @@
+"""Typed stage results: what each stage built, where, its metrics and its timings.
+
+Every stage function returns one of these dataclasses; the runner stores it in
+`<stage>/stage.json` next to the stage's content key, and every reader (the runner's skip logic,
+the report, the lock, `pdc check`, the model card) reads it back through `read_record`. Nothing
+reads a stage's outputs by string key: a renamed or missing field fails `decode` with a one-line
+error ("written by another pdc version: rerun the stage"), never silently as a "-" in a report.
+
+Paths inside a result are relative to the stage directory (`model` = `<stage>/model/`), so a
+build directory can be moved or restored from a CI cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from pdc.errors import PdcError
+from pdc.files import write_json
+
+RECORD_FILE = "stage.json"
+RECORD_VERSION = 2
+# The evaluation table's model columns, in the order a reader compares them.
+MODEL_COLUMNS = ("teacher", "corrected teacher", "pruned", "distilled")
+
+
+# ---- training stages ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainResult:
+    """Teacher correction or distillation (`kind`). Losses are mean next-token NLL in nats on the
+    stage's held-out blocks; KL is the student-teacher forward KL per token."""
+
+    kind: str
+    steps: int
+    tokens: int
+    global_batch: int
+    micro_batch: int
+    grad_accumulation: int
+    world_size: int
+    seq_len: int
+    precision: str
+    zero: int
+    trainable_params: int
+    resumed_from_step: int
+    val_loss_start: Optional[float]
+    val_loss_end: Optional[float]
+    train_loss_first: Optional[float]
+    train_loss_last: Optional[float]
+    tokens_per_s: Optional[float]
+    wall_s: float
+    method: Optional[str] = None  # correction: full | lora | norm
+    loss: Optional[str] = None  # distillation: kl_forward | kl_reverse
+    teacher_val_loss: Optional[float] = None
+    val_kl_start: Optional[float] = None
+    val_kl_end: Optional[float] = None
+    model: str = "model"
+    log: str = "log.jsonl"
+    plot: str = "loss.png"
+
+
+# ---- pruning ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Candidate:
+    layers: tuple[int, ...]
+    value: float
+
+
+@dataclass(frozen=True)
+class SaliencyResult:
+    """Depth saliency: every candidate's metric and the choice. `better` says which direction
+    is better for the model after removal ("lower" loss / influence, "higher" accuracy)."""
+
+    kind: str
+    metric: str
+    better: str
+    contiguous: bool
+    task: Optional[str]
+    shots: Optional[int]
+    baseline: Optional[float]  # the full model's metric (None for cosine)
+    chosen: Optional[float]  # the metric with every dropped layer removed together
+    candidates: tuple[Candidate, ...]
+    dropped_layers: tuple[int, ...]
+    table: str = "saliency.json"
+    plot: str = "saliency.png"
+
+
+@dataclass(frozen=True)
+class ArtifactResult:
+    """One emitted file (`program.pt2`, `model.onnx`) and how it was verified."""
+
+    path: str
+    bytes: int
+    seconds: float
+    max_abs_diff: float
+    tolerance: float
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """Width or depth pruning (`kind`). `arch_before/after` are sizes by axis; `kept` is the
+    kept-indices map (source indices per axis and layer, and the dropped layers)."""
+
+    kind: str
+    params_before: int
+    params_after: int
+    arch_before: dict[str, int]
+    arch_after: dict[str, int]
+    kept: dict[str, Any]
+    seconds: dict[str, float]
+    importance: Optional[str] = None  # width: activation | magnitude | random
+    calibration_tokens: Optional[int] = None
+    saliency: Optional[SaliencyResult] = None  # depth
+    artifacts: dict[str, ArtifactResult] = field(default_factory=dict)
+    model: str = "model"
+    plot: Optional[str] = None  # width: importance.png
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskScore:
+    """One task on one model: every metric lm-eval reported, its standard errors, and which
+    metric is the task's primary one (the report's row)."""
+
+    shots: int
+    primary: str
+    values: dict[str, float]
+    stderr: dict[str, float]
+    items: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class ModelScores:
+    path: str
+    perplexity: Optional[float]
+    tasks: dict[str, TaskScore]
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    """Scores per model column (`MODEL_COLUMNS` order where present)."""
+
+    models: dict[str, ModelScores]
+    limit: Optional[int]
+    perplexity_tokens: Optional[int] = None
+
+
+StageResult = Union[TrainResult, PruneResult, EvaluateResult]
+RESULT_TYPES = {cls.__name__: cls for cls in (TrainResult, PruneResult, EvaluateResult)}
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """What `<stage>/stage.json` holds: the content key the stage was built under, its wall
+    time, and its typed result."""
+
+    name: str
+    kind: str
+    key: str
+    seconds: float
+    result: StageResult
+
+
+# ---- serialization -----------------------------------------------------------------------------
+class ResultError(PdcError):
+    pass
+
+
+def encode(obj: Any) -> Any:
+    """JSON data of a result (dataclasses as field dicts, tuples as lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [encode(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): encode(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def decode(cls: Any, data: Any, where: str = "result") -> Any:
+    """The value of type `cls` encoded as `data`; `ResultError` when the shapes disagree (a
+    missing or unknown field, a wrong type)."""
+    origin = typing.get_origin(cls)
+    if cls is Any:
+        return data
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(cls)
+        if data is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return decode(arg, data, where)
+            except ResultError as exc:
+                errors.append(str(exc))
+        raise ResultError(errors[0] if errors else f"{where}: unexpected null")
+    if dataclasses.is_dataclass(cls):
+        if not isinstance(data, dict):
+            raise ResultError(f"{where}: expected an object for {cls.__name__}")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ResultError(f"{where}: unknown field(s) {', '.join(unknown)} for {cls.__name__}")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                kwargs[f.name] = decode(hints[f.name], data[f.name], f"{where}.{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ResultError(f"{where}: missing field {f.name!r} of {cls.__name__}")
+        return cls(**kwargs)
+    if origin is tuple:
+        if not isinstance(data, list):
+            raise ResultError(f"{where}: expected a list")
+        (item, *_rest) = typing.get_args(cls)
+        return tuple(decode(item, v, f"{where}[{i}]") for i, v in enumerate(data))
+    if origin is list:
+        if not isinstance(data, list):
+            raise ResultError(f"{where}: expected a list")
+        (item,) = typing.get_args(cls)
+        return [decode(item, v, f"{where}[{i}]") for i, v in enumerate(data)]
+    if origin is dict:
+        if not isinstance(data, dict):
+            raise ResultError(f"{where}: expected an object")
+        _, value = typing.get_args(cls)
+        return {k: decode(value, v, f"{where}.{k}") for k, v in data.items()}
+    if cls is float:
+        if isinstance(data, bool) or not isinstance(data, (int, float)):
+            raise ResultError(f"{where}: expected a number, got {type(data).__name__}")
+        return float(data)
+    if cls in (int, str, bool):
+        if not isinstance(data, cls) or (cls is int and isinstance(data, bool)):
+            raise ResultError(f"{where}: expected {cls.__name__}, got {type(data).__name__}")
+        return data
+    raise ResultError(f"{where}: cannot decode a value of type {cls!r}")
+
+
+def write_record(stage_dir: Path, record: StageRecord) -> Path:
+    data = {"version": RECORD_VERSION, "name": record.name, "kind": record.kind, "key": record.key,
+            "seconds": record.seconds, "result_type": type(record.result).__name__,
+            "result": encode(record.result)}
+    return write_json(Path(stage_dir) / RECORD_FILE, data)
+
+
+def read_record(stage_dir: Path) -> Optional[StageRecord]:
+    """The record of a finished stage, or None when the stage has not run. A record this pdc
+    cannot read (another version, a damaged file) is a `ResultError` naming the stage."""
+    path = Path(stage_dir) / RECORD_FILE
+    if not path.exists():
+        return None
+    name = Path(stage_dir).name
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ResultError(f"{path} is not readable JSON ({exc}); rerun the stage", name) from None
+    if not isinstance(data, dict) or data.get("version") != RECORD_VERSION:
+        raise ResultError(f"{path} was written by another pdc version: rerun the stage", name)
+    cls = RESULT_TYPES.get(data.get("result_type"))
+    if cls is None:
+        raise ResultError(f"{path}: unknown result type {data.get('result_type')!r}; rerun the stage", name)
+    try:
+        result = decode(cls, data.get("result"), f"{name} result")
+        return StageRecord(name=str(data["name"]), kind=str(data["kind"]), key=str(data["key"]),
+                           seconds=float(data["seconds"]), result=result)
+    except (ResultError, KeyError, TypeError, ValueError) as exc:
+        raise ResultError(f"{path} does not match this pdc ({exc}); rerun the stage", name) from None

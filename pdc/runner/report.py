@@ -1,0 +1,506 @@
+"""The run report: one Markdown and one self-contained HTML page summarising a build directory.
+
+`write_report(build_dir)` only *reads* what the stages left behind (layout in
+docs/architecture.md) and never fails because a stage has not run: each missing part becomes a
+short "not run" line. The page holds the spec, the architecture before/after with parameter
+counts, time per stage, the pruning plots (importance, depth saliency), the training curves
+(teacher correction and distillation, drawn together into `report_losses.png`) and the
+evaluation table teacher / pruned / distilled.
+
+Both files are written next to each other in `build_dir` through temporary files and renamed
+at the end, so a crash never leaves a half-written report. The HTML embeds every image as a
+base64 PNG so it can be mailed or archived on its own; the Markdown links the PNGs relatively.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from pdc.errors import PdcError
+from pdc.files import write_text
+from pdc.lang.checked import STAGE_KINDS
+from pdc.plan.dry_run import human_count
+from pdc.plan.results import (
+    EvaluateResult,
+    PruneResult,
+    StageRecord,
+    TrainResult,
+    read_record,
+)
+from pdc.plotting import pyplot, save_figure
+from pdc.stages.evaluate import comparison_rows
+
+STAGE = "report"
+LOSS_PNG = "report_losses.png"
+NOT_RUN = "not run"
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny document model rendered twice (Markdown and HTML), so both files always agree.
+
+
+@dataclass
+class Doc:
+    blocks: list[tuple] = field(default_factory=list)
+
+    def h(self, level: int, text: str):
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str):
+        self.blocks.append(("p", text))
+
+    def muted(self, text: str):
+        self.blocks.append(("muted", text))
+
+    def pre(self, text: str):
+        self.blocks.append(("pre", text))
+
+    def table(self, header: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None):
+        """`align`: one char per column, "l" or "r" (default: first left, others right)."""
+        rows = [[str(c) for c in r] for r in rows]
+        align = align or "l" + "r" * (len(header) - 1)
+        self.blocks.append(("table", list(header), rows, align))
+
+    def img(self, path: Path, rel: str, alt: str):
+        self.blocks.append(("img", path, rel, alt))
+
+
+def render_markdown(doc: Doc) -> str:
+    out: list[str] = []
+    for b in doc.blocks:
+        kind = b[0]
+        if kind == "h":
+            out.append("#" * b[1] + " " + b[2])
+        elif kind == "p":
+            out.append(b[1])
+        elif kind == "muted":
+            out.append(f"_{b[1]}_")
+        elif kind == "pre":
+            out.append("```\n" + b[1].rstrip("\n") + "\n```")
+        elif kind == "table":
+            _, header, rows, align = b
+            esc = lambda c: c.replace("|", "\\|")  # noqa: E731
+            out.append("| " + " | ".join(map(esc, header)) + " |")
+            out.append("|" + "|".join("---:" if a == "r" else "---" for a in align) + "|")
+            out.extend("| " + " | ".join(map(esc, r)) + " |" for r in rows)
+        elif kind == "img":
+            out.append(f"![{b[3]}]({b[2]})")
+        out.append("")
+    return "\n".join(out)
+
+
+_CSS = """
+body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;max-width:60rem;margin:2rem auto;
+padding:0 1rem;color:#1f2328;line-height:1.5}
+h1{border-bottom:2px solid #d0d7de;padding-bottom:.3rem}h2{border-bottom:1px solid #d0d7de;
+padding-bottom:.2rem;margin-top:2rem}
+table{border-collapse:collapse;margin:.6rem 0}th,td{border:1px solid #d0d7de;padding:.25rem .7rem}
+th{background:#f6f8fa}td.r,th.r{text-align:right;font-variant-numeric:tabular-nums}
+tr:nth-child(even) td{background:#fafbfc}
+pre{background:#f6f8fa;padding:.8rem;overflow-x:auto;border-radius:6px;font-size:.85rem}
+img{max-width:100%;border:1px solid #eaeef2;margin:.4rem 0}.muted{color:#656d76;font-style:italic}
+"""
+
+
+def render_html(doc: Doc, title: str) -> str:
+    e = html.escape
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{e(title)}</title><style>{_CSS}</style></head><body>"]
+    for b in doc.blocks:
+        kind = b[0]
+        if kind == "h":
+            out.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
+        elif kind == "p":
+            out.append(f"<p>{_inline_code(b[1])}</p>")
+        elif kind == "muted":
+            out.append(f'<p class="muted">{_inline_code(b[1])}</p>')
+        elif kind == "pre":
+            out.append(f"<pre>{e(b[1])}</pre>")
+        elif kind == "table":
+            _, header, rows, align = b
+            cls = lambda i: ' class="r"' if align[i] == "r" else ""  # noqa: E731
+            out.append("<table><thead><tr>" + "".join(f"<th{cls(i)}>{e(h)}</th>" for i, h in enumerate(header))
+                       + "</tr></thead><tbody>")
+            for r in rows:
+                out.append("<tr>" + "".join(f"<td{cls(i)}>{_inline_code(c)}</td>" for i, c in enumerate(r)) + "</tr>")
+            out.append("</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode(b[1].read_bytes()).decode("ascii")
+            out.append(f'<img alt="{e(b[3])}" src="data:image/png;base64,{data}">')
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def _inline_code(text: str) -> str:
+    """HTML-escape `text`, turning Markdown `code` spans into <code>."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the build directory
+
+
+def _json(path: Path) -> Any:
+    """Parsed JSON, or None when the file is missing or unreadable (a report never fails on it)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a torn last line of a killed run
+        if isinstance(rec, dict) and all(_is_number(rec.get(k)) for k in ("step", "loss")) \
+                and ("kl" not in rec or _is_number(rec["kl"])):
+            out.append(rec)
+    return out
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _num(x: Any, digits: int = 4) -> str:
+    if isinstance(x, bool) or x is None:
+        return "-"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        return "-" if not math.isfinite(x) else f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:,.0f}"
+    return str(x)
+
+
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 90:
+        return f"{s:.1f} s"
+    return f"{int(s // 60)} min {s % 60:02.0f} s" if s < 3600 else f"{s / 3600:.2f} h"
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+def _spec_section(doc: Doc, build: Path, plan: dict | None):
+    doc.h(2, "Spec")
+    text = None
+    candidates = [build / "spec.pds"]
+    if plan and plan.get("spec"):
+        candidates.append(Path(plan["spec"]))
+    for c in candidates:
+        try:
+            text = c.read_text()
+            break
+        except OSError:
+            continue
+    if text is None:
+        doc.muted("spec text not found (no spec.pds in the build directory)")
+    else:
+        doc.pre(text)
+
+
+ARCH_ROWS = (("hidden", "hidden size"), ("mlp", "MLP size"), ("heads", "attention heads"),
+             ("kv_heads", "KV heads"), ("head_dim", "head dim"), ("depth", "layers"), ("vocab", "vocabulary"))
+
+
+def _arch_section(doc: Doc, plan: dict | None, prune: PruneResult | None):
+    doc.h(2, "Architecture")
+    if not plan or "source" not in plan or "final" not in plan:
+        doc.muted("no plan.json: architecture " + NOT_RUN)
+        return
+    src, fin = plan["source"], plan["final"]
+
+    def ratio(a, b):
+        return f"{b / a:.3f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "-"
+
+    rows = []
+    for key, label in ARCH_ROWS:
+        if key in src or key in fin:
+            a, b = src.get(key), fin.get(key)
+            rows.append([label, _num(a), _num(b), ratio(a, b)])
+    for key, label in (("params_total", "parameters"), ("params_non_embedding", "non-embedding parameters")):
+        a, b = src.get(key), fin.get(key)
+        if a is not None and b is not None:
+            rows.append([label, f"{human_count(a)} ({a:,})", f"{human_count(b)} ({b:,})", ratio(a, b)])
+    if plan.get("flops_per_token_ratio") is not None:
+        rows.append([f"FLOPs/token (seq {plan.get('flops_seq_len', '?')})", "1", f"{plan['flops_per_token_ratio']:.3f}",
+                     f"{plan['flops_per_token_ratio']:.3f}x"])
+    ref = plan.get("source_ref") or {}
+    doc.p(f"Source `{plan.get('source_model', 'teacher')}` = {ref.get('kind', '?')}(\"{ref.get('ref', '?')}\"), "
+          f"{src.get('model_type', '?')} family.")
+    doc.table(["", "source", "final student", "ratio"], rows)
+    if prune is not None and fin.get("params_total") is not None:
+        verdict = "matches the plan" if prune.params_after == fin["params_total"] else \
+            f"the plan's final student has {fin['params_total']:,}"
+        doc.p(f"The pruned checkpoint has {prune.params_after:,} parameters ({verdict}).")
+
+
+def _stages_section(doc: Doc, build: Path, plan: dict | None, records: dict[str, StageRecord]):
+    doc.h(2, "Time per stage")
+    planned = [s.get("name") for s in (plan or {}).get("stages", []) if isinstance(s, dict)]
+    status = _json(build / "stages.json")
+    status = status if isinstance(status, dict) else {}
+    if not records and not planned:
+        doc.muted("no stage has run yet")
+        return
+    names = sorted(dict.fromkeys(planned + list(records)),
+                   key=lambda n: STAGE_KINDS.index(records[n].kind) if n in records else len(STAGE_KINDS))
+    rows, total = [], 0.0
+    for name in names:
+        rec = records.get(name)
+        if rec is None:
+            # A stage builds in `<stage>.tmp/`: present without a record means it is running now
+            # or was interrupted.
+            started = (build / f"{name}.tmp").exists()
+            rows.append([name, "started, not finished" if started else NOT_RUN, "-"])
+            continue
+        total += rec.seconds
+        skipped = isinstance(status.get(name), dict) and status[name].get("status") == "skipped"
+        rows.append([name, "skipped (up to date; time of the run that built it)" if skipped else "done",
+                     _seconds(rec.seconds)])
+    rows.append(["total", "", _seconds(total)])
+    doc.table(["stage", "status", "time"], rows, align="llr")
+
+
+def _prune_section(doc: Doc, build: Path, name: str, prune: PruneResult | None):
+    doc.h(2, "Pruning" if name == "prune" else f"Pruning ({name})")
+    if prune is None:
+        doc.muted(f"{name} " + NOT_RUN)
+        return
+    stage = build / name
+    if prune.kind == "depth":
+        sal = prune.saliency
+        doc.p(f"Depth pruning: {prune.arch_before['layers']} -> {prune.arch_after['layers']} layers; "
+              f"dropped layers {list(sal.dropped_layers)} ({'one contiguous block' if sal.contiguous else 'any layers'}).")
+        what = f"task `{sal.task}` ({sal.shots}-shot)" if sal.kind == "task" else sal.kind
+        better = "higher" if sal.better == "higher" else "lower"
+        rows = [["saliency", what], ["metric", f"{sal.metric} ({better} is better)"],
+                ["metric, full model", _num(sal.baseline)],
+                ["metric, chosen layers removed", _num(sal.chosen)],
+                ["candidates scored", str(len(sal.candidates))]]
+        doc.table(["", "value"], rows, align="ll")
+        if (stage / sal.plot).exists():
+            doc.img(stage / sal.plot, f"{name}/{sal.plot}", "depth saliency per candidate")
+        else:
+            doc.muted("saliency plot not written")
+    else:
+        doc.p("Width pruning to " + ", ".join(f"{k}={v}" for k, v in prune.arch_after.items()) +
+              f" with {prune.importance} importance on {_num(prune.calibration_tokens)} calibration tokens.")
+        if prune.seconds:
+            doc.table(["step", "time"], [[k, _seconds(v)] for k, v in prune.seconds.items()], align="lr")
+        if prune.plot and (stage / prune.plot).exists():
+            doc.img(stage / prune.plot, f"{name}/{prune.plot}", "importance scores, kept vs pruned")
+        else:
+            doc.muted("importance plot not written")
+    if prune.artifacts:
+        doc.table(["artifact", "size", "verified against the program"],
+                  [[f"`{name}/{a.path}`", f"{a.bytes / 2**20:.1f} MiB", f"max |diff| {a.max_abs_diff:.2g} <= {a.tolerance:.2g}"]
+                   for a in prune.artifacts.values()], align="lrl")
+
+
+def _train_table(correct: TrainResult | None, distill: TrainResult | None) -> tuple[list[str], list[list[str]]]:
+    keys = [("steps", "steps"), ("tokens", "tokens"), ("global_batch", "global batch"), ("seq_len", "seq len"),
+            ("precision", "precision"), ("tokens_per_s", "tokens/s (median)"), ("wall_s", "wall time")]
+    cols = [(n, m) for n, m in (("correct", correct), ("distill", distill)) if m]
+    rows = [[label] + [_seconds(m.wall_s) if key == "wall_s" else _num(getattr(m, key)) for _, m in cols]
+            for key, label in keys]
+    if correct:
+        rows.append(["teacher val LM loss before -> after",
+                     f"{_num(correct.val_loss_start)} -> {_num(correct.val_loss_end)}"] + (["-"] if distill else []))
+    if distill:
+        lead = ["-"] if correct else []
+        rows.append(["student val LM loss start -> end", *lead,
+                     f"{_num(distill.val_loss_start)} -> {_num(distill.val_loss_end)}"])
+        rows.append(["student val KL start -> end", *lead,
+                     f"{_num(distill.val_kl_start)} -> {_num(distill.val_kl_end)}"])
+        rows.append(["teacher val LM loss", *lead, _num(distill.teacher_val_loss)])
+    return [""] + [n for n, _ in cols], rows
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_losses(correct_log: list[dict], correct: TrainResult | None, distill_log: list[dict],
+                distill: TrainResult | None, png: Path) -> bool:
+    """One PNG with a panel per training stage that logged steps. Correction: the teacher's train
+    loss with its validation loss before/after (uncorrected vs corrected). Distillation: the
+    student's KL with its validation loss at start/end and the teacher's validation loss.
+    Returns False (and writes nothing) when neither stage logged a step."""
+    panels = [p for p in (("correct", correct_log, correct), ("distill", distill_log, distill)) if p[1]]
+    if not panels:
+        return False
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4), squeeze=False)
+    for ax, (name, log, metrics) in zip(axes[0], panels):
+        steps = [r["step"] for r in log]
+        key = "kl" if name == "distill" and all("kl" in r for r in log) else "loss"
+        values = [float(r[key]) for r in log]
+        label = "student KL (train)" if key == "kl" else ("teacher LM loss (train)" if name == "correct"
+                                                           else "student loss (train)")
+        window = max(1, len(values) // 20)
+        ax.plot(steps, values, color="tab:blue", alpha=0.3 if window > 1 else 1.0, lw=1,
+                label=label if window == 1 else None)
+        if window > 1:
+            ax.plot(steps, _moving_average(values, window), color="tab:blue", lw=2,
+                    label=f"{label}, moving avg {window}")
+        hlines = []
+        if name == "correct":
+            hlines = [("uncorrected teacher val loss", metrics and metrics.val_loss_start, "tab:red", "--"),
+                      ("corrected teacher val loss", metrics and metrics.val_loss_end, "tab:green", "--")]
+            ax.set_title("teacher correction")
+        else:
+            hlines = [("teacher val loss", metrics and metrics.teacher_val_loss, "tab:green", "--"),
+                      ("student val loss, start", metrics and metrics.val_loss_start, "tab:red", ":"),
+                      ("student val loss, end", metrics and metrics.val_loss_end, "tab:purple", ":")]
+            if correct and correct.val_loss_start is not None:
+                hlines.append(("uncorrected teacher val loss", correct.val_loss_start, "tab:orange", "--"))
+            ax.set_title("distillation (forward KL, logits only)")
+        for lab, y, color, style in hlines:
+            if isinstance(y, (int, float)) and math.isfinite(y):
+                ax.axhline(y, color=color, ls=style, lw=1.3, label=f"{lab}: {y:.3f}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, png, dpi=110)
+    return True
+
+
+def _training_section(doc: Doc, build: Path, records: dict[str, StageRecord]):
+    doc.h(2, "Training")
+    results = {r.kind: (name, r.result) for name, r in records.items() if isinstance(r.result, TrainResult)}
+    correct = results.get("correct", (None, None))[1]
+    distill = results.get("distill", (None, None))[1]
+    if not correct and not distill:
+        doc.muted("teacher correction and distillation " + NOT_RUN)
+        return
+    if not correct:
+        doc.muted("teacher correction " + NOT_RUN)
+    if not distill:
+        doc.muted("distillation " + NOT_RUN)
+    header, rows = _train_table(correct, distill)
+    doc.table(header, rows)
+    logs = {kind: _jsonl(build / name / result.log) for kind, (name, result) in results.items()}
+    png = build / LOSS_PNG
+    if plot_losses(logs.get("correct", []), correct, logs.get("distill", []), distill, png):
+        doc.img(png, LOSS_PNG, "training loss curves")
+
+
+def _eval_section(doc: Doc, result: EvaluateResult | None):
+    doc.h(2, "Evaluation")
+    if result is None or not result.models:
+        doc.muted("evaluation " + NOT_RUN)
+        return
+    columns, rows = comparison_rows(result)
+    if not rows:
+        doc.muted("the evaluation measured no metric")
+        return
+    doc.table(["metric"] + columns, rows)
+    items = sorted({t.items for m in result.models.values() for t in m.tasks.values() if t.items})
+    if result.limit or items:
+        counted = f"{', '.join(map(str, items))} items per task" if items else f"the first {result.limit} items of each task"
+        doc.muted(f"task scores in % on {counted} (± one standard error)")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _records(build: Path) -> tuple[dict[str, StageRecord], dict[str, str]]:
+    """Every finished stage's record, and a one-line problem for each record that cannot be read."""
+    records, problems = {}, {}
+    for path in sorted(build.iterdir()) if build.is_dir() else []:
+        if path.is_dir() and not path.name.endswith((".tmp", ".work")):
+            try:
+                rec = read_record(path)
+            except PdcError as exc:
+                problems[path.name] = exc.message
+                continue
+            if rec is not None:
+                records[path.name] = rec
+    return records, problems
+
+
+def build_doc(build_dir: Path) -> Doc:
+    build = Path(build_dir)
+    plan = _json(build / "plan.json")
+    plan = plan if isinstance(plan, dict) else None
+    records, problems = _records(build)
+    prunes = [n for n, r in records.items() if r.kind == "prune"]
+    last_prune = records[prunes[-1]].result if prunes else None
+    evaluate = next((r.result for r in records.values() if r.kind == "evaluate"), None)
+    doc = Doc()
+    doc.h(1, f"pdc report: {build.resolve().name}")
+    if plan and isinstance(plan.get("source"), dict) and isinstance(plan.get("final"), dict):
+        a, b = plan["source"].get("params_total"), plan["final"].get("params_total")
+        if isinstance(a, int) and isinstance(b, int) and a > 0:
+            doc.p(f"{human_count(a)} -> {human_count(b)} parameters ({b / a:.1%} of the source); stages: "
+                  + (" -> ".join(str(s.get("name", "?")) for s in plan.get("stages", []) if isinstance(s, dict))
+                     or "none") + ".")
+    for name, message in problems.items():
+        doc.muted(f"{name}: {message}")
+    planned_prunes = [s["name"] for s in (plan or {}).get("stages", []) if isinstance(s, dict) and s.get("kind") == "prune"]
+    sections = [
+        ("Spec", lambda d: _spec_section(d, build, plan)),
+        ("Architecture", lambda d: _arch_section(d, plan, last_prune)),
+        ("Time per stage", lambda d: _stages_section(d, build, plan, records)),
+        *[("Pruning", lambda d, n=n: _prune_section(d, build, n, records[n].result if n in records else None))
+          for n in (planned_prunes or prunes or ["prune"])],
+        ("Training", lambda d: _training_section(d, build, records)),
+        ("Evaluation", lambda d: _eval_section(d, evaluate)),
+    ]
+    for title, fill in sections:
+        part = Doc()
+        try:
+            fill(part)
+        except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+            # A damaged plan, plot or log: say so, keep the rest of the report.
+            part = Doc()
+            part.h(2, title)
+            part.muted(f"could not read this part of the build ({type(exc).__name__}: {exc})")
+        doc.blocks.extend(part.blocks)
+    return doc
+
+
+def write_report(build_dir: Path) -> tuple[Path, Path]:
+    """Write `report.md` and `report.html` (self-contained) into `build_dir`; returns both paths.
+
+    Reads only; a stage that has not run is reported as such. Raises `PdcError` only when
+    `build_dir` itself is missing or not writable."""
+    build = Path(build_dir)
+    if not build.is_dir():
+        raise PdcError(f"build directory {build} does not exist", STAGE)
+    doc = build_doc(build)
+    md_path, html_path = build / "report.md", build / "report.html"
+    title = f"pdc report: {build.resolve().name}"
+    try:
+        for path, text in ((md_path, render_markdown(doc)), (html_path, render_html(doc, title))):
+            write_text(path, text)
+    except OSError as exc:
+        raise PdcError(f"cannot write the report into {build}: {exc.strerror or exc}", STAGE) from exc
+    return md_path, html_path

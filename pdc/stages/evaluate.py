@@ -1,0 +1,362 @@
+"""Evaluation of in-memory models: held-out perplexity and lm-evaluation-harness tasks.
+
+Everything runs on the model object already in memory (lm-eval's `HFLM(pretrained=model)`), so a
+pruned or distilled student is evaluated without a save/load round trip, and nothing touches the
+network: tasks come from lm-eval's bundled registry or from a local folder of task YAML + JSONL
+(`tasks_dir`, e.g. `pdc.inputs.assets.local_tasks_dir()`).
+
+Conventions:
+- `perplexity` is exp of the *token-weighted* mean next-token NLL over all blocks (each block
+  contributes L-1 predictions), accumulated in float64.
+- Relative `data_files` in a local task YAML resolve against the task folder (lm-eval itself
+  resolves them against the working directory), so a task folder can be moved as a whole.
+- A task's result is a `TaskScore`: every metric lm-eval reported with its standard error, and
+  the task's primary metric (the first one its config lists); the stage returns an
+  `EvaluateResult` with one `ModelScores` per model column.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import logging
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pdc.errors import PdcError
+from pdc.files import write_json, write_text
+from pdc.inputs.cache import cache_root
+from pdc.inputs.data import token_blocks
+from pdc.inputs.models import load_causal_lm
+from pdc.lang.settings import DataSource, EvalConfig, EvalTask
+from pdc.plan.results import (
+    MODEL_COLUMNS,
+    EvaluateResult,
+    ModelScores,
+    TaskScore,
+    encode,
+)
+
+STAGE = "evaluate"
+
+
+# ---- perplexity ---------------------------------------------------------------------------------
+@torch.no_grad()
+def nll_sum(model, blocks: torch.Tensor, batch_size: int = 4, progress: bool = False) -> tuple[float, int]:
+    """(sum of next-token NLL, number of predicted tokens) over `blocks` [N, L].
+
+    Every block predicts tokens 1..L-1 from their prefixes; no padding, so all predictions count.
+    """
+    if blocks.ndim != 2 or blocks.shape[1] < 2:
+        raise PdcError(f"perplexity needs token blocks [N, L>=2], got shape {tuple(blocks.shape)}", STAGE)
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    batches = range(0, len(blocks), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="perplexity", unit="batch", leave=False)
+    try:
+        for start in batches:
+            ids = blocks[start : start + batch_size].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits
+            # Sum in float64: thousands of blocks of fp32 NLLs otherwise lose digits.
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                ids[:, 1:].reshape(-1),
+                reduction="sum",
+            )
+            total += float(nll.double())
+            count += ids[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return total, count
+
+
+def mean_nll(model, blocks: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+    """Token-weighted mean next-token NLL (nats) over `blocks`; the depth `loss` saliency metric."""
+    total, count = nll_sum(model, blocks, batch_size, progress)
+    if count == 0:
+        raise PdcError("perplexity needs at least one held-out block", STAGE)
+    return total / count
+
+
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+    """exp(token-weighted mean next-token NLL) of `model` on `blocks` [N, L]."""
+    return math.exp(mean_nll(model, blocks, batch_size, progress))
+
+
+def builtin_heldout_blocks(tokenizer, seq_len: int, n_blocks: int | None = None) -> torch.Tensor:
+    """Held-out blocks from the `pdc setup` corpus `wiki-heldout` (first `n_blocks` if given)."""
+    blocks = token_blocks(DataSource("builtin", "wiki-heldout"), tokenizer, seq_len, stage=STAGE)
+    return blocks if n_blocks is None else blocks[:n_blocks]
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - a model without parameters is not a model
+        return torch.device("cpu")
+
+
+# ---- lm-eval tasks ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    """lm-eval logs a warning per call for in-memory models and per task for shot overrides."""
+    loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval", "datasets")]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, saved):
+            lg.setLevel(lvl)
+
+
+def _local_task_names(tasks_dir: Path) -> set[str]:
+    """Task (and group/tag) names declared by the YAML files under `tasks_dir`."""
+    tm = _task_manager(str(tasks_dir), False)
+    return set(tm.all_tasks)
+
+
+@lru_cache(maxsize=8)
+def _task_manager(include_path: str | None, include_defaults: bool):
+    """Built once per process: indexing lm-eval's bundled registry takes ~20 s."""
+    from lm_eval.tasks import TaskManager
+
+    with _quiet_lm_eval():
+        return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def _builtin_task_names() -> set[str]:
+    """Names in lm-eval's bundled registry, cached on disk per lm-eval version (the index is slow)."""
+    import lm_eval
+
+    version = getattr(lm_eval, "__version__", "unknown")
+    cache_file = cache_root() / "lm_eval" / f"task_names-{version}.json"
+    if cache_file.exists():
+        try:
+            return set(json.loads(cache_file.read_text()))
+        except (OSError, ValueError):
+            pass  # a damaged cache is rebuilt below
+    names = sorted(_task_manager(None, True).all_tasks)
+    write_json(cache_file, names, indent=None)
+    return set(names)
+
+
+def resolve_task_manager(task_names: Iterable[str], tasks_dir: Path | None = None):
+    """The smallest lm-eval TaskManager that knows every name in `task_names`.
+
+    Local-only task lists never index the bundled registry. An unknown name is a one-line
+    `PdcError` with close matches.
+    """
+    names = list(task_names)
+    local: set[str] = set()
+    if tasks_dir is not None:
+        tasks_dir = Path(tasks_dir)
+        if not tasks_dir.is_dir():
+            raise PdcError(f"task folder not found: {tasks_dir}", STAGE)
+        local = _local_task_names(tasks_dir.resolve())
+    missing = [n for n in names if n not in local]
+    if not missing:
+        return _task_manager(str(tasks_dir.resolve()), False)
+    builtin = _builtin_task_names()
+    for name in missing:
+        if name not in builtin:
+            close = difflib.get_close_matches(name, sorted(local | builtin), n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            where = f"lm-eval's registry or {tasks_dir}" if tasks_dir else "lm-eval's registry"
+            raise PdcError(f"unknown lm-eval task {name!r} (not in {where}){hint}", STAGE)
+    return _task_manager(str(tasks_dir.resolve()) if tasks_dir else None, True)
+
+
+def _make_lm(model, tokenizer, batch_size: int):
+    from lm_eval.models.huggingface import HFLM
+
+    if tokenizer.pad_token_id is None:  # HFLM pads batches; any id works since pads are masked out
+        tokenizer.pad_token = tokenizer.eos_token
+    with _quiet_lm_eval():
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(_model_device(model)))
+
+
+def run_tasks(
+    model,
+    tokenizer,
+    tasks: Sequence[EvalTask],
+    tasks_dir: Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    stderr: bool = True,
+    seed: int = 0,
+) -> dict[str, TaskScore]:
+    """Run each task with its shot count; `{name: TaskScore}`.
+
+    Tasks with different shot counts are separate lm-eval calls (its `num_fewshot` is global).
+    """
+    if not tasks:
+        return {}
+    import lm_eval
+
+    tm = resolve_task_manager([t.name for t in tasks], tasks_dir)
+    lm = _make_lm(model, tokenizer, batch_size)
+    by_shots: dict[int, list[str]] = {}
+    for t in tasks:
+        if t.shots < 0:
+            raise PdcError(f"task {t.name!r}: shots must be >= 0, got {t.shots}", STAGE)
+        by_shots.setdefault(t.shots, []).append(t.name)
+    was_training = model.training
+    model.eval()
+    out: dict[str, TaskScore] = {}
+    # lm-eval resolves relative data_files against the working directory; make that the task folder.
+    cwd = contextlib.chdir(Path(tasks_dir).resolve()) if tasks_dir else contextlib.nullcontext()
+    try:
+        with cwd, _quiet_lm_eval(), torch.no_grad():
+            for shots, names in by_shots.items():
+                res = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=names,
+                    num_fewshot=shots,
+                    task_manager=tm,
+                    limit=limit,
+                    log_samples=False,
+                    bootstrap_iters=1000 if stderr else 0,
+                    random_seed=seed,
+                    numpy_random_seed=seed,
+                    torch_random_seed=seed,
+                    fewshot_random_seed=seed,
+                )
+                for name in names:
+                    items = (res.get("n-samples") or {}).get(name, {}).get("effective")
+                    out[name] = task_score(name, res["results"].get(name, {}), shots, items)
+    except PdcError:
+        raise
+    except Exception as exc:  # a broken task file or dataset: one line, naming the task list
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PdcError(f"lm-eval failed on {', '.join(t.name for t in tasks)}: {first}", STAGE) from exc
+    finally:
+        model.train(was_training)
+    return out
+
+
+def task_score(name: str, raw: Mapping, shots: int, items: int | None = None) -> TaskScore:
+    """A `TaskScore` from lm-eval's result entry of one task (keys "metric,filter")."""
+    values: dict[str, float] = {}
+    stderr: dict[str, float] = {}
+    for key, value in raw.items():
+        if "," not in key or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        metric = key.split(",")[0]
+        if metric.endswith("_stderr"):
+            if math.isfinite(value):
+                stderr.setdefault(metric[: -len("_stderr")], float(value))
+        else:
+            values.setdefault(metric, float(value))
+    if not values:
+        raise PdcError(f"task {name!r} reported no metric", STAGE)
+    return TaskScore(shots=shots, primary=next(iter(values)), values=values, stderr=stderr, items=items)
+
+
+def task_accuracy(
+    model, tokenizer, task: str, shots: int, tasks_dir: Path | None = None, limit: int | None = None
+) -> float:
+    """Accuracy in [0, 1] of `model` on one lm-eval / local multiple-choice task: the
+    length-normalised `acc_norm` when the task reports it (answers of different lengths make raw
+    log-likelihood favour short ones: on social_iqa SmolLM2 scores acc 0.355, acc_norm 0.45,
+    chance 0.33), else `acc`."""
+    score = run_tasks(model, tokenizer, [EvalTask(task, shots)], tasks_dir, limit=limit, stderr=False)[task]
+    for metric in ("acc_norm", "acc"):
+        if metric in score.values:
+            return score.values[metric]
+    raise PdcError(f"task {task!r} reports no accuracy (it reports: {', '.join(score.values)})", STAGE)
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+def evaluate_model(
+    model,
+    tokenizer,
+    cfg: EvalConfig,
+    path: Path,
+    tasks_dir: Path | None = None,
+    heldout_blocks: torch.Tensor | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> ModelScores:
+    """Held-out perplexity (when `heldout_blocks` is given) and every task of `cfg`."""
+    ppl = None
+    if heldout_blocks is not None:
+        ppl = perplexity(model, heldout_blocks, batch_size=max(1, batch_size // 2), progress=progress)
+    tasks = run_tasks(model, tokenizer, cfg.tasks, tasks_dir, limit=cfg.limit, batch_size=batch_size)
+    return ModelScores(path=str(path), perplexity=ppl, tasks=tasks)
+
+
+def evaluate_models(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, tasks_dir: Path | None,
+                    heldout_blocks: torch.Tensor | None, progress: bool = True) -> EvaluateResult:
+    """Evaluate each model directory (label -> path, absent ones skipped) one at a time."""
+    scores: dict[str, ModelScores] = {}
+    for label, path in models.items():
+        if not (Path(path) / "config.json").exists():
+            continue
+        print(f"[pdc] evaluate: {label}")
+        model = load_causal_lm(path, STAGE)
+        scores[label] = evaluate_model(model, tokenizer_of(path), cfg, path, tasks_dir, heldout_blocks,
+                                       progress=progress)
+        del model
+    tokens = None if heldout_blocks is None else int(heldout_blocks.numel())
+    return EvaluateResult(models=scores, limit=cfg.limit, perplexity_tokens=tokens)
+
+
+def ordered_columns(labels) -> list[str]:
+    """Model columns in the order a reader compares them; unknown labels after, as given."""
+    labels = list(labels)
+    return [c for c in MODEL_COLUMNS if c in labels] + [c for c in labels if c not in MODEL_COLUMNS]
+
+
+def format_score(score: TaskScore | None, metric: str) -> str:
+    """"45.0 ± 3.5" (percent, one standard error) or "-"."""
+    if score is None or metric not in score.values:
+        return "-"
+    err = score.stderr.get(metric)
+    return f"{100 * score.values[metric]:.1f}" + (f" ± {100 * err:.1f}" if err is not None else "")
+
+
+def comparison_rows(result: EvaluateResult) -> tuple[list[str], list[list[str]]]:
+    """(columns, rows): perplexity, then each task's primary metric, one column per model."""
+    columns = ordered_columns(result.models)
+    rows: list[list[str]] = []
+    if any(result.models[c].perplexity is not None for c in columns):
+        rows.append(["perplexity (held-out)"] + [
+            f"{result.models[c].perplexity:.3f}" if result.models[c].perplexity is not None else "-"
+            for c in columns])
+    tasks: list[str] = []
+    for c in columns:
+        tasks += [t for t in result.models[c].tasks if t not in tasks]
+    for task in tasks:
+        cells = [result.models[c].tasks.get(task) for c in columns]
+        first = next(s for s in cells if s is not None)
+        rows.append([f"{task} ({first.shots}-shot) {first.primary} %"] + [format_score(s, first.primary) for s in cells])
+    return columns, rows
+
+
+def comparison_table(result: EvaluateResult) -> str:
+    """Markdown table of `comparison_rows`."""
+    columns, rows = comparison_rows(result)
+    lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: EvaluateResult, out_dir: Path) -> Path:
+    """`results.json` (the typed result) and `table.md` (the comparison) in `out_dir`."""
+    table = comparison_table(result)  # rendered first: a bad result fails before writing
+    write_json(Path(out_dir) / "results.json", encode(result))
+    write_text(Path(out_dir) / "table.md", table)
+    return Path(out_dir) / "results.json"

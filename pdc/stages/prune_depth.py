@@ -1,0 +1,387 @@
+"""Depth pruning: score which decoder layers matter least, drop them, emit a checkpoint.
+
+Saliency kinds (`pdc.lang.settings.Saliency.kind`), each measured on the in-memory model with the
+candidate layers *temporarily removed* (`layers_removed`: the decoder's ModuleList is swapped and
+the KV-cache indices renumbered, no weights are copied):
+
+- `loss`: token-weighted mean next-token NLL on held-out blocks; lower after removal = less
+  important. The paper's Figure 7 (LM loss against the start of the removed block).
+- `task`: accuracy on an lm-eval / local multiple-choice task; higher after removal = less
+  important. The paper's Figure 8 (per-layer accuracy drop).
+- `cosine`: block influence, 1 - cos(hidden state entering the block, hidden state leaving it),
+  averaged over tokens; from one pass of the *full* model (no removal needed). Lower = less
+  important.
+
+Candidates: with `contiguous=True`, every run of `drop = layers - depth` consecutive layers; the
+best-scoring run is dropped. With `contiguous=False`, every single layer is scored on its own and
+the `drop` least important are dropped together (the non-contiguous choice).
+
+Invariants: the chosen layers are exactly the arg-best candidate of the written saliency table; the
+emitted model equals the source model with those layers' modules removed (same weights, layers
+renumbered 0..depth-1), and its config's `num_hidden_layers` and per-layer lists follow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from pdc.arch import Arch
+from pdc.errors import PdcError
+from pdc.files import write_json
+from pdc.inputs.data import take
+from pdc.inputs.models import load_causal_lm
+from pdc.lang.settings import DepthTarget, Saliency
+from pdc.plan.results import Candidate, PruneResult, SaliencyResult
+from pdc.plotting import pyplot, save_figure
+from pdc.stages.evaluate import mean_nll, task_accuracy
+
+STAGE = "prune"
+
+# Config entries that hold one value per decoder layer (sliced along with the layers).
+PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
+
+_METRIC = {
+    # kind: (metric name in tables, better when "lower"/"higher" for the model after removal)
+    "loss": ("val_loss", "lower"),
+    "task": ("accuracy", "higher"),
+    "cosine": ("block_influence", "lower"),
+}
+
+
+# ---- temporary and permanent layer removal ------------------------------------------------------
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder's layer list of a Llama/Mistral/Qwen2 causal LM."""
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise PdcError(f"{type(model).__name__} has no model.layers: depth pruning needs a Llama-style decoder", STAGE)
+    return layers
+
+
+def _set_layer_indices(layers: Sequence[torch.nn.Module], indices: Sequence[int]) -> None:
+    """Each attention module addresses the KV cache by `layer_idx`; renumber them."""
+    for layer, idx in zip(layers, indices):
+        for mod in layer.modules():
+            if hasattr(mod, "layer_idx"):
+                mod.layer_idx = idx
+
+
+def _per_layer_config(config, keep: Sequence[int], n_layers: int) -> dict:
+    """Per-layer config lists restricted to `keep` (only lists that have one entry per layer)."""
+    out = {}
+    for key in PER_LAYER_CONFIG_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)) and len(value) == n_layers:
+            out[key] = [value[i] for i in keep]
+    return out
+
+
+def _keep_list(n: int, drop: Sequence[int]) -> list[int]:
+    bad = [i for i in drop if not 0 <= i < n]
+    if bad:
+        raise PdcError(f"cannot drop layers {bad}: the model has {n} layers", STAGE)
+    keep = [i for i in range(n) if i not in set(drop)]
+    if not keep:
+        raise PdcError("cannot drop every decoder layer", STAGE)
+    return keep
+
+
+def _install(model, layers: Sequence[torch.nn.Module], n_layers: int, lists: dict) -> None:
+    """Make `layers` the decoder's layers, with config and KV-cache indices to match."""
+    model.model.layers = layers if isinstance(layers, torch.nn.ModuleList) else torch.nn.ModuleList(layers)
+    model.config.num_hidden_layers = n_layers
+    for key, value in lists.items():
+        setattr(model.config, key, value)
+    _set_layer_indices(model.model.layers, range(n_layers))
+
+
+@contextlib.contextmanager
+def layers_removed(model, drop: Sequence[int]) -> Iterator[None]:
+    """Run `model` without decoder layers `drop` inside the block; restored exactly afterwards.
+
+    Invariant: inside, the model computes what a checkpoint with those layers deleted computes
+    (layer list, `config.num_hidden_layers`, per-layer config lists and KV-cache indices agree).
+    """
+    layers = decoder_layers(model)
+    n = len(layers)
+    keep = _keep_list(n, drop)
+    saved_lists = {k: getattr(model.config, k) for k in _per_layer_config(model.config, range(n), n)}
+    saved_n = model.config.num_hidden_layers
+    try:
+        _install(model, [layers[i] for i in keep], len(keep), _per_layer_config(model.config, keep, n))
+        yield
+    finally:
+        _install(model, layers, saved_n, saved_lists)
+
+
+def drop_layers_in_place(model, drop: Sequence[int]):
+    """Permanently remove decoder layers `drop` (renumbering the rest); returns `model`."""
+    layers = decoder_layers(model)
+    n = len(layers)
+    keep = _keep_list(n, drop)
+    _install(model, [layers[i] for i in keep], len(keep), _per_layer_config(model.config, keep, n))
+    return model
+
+
+# ---- candidates and saliency ---------------------------------------------------------------------
+def candidates(n_layers: int, depth: int, contiguous: bool) -> list[list[int]]:
+    """Layer sets to score: every run of `n_layers - depth` consecutive layers, or single layers."""
+    if not 1 <= depth <= n_layers:
+        raise PdcError(f"depth {depth} must be between 1 and the model's {n_layers} layers", STAGE)
+    drop = n_layers - depth
+    if drop == 0:
+        return []
+    if contiguous:
+        return [list(range(s, s + drop)) for s in range(n_layers - drop + 1)]
+    return [[i] for i in range(n_layers)]
+
+
+@torch.no_grad()
+def block_influence(model, blocks: torch.Tensor, runs: Sequence[Sequence[int]], batch_size: int = 4,
+                    progress: bool = False) -> list[float]:
+    """1 - cos(h entering run[0], h leaving run[-1]) averaged over all tokens, for each run of
+    consecutive layers, from forward passes of the full model (hooks on the decoder layers)."""
+    layers = decoder_layers(model)
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+
+    def pre_hook(idx):
+        def hook(module, args, kwargs):
+            inputs[idx] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def post_hook(idx):
+        def hook(module, args, kwargs, output):
+            outputs[idx] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+        handles.append(layer.register_forward_hook(post_hook(i), with_kwargs=True))
+    sums = torch.zeros(len(runs), dtype=torch.float64)
+    count = 0
+    device = next(model.parameters()).device
+    starts = range(0, len(blocks), batch_size)
+    if progress:
+        starts = tqdm(starts, desc="block influence", unit="batch", leave=False)
+    was_training = model.training
+    model.eval()
+    try:
+        for s in starts:
+            ids = blocks[s : s + batch_size].to(device)
+            model(input_ids=ids, use_cache=False)
+            for c, run in enumerate(runs):
+                cos = torch.nn.functional.cosine_similarity(inputs[run[0]].double(), outputs[run[-1]].double(), dim=-1)
+                sums[c] += float((1.0 - cos).sum())
+            count += ids.numel()
+            inputs.clear()
+            outputs.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return (sums / max(count, 1)).tolist()
+
+
+def score_candidates(
+    model,
+    cands: Sequence[Sequence[int]],
+    saliency: Saliency,
+    blocks: torch.Tensor | None = None,
+    tokenizer=None,
+    tasks_dir: Path | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> tuple[list[float], float | None]:
+    """(metric per candidate, metric of the full model) for `saliency.kind`.
+
+    loss/task: the model with each candidate removed; cosine: the candidate's block influence
+    (the full-model baseline is then None: nothing is removed).
+    """
+    kind = saliency.kind
+    if kind in ("loss", "cosine") and (blocks is None or len(blocks) == 0):
+        raise PdcError(f"depth saliency '{kind}' needs data blocks (saliency data=...)", STAGE)
+    if kind == "task":
+        if not saliency.task:
+            raise PdcError("depth saliency 'task' needs a task name (saliency task=...)", STAGE)
+        if tokenizer is None:
+            raise PdcError("depth saliency 'task' needs the model's tokenizer", STAGE)
+    if kind == "cosine":
+        return block_influence(model, blocks, cands, batch_size, progress), None
+    measure = _measurement(model, saliency, blocks, tokenizer, tasks_dir, batch_size)
+    baseline = measure()
+    values = []
+    for cand in tqdm(cands, desc=f"depth saliency ({kind})", unit="cand", disable=not progress):
+        with layers_removed(model, cand):
+            values.append(measure())
+    return values, baseline
+
+
+def _measurement(model, saliency: Saliency, blocks, tokenizer, tasks_dir, batch_size) -> Callable[[], float]:
+    """The loss/task metric of `model` as it currently is (layers removed or not)."""
+    if saliency.kind == "loss":
+        return lambda: mean_nll(model, blocks, batch_size)
+    if saliency.kind == "task":
+        return lambda: task_accuracy(model, tokenizer, saliency.task, saliency.shots, tasks_dir, saliency.limit)
+    raise PdcError(f"unknown depth saliency {saliency.kind!r} (expected loss, task or cosine)", STAGE)
+
+
+def choose(cands: Sequence[Sequence[int]], values: Sequence[float], kind: str, n_drop: int, contiguous: bool) -> list[int]:
+    """Layers to drop: the best contiguous candidate, or the `n_drop` best single layers.
+    "Best" = the model loses least: lowest loss / influence, highest accuracy; ties go to the
+    later layers (the paper observes the last layers but one are the most redundant)."""
+    sign = -1.0 if _METRIC[kind][1] == "higher" else 1.0
+    order = sorted(range(len(cands)), key=lambda c: (sign * values[c], -cands[c][0]))
+    if contiguous:
+        return list(cands[order[0]])
+    return sorted(cands[c][0] for c in order[:n_drop])
+
+
+def saliency_table(model, target: DepthTarget, blocks=None, tokenizer=None, tasks_dir=None,
+                   batch_size: int = 4, progress: bool = True) -> dict:
+    """Score all candidates and choose; the JSON-able table written to `saliency.json`."""
+    n_layers = len(decoder_layers(model))
+    cands = candidates(n_layers, target.depth, target.contiguous)
+    n_drop = n_layers - target.depth
+    sal = target.saliency
+    if sal.kind not in _METRIC:
+        raise PdcError(f"unknown depth saliency {sal.kind!r} (expected loss, task or cosine)", STAGE)
+    if blocks is not None and sal.samples and len(blocks) > sal.samples:
+        blocks = take(blocks, sal.samples)
+    values, baseline = score_candidates(model, cands, sal, blocks, tokenizer, tasks_dir, batch_size, progress) if cands else ([], None)
+    chosen = choose(cands, values, sal.kind, n_drop, target.contiguous) if cands else []
+    if not cands or sal.kind == "cosine":
+        after = None
+    elif target.contiguous:
+        after = values[cands.index(chosen)]
+    else:  # single layers were scored alone; measure them removed together
+        with layers_removed(model, chosen):
+            after = _measurement(model, sal, blocks, tokenizer, tasks_dir, batch_size)()
+    metric, better = _METRIC[sal.kind]
+    return {
+        "kind": sal.kind,
+        "metric": metric,
+        "better": better,  # for the model after removal; the chosen candidate is the best
+        "contiguous": target.contiguous,
+        "layers": n_layers,
+        "depth": target.depth,
+        "drop": n_drop,
+        "baseline": baseline,
+        "task": sal.task if sal.kind == "task" else None,
+        "shots": sal.shots if sal.kind == "task" else None,
+        "blocks": None if blocks is None else list(blocks.shape),
+        "candidates": [{"layers": list(c), "value": v} for c, v in zip(cands, values)],
+        "dropped_layers": chosen,
+        "after_drop": after,  # metric with all dropped layers removed (loss/task)
+    }
+
+
+def plot_saliency(table: dict, path: Path) -> Path:
+    """PNG: metric against block start (contiguous) or per layer with the dropped ones marked."""
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
+    starts = [c["layers"][0] for c in table["candidates"]]
+    values = [c["value"] for c in table["candidates"]]
+    dropped = set(table["dropped_layers"])
+    label = {"val_loss": "LM validation loss", "accuracy": "task accuracy", "block_influence": "block influence (1 - cos)"}[table["metric"]]
+    if table["contiguous"]:
+        ax.plot(starts, values, marker="o", lw=1.5, label=f"{table['drop']} layers removed")
+        best = table["dropped_layers"][0] if table["dropped_layers"] else None
+        if best is not None:
+            ax.scatter([best], [values[starts.index(best)]], s=120, facecolors="none", edgecolors="red", lw=2,
+                       label=f"chosen: layers {table['dropped_layers'][0]}-{table['dropped_layers'][-1]}", zorder=3)
+        ax.set_xlabel("first removed layer (block start)")
+    else:
+        ax.plot(starts, values, marker="o", lw=1.5, label="one layer removed")
+        marked = [s for s in starts if s in dropped]
+        ax.scatter(marked, [values[starts.index(s)] for s in marked], s=120, color="tab:red", zorder=3,
+                   label=f"dropped ({len(dropped)}): {sorted(dropped)}")
+        ax.set_xlabel("removed layer")
+    if table.get("baseline") is not None:
+        ax.axhline(table["baseline"], color="gray", ls="--", lw=1, label="no layer removed")
+    ax.set_ylabel(label)
+    title = f"depth saliency: {table['kind']}" + (f" ({table['task']}, {table['shots']}-shot)" if table.get("task") else "")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    return path
+
+
+# ---- the stage -----------------------------------------------------------------------------------
+def _load(model_dir: Path):
+    model = load_causal_lm(model_dir, STAGE)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception:  # loss/cosine saliency need no tokenizer; `task` reports it when needed
+        tokenizer = None
+    return model, tokenizer
+
+
+def _kept_indices(model, dropped: Sequence[int]) -> dict:
+    arch = Arch.from_hf_config(model.config.to_dict())
+    return {
+        "hidden": list(range(arch.hidden)),
+        # keyed by *source* layer index; dropped layers are absent
+        "layers": {
+            str(i): {"mlp": list(range(arch.mlp)), "heads": list(range(arch.heads)), "kv_heads": list(range(arch.kv_heads))}
+            for i in range(arch.layers) if i not in set(dropped)
+        },
+        "dropped_layers": sorted(dropped),
+    }
+
+
+def prune_depth(
+    model_dir: Path,
+    target: DepthTarget,
+    blocks: torch.Tensor | None,
+    out_dir: Path,
+    tasks_dir: Path | None = None,
+    progress: bool = True,
+    batch_size: int = 4,
+) -> PruneResult:
+    """Score, choose and drop layers of the checkpoint in `model_dir`; write into `out_dir` (the
+    caller's staging directory): `model/` (HF checkpoint + tokenizer), `kept_indices.json`,
+    `saliency.json`, `saliency.png`."""
+    t0 = time.perf_counter()
+    model, tokenizer = _load(model_dir)
+    arch_before = Arch.from_hf_config(model.config.to_dict())
+    table = saliency_table(model, target, blocks, tokenizer, tasks_dir, batch_size, progress)
+    saliency_seconds = time.perf_counter() - t0
+    dropped = table["dropped_layers"]
+    kept = _kept_indices(model, dropped)
+    drop_layers_in_place(model, dropped)
+    arch_after = Arch.from_hf_config(model.config.to_dict())
+    n_params = sum(p.numel() for p in model.parameters())
+    if n_params != arch_after.total_params():
+        raise PdcError(f"pruned model has {n_params} parameters, architecture predicts {arch_after.total_params()}", STAGE)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir / "model")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir / "model")
+    write_json(out_dir / "kept_indices.json", kept, indent=None)
+    write_json(out_dir / "saliency.json", table)
+    plot_saliency(table, out_dir / "saliency.png")
+    saliency = SaliencyResult(
+        kind=table["kind"], metric=table["metric"], better=table["better"], contiguous=table["contiguous"],
+        task=table["task"], shots=table["shots"], baseline=table["baseline"], chosen=table["after_drop"],
+        candidates=tuple(Candidate(tuple(c["layers"]), c["value"]) for c in table["candidates"]),
+        dropped_layers=tuple(dropped),
+    )
+    return PruneResult(
+        kind="depth", params_before=arch_before.total_params(), params_after=n_params,
+        arch_before=arch_before.sizes(), arch_after=arch_after.sizes(), kept=kept,
+        seconds={"saliency": round(saliency_seconds, 3), "total": round(time.perf_counter() - t0, 3)},
+        saliency=saliency,
+    )

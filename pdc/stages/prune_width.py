@@ -1,0 +1,186 @@
+"""Width pruning end to end: export -> importance (one calibration pass) -> slice -> emit.
+
+In-memory API (for the artifacts engineer and the runner):
+
+    program = export_dir(model_dir)                     # pdc.graph.export, meta weights
+    program, report = prune_program(program, calib, target, importance)
+    program.gm                                          # the rewritten fx GraphModule, real weights
+    ep = program.export()                               # ExportedProgram -> torch.export.save / ONNX
+
+`prune_width(...)` does the same and writes the build directory's `prune/` files. Invariants:
+keeping every unit reproduces the source logits exactly; the emitted checkpoint reproduces the
+rewritten graph's logits; its parameter count is `Arch.with_sizes(target).total_params()`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from pdc.arch import Arch
+from pdc.emit.checkpoint import emit_checkpoint
+from pdc.errors import PdcError
+from pdc.files import write_json
+from pdc.graph import importance as imp_mod
+from pdc.graph.export import export_dir, materialize, source_arch
+from pdc.graph.manager import PassManager
+from pdc.graph.program import STAGE, Program
+from pdc.graph.rewrite import materialize_sliced
+from pdc.graph.structure import structure_of
+from pdc.lang.settings import ImportanceConfig, WidthTarget
+from pdc.passes.slice_heads import SliceHeads
+from pdc.passes.slice_hidden import SliceHidden
+from pdc.passes.slice_mlp import SliceMlp
+from pdc.plan.results import PruneResult
+from pdc.plotting import pyplot, save_figure
+
+
+def check_target(arch: Arch, target: WidthTarget) -> tuple[int, int]:
+    """Raise a one-line `PdcError` if `target` cannot be cut from `arch` (checked before any
+    expensive work). Returns the (heads, kv_heads) the pruned model will have."""
+    units = {"hidden": "hidden channels", "mlp": "MLP neurons", "heads": "query heads", "kv_heads": "kv heads"}
+    for axis, unit in units.items():
+        want, have = getattr(target, axis), getattr(arch, axis)
+        if want is not None and not 1 <= want <= have:
+            raise PdcError(f"cannot keep {want} {unit}: the source has {have}", STAGE)
+    new_kv = target.kv_heads if target.kv_heads is not None else arch.kv_heads
+    rep = arch.heads // arch.kv_heads
+    new_heads = target.heads if target.heads is not None else (
+        new_kv * rep if target.kv_heads is not None else arch.heads)  # kv only: keep heads per group
+    if new_heads % new_kv:
+        raise PdcError(f"heads {new_heads} must be a multiple of kv_heads {new_kv}", STAGE)
+    if new_heads // new_kv > rep:
+        raise PdcError(f"cannot keep {new_heads // new_kv} query heads per kv group: the source has {rep}", STAGE)
+    return new_heads, new_kv
+
+
+def plan_passes(program: Program, scores: "imp_mod.Importance", target: WidthTarget) -> list:
+    """Turn scores and target sizes into configured passes (hidden, mlp, heads)."""
+    arch = program.arch
+    structure = structure_of(program)
+    passes = []
+    if target.hidden is not None and target.hidden != arch.hidden:
+        passes.append(SliceHidden(imp_mod.top_k(scores.hidden, target.hidden)))
+    if target.mlp is not None and target.mlp != arch.mlp:
+        passes.append(SliceMlp({l.index: imp_mod.top_k(scores.mlp[l.index], target.mlp) for l in structure.layers}))
+    new_heads, new_kv = check_target(arch, target)
+    if (new_heads, new_kv) != (arch.heads, arch.kv_heads):
+        keep_h, keep_kv = {}, {}
+        for layer in structure.layers:
+            a = layer.attn
+            keep_h[layer.index], keep_kv[layer.index] = imp_mod.select_heads(
+                scores.heads[layer.index], scores.kv_heads[layer.index], a.heads, a.kv_heads, new_heads, new_kv)
+        passes.append(SliceHeads(keep_h, keep_kv))
+    return passes
+
+
+def prune_program(program: Program, calib: Optional[torch.Tensor], target: WidthTarget,
+                  importance: ImportanceConfig, progress: bool = True, batch_size: int = 8) -> tuple[Program, dict]:
+    """Rank, slice and (for meta sources) read the kept weights. Returns the program (rewritten
+    in place) and a report {"importance": Importance, "passes": [...], "seconds": {...}}."""
+    seconds = {}
+    if importance.method == "activation" and calib is None:
+        raise PdcError("activation importance needs calibration blocks", STAGE)
+    scores = imp_mod.compute(program, calib, importance, batch_size=batch_size, progress=progress)
+    seconds["importance"] = scores.seconds
+    start = time.perf_counter()
+    passes = plan_passes(program, scores, target)
+    manager = PassManager(passes, progress=progress)
+    results = manager.run(program)
+    seconds["slicing"] = time.perf_counter() - start
+    if program.on_meta():
+        start = time.perf_counter()
+        materialize_sliced(program, progress=progress)
+        seconds["read_weights"] = time.perf_counter() - start
+    return program, {"importance": scores, "passes": results, "seconds": seconds}
+
+
+def prune_width(model_dir: Path, calib: Optional[torch.Tensor], target: WidthTarget, importance: ImportanceConfig,
+                out_dir: Path, progress: bool = True, stream_weights: Optional[bool] = None,
+                batch_size: int = 8) -> PruneResult:
+    """Prune the checkpoint in `model_dir` to `target` and write into `out_dir` (the caller's
+    staging directory): model/, kept_indices.json, importance.json, importance.png.
+    `stream_weights` (default: only for checkpoints over 4 GiB) keeps the source weights on disk
+    during calibration and reads each one per use."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    seconds = {}
+    config_path = model_dir / "config.json"
+    if not config_path.exists():
+        raise PdcError(f"no config.json in {model_dir}", STAGE)
+    check_target(source_arch(json.loads(config_path.read_text())), target)  # fail before exporting
+    start = time.perf_counter()
+    program = export_dir(model_dir, progress=progress)
+    seconds["export"] = time.perf_counter() - start
+    arch_before = program.arch
+    if stream_weights is None:
+        stream_weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) > 4 * 2**30
+    if not stream_weights and importance.method == "activation":
+        start = time.perf_counter()
+        materialize(program, progress=progress)
+        seconds["load_weights"] = time.perf_counter() - start
+    program, report = prune_program(program, calib, target, importance, progress, batch_size)
+    seconds.update(report["seconds"])
+    start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    emit_checkpoint(program, out_dir / "model", source_dir=model_dir)
+    write_json(out_dir / "kept_indices.json", program.kept, indent=None)
+    scores = report["importance"]
+    write_json(out_dir / "importance.json", scores.to_json(), indent=None)
+    plot_importance(scores, program.kept, out_dir / "importance.png")
+    seconds["emit"] = time.perf_counter() - start
+    params_after = program.num_params()
+    expected = program.arch.total_params()
+    if params_after != expected:
+        raise PdcError(f"pruned model has {params_after} parameters, architecture predicts {expected}", STAGE)
+    result = PruneResult(
+        kind="width", params_before=arch_before.total_params(), params_after=params_after,
+        arch_before=arch_before.sizes(), arch_after=program.arch.sizes(), kept=program.kept,
+        seconds={k: round(v, 3) for k, v in seconds.items()}, importance=importance.method,
+        calibration_tokens=scores.tokens, plot="importance.png",
+    )
+    if progress:
+        print(format_summary(result))
+    return result
+
+
+def format_summary(result: PruneResult) -> str:
+    rows = [("params before", f"{result.params_before:,}"), ("params after", f"{result.params_after:,}")]
+    rows += [(f"time {k}", f"{v:.2f} s") for k, v in result.seconds.items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v:>16}" for k, v in rows)
+
+
+def plot_importance(scores: "imp_mod.Importance", kept: dict, path: Path) -> None:
+    """Hidden channels sorted with the cut line; per-layer sorted MLP neuron scores with the cut;
+    per-layer head scores (kept heads filled)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    h = scores.hidden.sort(descending=True).values
+    axes[0].plot(h.numpy())
+    axes[0].axvline(len(kept["hidden"]) - 0.5, color="red", ls="--", label=f"keep {len(kept['hidden'])}")
+    axes[0].set(title="hidden channels (sorted)", xlabel="rank", ylabel="importance", yscale="log")
+    axes[0].legend()
+    cmap = plt.get_cmap("viridis")
+    n = max(1, len(scores.mlp))
+    for i, s in sorted(scores.mlp.items()):
+        axes[1].plot(s.sort(descending=True).values.numpy(), color=cmap(i / n), lw=0.8)
+    keep_mlp = len(next(iter(kept["layers"].values()))["mlp"]) if kept["layers"] else 0
+    axes[1].axvline(keep_mlp - 0.5, color="red", ls="--", label=f"keep {keep_mlp}")
+    axes[1].set(title="MLP neurons per layer (sorted; colour = depth)", xlabel="rank", yscale="log")
+    axes[1].legend()
+    if scores.heads:
+        grid = torch.stack([scores.heads[i] for i in sorted(scores.heads)])
+        im = axes[2].imshow(grid.numpy(), aspect="auto", cmap="magma")
+        fig.colorbar(im, ax=axes[2])
+        for li, key in enumerate(sorted(kept["layers"], key=int)):
+            if li < grid.shape[0]:
+                for hd in kept["layers"][key]["heads"]:
+                    axes[2].plot(hd, li, "c.", ms=3)
+        axes[2].set(title="head importance (dots = kept)", xlabel="head", ylabel="layer")
+    fig.suptitle(f"{scores.method} importance")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)

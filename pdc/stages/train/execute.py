@@ -1,0 +1,246 @@
+"""Prepare a training stage's work dir, run its ranks, and publish the result.
+
+`execute` is shared by `run_correct` and `run_distill`:
+  1. checks the inputs (one-line `PdcError`s), computes the step count and batch geometry;
+  2. writes `stage.json`, `data.pt`, `ds_config.json` and `launch.sh` (the exact commands) into
+     `work_dir`; a work dir holding a *different* run (other config, data or source models) is
+     cleared, one holding the same run is resumed from its last checkpoint;
+  3. runs the ranks: world size 1 in this process, more via `torchrun ... -m pdc.stages.train.worker`;
+  4. copies model/ (+ tokenizer files), log.jsonl and loss.png into `out_dir` (the runner's
+     staging directory) and returns the typed `TrainResult`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pdc.emit.launch_files import launch_commands, write_stage_files
+from pdc.errors import PdcError
+from pdc.files import write_bytes
+from pdc.lang.settings import TrainConfig
+from pdc.plan.results import TrainResult
+from pdc.plan.training import grad_accumulation, total_steps
+from pdc.stages.train.logs import plot_loss, read_log
+from pdc.stages.train.loop import ensure_dist_env, run_stage
+
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_model_dir(path: Path, role: str, stage: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise PdcError(f"{role} model directory not found: {path}", stage)
+    if not (path / "config.json").exists():
+        raise PdcError(f"{role} model directory {path} has no config.json", stage)
+    return path
+
+
+def _check_blocks(blocks, role: str, stage: str, allow_empty: bool) -> torch.Tensor:
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype != torch.long:
+        raise PdcError(f"{role} blocks must be a LongTensor [N, seq_len]", stage)
+    if len(blocks) == 0 and not allow_empty:
+        raise PdcError(f"no {role} blocks: nothing to train on", stage)
+    return blocks.contiguous()
+
+
+def _dir_signature(path: Path) -> list:
+    """Names, sizes and mtimes of a model dir's files: changes when an upstream stage rewrote it."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(path).iterdir() if p.is_file())
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()
+
+
+def execute(kind: str, sources: dict, train_blocks, val_blocks, cfg: TrainConfig, work_dir: Path,
+            out_dir: Path, progress: bool = True, world_size: int = 1) -> TrainResult:
+    stage = kind
+    t_start = time.perf_counter()
+    sources = {role: _check_model_dir(p, role.replace("_dir", ""), stage) for role, p in sources.items()}
+    train_blocks = _check_blocks(train_blocks, "training", stage, allow_empty=False)
+    val_blocks = _check_blocks(val_blocks, "validation", stage, allow_empty=True)
+    if len(val_blocks) and val_blocks.shape[1] != train_blocks.shape[1]:
+        raise PdcError("training and validation blocks differ in length", stage)
+    if train_blocks.shape[1] != cfg.seq_len:
+        cfg = dataclasses.replace(cfg, seq_len=int(train_blocks.shape[1]))  # the blocks are the truth
+    if not isinstance(world_size, int) or world_size < 1:
+        raise PdcError(f"world size must be a positive integer (got {world_size!r})", stage)
+    steps = total_steps(cfg, stage)
+    grad_accumulation(cfg, world_size, stage)
+
+    work_dir, out_dir = Path(work_dir).resolve(), Path(out_dir).resolve()
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PdcError(f"cannot create work dir {work_dir}: {exc.strerror}", stage) from exc
+
+    spec = {
+        "kind": kind,
+        "stage": stage,
+        **{role: str(p.resolve()) for role, p in sources.items()},
+        "cfg": dataclasses.asdict(cfg),
+        "world_size": world_size,
+        "steps": steps,
+    }
+    fp = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    for p in sources.values():
+        fp.update(json.dumps(_dir_signature(p)).encode())
+    fp.update(_tensor_digest(train_blocks).encode())
+    fp.update(_tensor_digest(val_blocks).encode())
+    spec["fingerprint"] = fp.hexdigest()[:16]
+    spec["progress"] = progress
+
+    old = work_dir / "stage.json"
+    if old.exists() and json.loads(old.read_text()).get("fingerprint") != spec["fingerprint"]:
+        # A different run used this work dir: its checkpoints must not be resumed.
+        for stale in ("checkpoints", "final", "final.tmp"):
+            shutil.rmtree(work_dir / stale, ignore_errors=True)
+        for stale in ("log.jsonl", "data.pt"):
+            (work_dir / stale).unlink(missing_ok=True)
+    (work_dir / "error.json").unlink(missing_ok=True)
+
+    port = _free_port()
+    argv, _ = launch_commands(work_dir, world_size, port)
+    write_stage_files(work_dir, cfg, stage, world_size, port)
+    try:
+        if not (work_dir / "data.pt").exists():
+            tmp = work_dir / "data.pt.tmp"
+            torch.save({"train": train_blocks, "val": val_blocks}, tmp)
+            os.replace(tmp, work_dir / "data.pt")
+        write_bytes(work_dir / "stage.json", json.dumps(spec, indent=2).encode())
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise PdcError(f"disk full while writing the work dir {work_dir}", stage) from exc
+        raise PdcError(f"cannot write the work dir {work_dir}: {exc.strerror}", stage) from exc
+
+    if not _finished(work_dir, spec["fingerprint"]):
+        if world_size == 1:
+            _run_in_process(work_dir, progress)
+        else:
+            _run_workers(work_dir, argv, steps, stage, progress)
+    return _publish(work_dir, out_dir, sources, stage, time.perf_counter() - t_start)
+
+
+def _finished(work_dir: Path, fingerprint: str) -> bool:
+    metrics = work_dir / "final" / "metrics.json"
+    return metrics.exists() and json.loads(metrics.read_text()).get("fingerprint") == fingerprint
+
+
+def _run_in_process(work_dir: Path, progress: bool) -> None:
+    set_now = ensure_dist_env()
+    try:
+        run_stage(work_dir, progress)
+    finally:
+        for key in set_now:
+            os.environ.pop(key, None)
+
+
+def _run_workers(work_dir: Path, argv: list[str], steps: int, stage: str, progress: bool) -> None:
+    world_size = int(argv[argv.index("--nproc_per_node") + 1])
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    log_file = work_dir / "launch.log"
+    bar = None
+    if progress:
+        bar = tqdm(total=steps, desc=f"{stage} x{world_size}", unit="step", dynamic_ncols=True)
+    try:
+        with open(log_file, "w") as out:
+            try:
+                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+            except OSError as exc:
+                raise PdcError(f"cannot start the training workers: {exc}", stage) from exc
+            try:
+                while proc.poll() is None:
+                    time.sleep(0.5)
+                    if bar is not None:
+                        records = read_log(work_dir / "log.jsonl")
+                        if records:
+                            bar.n = records[-1]["step"]
+                            bar.set_postfix(loss=f"{records[-1]['loss']:.4f}")
+                            bar.refresh()
+            except BaseException:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait()
+                raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if proc.returncode != 0:
+        err = work_dir / "error.json"
+        if err.exists():
+            raise PdcError(json.loads(err.read_text())["message"], stage)
+        tail = [l for l in log_file.read_text(errors="replace").splitlines() if l.strip()][-1:]
+        raise PdcError(
+            f"training workers failed (exit {proc.returncode}); see {log_file}"
+            + (f": {tail[0][:200]}" if tail else ""),
+            stage,
+        )
+
+
+def _summarise(metrics: dict, records: list[dict], wall_s: float) -> TrainResult:
+    """The stage's typed result from the loop's final metrics and its step log."""
+    speeds = [r["tokens_per_s"] for r in records[1:]] or [r["tokens_per_s"] for r in records[:1]]
+    vs, ve = metrics.get("val_start") or {}, metrics.get("val_end") or {}
+    distill = metrics["kind"] == "distill"
+    return TrainResult(
+        kind=metrics["kind"], steps=metrics["steps"], tokens=metrics["tokens"],
+        global_batch=metrics["global_batch"], micro_batch=metrics["micro_batch"],
+        grad_accumulation=metrics["grad_accumulation"], world_size=metrics["world_size"],
+        seq_len=metrics["seq_len"], precision=metrics["precision"], zero=metrics["zero"],
+        trainable_params=metrics["trainable_params"], resumed_from_step=metrics["resumed_from_step"],
+        val_loss_start=vs.get("loss"), val_loss_end=ve.get("loss"),
+        train_loss_first=records[0]["loss"] if records else None,
+        train_loss_last=records[-1]["loss"] if records else None,
+        tokens_per_s=statistics.median(speeds) if speeds else None,  # step 1 includes warm-up costs
+        wall_s=wall_s, method=metrics.get("method"), loss=metrics.get("loss") if distill else None,
+        teacher_val_loss=ve.get("teacher_loss") if distill else None,
+        val_kl_start=vs.get("kl") if distill else None, val_kl_end=ve.get("kl") if distill else None,
+    )
+
+
+def _publish(work_dir: Path, out_dir: Path, sources: dict, stage: str, wall_s: float) -> TrainResult:
+    """Copy the trained model (with the source's tokenizer files), the log and the loss plot into
+    `out_dir` (the caller's staging directory: it owns atomicity)."""
+    final = work_dir / "final"
+    records = read_log(work_dir / "log.jsonl")
+    result = _summarise(json.loads((final / "metrics.json").read_text()), records, wall_s)
+    source = sources.get("student_dir") or sources.get("model_dir")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(final / "model", out_dir / result.model, dirs_exist_ok=True)
+        for f in Path(source).iterdir():  # tokenizer and generation files travel with the model
+            if f.is_file() and f.name not in MODEL_FILES and not f.name.endswith((".safetensors", ".bin")) \
+                    and not (out_dir / result.model / f.name).exists():
+                shutil.copy2(f, out_dir / result.model / f.name)
+        if (work_dir / "log.jsonl").exists():
+            shutil.copy2(work_dir / "log.jsonl", out_dir / result.log)
+        plot_loss(records, out_dir / result.plot, f"{stage}: {result.steps} steps, {result.tokens:,} tokens")
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise PdcError(f"disk full while writing {out_dir}", stage) from exc
+        raise PdcError(f"cannot write {out_dir}: {exc}", stage) from exc
+    return result

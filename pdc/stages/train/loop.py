@@ -1,0 +1,411 @@
+"""The training loop that every rank runs: DeepSpeed engine, checkpoints, resume, logs, validation.
+
+One loop serves both stages. `distill`: the student is trained on the distillation loss against a
+frozen teacher (eval mode, no grad). `correct`: the model is fine-tuned on next-token loss
+(`method` full | lora | norm). The stage is described by `<work_dir>/stage.json` and the token
+blocks by `<work_dir>/data.pt`; both are written by `pdc.stages.train.execute`.
+
+Invariants:
+  * data order is a pure function of (seed, step): global batch s is positions [s*G, (s+1)*G) of
+    an endless sequence of seeded per-epoch permutations; rank r takes micro-batch a's slice
+    (a*world + r)*micro ... So a resumed run sees exactly the data an uninterrupted one would.
+  * a checkpoint holds model, optimizer, scheduler (DeepSpeed `save_checkpoint`), the step and
+    each rank's RNG; `checkpoints/resume.json` is replaced atomically only after every rank has
+    finished writing, so a kill -9 at any moment leaves a loadable checkpoint or none.
+  * the final model is written to `final.tmp/` and renamed to `final/` when complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from pdc.errors import PdcError
+from pdc.inputs.models import load_causal_lm
+from pdc.lang.settings import TrainConfig
+from pdc.stages.train import losses
+from pdc.stages.train.logs import JsonlLog, truncate_log
+from pdc.stages.train.schedule import start_scheduler
+
+NORM_MARKERS = ("norm",)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---- data order ---------------------------------------------------------------------------------
+def epoch_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_blocks, generator=g)
+
+
+def global_batch_indices(n_blocks: int, global_batch: int, step: int, seed: int) -> torch.Tensor:
+    """Block indices of optimizer step `step` (0-based): a window on seeded epoch permutations."""
+    start = step * global_batch
+    out = []
+    pos = start
+    while len(out) < global_batch:
+        epoch, offset = divmod(pos, n_blocks)
+        order = epoch_order(n_blocks, seed, epoch)
+        take = min(global_batch - len(out), n_blocks - offset)
+        out.extend(order[offset : offset + take].tolist())
+        pos += take
+    return torch.tensor(out, dtype=torch.long)
+
+
+def rank_micro_batch(indices: torch.Tensor, micro: int, accum_step: int, rank: int, world: int) -> torch.Tensor:
+    start = (accum_step * world + rank) * micro
+    return indices[start : start + micro]
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def config_from_dict(d: dict) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in d.items() if k in names})
+
+
+def ensure_dist_env() -> dict:
+    """Single-process rendezvous env (free port) where the launcher did not set one; returns what was set."""
+    import socket
+
+    set_now = {}
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            set_now["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, val in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        if key not in os.environ:
+            set_now[key] = val
+    os.environ.update(set_now)
+    return set_now
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def _quiet_deepspeed() -> None:
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+
+
+def _use_bf16(cfg: TrainConfig) -> bool:
+    """bf16 only where the hardware has it (a GPU with bf16); CPUs train in fp32."""
+    return cfg.precision == "bf16" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+# ---- the stage ---------------------------------------------------------------------------------
+class Stage:
+    """What differs between teacher correction and distillation: the models and the loss."""
+
+    def __init__(self, spec: dict, cfg: TrainConfig, device: torch.device):
+        self.kind = spec["kind"]
+        self.name = spec["stage"]
+        self.cfg = cfg
+        self.device = device
+        dtype = torch.bfloat16 if _use_bf16(cfg) else torch.float32
+        self.teacher = None
+        if self.kind == "distill":
+            self.model = load_causal_lm(spec["student_dir"], self.name)
+            self.teacher = load_causal_lm(spec["teacher_dir"], self.name, dtype).to(device).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+            if self.teacher.config.vocab_size != self.model.config.vocab_size:
+                raise PdcError(
+                    f"teacher vocab {self.teacher.config.vocab_size} != student vocab "
+                    f"{self.model.config.vocab_size}",
+                    self.name,
+                )
+        else:
+            self.model = load_causal_lm(spec["model_dir"], self.name)
+            self._prepare_correction()
+        self.model.config.use_cache = False
+
+    def _prepare_correction(self) -> None:
+        method = self.cfg.method
+        if method == "full":
+            return
+        if method == "norm":
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(any(m in name.lower() for m in NORM_MARKERS))
+            return
+        if method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            present = {n.rsplit(".", 1)[-1] for n, _ in self.model.named_modules()}
+            targets = [t for t in LORA_TARGETS if t in present]
+            lcfg = LoraConfig(
+                r=self.cfg.lora_rank, lora_alpha=2 * self.cfg.lora_rank, lora_dropout=0.0,
+                target_modules=targets, bias="none", task_type="CAUSAL_LM",
+            )
+            self.model = get_peft_model(self.model, lcfg)
+            return
+        raise PdcError(f"unknown correction method {method!r} (full, lora, norm)", self.name)
+
+    def loss(self, engine, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = engine(input_ids=input_ids).logits
+        if self.teacher is None:
+            return losses.lm_loss(logits, input_ids), None
+        with torch.no_grad():
+            t_logits = self.teacher(input_ids=input_ids).logits
+        return losses.distill_loss(logits, t_logits, input_ids, self.cfg)
+
+    @torch.no_grad()
+    def validate(self, engine, val: torch.Tensor, rank: int, world: int) -> dict | None:
+        """Mean next-token loss on the held-out blocks (sharded over ranks), and for distillation
+        the teacher's loss and the student-teacher KL."""
+        import deepspeed.comm as dist
+
+        if len(val) == 0:
+            return None
+        was_training = engine.module.training
+        engine.module.eval()
+        sums = torch.zeros(4, dtype=torch.float64)  # student CE, teacher CE, KL, blocks
+        micro = self.cfg.micro_batch
+        mine = val[rank::world]
+        for i in range(0, len(mine), micro):
+            ids = mine[i : i + micro].to(self.device)
+            logits = engine.module(input_ids=ids).logits
+            n = len(ids)
+            sums[0] += losses.lm_loss(logits, ids).item() * n
+            if self.teacher is not None:
+                t_logits = self.teacher(input_ids=ids).logits
+                sums[1] += losses.lm_loss(t_logits, ids).item() * n
+                sums[2] += losses.kl_divergence(
+                    logits, t_logits, self.cfg.loss, 1.0, None
+                ).item() * n
+            sums[3] += n
+        dist.all_reduce(sums)
+        engine.module.train(was_training)
+        n = sums[3].item()
+        out = {"loss": sums[0].item() / n}
+        if self.teacher is not None:
+            out.update(teacher_loss=sums[1].item() / n, kl=sums[2].item() / n)
+        return out
+
+    def export(self, engine, model_dir: Path) -> None:
+        """Save the trained model as a plain HF checkpoint (LoRA adapters merged in)."""
+        module = engine.module
+        if hasattr(module, "merge_and_unload"):
+            module = module.merge_and_unload()
+        for p in module.parameters():
+            p.requires_grad_(True)
+        module.config.use_cache = True
+        module.save_pretrained(model_dir, safe_serialization=True)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+def _resume_point(ckpt_dir: Path, stage: str) -> dict | None:
+    pointer = ckpt_dir / "resume.json"
+    if not pointer.exists():
+        return None
+    info = json.loads(pointer.read_text())
+    if not (ckpt_dir / info["tag"]).is_dir():
+        raise PdcError(
+            f"checkpoint directory {ckpt_dir / info['tag']} is missing (named by {pointer}); "
+            f"delete {pointer} to start over",
+            stage,
+        )
+    return info
+
+
+def _save_checkpoint(engine, ckpt_dir: Path, step: int, extra: dict, rank: int, stage: str) -> None:
+    import deepspeed.comm as dist
+
+    tag = f"step{step:08d}"
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, **extra}, save_latest=False)
+        torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise PdcError(f"disk full while saving the checkpoint of step {step} in {ckpt_dir}", stage) from exc
+        raise PdcError(f"cannot save the checkpoint of step {step} in {ckpt_dir}: {exc}", stage) from exc
+    dist.barrier()
+    if rank == 0:
+        tmp = ckpt_dir / "resume.json.tmp"
+        tmp.write_text(json.dumps({"tag": tag, "step": step}))
+        os.replace(tmp, ckpt_dir / "resume.json")
+        # Only the newest checkpoint is needed to resume; older ones just use disk.
+        for old in ckpt_dir.glob("step*"):
+            if old.is_dir() and old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+def run_stage(stage_dir: Path, progress: bool | None = None) -> None:
+    """Run (or resume) the stage described in `stage_dir`; every rank calls this."""
+    import deepspeed
+    import deepspeed.comm as dist
+
+    stage_dir = Path(stage_dir)
+    spec = json.loads((stage_dir / "stage.json").read_text())
+    ds_cfg = json.loads((stage_dir / "ds_config.json").read_text())
+    cfg = config_from_dict(spec["cfg"])
+    name = spec["stage"]
+    progress = spec.get("progress", True) if progress is None else progress
+    from transformers.utils import logging as hf_logging
+
+    _quiet_deepspeed()
+    hf_bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # per-file load/save bars would drown the training bar
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    try:
+        _train(stage_dir, spec, ds_cfg, cfg, name, progress)
+    finally:
+        dist.destroy_process_group()
+        if hf_bars:
+            hf_logging.enable_progress_bar()
+
+
+def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: str, progress: bool) -> None:
+    import deepspeed
+    import deepspeed.comm as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != spec["world_size"]:
+        raise PdcError(f"launched with {world} processes, stage expects {spec['world_size']}", name)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    data = torch.load(stage_dir / "data.pt")
+    train, val = data["train"], data["val"]
+    steps, gas, G = spec["steps"], ds_cfg["gradient_accumulation_steps"], cfg.global_batch
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    stage = Stage(spec, cfg, device)
+    params = [p for p in stage.model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.ERROR)  # the scheduler warns that it "has not started" (we start it below)
+    try:
+        engine, _, _, scheduler = deepspeed.initialize(model=stage.model, model_parameters=params, config=ds_cfg)
+    finally:
+        ds_logger.setLevel(logging.WARNING)
+
+    ckpt_dir = stage_dir / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    log_path = stage_dir / "log.jsonl"
+    resume = _resume_point(ckpt_dir, name)
+    if resume is not None:
+        load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=resume["tag"])
+        if load_path is None:
+            raise PdcError(f"cannot load checkpoint {ckpt_dir / resume['tag']}", name)
+        start_step = int(client["step"])
+        val_start = client.get("val_start")
+        rng_file = ckpt_dir / resume["tag"] / f"rng_rank{rank}.pt"
+        if rng_file.exists():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        start_step = 0
+        start_scheduler(scheduler)
+        val_start = stage.validate(engine, val, rank, world)
+    if rank == 0:
+        if resume is None and log_path.exists():
+            log_path.unlink()
+        elif resume is not None:
+            truncate_log(log_path, start_step)
+    dist.barrier()
+
+    log = JsonlLog(log_path) if rank == 0 else None
+    bar = None
+    if rank == 0 and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True)
+    tokens_per_step = G * cfg.seq_len
+    engine.train()
+    try:
+        for step in range(start_step, steps):
+            t0, c0 = time.perf_counter(), time.process_time()
+            lr = scheduler.get_last_lr()[0]
+            indices = global_batch_indices(len(train), G, step, cfg.seed)
+            stats = torch.zeros(2, dtype=torch.float64)
+            for a in range(gas):
+                ids = train[rank_micro_batch(indices, cfg.micro_batch, a, rank, world)].to(device)
+                loss, kl = stage.loss(engine, ids)
+                engine.backward(loss)
+                engine.step()
+                stats[0] += loss.item()
+                stats[1] += kl.item() if kl is not None else 0.0
+            dist.all_reduce(stats)
+            stats /= gas * world
+            loss_val = stats[0].item()
+            if not math.isfinite(loss_val):
+                raise PdcError(f"loss is {loss_val} at step {step + 1}; stopped (try a lower lr)", name)
+            dt = time.perf_counter() - t0
+            if log is not None:
+                rec = {"step": step + 1, "loss": loss_val, "lr": lr, "tokens_per_s": tokens_per_step / dt,
+                       "step_s": dt, "cpu_s": time.process_time() - c0, "tokens": (step + 1) * tokens_per_step}
+                if stage.teacher is not None:
+                    rec["kl"] = stats[1].item()
+                log.write(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_val:.4f}")
+            done = step + 1
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
+                _save_checkpoint(engine, ckpt_dir, done, {"val_start": val_start}, rank, name)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+
+    val_end = stage.validate(engine, val, rank, world)
+    if rank == 0:
+        final_tmp, final = stage_dir / "final.tmp", stage_dir / "final"
+        shutil.rmtree(final_tmp, ignore_errors=True)
+        try:
+            final_tmp.mkdir()
+            stage.export(engine, final_tmp / "model")
+            metrics = {
+                "stage": name,
+                "kind": spec["kind"],
+                "steps": steps,
+                "tokens": steps * tokens_per_step,
+                "global_batch": G,
+                "micro_batch": cfg.micro_batch,
+                "grad_accumulation": gas,
+                "world_size": world,
+                "seq_len": cfg.seq_len,
+                "precision": "bf16" if _use_bf16(cfg) else "fp32",
+                "zero": cfg.zero,
+                "trainable_params": trainable,
+                "resumed_from_step": start_step,
+                "val_start": val_start,
+                "val_end": val_end,
+                "fingerprint": spec["fingerprint"],
+            }
+            if spec["kind"] == "correct":
+                metrics["method"] = cfg.method
+            else:
+                metrics["loss"] = cfg.loss
+            (final_tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        except OSError as exc:
+            shutil.rmtree(final_tmp, ignore_errors=True)
+            if exc.errno == errno.ENOSPC:
+                raise PdcError(f"disk full while saving the final model in {stage_dir}", name) from exc
+            raise
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(final_tmp, final)
+    dist.barrier()

@@ -1,0 +1,55 @@
+"""Build directories made by the producer: `pdc run` on tiny specs, shared by the runner, report,
+lock and model-card tests (built once per test session, copied where a test alters them)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from conftest import save_tiny_checkpoint
+from pdc.cli import main as pdc_main
+from test_eval_support import write_mc_task
+
+WIDTH_SPEC = """\
+model teacher = dir("tiny")
+data corpus = jsonl("corpus.jsonl")
+
+correct teacher on corpus { steps=2 lr=1e-4 warmup=1 global_batch=4 micro_batch=2 seq_len=32 }
+prune width { hidden=48 mlp=64 importance=activation(samples=8, seq_len=32) }
+distill from teacher on corpus { steps=3 lr=1e-3 min_lr=1e-4 warmup=1 global_batch=4 micro_batch=2 seq_len=32 }
+evaluate with lm_eval { tasks_dir="tasks" perplexity(corpus) tiny_mc(0) }
+"""
+
+DEPTH_SPEC = """\
+model teacher = dir("tiny")
+data corpus = jsonl("corpus.jsonl")
+
+prune depth { depth=2 contiguous=true saliency=task(tiny_mc, shots=0) }
+evaluate with lm_eval { tasks_dir="tasks" perplexity(corpus) tiny_mc(0) }
+"""
+
+
+def write_corpus(path: Path, n: int = 200, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    words = "the cat sat on a mat while dogs ran past old trees and new houses near rivers".split()
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(30))}) + "\n")
+    return path
+
+
+def make_project(root: Path, spec_text: str, name: str = "tiny") -> Path:
+    """A folder with a tiny llama checkpoint, a corpus, a local MC task and `<name>.pds`."""
+    save_tiny_checkpoint(root / "tiny", "llama")
+    write_corpus(root / "corpus.jsonl")
+    write_mc_task(root / "tasks")
+    (root / f"{name}.pds").write_text(spec_text)
+    return root / f"{name}.pds"
+
+
+def run_project(root: Path, spec_text: str, name: str = "tiny") -> Path:
+    """`pdc run` on a fresh project; returns the build directory."""
+    spec = make_project(root, spec_text, name)
+    assert pdc_main(["run", str(spec)]) == 0
+    return root / "build" / name
