@@ -1,9 +1,11 @@
-"""The architecture of a Llama-family decoder and its parameter and FLOP counts.
+"""The sizes of a decoder, read from (and written back into) a Hugging Face config dict.
 
-One normalised view (`Arch`) of a Hugging Face config for the families pdc supports (Llama,
-Mistral, Qwen2). Parameter counts here are the prediction that the built model must match
-exactly; "non-embedding" excludes the input embedding and the output head, as in the Minitron
-paper's Table 3.
+`Arch` is the axis-by-axis view the language checks targets against and the passes and plan
+report: hidden, mlp, layers, heads, kv_heads, head_dim, vocab. It knows config key *names*, not
+model families: each axis is read from the first of its conventional keys that the config has
+(`hidden_size`, `n_embd`, `d_model`, ...) and written back under the same key. Exact parameter
+counts come from the config instantiated by transformers (`pdc.plan.counts`), never from a
+formula here. No torch: the language layer uses this module.
 """
 
 from __future__ import annotations
@@ -11,7 +13,25 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Config keys of each axis, in order of preference (HF configs and their attribute maps).
+CONFIG_KEYS = {
+    "hidden": ("hidden_size", "n_embd", "d_model"),
+    "mlp": ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size"),
+    "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "heads": ("num_attention_heads", "n_head", "num_heads"),
+    "kv_heads": ("num_key_value_heads", "num_kv_heads", "n_head_kv"),
+    "head_dim": ("head_dim",),
+    "vocab": ("vocab_size",),
+}
+# Lists with one entry per decoder layer; they are cut with the layers.
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "sliding_window_pattern_list")
+
+
+def _read(cfg: Mapping[str, Any], axis: str) -> Any:
+    for key in CONFIG_KEYS[axis]:
+        if cfg.get(key) is not None:
+            return cfg[key]
+    return None
 
 
 @dataclass(frozen=True)
@@ -32,20 +52,26 @@ class Arch:
     # ---- conversions -------------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any]) -> "Arch":
+        """The sizes of `cfg`; `KeyError` naming the axis when the config has none of its keys."""
+        def need(axis: str) -> int:
+            value = _read(cfg, axis)
+            if value is None:
+                raise KeyError(f"{axis} (none of {', '.join(CONFIG_KEYS[axis])})")
+            return int(value)
+
         mt = cfg.get("model_type", "llama")
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        head_dim = cfg.get("head_dim") or hidden // heads
+        hidden, heads = need("hidden"), need("heads")
+        mlp = _read(cfg, "mlp")
         qkv_bias = bool(cfg.get("attention_bias", False)) or mt == "qwen2"
         return cls(
-            model_type=mt,
-            vocab=int(cfg["vocab_size"]),
+            model_type=str(cfg.get("model_type", "")),
+            vocab=need("vocab"),
             hidden=hidden,
-            mlp=int(cfg["intermediate_size"]),
-            layers=int(cfg["num_hidden_layers"]),
+            mlp=int(mlp) if mlp is not None else 4 * hidden,  # GPT-2 style configs leave it implicit
+            layers=need("layers"),
             heads=heads,
-            kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
+            kv_heads=int(_read(cfg, "kv_heads") or heads),
+            head_dim=int(_read(cfg, "head_dim") or hidden // heads),
             tied=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=qkv_bias,
             o_bias=bool(cfg.get("attention_bias", False)) and mt != "qwen2",
@@ -53,24 +79,18 @@ class Arch:
         )
 
     def to_hf_config(self, base: Mapping[str, Any]) -> dict:
-        """`base` with this architecture's sizes written in, head_dim always explicit."""
+        """`base` with this architecture's sizes written in (each under the key `base` uses),
+        head_dim always explicit and per-layer lists cut to the layer count."""
         out = dict(base)
-        out.update(
-            hidden_size=self.hidden,
-            intermediate_size=self.mlp,
-            num_hidden_layers=self.layers,
-            num_attention_heads=self.heads,
-            num_key_value_heads=self.kv_heads,
-            head_dim=self.head_dim,
-            vocab_size=self.vocab,
-            tie_word_embeddings=self.tied,
-        )
-        # Per-layer lists (e.g. layer_types, sliding windows) must follow the layer count.
-        for key in ("layer_types",):
-            if isinstance(out.get(key), list) and len(out[key]) != self.layers:
-                out[key] = list(out[key][: self.layers]) + [out[key][-1]] * max(
-                    0, self.layers - len(out[key])
-                )
+        for axis in ("hidden", "mlp", "layers", "heads", "kv_heads", "head_dim", "vocab"):
+            key = next((k for k in CONFIG_KEYS[axis] if k in base), CONFIG_KEYS[axis][0])
+            out[key] = getattr(self, axis)
+        out["tie_word_embeddings"] = self.tied
+        n_before = _read(base, "layers")
+        for key in PER_LAYER_KEYS:
+            value = out.get(key)
+            if isinstance(value, list) and len(value) != self.layers:
+                out[key] = value[: self.layers] if n_before is None or len(value) == n_before else value
         return out
 
     def sizes(self) -> dict[str, int]:

@@ -1,6 +1,8 @@
 """Every file in tests/diagnostics/ is one mistake; its first line says the expected diagnostic:
-`# expect: LINE:COL: error: MESSAGE`. The checker must report exactly that (among possibly
-others), rendered compiler-style with the source line and a caret."""
+`# expect: LINE:COL: error: MESSAGE`. Checking and planning it as `pdc compile --dry-run` does
+must report exactly that (among possibly others), rendered compiler-style with the source line
+and a caret. Most come from the checker; targets the emitted config cannot represent come from
+the plan (which asks transformers)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pdc.lang import SpecError, load_spec
+from pdc.plan.dry_run import build_plan
 
 DIAG_DIR = Path(__file__).parent / "diagnostics"
 CASES = sorted(DIAG_DIR.glob("*.pds"))
@@ -25,7 +28,7 @@ def test_diagnostic(path: Path):
     assert first.startswith("# expect: "), f"{path.name} lacks an '# expect:' line"
     expected = first[len("# expect: "):]
     with pytest.raises(SpecError) as info:
-        load_spec(path)
+        build_plan(load_spec(path))
     err = info.value
     assert expected in err.headlines(), f"got:\n{err.render()}"
     rendered = err.render()

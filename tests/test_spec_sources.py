@@ -10,8 +10,8 @@ import pytest
 from pdc.arch import Arch
 from pdc.lang.sources import SourceError, gguf_config, resolve_config
 from pdc.lang import SpecError, check_text
-from pdc.lang.checker import HIDDEN_DIVISIBLE_BY_HEADS
 from pdc.lang.settings import ModelSource
+from pdc.plan.dry_run import build_plan
 
 
 def _write_gguf(path, tied: bool, vocab: int = 11):
@@ -93,31 +93,40 @@ def test_unknown_hub_id_is_spec_error_at_source(tmp_path):
     assert info.value.headlines()[0].startswith("1:11: error: unknown hub model 'nobody/nothing-xyz'")
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
-def test_divisibility_table_matches_transformers(model_type):
-    """HIDDEN_DIVISIBLE_BY_HEADS lists exactly the model types whose transformers config class
-    refuses hidden % heads != 0 with an explicit head_dim."""
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.for_model(model_type, hidden_size=448, num_attention_heads=9, num_key_value_heads=3,
-                             head_dim=64, intermediate_size=96, num_hidden_layers=2, vocab_size=64)
-        refused = False
-    except Exception:
-        refused = True
-    assert refused == (model_type in HIDDEN_DIVISIBLE_BY_HEADS)
-
-
 def test_nearest_valid_hidden_is_representable(tmp_path):
-    """The values suggested for a non-representable hidden are accepted by the checker."""
+    """A hidden size the emitted config cannot represent is reported by the dry run with
+    transformers' reason and the nearest sizes it accepts; those plan cleanly, and the same size
+    is fine for a family whose config accepts it (no family table in pdc)."""
     head = 'model s = builtin("smollm2-135m")\nprune width { hidden=%d importance=magnitude }\n'
     with pytest.raises(SpecError) as info:
-        check_text(head % 448, tmp_path / "s.pds")
+        build_plan(check_text(head % 448, tmp_path / "s.pds"))
     msg = info.value.headlines()[0]
+    assert "not a multiple of the number of attention heads (9)" in msg
     suggested = [int(x) for x in msg.split("nearest valid: ")[1].split(" or ")]
     assert suggested == [441, 450]
     for h in suggested:
-        assert check_text(head % h, tmp_path / "s.pds").final_arch.hidden == h
+        assert build_plan(check_text(head % h, tmp_path / "s.pds"))["final"]["hidden"] == h
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps(dict(
+        model_type="qwen2", vocab_size=128, hidden_size=72, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=8)))
+    plan = build_plan(check_text('model s = dir("qwen")\nprune width { hidden=64 importance=magnitude }\n',
+                                 tmp_path / "q.pds"))
+    assert plan["final"]["hidden"] == 64
+
+
+def test_unknown_model_type_is_a_spec_error_at_the_source(tmp_path):
+    """A config transformers cannot build is reported at the model declaration, once."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(
+        model_type="nonesuch", vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+        num_attention_heads=2)))
+    with pytest.raises(SpecError) as info:
+        build_plan(check_text('model s = dir("m")\nprune width { hidden=4 importance=magnitude }\n',
+                              tmp_path / "s.pds"))
+    (head,) = info.value.headlines()
+    assert head.startswith("1:11: error: cannot build the source model: transformers does not know model type 'nonesuch'")
 
 
 def test_builtin_names_agree_with_assets():

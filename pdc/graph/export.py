@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from pdc.arch import SUPPORTED_MODEL_TYPES, Arch
+from pdc.arch import Arch
 from pdc.errors import PdcError
 from pdc.graph.probe import default_probe
 from pdc.graph.program import STAGE, Program
@@ -159,13 +159,11 @@ def full_kept(arch: Arch) -> dict:
 
 
 def source_arch(cfg: dict) -> Arch:
-    """`Arch` of an HF config dict; a clear `PdcError` for model types pdc cannot export."""
-    mt = cfg.get("model_type")
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise PdcError(
-            f"model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})", STAGE
-        )
-    return Arch.from_hf_config(cfg)
+    """`Arch` of an HF config dict; a one-line `PdcError` when the config lacks a size."""
+    try:
+        return Arch.from_hf_config(cfg)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PdcError(f"the model config lacks or mangles a size: {exc}", STAGE) from None
 
 
 def _bar(progress: bool, desc: str):

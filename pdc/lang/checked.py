@@ -63,6 +63,8 @@ class PruneStage:
     # (rtol, atol) that `pdc check` allows on the lock's numbers; None = the defaults. Not part of
     # what the stage computes, so it is left out of the stage's content key and lock identity.
     check_tolerance: tuple = (None, None)
+    # Where each setting was written, for diagnostics raised after checking (the plan layer).
+    setting_spans: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class CheckedSpec:
     source_config: dict
     stages: tuple[Stage, ...]
     warnings: tuple[Diagnostic, ...] = ()
+    source_span: Optional[Span] = field(default=None, compare=False)  # the source model's declaration
 
     def render_warnings(self) -> str:
         """Compiler-style text of the checker's warnings ("" when there are none)."""

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pdc.arch import SUPPORTED_MODEL_TYPES, Arch
+from pdc.arch import Arch
 from pdc.lang import ast
 from pdc.lang.checked import (
     STAGE_KINDS,
@@ -49,10 +49,6 @@ from pdc.lang.sources import SourceError, local_path, resolve_config
 MODEL_KINDS = ("hf", "dir", "gguf", "builtin")
 DATA_KINDS = ("hf", "json", "jsonl", "text", "parquet", "builtin")
 BUILTIN_DATA = ("wiki", "wiki-heldout")
-# transformers 5 validates hidden_size % num_attention_heads == 0 for these model types even when
-# head_dim is explicit (verified in 5.24: LlamaConfig refuses 448 with 9 heads; Mistral and Qwen2
-# accept it). tests/test_spec_check.py re-verifies this table against the installed transformers.
-HIDDEN_DIVISIBLE_BY_HEADS = frozenset({"llama"})
 
 
 class _Bad(Exception):
@@ -87,6 +83,11 @@ def _suggest(word: str, choices) -> str:
 def _tolerance(got: dict) -> tuple:
     """(rtol, atol) for `pdc check` as written in a prune block; None where not written."""
     return tuple(got[k][0] if k in got else None for k in ("check_rtol", "check_atol"))
+
+
+def _spans(got: dict) -> dict:
+    """Where each setting was written (the plan layer points its diagnostics there)."""
+    return {k: node.span for k, (_, node) in got.items()}
 
 
 def _int(lo: int | None = None, hi: int | None = None) -> Callable[[ast.Value, str], int]:
@@ -613,7 +614,7 @@ class _Checker:
             if not bad_axis:
                 self.check_heads(target, arch, got, source_note)
             return PruneStage("width", width, None, importance, data, target, arch, span=st.span,
-                              check_tolerance=_tolerance(got))
+                              check_tolerance=_tolerance(got), setting_spans=_spans(got))
         # depth
         if "depth" not in got:
             if not any(k == "depth" for k in (s.key.value for s in st.block.settings)):
@@ -629,7 +630,7 @@ class _Checker:
         depth = DepthTarget(got["depth"][0], saliency, got.get("contiguous", (True,))[0])
         target = arch.with_sizes(layers=depth.depth)
         return PruneStage("depth", None, depth, ImportanceConfig(), data or default_data, target, arch,
-                          span=st.span, check_tolerance=_tolerance(got))
+                          span=st.span, check_tolerance=_tolerance(got), setting_spans=_spans(got))
 
     def check_heads(self, target: Arch, source: Arch, got: dict, source_note: Note) -> None:
         def where(*keys: str) -> Span | None:
@@ -650,16 +651,6 @@ class _Checker:
                 where("kv_heads", "heads"), source_note,
             )
             return
-        if target.model_type in HIDDEN_DIVISIBLE_BY_HEADS and target.hidden % target.heads:
-            lower = target.hidden // target.heads * target.heads
-            upper = lower + target.heads
-            valid = [str(v) for v in (lower, upper) if 0 < v <= source.hidden]
-            nearest = f"; nearest valid: {' or '.join(valid)}" if valid else ""
-            self.error(
-                f"hidden={target.hidden} is not a multiple of heads={target.heads}, which the emitted "
-                f"{target.model_type} config cannot represent (transformers requires it){nearest}",
-                where("hidden", "heads"),
-            )
 
     # -- whole spec -----------------------------------------------------------------------------
     def run(self, path: Path) -> CheckedSpec:
@@ -714,10 +705,6 @@ class _Checker:
                 self.error(exc.message, decl.source.span)
             except (KeyError, TypeError, ValueError) as exc:
                 self.error(f"model config lacks or mangles a field: {exc}", decl.source.span)
-            if arch is not None and arch.model_type not in SUPPORTED_MODEL_TYPES:
-                self.error(f"model type '{arch.model_type}' is not supported "
-                           f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})", decl.source.span)
-                arch = None
             if arch is not None:
                 source_note = Note(
                     f"model '{source_name}' declared here (hidden={arch.hidden}, mlp={arch.mlp}, "
@@ -779,6 +766,7 @@ class _Checker:
             path=path, text=self.text, models=dict(self.models), data=dict(self.data),
             source_model=source_name, source_arch=arch, source_config=cfg, stages=tuple(named),
             warnings=self.sink.warnings,
+            source_span=self.decl[source_name].source.span if source_name in self.decl else None,
         )
 
     def paper_correction_defaults(self, lowered):

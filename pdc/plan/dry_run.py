@@ -2,8 +2,9 @@
 
 `build_plan(spec)` returns a JSON-able dict (written as `plan.json` in the build directory);
 `render_plan(plan)` prints it as tables. Token budgets become optimizer steps by
-`TrainConfig.total_steps`; parameter counts are `pdc.arch.Arch`'s exact counts
-(non-embedding excludes the input embedding and the output head, as in the paper's Table 3).
+`TrainConfig.total_steps`; parameter counts are exact, from the config each stage emits
+instantiated on the meta device (`pdc.plan.counts`; non-embedding excludes the input embedding
+and the output head, as in the paper's Table 3).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pdc.lang.checked import (
     EvaluateStage,
     PruneStage,
 )
+from pdc.lang.diagnostics import DiagnosticSink, SpecError
 from pdc.lang.settings import TrainConfig
+from pdc.plan.counts import ConfigError, Counts, count, count_arch, flops_per_token, nearest_valid, representable
 
 DEFAULT_FLOPS_SEQ_LEN = 4096
 AXES = (("hidden", "hidden"), ("mlp", "mlp"), ("heads", "heads"), ("kv_heads", "kv_heads"),
@@ -34,14 +37,14 @@ def human_count(n: float) -> str:
     return str(int(n))
 
 
-def arch_summary(arch: Arch) -> dict[str, Any]:
+def arch_summary(arch: Arch, counts: Counts) -> dict[str, Any]:
     return {
         "model_type": arch.model_type,
         **{axis: getattr(arch, attr) for axis, attr in AXES},
         "vocab": arch.vocab,
         "tied_embeddings": arch.tied,
-        "params_total": arch.total_params(),
-        "params_non_embedding": arch.non_embedding_params(),
+        "params_total": counts.total,
+        "params_non_embedding": counts.non_embedding,
     }
 
 
@@ -73,26 +76,59 @@ def _train_dict(train: TrainConfig, kind: str) -> dict[str, Any]:
     return out
 
 
+def _counts(spec: CheckedSpec) -> dict[str, Counts]:
+    """Counts of the source and of every prune stage's target, each from the config pdc will
+    emit instantiated on the meta device. Targets that config cannot represent are spec errors at
+    the setting that asked for them, all reported at once."""
+    sink = DiagnosticSink(spec.text)
+    out: dict[str, Counts] = {}
+    try:
+        out["source"] = count(spec.source_config)
+    except ConfigError as exc:
+        raise SpecError.single(f"cannot build the source model: {exc.message}", spec.source_span, spec.text) from None
+    for st in spec.prune_stages():
+        before = st.source_arch or spec.source_arch
+        reason = representable(spec.source_config, st.target_arch)
+        if reason is None:
+            out[st.name] = count_arch(spec.source_config, st.target_arch)
+            continue
+        changed = [a for a in ("hidden", "mlp", "heads", "kv_heads", "layers")
+                   if getattr(st.target_arch, a) != getattr(before, a)]
+        axis = next((a for a in changed if a in st.setting_spans), changed[0] if changed else None)
+        key = "depth" if axis == "layers" else axis
+        span = st.setting_spans.get(key, st.span)
+        nearest = nearest_valid(spec.source_config, st.target_arch, axis, getattr(before, axis)) if axis else []
+        hint = f"; nearest valid: {' or '.join(map(str, nearest))}" if nearest else ""
+        value = f"{key}={getattr(st.target_arch, axis)} " if axis else ""
+        sink.error(f"{value}cannot be represented by the emitted {st.target_arch.model_type} config: "
+                   f"{reason}{hint}", span)
+    sink.raise_if_errors()
+    return out
+
+
 def build_plan(spec: CheckedSpec) -> dict[str, Any]:
-    """The JSON-able plan of `spec`: source architecture, each stage in order, final student."""
+    """The JSON-able plan of `spec`: source architecture, each stage in order, final student.
+    Raises `SpecError` when a target cannot be represented by the config pdc would emit."""
+    counts = _counts(spec)
     distill = next((s for s in spec.stages if isinstance(s, DistillStage)), None)
     flops_seq = distill.train.seq_len if distill else DEFAULT_FLOPS_SEQ_LEN
     source = spec.source_arch
     stages: list[dict[str, Any]] = []
+    previous = "source"
     for st in spec.stages:
         if isinstance(st, CorrectStage):
             stages.append({"name": st.name, "kind": "correct", "model": st.model, "data": st.data,
                            "order": st.order, **_train_dict(st.train, "correct")})
         elif isinstance(st, PruneStage):
-            before = st.source_arch or source
-            after = st.target_arch
+            before, after = st.source_arch or source, st.target_arch
+            c0, c1 = counts[previous], counts[st.name]
             entry: dict[str, Any] = {
                 "name": st.name, "kind": "prune", "prune": st.kind, "data": st.data,
                 "axes": {axis: [getattr(before, a), getattr(after, a)] for axis, a in AXES},
-                "params_total": [before.total_params(), after.total_params()],
-                "params_non_embedding": [before.non_embedding_params(), after.non_embedding_params()],
-                "flops_per_token_ratio": after.flops_per_token(flops_seq) / before.flops_per_token(flops_seq),
-                "target": arch_summary(after),
+                "params_total": [c0.total, c1.total],
+                "params_non_embedding": [c0.non_embedding, c1.non_embedding],
+                "flops_per_token_ratio": flops_per_token(c1, after, flops_seq) / flops_per_token(c0, before, flops_seq),
+                "target": arch_summary(after, c1),
             }
             if st.kind == "width":
                 entry["importance"] = asdict(st.importance)
@@ -100,6 +136,7 @@ def build_plan(spec: CheckedSpec) -> dict[str, Any]:
                 entry["saliency"] = asdict(st.depth.saliency)
                 entry["contiguous"] = st.depth.contiguous
             stages.append(entry)
+            previous = st.name
         elif isinstance(st, DistillStage):
             stages.append({"name": st.name, "kind": "distill", "teacher": st.teacher, "data": st.data,
                            **_train_dict(st.train, "distill")})
@@ -111,14 +148,15 @@ def build_plan(spec: CheckedSpec) -> dict[str, Any]:
                 "seq_len": st.eval.seq_len, "tasks_dir": st.tasks_dir,
             })
     final = spec.final_arch
+    c_src, c_fin = counts["source"], counts[previous]
     return {
         "spec": str(spec.path),
         "source_model": spec.source_model,
         "source_ref": {"kind": spec.models[spec.source_model].kind, "ref": spec.models[spec.source_model].ref},
-        "source": arch_summary(source),
-        "final": arch_summary(final),
+        "source": arch_summary(source, c_src),
+        "final": arch_summary(final, c_fin),
         "flops_seq_len": flops_seq,
-        "flops_per_token_ratio": final.flops_per_token(flops_seq) / source.flops_per_token(flops_seq),
+        "flops_per_token_ratio": flops_per_token(c_fin, final, flops_seq) / flops_per_token(c_src, source, flops_seq),
         "stages": stages,
     }
 

@@ -67,7 +67,7 @@ def settings_identity(x):
     line or loosening `pdc check` changes nothing that a stage computes)."""
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         fields = {f.name: settings_identity(getattr(x, f.name)) for f in dataclasses.fields(x)
-                  if f.name not in ("span", "check_tolerance")}
+                  if f.name not in ("span", "check_tolerance", "setting_spans")}
         return {"__type__": type(x).__name__, **fields}
     if isinstance(x, (list, tuple)):
         return [settings_identity(v) for v in x]
