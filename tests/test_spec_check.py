@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pdc.plan.dry_run import build_plan
 from pdc.lang import CorrectStage, DistillStage, EvaluateStage, PruneStage, SpecError, check_text
 
 BASE = Path(__file__).resolve().parents[1] / "specs" / "t.pds"
@@ -85,20 +86,22 @@ SOURCE = dict(hidden=576, mlp=1536, heads=9, kv_heads=3)
 @settings(max_examples=60, deadline=None)
 @given(st.integers(-2, 700), st.integers(-2, 1700), st.integers(0, 12), st.integers(0, 4))
 def test_width_targets_accepted_iff_valid(hidden, mlp, heads, kv):
-    """The checker accepts a width target exactly when every axis is positive and no larger
-    than the source, heads are a multiple of kv_heads with groups no larger than the source's
-    (3), and hidden is a multiple of heads (LlamaConfig's rule); accepted targets never grow."""
+    """Checking and planning (`pdc compile --dry-run`) accept a width target exactly when every
+    axis is positive and no larger than the source, heads are a multiple of kv_heads with groups
+    no larger than the source's (3), and hidden is a multiple of heads (LlamaConfig's rule, which
+    the plan learns from transformers); accepted targets never grow."""
     valid = (0 < hidden <= 576 and 0 < mlp <= 1536 and 0 < heads <= 9 and 0 < kv <= 3
              and heads % kv == 0 and heads // kv <= 3 and hidden % heads == 0)
     body = f"prune width {{ hidden={hidden} mlp={mlp} heads={heads} kv_heads={kv} importance=magnitude }}"
     try:
         spec = check(body)
+        plan = build_plan(spec)
     except SpecError as err:
         assert not valid, err.render()
         return
     assert valid
     target = spec.final_arch
-    assert target.total_params() < spec.source_arch.total_params() or (hidden, mlp, heads, kv) == tuple(SOURCE.values())
+    assert plan["final"]["params_total"] < plan["source"]["params_total"] or (hidden, mlp, heads, kv) == tuple(SOURCE.values())
     assert (target.hidden, target.mlp, target.heads, target.kv_heads) == (hidden, mlp, heads, kv)
 
 

@@ -36,15 +36,30 @@ source = st.tuples(names, st.lists(st.one_of(strings, st.tuples(names, scalars).
 
 
 @st.composite
-def statements(draw):
-    kind = draw(st.sampled_from(["model", "data", "correct", "prune", "distill", "evaluate"]))
-    if kind in ("model", "data"):
-        return [kind, draw(names), "=", draw(source)]
+def stage_statement(draw, kinds=("correct", "prune", "distill", "evaluate")):
+    kind = draw(st.sampled_from(kinds))
     head = {"correct": lambda: ["correct", draw(names), "on", draw(names)],
             "prune": lambda: ["prune", draw(names)],
             "distill": lambda: ["distill", "from", draw(names), "on", draw(names)],
             "evaluate": lambda: ["evaluate", "with", draw(names)]}[kind]()
     return head + ["{"] + draw(items) + ["}"]
+
+
+stage_refs = st.one_of(st.sampled_from(["correct", "prune", "distill", "evaluate"]), names)
+overrides = st.tuples(stage_refs, names, values).map(lambda o: [o[0], ".", o[1], "=", o[2]])
+withouts = stage_refs.map(lambda r: ["without", r])
+variants = st.tuples(names, st.lists(st.one_of(overrides, withouts, stage_statement()), max_size=3)).map(
+    lambda v: ["variant", v[0], "{"] + [t for item in v[1] for t in item] + ["}"])
+
+
+@st.composite
+def statements(draw):
+    kind = draw(st.sampled_from(["model", "data", "stage", "stage", "compare"]))
+    if kind in ("model", "data"):
+        return [kind, draw(names), "=", draw(source)]
+    if kind == "compare":
+        return ["compare", draw(names), "{"] + [t for v in draw(st.lists(variants, max_size=3)) for t in v] + ["}"]
+    return draw(stage_statement())
 
 
 separators = st.sampled_from([" ", " ", "  ", "\n", "\n  ", "\n\n", "  # note\n", "\n# own line\n", "\t"])

@@ -155,8 +155,48 @@ class EvaluateStmt:
     span: Span = _span()
 
 
-Statement = Union[ModelDecl, DataDecl, CorrectStmt, PruneStmt, DistillStmt, EvaluateStmt]
+StageStatement = Union[CorrectStmt, PruneStmt, DistillStmt, EvaluateStmt]
 StageStmt = (CorrectStmt, PruneStmt, DistillStmt, EvaluateStmt)
+
+
+@dataclass(frozen=True)
+class Override:
+    """`STAGE.KEY=VALUE` in a variant: one setting of one stage, replaced or added."""
+
+    stage: Name
+    key: Name
+    value: Value
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Without:
+    """`without STAGE` in a variant: the stage is left out."""
+
+    stage: Name
+    span: Span = _span()
+
+
+VariantItem = Union[Override, Without, CorrectStmt, PruneStmt, DistillStmt, EvaluateStmt]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: Name
+    items: tuple[VariantItem, ...] = ()
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class CompareStmt:
+    """`compare NAME { variant A { ... } variant B { ... } }`: variants of the recipe."""
+
+    name: Name
+    variants: tuple[Variant, ...] = ()
+    span: Span = _span()
+
+
+Statement = Union[ModelDecl, DataDecl, CorrectStmt, PruneStmt, DistillStmt, EvaluateStmt, CompareStmt]
 
 
 @dataclass(frozen=True)

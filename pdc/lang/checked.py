@@ -95,6 +95,26 @@ Stage = Union[CorrectStage, PruneStage, DistillStage, EvaluateStage]
 
 
 @dataclass(frozen=True)
+class VariantSpec:
+    """One variant of a comparison: its name, what it changes (one line per item) and the
+    checked spec it amounts to."""
+
+    name: str
+    changes: tuple[str, ...]
+    spec: "CheckedSpec"
+    span: Span = field(default=_NOSPAN, compare=False)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """`compare NAME { variant ... }`: variants of the recipe, run side by side."""
+
+    name: str
+    variants: tuple[VariantSpec, ...]
+    span: Span = field(default=_NOSPAN, compare=False)
+
+
+@dataclass(frozen=True)
 class CheckedSpec:
     """A parsed and checked spec. Invariants: names in stages exist in `models`/`data`; stages
     are in order; `final_arch` is the last prune stage's target (or the source)."""
@@ -109,6 +129,7 @@ class CheckedSpec:
     stages: tuple[Stage, ...]
     warnings: tuple[Diagnostic, ...] = ()
     source_span: Optional[Span] = field(default=None, compare=False)  # the source model's declaration
+    comparison: Optional[Comparison] = None  # variants of this recipe, when the spec compares
 
     def render_warnings(self) -> str:
         """Compiler-style text of the checker's warnings ("" when there are none)."""

@@ -26,12 +26,14 @@ from pdc.lang import ast
 from pdc.lang.checked import (
     STAGE_KINDS,
     CheckedSpec,
+    Comparison,
     CorrectStage,
     DistillStage,
     EvaluateStage,
     PruneStage,
+    VariantSpec,
 )
-from pdc.lang.diagnostics import DiagnosticSink, Note, Span
+from pdc.lang.diagnostics import Diagnostic, DiagnosticSink, Note, Span, SpecError
 from pdc.lang.settings import (
     DataSource,
     DepthTarget,
@@ -45,6 +47,7 @@ from pdc.lang.settings import (
     paper_correction,
 )
 from pdc.lang.sources import SourceError, local_path, resolve_config
+from pdc.lang.variants import apply_variant, describe, stage_name
 
 MODEL_KINDS = ("hf", "dir", "gguf", "builtin")
 DATA_KINDS = ("hf", "json", "jsonl", "text", "parquet", "builtin")
@@ -758,9 +761,9 @@ class _Checker:
         prune_count = sum(isinstance(s, PruneStage) for s in lowered)
         named, k = [], 0
         for s in lowered:
-            if isinstance(s, PruneStage) and prune_count > 1:
+            if isinstance(s, PruneStage):
                 k += 1
-                s = replace(s, name="prune" if k == 1 else f"prune{k}")
+                s = replace(s, name=stage_name("prune", k, prune_count))
             named.append(s)
         return CheckedSpec(
             path=path, text=self.text, models=dict(self.models), data=dict(self.data),
@@ -833,7 +836,54 @@ def _head_span(st) -> Span:
     return Span(s.file, s.line, s.col, s.line, s.col + len(_stage_kind(st)))
 
 
-def check(spec: ast.Spec, text: str, path: str | Path, resolve=resolve_config) -> CheckedSpec:
-    """Check `spec` (parsed from `text`, read from `path`) and lower it; raises SpecError."""
-    path = Path(path)
+def _check_one(spec: ast.Spec, text: str, path: Path, resolve) -> CheckedSpec:
     return _Checker(spec, text, path.resolve().parent, resolve).run(path)
+
+
+def check(spec: ast.Spec, text: str, path: str | Path, resolve=resolve_config) -> CheckedSpec:
+    """Check `spec` (parsed from `text`, read from `path`) and lower it, with every variant of
+    its comparison; raises one SpecError holding every problem found."""
+    path = Path(path)
+    compares = [s for s in spec.statements if isinstance(s, ast.CompareStmt)]
+    base_ast = replace(spec, statements=tuple(s for s in spec.statements if not isinstance(s, ast.CompareStmt)))
+    diagnostics: list[Diagnostic] = []
+
+    def attempt(tree: ast.Spec) -> Optional[CheckedSpec]:
+        try:
+            return _check_one(tree, text, path, resolve)
+        except SpecError as exc:
+            diagnostics.extend(d for d in exc.diagnostics if d not in diagnostics)
+            return None
+
+    base = attempt(base_ast)
+    comparison = None
+    if compares:
+        for extra in compares[1:]:
+            diagnostics.append(Diagnostic("a spec holds one compare block", extra.name.span,
+                                          notes=(Note("the first one is here", compares[0].name.span),)))
+        comparison = _comparison(compares[0], base_ast, diagnostics, attempt)
+    if diagnostics:
+        raise SpecError(diagnostics, text)
+    return replace(base, comparison=comparison) if comparison else base
+
+
+def _comparison(stmt: ast.CompareStmt, base_ast: ast.Spec, diagnostics: list, attempt) -> Optional[Comparison]:
+    if len(stmt.variants) < 2:
+        diagnostics.append(Diagnostic(f"compare '{stmt.name.value}' needs at least two variants "
+                                      "(`variant NAME { ... }`; an empty one is the recipe as written)",
+                                      stmt.name.span))
+    seen: dict[str, ast.Variant] = {}
+    variants = []
+    for variant in stmt.variants:
+        name = variant.name.value
+        if name in seen:
+            diagnostics.append(Diagnostic(f"variant '{name}' is declared twice", variant.name.span,
+                                          notes=(Note("first declared here", seen[name].name.span),)))
+            continue
+        seen[name] = variant
+        statements, errors = apply_variant(base_ast.statements, variant)
+        diagnostics.extend(e for e in errors if e not in diagnostics)
+        checked = attempt(replace(base_ast, statements=statements))
+        if checked is not None:
+            variants.append(VariantSpec(name, tuple(describe(i) for i in variant.items), checked, variant.span))
+    return Comparison(stmt.name.value, tuple(variants), stmt.span)

@@ -7,7 +7,9 @@ Rules (gofmt-like: normalise spacing, respect the author's line grouping):
   strings re-escaped canonically;
 - a block written on one line stays on one line (`{ a=1 b=2 }`); otherwise each source line of
   items becomes one line indented by two spaces and `}` closes on its own line;
-- comments are kept: own-line comments where they were, trailing comments after their line.
+- comments are kept: own-line comments where they were, trailing comments after their line;
+- a `compare` block is always multi-line, one variant per line; a variant written on several
+  lines keeps one item per line, and a stage statement inside a variant is one line.
 
 Invariants (property-tested): `fmt(fmt(x)) == fmt(x)` and `parse(fmt(x)) == parse(x)` (spans
 aside).
@@ -56,6 +58,13 @@ def format_value(v) -> str:
         return f"{v.key.value}={format_value(v.value)}"
     if isinstance(v, ast.Entry):
         return format_value(v.value)
+    if isinstance(v, ast.Override):
+        return f"{v.stage.value}.{v.key.value}={format_value(v.value)}"
+    if isinstance(v, ast.Without):
+        return f"without {v.stage.value}"
+    if isinstance(v, ast.StageStmt):
+        items = " ".join(format_value(i) for i in v.block.items)
+        return f"{_header(v)} {{ {items} }}" if items else f"{_header(v)} {{}}"
     raise TypeError(f"cannot format {type(v).__name__}")
 
 
@@ -75,12 +84,14 @@ class _Formatter:
         self.lines = text.split("\n")  # as Lark counts lines (splitlines also breaks at \x85 etc.)
         self.trailing: dict[int, str] = {}  # source line -> trailing comment
         self.owner: dict[int, int] = {}  # source line -> id of the statement its comment trails
+        self.trailing_col: dict[int, int] = {}  # source line -> column of its trailing comment
         self.standalone: list[ast.Comment] = []
         for c in spec.comments:
             before = self.lines[c.line - 1][: c.col - 1] if c.line <= len(self.lines) else ""
             if before.strip():
                 self.trailing[c.line] = c.text.rstrip()
                 self.owner[c.line] = id(self._statement_before(c))
+                self.trailing_col[c.line] = c.col
             else:
                 self.standalone.append(c)
 
@@ -106,8 +117,47 @@ class _Formatter:
         indent = text[: len(text) - len(text.lstrip())]
         return [indent + c for c in comments[:-1]] + [f"{text}  {comments[-1]}"]
 
+    def _compare_lines(self, st: ast.CompareStmt) -> list[str]:
+        """A compare block: entries (text, depth, source start) in order; own-line comments
+        go before the first entry after them, trailing ones after the last entry before them."""
+        entries: list[list] = [[f"compare {st.name.value} {{", 0, (st.span.line, st.span.col), []]]
+        for v in st.variants:
+            start = (v.span.line, v.span.col)
+            inner = any(v.span.line < c.line < v.span.end_line for c in self.standalone)
+            if v.span.line == v.span.end_line and not inner:
+                items = " ".join(format_value(i) for i in v.items)
+                entries.append([f"variant {v.name.value} {{ {items} }}" if items else f"variant {v.name.value} {{}}",
+                                1, start, []])
+                continue
+            entries.append([f"variant {v.name.value} {{", 1, start, []])
+            entries += [[format_value(i), 2, (i.span.line, i.span.col), []] for i in v.items]
+            entries.append(["}", 1, (v.span.end_line, v.span.end_col - 1), []])
+        entries.append(["}", 0, (st.span.end_line, st.span.end_col - 1), []])
+        for line in sorted(self.trailing):
+            if self.owner[line] != id(st):
+                continue
+            pos = (line, self.trailing_col[line])
+            owner = max((e for e in entries if e[2] < pos), key=lambda e: e[2], default=entries[0])
+            owner[3].append(self.trailing.pop(line))
+        out: list[str] = []
+        inside = [c for c in self.standalone if st.span.line < c.line < st.span.end_line]
+        for text, depth, start, trailing in entries:
+            pad = INDENT * depth
+            for c in [c for c in inside if c.line < start[0]]:
+                out.append(pad + c.text.rstrip())
+                inside.remove(c)
+            out += [pad + c for c in trailing[:-1]]
+            out.append(pad + text + (f"  {trailing[-1]}" if trailing else ""))
+        for c in inside:
+            self.standalone.remove(c)
+        for c in [c for c in self.standalone if st.span.line < c.line < st.span.end_line]:
+            self.standalone.remove(c)
+        return out
+
     def _stmt_lines(self, st, decl_widths: tuple[int, int] | None) -> list[str]:
         span = st.span
+        if isinstance(st, ast.CompareStmt):
+            return self._compare_lines(st)
         if isinstance(st, (ast.ModelDecl, ast.DataDecl)):
             kw = "model" if isinstance(st, ast.ModelDecl) else "data"
             kw_w, name_w = decl_widths or (len(kw), len(st.name.value))

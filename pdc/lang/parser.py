@@ -120,6 +120,25 @@ class _ToAst(Transformer):
         return ast.EvaluateStmt(self._name(c[0]), c[1], self._span(meta))
 
     @v_args(meta=True)
+    def compare_stmt(self, meta, c):
+        return ast.CompareStmt(self._name(c[0]), tuple(c[1:]), self._span(meta))
+
+    @v_args(meta=True)
+    def variant(self, meta, c):
+        return ast.Variant(self._name(c[0]), tuple(c[1:]), self._span(meta))
+
+    @v_args(meta=True)
+    def override(self, meta, c):
+        return ast.Override(c[0], self._name(c[1]), c[2], self._span(meta))
+
+    @v_args(meta=True)
+    def without(self, meta, c):
+        return ast.Without(c[0], self._span(meta))
+
+    def stage_ref(self, c):
+        return self._name(c[0])
+
+    @v_args(meta=True)
     def block(self, meta, c):
         return ast.Block(tuple(c), self._span(meta))
 

@@ -107,8 +107,30 @@ def _counts(spec: CheckedSpec) -> dict[str, Counts]:
 
 
 def build_plan(spec: CheckedSpec) -> dict[str, Any]:
-    """The JSON-able plan of `spec`: source architecture, each stage in order, final student.
-    Raises `SpecError` when a target cannot be represented by the config pdc would emit."""
+    """The JSON-able plan of `spec`: source architecture, each stage in order, final student,
+    and for a comparison each variant's plan. Raises `SpecError` (every problem of the recipe and
+    its variants at once) when a target cannot be represented by the config pdc would emit."""
+    if spec.comparison is None:
+        return _recipe_plan(spec)
+    diagnostics: list = []
+    plans: dict[str, Any] = {}
+    for recipe in (spec, *(v.spec for v in spec.comparison.variants)):
+        try:
+            plans[id(recipe)] = _recipe_plan(recipe)
+        except SpecError as exc:
+            diagnostics += [d for d in exc.diagnostics if d not in diagnostics]
+    if diagnostics:
+        raise SpecError(diagnostics, spec.text)
+    plan = plans[id(spec)]
+    plan["comparison"] = {
+        "name": spec.comparison.name,
+        "variants": [{"name": v.name, "changes": list(v.changes), **plans[id(v.spec)]}
+                     for v in spec.comparison.variants],
+    }
+    return plan
+
+
+def _recipe_plan(spec: CheckedSpec) -> dict[str, Any]:
     counts = _counts(spec)
     distill = next((s for s in spec.stages if isinstance(s, DistillStage)), None)
     flops_seq = distill.train.seq_len if distill else DEFAULT_FLOPS_SEQ_LEN
@@ -173,6 +195,19 @@ def _params_row(label: str, pair: list[int]) -> list[str]:
 
 
 def render_plan(plan: dict[str, Any]) -> str:
+    text = _render_recipe(plan)
+    comparison = plan.get("comparison")
+    if not comparison:
+        return text
+    rows = [[v["name"], "; ".join(v["changes"]) or "(as written)", " -> ".join(s["name"] for s in v["stages"]),
+             f"{human_count(v['final']['params_total'])} ({v['final']['params_total']:,})",
+             f"{v['flops_per_token_ratio']:.3f}x"] for v in comparison["variants"]]
+    lines = ["", f"compare {comparison['name']}: {len(rows)} variants"]
+    lines += ["    " + line for line in _table(rows, ["variant", "changes", "stages", "final params", "flops/token"])]
+    return text + "\n" + "\n".join(lines)
+
+
+def _render_recipe(plan: dict[str, Any]) -> str:
     src = plan["source"]
     ref = plan["source_ref"]
     out = [
