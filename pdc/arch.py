@@ -22,16 +22,27 @@ CONFIG_KEYS = {
     "kv_heads": ("num_key_value_heads", "num_kv_heads", "n_head_kv"),
     "head_dim": ("head_dim",),
     "vocab": ("vocab_size",),
+    # mixture of experts: routed experts per layer, experts each token uses, an expert's MLP
+    # width (its own key, else the dense key the experts use), the shared expert's MLP width
+    "experts": ("num_local_experts", "num_experts", "n_routed_experts"),
+    "top_k": ("num_experts_per_tok", "moe_top_k"),
+    "expert_mlp": ("moe_intermediate_size", "intermediate_size"),
+    "shared_mlp": ("shared_expert_intermediate_size",),
 }
+AXES = ("hidden", "mlp", "layers", "heads", "kv_heads", "head_dim", "vocab")
+MOE_AXES = ("experts", "top_k", "expert_mlp", "shared_mlp")
 # Lists with one entry per decoder layer; they are cut with the layers.
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "sliding_window_pattern_list")
 
 
+def _key(cfg: Mapping[str, Any], axis: str) -> str | None:
+    """The config key `cfg` holds `axis` under (None when it has none of its keys)."""
+    return next((k for k in CONFIG_KEYS[axis] if cfg.get(k) is not None), None)
+
+
 def _read(cfg: Mapping[str, Any], axis: str) -> Any:
-    for key in CONFIG_KEYS[axis]:
-        if cfg.get(key) is not None:
-            return cfg[key]
-    return None
+    key = _key(cfg, axis)
+    return None if key is None else cfg[key]
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,10 @@ class Arch:
     kv_heads: int
     head_dim: int
     tied: bool = False
+    experts: int = 0  # 0: a dense model
+    top_k: int = 0
+    expert_mlp: int = 0
+    shared_mlp: int = 0
     attention_bias: bool = False  # q/k/v biases (Qwen2 has them, o_proj has none)
     o_bias: bool = False  # Llama's attention_bias=True also puts a bias on o_proj
     mlp_bias: bool = False
@@ -62,6 +77,11 @@ class Arch:
         mt = cfg.get("model_type", "llama")
         hidden, heads = need("hidden"), need("heads")
         mlp = _read(cfg, "mlp")
+        experts = int(_read(cfg, "experts") or 0)
+        moe = dict(experts=experts, top_k=int(_read(cfg, "top_k") or 0), expert_mlp=int(_read(cfg, "expert_mlp") or 0),
+                   shared_mlp=int(_read(cfg, "shared_mlp") or 0)) if experts else {}
+        if experts and _key(cfg, "expert_mlp") == _key(cfg, "mlp"):
+            mlp = 0  # the experts use the dense key: there is no dense MLP to prune separately
         qkv_bias = bool(cfg.get("attention_bias", False)) or mt == "qwen2"
         return cls(
             model_type=str(cfg.get("model_type", "")),
@@ -76,15 +96,17 @@ class Arch:
             attention_bias=qkv_bias,
             o_bias=bool(cfg.get("attention_bias", False)) and mt != "qwen2",
             mlp_bias=bool(cfg.get("mlp_bias", False)),
+            **moe,
         )
 
     def to_hf_config(self, base: Mapping[str, Any]) -> dict:
         """`base` with this architecture's sizes written in (each under the key `base` uses),
         head_dim always explicit and per-layer lists cut to the layer count."""
         out = dict(base)
-        for axis in ("hidden", "mlp", "layers", "heads", "kv_heads", "head_dim", "vocab"):
-            key = next((k for k in CONFIG_KEYS[axis] if k in base), CONFIG_KEYS[axis][0])
-            out[key] = getattr(self, axis)
+        for axis in AXES + (MOE_AXES if self.experts else ()):
+            key = next((k for k in CONFIG_KEYS[axis] if k in base), None if axis in MOE_AXES else CONFIG_KEYS[axis][0])
+            if key is not None and not (axis == "mlp" and self.mlp == 0):
+                out[key] = getattr(self, axis)
         out["tie_word_embeddings"] = self.tied
         n_before = _read(base, "layers")
         for key in PER_LAYER_KEYS:
@@ -94,8 +116,8 @@ class Arch:
         return out
 
     def sizes(self) -> dict[str, int]:
-        """Size per axis (the keys a `PruneResult` and the lock record)."""
-        return {k: getattr(self, k) for k in ("hidden", "mlp", "layers", "heads", "kv_heads", "head_dim", "vocab")}
+        """Size per axis (the keys a `PruneResult` and the lock record); MoE axes when routed."""
+        return {k: getattr(self, k) for k in AXES + (MOE_AXES if self.experts else ())}
 
     def with_sizes(self, **sizes: int | None) -> "Arch":
         return replace(self, **{k: v for k, v in sizes.items() if v is not None})

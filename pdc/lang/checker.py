@@ -88,6 +88,17 @@ def _tolerance(got: dict) -> tuple:
     return tuple(got[k][0] if k in got else None for k in ("check_rtol", "check_atol"))
 
 
+def _absent_axis(axis: str, arch: Arch) -> str:
+    """Why `arch` has no `axis` to prune ("" when it has one)."""
+    if axis in ("experts", "expert_mlp") and not arch.experts:
+        return "the source is not a mixture of experts (its config names no routed experts)"
+    if axis == "shared_mlp" and not arch.shared_mlp:
+        return "the source has no shared expert"
+    if axis == "mlp" and not arch.mlp:
+        return "the source has no dense MLP (its experts' width is expert_mlp)"
+    return ""
+
+
 def _spans(got: dict) -> dict:
     """Where each setting was written (the plan layer points its diagnostics there)."""
     return {k: node.span for k, (_, node) in got.items()}
@@ -562,7 +573,8 @@ class _Checker:
             return None
         for e in st.block.entries:
             self.error("unexpected entry in prune; settings are written key=value", e.span)
-        axes = {"hidden": _int(1), "mlp": _int(1), "heads": _int(1), "kv_heads": _int(1), "depth": _int(1)}
+        axes = {"hidden": _int(1), "mlp": _int(1), "heads": _int(1), "kv_heads": _int(1), "depth": _int(1),
+                "experts": _int(1), "expert_mlp": _int(1), "shared_mlp": _int(1)}
         # check_rtol/check_atol: the numeric tolerance `pdc check` allows against the lock.
         schema = dict(axes, data=self.data_reader(), check_rtol=_float(lo=0), check_atol=_float(lo=0))
         if kind == "width":
@@ -573,13 +585,22 @@ class _Checker:
         if arch is None:  # the source could not be resolved (reported); keys and types were checked
             return None
         sizes = {"hidden": arch.hidden, "mlp": arch.mlp, "heads": arch.heads,
-                 "kv_heads": arch.kv_heads, "depth": arch.layers}
+                 "kv_heads": arch.kv_heads, "depth": arch.layers, "experts": arch.experts,
+                 "expert_mlp": arch.expert_mlp, "shared_mlp": arch.shared_mlp}
         bad_axis = False
         for axis in axes:
             if axis not in got:
                 continue
             value, node = got[axis]
-            if axis == "depth" and value > sizes[axis]:
+            absent = _absent_axis(axis, arch)
+            if absent:
+                self.error(f"{axis}={value}: {absent}", node.span, source_note)
+                bad_axis = True
+            elif axis == "experts" and value < arch.top_k:
+                self.error(f"experts={value} is below the router's top-k ({arch.top_k} experts per token)",
+                           node.span, source_note)
+                bad_axis = True
+            elif axis == "depth" and value > sizes[axis]:
                 self.error(f"depth={value} is out of range 1..{sizes[axis]} (the source has "
                            f"{sizes[axis]} layers)", node.span, source_note)
                 bad_axis = True
@@ -587,7 +608,8 @@ class _Checker:
                 self.error(f"{axis}={value} is larger than the source ({sizes[axis]})", node.span, source_note)
                 bad_axis = True
         # The paper prunes width and depth in separate stages; a no-op setting is tolerated.
-        other = ("depth",) if kind == "width" else ("hidden", "mlp", "heads", "kv_heads")
+        other = ("depth",) if kind == "width" else ("hidden", "mlp", "heads", "kv_heads", "experts",
+                                                   "expert_mlp", "shared_mlp")
         for axis in other:
             if axis in got and got[axis][0] < sizes[axis]:
                 self.error(
@@ -606,11 +628,13 @@ class _Checker:
             if importance.method == "activation" and data is None and "data" not in got:
                 self.error("activation importance needs calibration data: declare `data NAME = ...`",
                            _head_span(st))
-            targets = {a: got[a][0] for a in ("hidden", "mlp", "heads", "kv_heads") if a in got}
+            width_axes = ("hidden", "mlp", "heads", "kv_heads", "experts", "expert_mlp", "shared_mlp")
+            targets = {a: got[a][0] for a in width_axes if a in got}
             written = {i.key.value for i in st.block.settings}
             if not targets:
-                if not written & {"hidden", "mlp", "heads", "kv_heads"}:  # else: already reported
-                    self.error("prune width sets no target (hidden=, mlp=, heads=, kv_heads=)", _head_span(st))
+                if not written & set(width_axes):  # else: already reported
+                    self.error("prune width sets no target (hidden=, mlp=, heads=, kv_heads=, or for a mixture "
+                               "of experts experts=, expert_mlp=, shared_mlp=)", _head_span(st))
                 return None
             width = WidthTarget(**targets)
             target = arch.with_sizes(**targets)

@@ -55,6 +55,11 @@ class WidthTarget:
     mlp: Optional[int] = None
     heads: Optional[int] = None
     kv_heads: Optional[int] = None
+    # mixture of experts: routed experts kept per layer, the MLP width of each kept expert, the
+    # shared expert's MLP width
+    experts: Optional[int] = None
+    expert_mlp: Optional[int] = None
+    shared_mlp: Optional[int] = None
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,11 @@ embeddings) are counted once, as `model.parameters()` yields them once.
 
 - `non_embedding`: everything but the input embedding and the output head (the Minitron paper's
   Table 3 convention);
-- `linear`: the weights of every linear layer including the output head, the basis of
-  `flops_per_token` (2 FLOPs per weight multiply, plus the attention score and value products).
+- `linear`: the weights of every linear layer a token multiplies, the output head included and,
+  in a mixture of experts, top_k of the routed experts: the basis of `flops_per_token` (2 FLOPs
+  per weight multiply, plus the attention score and value products);
+- `active`: the parameters a token uses (all of them in a dense model; a mixture of experts
+  counts top_k of its routed experts).
 
 A config that transformers refuses (for instance a hidden size its attention cannot split into
 the heads) raises `ConfigError` with transformers' reason; `nearest_valid` probes neighbouring
@@ -41,7 +44,8 @@ class Counts:
     total: int
     non_embedding: int
     embedding: int
-    linear: int
+    linear: int  # every linear weight a token multiplies (the routed experts it uses: top_k of them)
+    active: int  # parameters a token uses (a dense model: all of them)
 
 
 def hf_config(cfg: dict):
@@ -82,7 +86,14 @@ def _count(canonical: str) -> Counts:
     if head is not None and head.weight is not embed:
         embedding += head.weight.numel()
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return Counts(total=total, non_embedding=total - embedding, embedding=embedding, linear=linear)
+    # Routed experts are stored as one tensor per layer and projection whose leading dimension
+    # is the expert count; a token multiplies top_k of those slices.
+    arch = Arch.from_hf_config(config.to_dict())
+    routed = sum(p.numel() for p in model.parameters()
+                 if arch.experts and p.dim() >= 3 and p.shape[0] == arch.experts)
+    idle = routed * (arch.experts - arch.top_k) // arch.experts if arch.experts else 0
+    return Counts(total=total, non_embedding=total - embedding, embedding=embedding,
+                  linear=linear + routed - idle, active=total - idle)
 
 
 def count(cfg: dict) -> Counts:
@@ -103,9 +114,14 @@ def flops_per_token(counts: Counts, arch: Arch, seq_len: int) -> float:
 
 
 def representable(source_cfg: dict, arch: Arch) -> Optional[str]:
-    """None when the emitted config of `arch` builds, else transformers' reason."""
+    """None when the emitted config of `arch` builds and reads back as `arch`, else the reason."""
+    emitted = arch.to_hf_config(source_cfg)
+    back = Arch.from_hf_config(emitted)
+    lost = [a for a, v in arch.sizes().items() if back.sizes().get(a) != v]
+    if lost:
+        return "it has no separate key for " + ", ".join(f"{a} (it would read {a}={back.sizes().get(a)})" for a in lost)
     try:
-        count_arch(source_cfg, arch)
+        count(emitted)
     except ConfigError as exc:
         return exc.message
     return None

@@ -25,6 +25,7 @@ from pdc.lang.settings import TrainConfig
 from pdc.plan.counts import ConfigError, Counts, count, count_arch, flops_per_token, nearest_valid, representable
 
 DEFAULT_FLOPS_SEQ_LEN = 4096
+MOE_AXES = (("experts", "experts"), ("top_k", "top_k"), ("expert_mlp", "expert_mlp"), ("shared_mlp", "shared_mlp"))
 AXES = (("hidden", "hidden"), ("mlp", "mlp"), ("heads", "heads"), ("kv_heads", "kv_heads"),
         ("depth", "layers"), ("head_dim", "head_dim"))
 
@@ -40,11 +41,12 @@ def human_count(n: float) -> str:
 def arch_summary(arch: Arch, counts: Counts) -> dict[str, Any]:
     return {
         "model_type": arch.model_type,
-        **{axis: getattr(arch, attr) for axis, attr in AXES},
+        **{axis: getattr(arch, attr) for axis, attr in AXES + (MOE_AXES if arch.experts else ())},
         "vocab": arch.vocab,
         "tied_embeddings": arch.tied,
         "params_total": counts.total,
         "params_non_embedding": counts.non_embedding,
+        "params_active": counts.active,
     }
 
 
@@ -146,9 +148,11 @@ def _recipe_plan(spec: CheckedSpec) -> dict[str, Any]:
             c0, c1 = counts[previous], counts[st.name]
             entry: dict[str, Any] = {
                 "name": st.name, "kind": "prune", "prune": st.kind, "data": st.data,
-                "axes": {axis: [getattr(before, a), getattr(after, a)] for axis, a in AXES},
+                "axes": {axis: [getattr(before, a), getattr(after, a)]
+                         for axis, a in AXES + (MOE_AXES if before.experts else ())},
                 "params_total": [c0.total, c1.total],
                 "params_non_embedding": [c0.non_embedding, c1.non_embedding],
+                "params_active": [c0.active, c1.active],
                 "flops_per_token_ratio": flops_per_token(c1, after, flops_seq) / flops_per_token(c0, before, flops_seq),
                 "target": arch_summary(after, c1),
             }
@@ -228,6 +232,8 @@ def _render_recipe(plan: dict[str, Any]) -> str:
             rows = [[axis, str(a), str(b), f"{b / a:.3f}x" if a else "-"] for axis, (a, b) in st["axes"].items()]
             rows.append(_params_row("params", st["params_total"]))
             rows.append(_params_row("non-embedding", st["params_non_embedding"]))
+            if st["params_active"] != st["params_total"]:
+                rows.append(_params_row("active per token", st["params_active"]))
             rows.append(["flops/token", "1", f"{st['flops_per_token_ratio']:.3f}", f"{st['flops_per_token_ratio']:.3f}x"])
             out.extend("    " + line for line in _table(rows, ["axis", "source", "target", "ratio"]))
             if st["prune"] == "width":
@@ -257,10 +263,13 @@ def _render_recipe(plan: dict[str, Any]) -> str:
     fin = plan["final"]
     out += [
         "",
-        f"final {'student' if any(s['kind'] == 'prune' for s in plan['stages']) else 'model'}: {fin['model_type']} hidden={fin['hidden']} mlp={fin['mlp']} depth={fin['depth']} "
-        f"heads={fin['heads']} kv_heads={fin['kv_heads']} head_dim={fin['head_dim']}",
+        f"final {'student' if any(s['kind'] == 'prune' for s in plan['stages']) else 'model'}: {fin['model_type']} "
+        + " ".join(f"{axis}={fin[axis]}" for axis, _ in AXES + MOE_AXES if axis in fin and axis != "head_dim")
+        + f" head_dim={fin['head_dim']}",
         f"    {human_count(fin['params_total'])} total ({fin['params_total']:,}), "
         f"{human_count(fin['params_non_embedding'])} non-embedding ({fin['params_non_embedding']:,}), "
-        f"{plan['flops_per_token_ratio']:.3f}x the source's FLOPs/token at seq_len {plan['flops_seq_len']}",
+        + (f"{human_count(fin['params_active'])} active per token ({fin['params_active']:,}), "
+           if fin["params_active"] != fin["params_total"] else "")
+        + f"{plan['flops_per_token_ratio']:.3f}x the source's FLOPs/token at seq_len {plan['flops_seq_len']}",
     ]
     return "\n".join(out)
