@@ -70,9 +70,26 @@ def temp_path_beside(path: PathLike, suffix: str = "") -> Path:
 def replace_path(src: PathLike, dst: PathLike) -> None:
     """Move `src` over `dst` (a file or a directory); a directory at `dst` is removed first."""
     src, dst = Path(src), Path(dst)
-    if dst.is_dir() and not dst.is_symlink():
+    if dst.is_symlink():
+        dst.unlink()  # a link to a stage shared with a sibling build: the target stays
+    elif dst.is_dir():
         shutil.rmtree(dst)
     os.replace(src, dst)
+
+
+def replace_path_with_link(link: PathLike, target: PathLike) -> Path:
+    """Make `link` a relative symbolic link to `target` (what was at `link` is replaced)."""
+    link, target = Path(link), Path(target)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.link{TMP_SUFFIX}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target, link.parent.resolve()), tmp)
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():
+        shutil.rmtree(link)
+    os.replace(tmp, link)
+    return link
 
 
 def staging_path(final: PathLike) -> Path:

@@ -53,3 +53,10 @@ def run_project(root: Path, spec_text: str, name: str = "tiny") -> Path:
     spec = make_project(root, spec_text, name)
     assert pdc_main(["run", str(spec)]) == 0
     return root / "build" / name
+
+COMPARE_SPEC = WIDTH_SPEC + """
+compare importance {
+  variant activation {}
+  variant random { prune.importance=random }
+}
+"""

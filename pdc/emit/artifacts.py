@@ -24,7 +24,6 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -37,12 +36,12 @@ import torch
 from tqdm import tqdm
 
 from pdc.errors import PdcError
-from pdc.plan.results import ArtifactResult
 from pdc.files import temp_path_beside
 from pdc.graph.export import LogitsOnly, dynamic_shapes, seal
 from pdc.graph.probe import default_probe
 from pdc.graph.program import Program
 from pdc.inputs.models import load_causal_lm
+from pdc.plan.results import ArtifactResult
 
 STAGE = "prune"
 

@@ -131,6 +131,9 @@ class TaskScore:
     values: dict[str, float]
     stderr: dict[str, float]
     items: Optional[int] = None
+    # The primary metric of each scored item, in the task's order: paired comparisons between
+    # models on the same items (McNemar, paired bootstrap) need them.
+    per_item: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,9 @@ class ModelScores:
     path: str
     perplexity: Optional[float]
     tasks: dict[str, TaskScore]
+    # Mean next-token NLL of each held-out block (equal lengths), in block order: paired
+    # bootstrap intervals of perplexity differences between models.
+    block_nll: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pdc.emit import artifacts
 from pdc.emit.launch_files import write_stage_files
 from pdc.emit.lock import build_lock, write_lock
 from pdc.errors import PdcError
-from pdc.files import sha256_json, staged_dir, write_json, write_text
+from pdc.files import replace_path_with_link, sha256_json, staged_dir, write_json, write_text
 from pdc.inputs.assets import local_tasks_dir
 from pdc.inputs.data import split_blocks, take, token_blocks
 from pdc.inputs.models import data_identity, materialize_model, source_identity
@@ -43,6 +43,7 @@ from pdc.plan.stage_graph import (
     StageGraph,
     build_graph,
 )
+from pdc.runner.comparison_report import write_comparison_report
 from pdc.runner.report import write_report
 from pdc.stages.correct import run_correct
 from pdc.stages.distill import run_distill
@@ -82,8 +83,11 @@ class Build:
     """One build directory and the stage graph of one spec."""
 
     def __init__(self, spec: CheckedSpec, out_dir: Optional[Path] = None, progress: bool = True,
-                 artifacts: bool = True, world_size: int = 1):
+                 artifacts: bool = True, world_size: int = 1, shared: Optional[dict[str, Path]] = None):
         self.spec = spec
+        # Finished stages of sibling builds (a comparison's variants) by content key: a stage
+        # whose key is there is not run again but linked to.
+        self.shared = shared
         self.graph: StageGraph = build_graph(spec)
         self.world_size = world_size  # training processes; the global batch does not change
         self.artifacts = artifacts  # exported program + ONNX beside each pruned checkpoint
@@ -162,7 +166,11 @@ class Build:
         if self.done(name):
             print(f"[pdc] {name}: up to date, skipped")
             self._log_status(name, "skipped")
+            self._share(name)
             return self.record(name)
+        key = self.stage_key(name)
+        if self.shared is not None and key in self.shared:
+            return self._link_shared(name, self.shared[key])
         node = self.graph.node(name)
         print(f"[pdc] {name}: running")
         t0 = time.perf_counter()
@@ -179,7 +187,20 @@ class Build:
             write_record(tmp, record)
         self._log_status(name, "done", record.seconds)
         print(f"[pdc] {name}: done in {record.seconds:.1f}s")
+        self._share(name)
         return record
+
+    def _share(self, name: str) -> None:
+        if self.shared is not None:
+            self.shared.setdefault(self.stage_key(name), (self.out / name).resolve())
+
+    def _link_shared(self, name: str, target: Path) -> StageRecord:
+        """Make `<out>/<name>` a relative link to an equal stage built by a sibling."""
+        link = self.out / name
+        replace_path_with_link(link, target)
+        print(f"[pdc] {name}: same settings and inputs as {target.parent.name}/{target.name}, shared")
+        self._log_status(name, "shared")
+        return self.record(name)
 
     def _log_status(self, name: str, status: str, seconds: Optional[float] = None) -> None:
         """`stages.json`: what this invocation did with each stage (ran or skipped)."""
@@ -304,23 +325,51 @@ def _run(build: Build, names: list[str]) -> Path:
     return build.out
 
 
+def _recipes(spec: CheckedSpec, out_dir: Optional[Path]) -> list[tuple[CheckedSpec, Path]]:
+    """The recipes a spec builds and where: itself, or each variant of its comparison in
+    `<build>/<variant>/`."""
+    out = Path(out_dir) if out_dir else default_build_dir(spec)
+    if spec.comparison is None:
+        return [(spec, out)]
+    return [(v.spec, out / v.name) for v in spec.comparison.variants]
+
+
+def _finish_comparison(spec: CheckedSpec, out_dir: Optional[Path]) -> None:
+    if spec.comparison is not None:
+        out = Path(out_dir) if out_dir else default_build_dir(spec)
+        md, _ = write_comparison_report(out, spec.comparison)
+        print(f"[pdc] comparison report: {md}")
+
+
 def compile_spec(spec: CheckedSpec, out_dir: Optional[Path] = None, progress: bool = True) -> Path:
     """Run the stages up to pruning (correction first when it is sequential) and write the plans
-    and launch commands of the later stages."""
-    build = Build(spec, out_dir, progress)
-    prunes = [n.name for n in build.graph.of_kind("prune")]
-    if not prunes:
-        raise PdcError("the spec has no prune stage: nothing to compile (use `pdc run`)")
-    names = sorted({a for p in prunes for a in build.graph.ancestors(p)} | set(prunes), key=build.graph.names.index)
-    return _run(build, names)
+    and launch commands of the later stages; for a comparison, of every variant (stages equal
+    across variants run once)."""
+    shared: dict[str, Path] = {}
+    for recipe, out in _recipes(spec, out_dir):
+        build = Build(recipe, out, progress, shared=shared)
+        prunes = [n.name for n in build.graph.of_kind("prune")]
+        if not prunes:
+            raise PdcError("the spec has no prune stage: nothing to compile (use `pdc run`)")
+        names = sorted({a for p in prunes for a in build.graph.ancestors(p)} | set(prunes),
+                       key=build.graph.names.index)
+        _run(build, names)
+    return Path(out_dir) if out_dir else default_build_dir(spec)
 
 
 def run_spec(spec: CheckedSpec, out_dir: Optional[Path] = None, stage: Optional[str] = None,
              progress: bool = True, world_size: int = 1) -> Path:
-    """Run every stage in order (or just `stage`), skipping those that are up to date."""
-    build = Build(spec, out_dir, progress, world_size=world_size)
-    if stage is not None:
-        if stage not in build.graph.nodes:
-            raise PdcError(f"the spec has no stage {stage!r} (it has: {', '.join(build.graph.names)})")
-        return _run(build, [stage])
-    return _run(build, build.graph.names)
+    """Run every stage in order (or just `stage`), skipping those that are up to date; for a
+    comparison, every variant, sharing the stages that are equal across variants, then the
+    comparison report."""
+    shared: dict[str, Path] = {}
+    for recipe, out in _recipes(spec, out_dir):
+        build = Build(recipe, out, progress, world_size=world_size, shared=shared)
+        if stage is not None:
+            if stage not in build.graph.nodes:
+                raise PdcError(f"the spec has no stage {stage!r} (it has: {', '.join(build.graph.names)})")
+            _run(build, [stage])
+        else:
+            _run(build, build.graph.names)
+    _finish_comparison(spec, out_dir)
+    return Path(out_dir) if out_dir else default_build_dir(spec)

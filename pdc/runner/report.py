@@ -155,7 +155,7 @@ def _json(path: Path) -> Any:
         return None
 
 
-def _jsonl(path: Path) -> list[dict]:
+def read_log_records(path: Path) -> list[dict]:
     if not path.exists():
         return []
     out = []
@@ -174,7 +174,7 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _num(x: Any, digits: int = 4) -> str:
+def format_number(x: Any, digits: int = 4) -> str:
     if isinstance(x, bool) or x is None:
         return "-"
     if isinstance(x, int):
@@ -184,7 +184,7 @@ def _num(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
-def _seconds(s: float | None) -> str:
+def format_seconds(s: float | None) -> str:
     if s is None:
         return "-"
     if s < 90:
@@ -232,7 +232,7 @@ def _arch_section(doc: Doc, plan: dict | None, prune: PruneResult | None):
     for key, label in ARCH_ROWS:
         if key in src or key in fin:
             a, b = src.get(key), fin.get(key)
-            rows.append([label, _num(a), _num(b), ratio(a, b)])
+            rows.append([label, format_number(a), format_number(b), ratio(a, b)])
     for key, label in (("params_total", "parameters"), ("params_non_embedding", "non-embedding parameters")):
         a, b = src.get(key), fin.get(key)
         if a is not None and b is not None:
@@ -272,8 +272,8 @@ def _stages_section(doc: Doc, build: Path, plan: dict | None, records: dict[str,
         total += rec.seconds
         skipped = isinstance(status.get(name), dict) and status[name].get("status") == "skipped"
         rows.append([name, "skipped (up to date; time of the run that built it)" if skipped else "done",
-                     _seconds(rec.seconds)])
-    rows.append(["total", "", _seconds(total)])
+                     format_seconds(rec.seconds)])
+    rows.append(["total", "", format_seconds(total)])
     doc.table(["stage", "status", "time"], rows, align="llr")
 
 
@@ -290,8 +290,8 @@ def _prune_section(doc: Doc, build: Path, name: str, prune: PruneResult | None):
         what = f"task `{sal.task}` ({sal.shots}-shot)" if sal.kind == "task" else sal.kind
         better = "higher" if sal.better == "higher" else "lower"
         rows = [["saliency", what], ["metric", f"{sal.metric} ({better} is better)"],
-                ["metric, full model", _num(sal.baseline)],
-                ["metric, chosen layers removed", _num(sal.chosen)],
+                ["metric, full model", format_number(sal.baseline)],
+                ["metric, chosen layers removed", format_number(sal.chosen)],
                 ["candidates scored", str(len(sal.candidates))]]
         doc.table(["", "value"], rows, align="ll")
         if (stage / sal.plot).exists():
@@ -300,9 +300,9 @@ def _prune_section(doc: Doc, build: Path, name: str, prune: PruneResult | None):
             doc.muted("saliency plot not written")
     else:
         doc.p("Width pruning to " + ", ".join(f"{k}={v}" for k, v in prune.arch_after.items()) +
-              f" with {prune.importance} importance on {_num(prune.calibration_tokens)} calibration tokens.")
+              f" with {prune.importance} importance on {format_number(prune.calibration_tokens)} calibration tokens.")
         if prune.seconds:
-            doc.table(["step", "time"], [[k, _seconds(v)] for k, v in prune.seconds.items()], align="lr")
+            doc.table(["step", "time"], [[k, format_seconds(v)] for k, v in prune.seconds.items()], align="lr")
         if prune.plot and (stage / prune.plot).exists():
             doc.img(stage / prune.plot, f"{name}/{prune.plot}", "importance scores, kept vs pruned")
         else:
@@ -317,18 +317,18 @@ def _train_table(correct: TrainResult | None, distill: TrainResult | None) -> tu
     keys = [("steps", "steps"), ("tokens", "tokens"), ("global_batch", "global batch"), ("seq_len", "seq len"),
             ("precision", "precision"), ("tokens_per_s", "tokens/s (median)"), ("wall_s", "wall time")]
     cols = [(n, m) for n, m in (("correct", correct), ("distill", distill)) if m]
-    rows = [[label] + [_seconds(m.wall_s) if key == "wall_s" else _num(getattr(m, key)) for _, m in cols]
+    rows = [[label] + [format_seconds(m.wall_s) if key == "wall_s" else format_number(getattr(m, key)) for _, m in cols]
             for key, label in keys]
     if correct:
         rows.append(["teacher val LM loss before -> after",
-                     f"{_num(correct.val_loss_start)} -> {_num(correct.val_loss_end)}"] + (["-"] if distill else []))
+                     f"{format_number(correct.val_loss_start)} -> {format_number(correct.val_loss_end)}"] + (["-"] if distill else []))
     if distill:
         lead = ["-"] if correct else []
         rows.append(["student val LM loss start -> end", *lead,
-                     f"{_num(distill.val_loss_start)} -> {_num(distill.val_loss_end)}"])
+                     f"{format_number(distill.val_loss_start)} -> {format_number(distill.val_loss_end)}"])
         rows.append(["student val KL start -> end", *lead,
-                     f"{_num(distill.val_kl_start)} -> {_num(distill.val_kl_end)}"])
-        rows.append(["teacher val LM loss", *lead, _num(distill.teacher_val_loss)])
+                     f"{format_number(distill.val_kl_start)} -> {format_number(distill.val_kl_end)}"])
+        rows.append(["teacher val LM loss", *lead, format_number(distill.teacher_val_loss)])
     return [""] + [n for n, _ in cols], rows
 
 
@@ -406,7 +406,7 @@ def _training_section(doc: Doc, build: Path, records: dict[str, StageRecord]):
         doc.muted("distillation " + NOT_RUN)
     header, rows = _train_table(correct, distill)
     doc.table(header, rows)
-    logs = {kind: _jsonl(build / name / result.log) for kind, (name, result) in results.items()}
+    logs = {kind: read_log_records(build / name / result.log) for kind, (name, result) in results.items()}
     png = build / LOSS_PNG
     if plot_losses(logs.get("correct", []), correct, logs.get("distill", []), distill, png):
         doc.img(png, LOSS_PNG, "training loss curves")

@@ -1,0 +1,290 @@
+"""The comparison report: every variant of a `compare` block side by side, with intervals.
+
+`write_comparison_report(build_dir, comparison)` reads the typed records of each variant's build
+(`<build>/<variant>/<stage>/stage.json`) and writes `comparison.md` and `comparison.html`
+(self-contained) plus its plots:
+
+- a table of what each variant changed and what it produced (parameters, the distillation's
+  validation losses, the final model's held-out perplexity and task scores with standard errors);
+- the difference of every variant's final model to the first variant's, with a 95% interval and
+  a verdict: per-item scores on the same task items are compared paired (McNemar for 0/1 scores,
+  paired bootstrap for the interval), held-out perplexity by a paired bootstrap over the same
+  blocks; only when per-item data are missing, an unpaired interval from the standard errors.
+  A difference whose interval includes zero is reported as not significant, not ranked;
+- plots: the distillation curves of all variants on one axis, the final scores with error bars,
+  and the depth-saliency curves of the variants that prune depth.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+from pdc.errors import PdcError
+from pdc.files import write_text
+from pdc.lang.checked import Comparison
+from pdc.plan.results import (
+    MODEL_COLUMNS,
+    EvaluateResult,
+    ModelScores,
+    PruneResult,
+    StageRecord,
+    TrainResult,
+    read_record,
+)
+from pdc.plotting import pyplot, save_figure
+from pdc.runner.report import Doc, format_number, read_log_records, render_html, render_markdown
+from pdc.runner.stats import Difference, paired_bootstrap, paired_items, unpaired_interval
+
+STAGE = "report"
+LOSSES_PNG = "comparison_losses.png"
+SCORES_PNG = "comparison_scores.png"
+SALIENCY_PNG = "comparison_saliency.png"
+
+
+class Variant:
+    """The records of one variant's build."""
+
+    def __init__(self, name: str, changes: tuple[str, ...], out: Path):
+        self.name, self.changes, self.out = name, changes, out
+        self.records: dict[str, StageRecord] = {}
+        if out.is_dir():
+            for path in sorted(out.iterdir()):
+                if path.is_dir() and not path.name.endswith((".tmp", ".work")):
+                    try:
+                        rec = read_record(path)
+                    except PdcError:
+                        continue  # the variant's own report names the unreadable record
+                    if rec is not None:
+                        self.records[path.name] = rec
+
+    def result(self, kind: str):
+        recs = [r for r in self.records.values() if r.kind == kind]
+        return recs[-1].result if recs else None
+
+    @property
+    def final(self) -> Optional[tuple[str, ModelScores]]:
+        """The last model column this variant evaluated (distilled, else pruned, ...)."""
+        ev: Optional[EvaluateResult] = self.result("evaluate")
+        if ev is None:
+            return None
+        for column in reversed(MODEL_COLUMNS):
+            if column in ev.models:
+                return column, ev.models[column]
+        return None
+
+
+def _fmt_score(value: Optional[float], se: Optional[float], percent: bool) -> str:
+    if value is None:
+        return "-"
+    scale = 100 if percent else 1
+    text = f"{scale * value:.1f}" if percent else format_number(value)
+    return text + (f" ± {scale * se:.1f}" if se is not None and percent else "")
+
+
+def _task_names(variants: list[Variant]) -> list[str]:
+    names: list[str] = []
+    for v in variants:
+        if v.final:
+            names += [t for t in v.final[1].tasks if t not in names]
+    return names
+
+
+def _summary_table(doc: Doc, variants: list[Variant]) -> None:
+    tasks = _task_names(variants)
+    header = ["variant", "changes", "params", "distill val loss", "val KL", "final model", "perplexity"]
+    header += [f"{t} % (± se)" for t in tasks]
+    rows = []
+    for v in variants:
+        prune: Optional[PruneResult] = v.result("prune")
+        distill: Optional[TrainResult] = v.result("distill")
+        final = v.final
+        row = [v.name, "; ".join(v.changes) or "(as written)",
+               f"{prune.params_after:,}" if prune else "-",
+               f"{format_number(distill.val_loss_start)} -> {format_number(distill.val_loss_end)}" if distill else "-",
+               format_number(distill.val_kl_end) if distill else "-",
+               final[0] if final else "-",
+               format_number(final[1].perplexity) if final else "-"]
+        for t in tasks:
+            score = final[1].tasks.get(t) if final else None
+            row.append(_fmt_score(score.values.get(score.primary), score.stderr.get(score.primary), True)
+                       if score else "-")
+        rows.append(row)
+    doc.table(header, rows, align="ll" + "r" * (len(header) - 2))
+
+
+def differences(reference: Variant, other: Variant) -> list[tuple[str, Difference]]:
+    """(metric, other - reference) for the perplexity and every task both final models have."""
+    out: list[tuple[str, Difference]] = []
+    if not reference.final or not other.final:
+        return out
+    a, b = reference.final[1], other.final[1]
+    if a.perplexity is not None and b.perplexity is not None:
+        if a.block_nll and len(a.block_nll) == len(b.block_nll):
+            d = paired_bootstrap(a.block_nll, b.block_nll)
+            # the interval on the mean NLL difference, shown as a perplexity ratio
+            out.append(("perplexity ratio", Difference(math.exp(d.delta), math.exp(d.low), math.exp(d.high),
+                                                       "paired bootstrap over blocks")))
+        else:
+            out.append(("perplexity ratio", Difference(b.perplexity / a.perplexity, math.nan, math.nan,
+                                                       "no per-block data: no interval")))
+    for task, sa in a.tasks.items():
+        sb = b.tasks.get(task)
+        if sb is None:
+            continue
+        metric = sa.primary
+        if sa.per_item and len(sa.per_item) == len(sb.per_item):
+            out.append((f"{task} {metric}", paired_items(sa.per_item, sb.per_item)))
+        elif metric in sa.stderr and metric in sb.stderr:
+            out.append((f"{task} {metric}", unpaired_interval(sa.values[metric], sa.stderr[metric],
+                                                              sb.values[metric], sb.stderr[metric])))
+    return out
+
+
+def _verdict(metric: str, d: Difference) -> str:
+    if math.isnan(d.low):
+        return "no interval"
+    if metric == "perplexity ratio":
+        if d.low <= 1 <= d.high:
+            return "not significant at 95%"
+        return "lower perplexity" if d.high < 1 else "higher perplexity"
+    if not d.significant:
+        return "not significant at 95%"
+    return "better" if d.delta > 0 else "worse"
+
+
+def _differences_table(doc: Doc, variants: list[Variant]) -> None:
+    reference = variants[0]
+    rows = []
+    for v in variants[1:]:
+        for metric, d in differences(reference, v):
+            if metric == "perplexity ratio":
+                value = f"x{d.delta:.3f}" + ("" if math.isnan(d.low) else f" [{d.low:.3f}, {d.high:.3f}]")
+            else:
+                value = f"{100 * d.delta:+.1f} pts [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
+                if d.p_value is not None:
+                    value += f", p={d.p_value:.3g}"
+            rows.append([v.name, metric, value, d.method, _verdict(metric, d)])
+    if rows:
+        doc.p(f"Each variant's final model against `{reference.name}`'s (95% intervals):")
+        doc.table(["variant", "metric", f"difference to {reference.name}", "test", "verdict"], rows, align="lllll")
+    else:
+        doc.muted("no evaluation to compare")
+
+
+def _plot_losses(variants: list[Variant], png: Path) -> bool:
+    curves = []
+    for v in variants:
+        distill: Optional[TrainResult] = v.result("distill")
+        name = next((n for n, r in v.records.items() if r.kind == "distill"), None)
+        if distill is None or name is None:
+            continue
+        log = read_log_records(v.out / name / distill.log)
+        if log:
+            key = "kl" if all("kl" in r for r in log) else "loss"
+            curves.append((v.name, [r["step"] for r in log], [r[key] for r in log], key))
+    if not curves:
+        return False
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, steps, values, key in curves:
+        ax.plot(steps, values, lw=1.5, label=f"{name} ({'KL' if key == 'kl' else 'loss'})")
+    ax.set(xlabel="optimizer step", ylabel="training loss (nats/token)", title="distillation, per variant")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, png)
+    return True
+
+
+def _plot_scores(variants: list[Variant], png: Path) -> bool:
+    metrics = []  # (label, [(variant, value, err)])
+    ppl = [(v.name, v.final[1].perplexity, None) for v in variants if v.final and v.final[1].perplexity]
+    if ppl:
+        metrics.append(("held-out perplexity (lower is better)", ppl))
+    for task in _task_names(variants):
+        bars = []
+        for v in variants:
+            score = v.final[1].tasks.get(task) if v.final else None
+            if score is not None:
+                bars.append((v.name, 100 * score.values[score.primary],
+                             100 * score.stderr[score.primary] if score.primary in score.stderr else None))
+        if bars:
+            metrics.append((f"{task} {score.primary if score else ''} % (± 1 se)", bars))
+    if not metrics:
+        return False
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
+    for ax, (label, bars) in zip(axes[0], metrics):
+        names = [b[0] for b in bars]
+        ax.bar(names, [b[1] for b in bars], yerr=[b[2] or 0 for b in bars], capsize=4,
+               color=[f"C{i}" for i in range(len(bars))])
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, png)
+    return True
+
+
+def _plot_saliency(variants: list[Variant], png: Path) -> bool:
+    series = []
+    for v in variants:
+        prune: Optional[PruneResult] = v.result("prune")
+        if prune is not None and prune.saliency is not None and prune.saliency.candidates:
+            sal = prune.saliency
+            series.append((v.name, sal, [c.layers[0] for c in sal.candidates], [c.value for c in sal.candidates]))
+    if not series:
+        return False
+    plt = pyplot()
+    by_metric: dict[str, list] = {}
+    for s in series:
+        by_metric.setdefault(s[1].metric, []).append(s)
+    fig, axes = plt.subplots(1, len(by_metric), figsize=(6 * len(by_metric), 3.8), squeeze=False)
+    for ax, (metric, group) in zip(axes[0], by_metric.items()):
+        for name, sal, starts, values in group:
+            line, = ax.plot(starts, values, marker="o", ms=3, lw=1.2,
+                            label=f"{name}: drops {list(sal.dropped_layers)}")
+            chosen = [values[starts.index(i)] for i in sal.dropped_layers if i in starts]
+            ax.scatter([i for i in sal.dropped_layers if i in starts], chosen, s=70, facecolors="none",
+                       edgecolors=line.get_color(), lw=1.5)
+        ax.set(xlabel="first removed layer", ylabel=metric, title=f"depth saliency ({metric})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, png)
+    return True
+
+
+def build_comparison_doc(build_dir: Path, comparison: Comparison) -> Doc:
+    variants = [Variant(v.name, v.changes, build_dir / v.name) for v in comparison.variants]
+    doc = Doc()
+    doc.h(1, f"pdc comparison: {comparison.name}")
+    doc.p(f"{len(variants)} variants of `{build_dir.name}`; each variant's own report is "
+          + ", ".join(f"`{v.name}/report.md`" for v in variants) + ".")
+    doc.h(2, "Variants")
+    _summary_table(doc, variants)
+    doc.h(2, "Differences")
+    _differences_table(doc, variants)
+    doc.h(2, "Plots")
+    drawn = False
+    for png, fn, alt in ((LOSSES_PNG, _plot_losses, "distillation curves per variant"),
+                         (SCORES_PNG, _plot_scores, "final scores per variant"),
+                         (SALIENCY_PNG, _plot_saliency, "depth saliency per variant")):
+        if fn(variants, build_dir / png):
+            doc.img(build_dir / png, png, alt)
+            drawn = True
+    if not drawn:
+        doc.muted("nothing to plot yet")
+    return doc
+
+
+def write_comparison_report(build_dir: Path, comparison: Comparison) -> tuple[Path, Path]:
+    """Write `comparison.md` and `comparison.html` into `build_dir`; returns both paths."""
+    build_dir = Path(build_dir)
+    doc = build_comparison_doc(build_dir, comparison)
+    md, html_path = build_dir / "comparison.md", build_dir / "comparison.html"
+    write_text(md, render_markdown(doc))
+    write_text(html_path, render_html(doc, f"pdc comparison: {comparison.name}"))
+    return md, html_path

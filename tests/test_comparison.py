@@ -1,0 +1,63 @@
+"""`pdc run` on a spec with a `compare` block: every variant built, equal stages shared, one
+comparison report with intervals."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pdc.cli import main as pdc_main
+from pdc.lang import load_spec
+from pdc.plan.results import read_record
+from pdc.runner.comparison_report import Variant, differences
+from tiny_builds import COMPARE_SPEC, make_project
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    spec = make_project(root, COMPARE_SPEC, "cmp")
+    assert pdc_main(["run", str(spec)]) == 0
+    return spec, root / "build" / "cmp"
+
+
+def test_every_variant_is_built_and_equal_stages_are_shared(compared):
+    """Teacher correction is the same in both variants: built once, linked from the second.
+    Pruning differs (importance), so it and everything after it are built per variant."""
+    _, build = compared
+    a, b = build / "activation", build / "random"
+    assert not (a / "correct").is_symlink() and (b / "correct").is_symlink()
+    assert os.path.realpath(b / "correct") == os.path.realpath(a / "correct")
+    for stage in ("prune", "distill", "evaluate"):
+        assert not (b / stage).is_symlink()
+    ka = read_record(a / "prune").result.kept
+    kb = read_record(b / "prune").result.kept
+    assert ka["hidden"] != kb["hidden"]  # activation and random choose different channels
+    assert read_record(a / "prune").result.importance == "activation"
+    assert read_record(b / "prune").result.importance == "random"
+
+
+def test_comparison_report_compares_with_intervals(compared):
+    spec_path, build = compared
+    md = (build / "comparison.md").read_text()
+    assert "| activation | (as written)" in md and "| random | prune.importance" in md
+    assert "difference to activation" in md
+    assert (build / "comparison_losses.png").read_bytes().startswith(b"\x89PNG")
+    assert (build / "comparison_scores.png").read_bytes().startswith(b"\x89PNG")
+    html = (build / "comparison.html").read_text()
+    assert html.count("data:image/png;base64") == 2
+    comparison = load_spec(spec_path).comparison
+    ref, other = (Variant(v.name, v.changes, build / v.name) for v in comparison.variants)
+    diffs = dict(differences(ref, other))
+    assert "perplexity ratio" in diffs and "tiny_mc acc" in diffs
+    d = diffs["tiny_mc acc"]
+    assert d.low <= d.delta <= d.high
+
+
+def test_rerun_skips_every_variant(compared, capsys):
+    spec, _ = compared
+    assert pdc_main(["run", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "running" not in out.replace("report", "")
+    assert out.count("up to date, skipped") == 8
