@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from pdc.files import sha256_file
 from pdc.inputs import assets
+from pdc.inputs.gguf import greedy_answer
 from pdc.errors import PdcError
 
 SQUAD = {
@@ -42,12 +43,21 @@ SOCIAL = {
 }
 
 
+NEWS = {"data": [{"paragraphs": [{"context": f"News story {i}."} for i in range(5)]}]}
+REDDIT = {"data": [{"paragraphs": [{"context": f"Reddit post {i}."} for i in range(4)]}]}
+TIMEDIAL = {"examples": [{"input": f"Dialog {i}: which span?", "target_scores": {"a": int(i % 2 == 0), "b": int(i % 2 == 1)}}
+                         for i in range(30)]}
+
+
 def _fake_sdist(path: Path) -> Path:
     with tarfile.open(path, "w:gz") as tar:
         for name, payload in [("README.md", b"not wanted"),
                               (assets.SQUAD_WIKI_MEMBER, json.dumps(SQUAD).encode()),
+                              (assets.SQUAD_NEWS_MEMBER, json.dumps(NEWS).encode()),
+                              (assets.SQUAD_REDDIT_MEMBER, json.dumps(REDDIT).encode()),
                               ("bigbench/other/task.json", b"{}"),
-                              (assets.SOCIAL_IQA_MEMBER, json.dumps(SOCIAL).encode())]:
+                              (assets.SOCIAL_IQA_MEMBER, json.dumps(SOCIAL).encode()),
+                              (assets.TIMEDIAL_MEMBER, json.dumps(TIMEDIAL).encode())]:
             info = tarfile.TarInfo(f"bigbench-1.0.0/{name}")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
@@ -120,11 +130,15 @@ def test_text_assets_from_fake_sdist(cache):
     test = _read_jsonl(tasks / "social_iqa_local.jsonl")
     shots = _read_jsonl(tasks / "social_iqa_local_fewshot.jsonl")
     assert len(test) + len(shots) == 40  # the two ill-posed examples are dropped
-    assert len(shots) == assets.SOCIAL_IQA_FEWSHOT
+    assert len(shots) == assets.TASK_FEWSHOT
     for rec in test + shots:
         i = int(rec["question"].split()[1])
         assert rec["choices"][rec["label"]] == f"answer {i}" + "abc"[i % 3]
     assert str((tasks / "social_iqa_local.jsonl").resolve()) in yaml_text
+    assert "task: timedial_local" in (tasks / "timedial_local.yaml").read_text()
+    assert len(_read_jsonl(tasks / "timedial_local.jsonl")) == 30 - assets.TASK_FEWSHOT
+    assert [r["text"] for r in _read_jsonl(assets.builtin_data_path("news"))] == [f"News story {i}." for i in range(5)]
+    assert len(_read_jsonl(assets.builtin_data_path("reddit"))) == 4
     assert not list(cache.glob("*.tmp"))
 
 
@@ -148,13 +162,13 @@ def test_interrupted_build_leaves_no_partial_asset(cache, monkeypatch):
     """If building the task fails, tasks/ does not exist (wiki, built first, is complete)."""
     def boom(*a, **k):
         raise PdcError("simulated failure", "setup")
-    real = assets.build_social_iqa
-    monkeypatch.setattr(assets, "build_social_iqa", boom)
+    real = assets.build_task
+    monkeypatch.setattr(assets, "build_task", boom)
     with pytest.raises(PdcError, match="simulated"):
         assets.setup_text_assets(progress=False)
     assert not (cache / "tasks").exists() and not (cache / "tasks.tmp").exists()
     assert (cache / "data" / "wiki.jsonl").exists()
-    monkeypatch.setattr(assets, "build_social_iqa", real)
+    monkeypatch.setattr(assets, "build_task", real)
     assets.setup_text_assets(progress=False)
     assert (cache / "tasks" / "social_iqa_local.yaml").exists()
 
@@ -205,25 +219,28 @@ def test_real_setup_gives_paris_and_lm_eval_task():
     paths = assets.setup(progress=False)
     model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.float32).eval()
     assert "quantization_config" not in json.loads((paths["model"] / "config.json").read_text())
-    assert "Paris" in assets.greedy_answer(model, AutoTokenizer.from_pretrained(paths["model"]))
+    assert "Paris" in greedy_answer(model, AutoTokenizer.from_pretrained(paths["model"]))
     assert len(_read_jsonl(assets.builtin_data_path("wiki-heldout"))) > 50
 
     from lm_eval.tasks import TaskManager
 
     tm = TaskManager(include_path=str(assets.local_tasks_dir()))
-    assert "social_iqa_local" in tm.all_tasks
+    assert set(assets.LOCAL_TASKS) <= set(tm.all_tasks)
+    assert len(_read_jsonl(assets.builtin_data_path("news"))) > 50
 
 
 @pytest.mark.slow
-def test_smollm2_beats_chance_on_social_iqa_local():
-    """SmolLM2 scores above chance (1/3, three choices) on 200 examples: the task's prompt, choices
-    and labels line up (a shifted label or a broken template lands at or below chance)."""
+@pytest.mark.parametrize("task", sorted(assets.LOCAL_TASKS))
+def test_smollm2_beats_chance_on_the_local_tasks(task):
+    """SmolLM2 scores above chance (1/3, three choices) on 200 examples of each local task: the
+    task's prompt, choices and labels line up (a shifted label or a broken template lands at or
+    below chance)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     tm = TaskManager(include_path=str(assets.local_tasks_dir()))
     lm = HFLM(pretrained=str(assets.smollm2_dir()), dtype="float32", batch_size=16, device="cpu")
-    res = lm_eval.simple_evaluate(model=lm, tasks=["social_iqa_local"], task_manager=tm, limit=200,
-                                  num_fewshot=0)["results"]["social_iqa_local"]
+    res = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=tm, limit=200,
+                                  num_fewshot=0)["results"][task]
     assert res["acc_norm,none"] > 1 / 3 + 2 * res["acc_norm_stderr,none"]

@@ -9,10 +9,12 @@ Three assets, all under `pdc.inputs.cache.cache_root()` (`$PDC_CACHE` or `~/.cac
 * `data/wiki.jsonl`, `data/wiki-heldout.jsonl` -- English Wikipedia paragraphs (`{"text": ...}`
   per line) from the SQuAD-shifts "new wiki" set shipped in the `bigbench==1.0.0` sdist.
   Paragraphs are de-duplicated; the held-out ~10% is chosen by content hash, so the split does
-  not depend on file order and never changes between runs.
-* `tasks/social_iqa_local.{yaml,jsonl}` (+ `..._fewshot.jsonl`) -- a local lm-eval
-  multiple-choice task built from BIG-bench's `social_iqa`, loadable with
-  `lm_eval.tasks.TaskManager(include_path=local_tasks_dir())`.
+  not depend on file order and never changes between runs. `data/news.jsonl` and
+  `data/reddit.jsonl` hold the New York Times and Reddit paragraphs of the same SQuAD-shifts
+  release: other text domains, for held-out perplexity away from the training domain.
+* `tasks/<name>_local.{yaml,jsonl}` (+ `..._fewshot.jsonl`) -- local lm-eval multiple-choice
+  tasks built from BIG-bench JSON tasks (`social_iqa`; `timedial`, on which SmolLM2-135M scores
+  well above chance), loadable with `lm_eval.tasks.TaskManager(include_path=local_tasks_dir())`.
 
 Every asset is written into a `*.tmp` sibling and renamed into place only when complete, so an
 interrupted setup leaves nothing half-written, and a finished asset is skipped on the next run.
@@ -52,14 +54,22 @@ BIGBENCH_SDIST = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
 # tarball already in the cache, which may be truncated by an interrupted copy).
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 SQUAD_WIKI_MEMBER = "bigbench/benchmark_tasks/squad_shifts/new_wiki_v1.0.json"
+SQUAD_NEWS_MEMBER = "bigbench/benchmark_tasks/squad_shifts/nyt_v1.0.json"
+SQUAD_REDDIT_MEMBER = "bigbench/benchmark_tasks/squad_shifts/reddit_v1.0.json"
 SOCIAL_IQA_MEMBER = "bigbench/benchmark_tasks/social_iqa/task.json"
+TIMEDIAL_MEMBER = "bigbench/benchmark_tasks/timedial/task.json"
 
-BUILTIN_DATA = {"wiki": "wiki.jsonl", "wiki-heldout": "wiki-heldout.jsonl"}
+BUILTIN_DATA = {"wiki": "wiki.jsonl", "wiki-heldout": "wiki-heldout.jsonl", "news": "news.jsonl",
+                "reddit": "reddit.jsonl"}
+# Other text domains (whole sets: evaluation only), by the SQuAD-shifts member they come from.
+DOMAIN_MEMBERS = {"news": SQUAD_NEWS_MEMBER, "reddit": SQUAD_REDDIT_MEMBER}
 HELDOUT_FRACTION = 0.1
 
-LOCAL_TASK = "social_iqa_local"
-SOCIAL_IQA_FEWSHOT = 20  # examples reserved for few-shot context, never scored
-SOCIAL_IQA_SEED = 1234
+# Local multiple-choice tasks: name -> the BIG-bench task file it is built from.
+LOCAL_TASKS = {"social_iqa_local": SOCIAL_IQA_MEMBER, "timedial_local": TIMEDIAL_MEMBER}
+LOCAL_TASK = "social_iqa_local"  # the one every example uses
+TASK_FEWSHOT = 20  # examples reserved for few-shot context, never scored
+TASK_SEED = 1234
 
 
 
@@ -105,9 +115,9 @@ def builtin_data_path(name: str) -> Path:
 
 
 def local_tasks_dir(check: bool = True) -> Path:
-    """Directory of local lm-eval task YAMLs (task `social_iqa_local`), for `include_path`."""
+    """Directory of local lm-eval task YAMLs (`LOCAL_TASKS`), for `include_path`."""
     path = cache_root() / "tasks"
-    if check and not (path / f"{LOCAL_TASK}.yaml").exists():
+    if check and not all((path / f"{name}.yaml").exists() for name in LOCAL_TASKS):
         raise PdcError(f"local lm-eval tasks not found at {path}: run `pdc setup` first", STAGE)
     return path
 
@@ -294,8 +304,8 @@ def split_heldout(texts: Sequence[str], fraction: float = HELDOUT_FRACTION) -> t
     return [t for t in texts if t not in held], [t for t in texts if t in held]
 
 
-def social_iqa_records(task: dict) -> list[dict]:
-    """BIG-bench `social_iqa` examples as {"question", "choices", "label"} (exactly one correct
+def mc_records(task: dict) -> list[dict]:
+    """BIG-bench multiple-choice examples as {"question", "choices", "label"} (exactly one correct
     choice; examples with none or several are dropped). Choice order is kept from the task file."""
     out = []
     for ex in task.get("examples", []):
@@ -308,12 +318,12 @@ def social_iqa_records(task: dict) -> list[dict]:
     return out
 
 
-def task_yaml(test_path: Path, fewshot_path: Path) -> str:
-    """lm-eval task config for `social_iqa_local` (JSON files given by absolute path)."""
+def task_yaml(name: str, test_path: Path, fewshot_path: Path) -> str:
+    """lm-eval task config of local task `name` (JSON files given by absolute path)."""
     # Written by hand rather than yaml.dump: lm-eval reads `!function` tags and key order matters
     # to nobody, but a stable text keeps the file diffable.
     return "\n".join([
-        f"task: {LOCAL_TASK}",
+        f"task: {name}",
         "dataset_path: json",
         "dataset_kwargs:",
         "  data_files:",
@@ -339,57 +349,63 @@ def task_yaml(test_path: Path, fewshot_path: Path) -> str:
     ])
 
 
-def build_wiki(squad_bytes: bytes, out_dir: Path) -> dict:
-    paragraphs = wiki_paragraphs(json.loads(squad_bytes))
+def build_text(members: dict[str, bytes], out_dir: Path) -> dict:
+    """wiki / wiki-heldout (split by content hash) and the other domains, as JSONL."""
+    paragraphs = wiki_paragraphs(json.loads(members[SQUAD_WIKI_MEMBER]))
     if len(paragraphs) < 2:
         raise PdcError(f"{SQUAD_WIKI_MEMBER} has only {len(paragraphs)} paragraphs", STAGE)
     train, held = split_heldout(paragraphs)
     write_jsonl(out_dir / BUILTIN_DATA["wiki"], ({"text": t} for t in train))
     write_jsonl(out_dir / BUILTIN_DATA["wiki-heldout"], ({"text": t} for t in held))
-    return {"train": len(train), "heldout": len(held), "chars": sum(map(len, paragraphs))}
+    info = {"wiki": len(train), "wiki-heldout": len(held)}
+    for name, member in DOMAIN_MEMBERS.items():
+        texts = wiki_paragraphs(json.loads(members[member]))
+        if not texts:
+            raise PdcError(f"{member} has no paragraphs", STAGE)
+        write_jsonl(out_dir / BUILTIN_DATA[name], ({"text": t} for t in texts))
+        info[name] = len(texts)
+    return info
 
 
-def build_social_iqa(task_bytes: bytes, out_dir: Path, final_dir: Path,
-                     n_fewshot: int = SOCIAL_IQA_FEWSHOT, seed: int = SOCIAL_IQA_SEED) -> dict:
-    """Write the task JSONL files into `out_dir` and a YAML pointing at their `final_dir` paths.
-
-    The examples are shuffled with a fixed seed, so lm-eval's `limit=N` (the first N documents)
-    scores a random-but-fixed subset; the first `n_fewshot` go to the few-shot split only.
-    """
-    records = social_iqa_records(json.loads(task_bytes))
+def build_task(name: str, task_bytes: bytes, out_dir: Path, final_dir: Path,
+               n_fewshot: int = TASK_FEWSHOT, seed: int = TASK_SEED) -> dict:
+    """Write local task `name`'s JSONL files into `out_dir` and a YAML pointing at their
+    `final_dir` paths. The examples are shuffled with a fixed seed, so lm-eval's `limit=N` (the
+    first N documents) scores a random-but-fixed subset; the first `n_fewshot` go to the few-shot
+    split only."""
+    records = mc_records(json.loads(task_bytes))
     if len(records) <= n_fewshot:
-        raise PdcError(f"{SOCIAL_IQA_MEMBER} has only {len(records)} usable examples", STAGE)
+        raise PdcError(f"{LOCAL_TASKS[name]} has only {len(records)} usable examples", STAGE)
     random.Random(seed).shuffle(records)
     fewshot, test = records[:n_fewshot], records[n_fewshot:]
-    test_name, fewshot_name = f"{LOCAL_TASK}.jsonl", f"{LOCAL_TASK}_fewshot.jsonl"
+    test_name, fewshot_name = f"{name}.jsonl", f"{name}_fewshot.jsonl"
     write_jsonl(out_dir / test_name, test)
     write_jsonl(out_dir / fewshot_name, fewshot)
-    (out_dir / f"{LOCAL_TASK}.yaml").write_text(
-        task_yaml(final_dir / test_name, final_dir / fewshot_name))
+    (out_dir / f"{name}.yaml").write_text(task_yaml(name, final_dir / test_name, final_dir / fewshot_name))
     return {"test": len(test), "fewshot": len(fewshot)}
 
 
 def setup_text_assets(progress: bool = True, downloads: Path | None = None) -> tuple[Path, Path]:
-    """Build `data/` (wiki) and `tasks/` (social_iqa_local) from the bigbench sdist."""
+    """Build `data/` (text domains) and `tasks/` (local MC tasks) from the bigbench sdist."""
     d_final, t_final = data_dir(), local_tasks_dir(check=False)
     data_done = all((d_final / f).exists() for f in BUILTIN_DATA.values())
-    tasks_done = (t_final / f"{LOCAL_TASK}.yaml").exists()
+    tasks_done = all((t_final / f"{name}.yaml").exists() for name in LOCAL_TASKS)
     if data_done and tasks_done:
         _say(progress, f"data: {d_final} and {t_final} (already there)")
         return d_final, t_final
     sdist = download_bigbench(downloads or cache_root() / "downloads", progress)
-    _say(progress, f"data: reading 2 members of {sdist.name} (half a minute)")
-    members = read_members(sdist, [SQUAD_WIKI_MEMBER, SOCIAL_IQA_MEMBER], progress)
+    wanted = [SQUAD_WIKI_MEMBER, *DOMAIN_MEMBERS.values(), *LOCAL_TASKS.values()]
+    _say(progress, f"data: reading {len(wanted)} members of {sdist.name} (half a minute)")
+    members = read_members(sdist, wanted, progress)
     if not data_done:
         with staged_dir(d_final) as tmp:
-            info = build_wiki(members[SQUAD_WIKI_MEMBER], tmp)
-        _say(progress, f"data: wiki {info['train']} paragraphs, wiki-heldout {info['heldout']} "
-                       f"({info['chars']:,} characters) in {d_final}")
+            info = build_text(members, tmp)
+        _say(progress, "data: " + ", ".join(f"{k} {v} paragraphs" for k, v in info.items()) + f" in {d_final}")
     if not tasks_done:
         with staged_dir(t_final) as tmp:
-            info = build_social_iqa(members[SOCIAL_IQA_MEMBER], tmp, t_final)
-        _say(progress, f"tasks: {LOCAL_TASK} {info['test']} test + {info['fewshot']} few-shot "
-                       f"examples in {t_final}")
+            for name, member in LOCAL_TASKS.items():
+                info = build_task(name, members[member], tmp, t_final)
+                _say(progress, f"tasks: {name} {info['test']} test + {info['fewshot']} few-shot examples")
     return d_final, t_final
 
 

@@ -51,7 +51,7 @@ from pdc.lang.variants import apply_variant, describe, stage_name
 
 MODEL_KINDS = ("hf", "dir", "gguf", "builtin")
 DATA_KINDS = ("hf", "json", "jsonl", "text", "parquet", "builtin")
-BUILTIN_DATA = ("wiki", "wiki-heldout")
+BUILTIN_DATA = ("wiki", "wiki-heldout", "news", "reddit")
 
 
 class _Bad(Exception):
