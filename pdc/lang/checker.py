@@ -189,6 +189,7 @@ class _Checker:
         self.models: dict[str, ModelSource] = {}
         self.data: dict[str, DataSource] = {}
         self.decl: dict[str, ast.ModelDecl | ast.DataDecl] = {}
+        self.source_arch: Optional[Arch] = None
 
     def error(self, message: str, span: Span | None, *notes: Note) -> None:
         self.sink.error(message, span, *notes)
@@ -605,7 +606,10 @@ class _Checker:
                            f"{sizes[axis]} layers)", node.span, source_note)
                 bad_axis = True
             elif value > sizes[axis]:
-                self.error(f"{axis}={value} is larger than the source ({sizes[axis]})", node.span, source_note)
+                self.error(f"{axis}={value} is larger than the source ({sizes[axis]})"
+                           if arch is self.source_arch else
+                           f"{axis}={value} is larger than the previous prune stage's result ({sizes[axis]})",
+                           node.span, source_note)
                 bad_axis = True
         # The paper prunes width and depth in separate stages; a no-op setting is tolerated.
         other = ("depth",) if kind == "width" else ("hidden", "mlp", "heads", "kv_heads", "experts",
@@ -739,6 +743,7 @@ class _Checker:
                     decl.source.span,
                 )
 
+        self.source_arch = arch
         default_data = None
         for st in (distill_st, correct_st):
             if st is not None and st.data.value in self.data:
@@ -770,6 +775,11 @@ class _Checker:
                     lowered.append(stage)
                     if stage is not None:
                         current = stage.target_arch
+                        # a later prune stage starts from this one's result: say so in notes
+                        source_note = Note(
+                            f"it starts from the previous prune stage's result (hidden={current.hidden}, "
+                            f"mlp={current.mlp}, depth={current.layers}, heads={current.heads}, "
+                            f"kv_heads={current.kv_heads})", st.span)
             except _Silent:
                 lowered.append(None)
         correct_stage = next((s for s in lowered if isinstance(s, CorrectStage)), None)

@@ -22,6 +22,9 @@ from pdc.lang.diagnostics import Note, Span, SpecError
 
 _comments: contextvars.ContextVar[list] = contextvars.ContextVar("pds_comments")
 
+# What a NUMBER token must be (the lexer takes letters glued to a number so this can say so).
+_WELL_FORMED_NUMBER = re.compile(r"[+-]?(\d[\d_]*(\.[\d_]*)?|\.\d[\d_]*)([eE][+-]?\d+)?[kKMBGT]?")
+
 # Human names for terminals in "expected ..." messages.
 _TERMINAL_WORDS = {
     "NAME": "a name",
@@ -165,6 +168,8 @@ class _ToAst(Transformer):
 
     def number(self, c):
         tok = c[0]
+        if not _WELL_FORMED_NUMBER.fullmatch(str(tok)):
+            raise SpecError.single(f"malformed number '{tok}' (unit suffixes: k M B G T)", self._tok_span(tok))
         return ast.Number(ast.number_value(str(tok)), str(tok), self._tok_span(tok))
 
     def string(self, c):
@@ -288,6 +293,10 @@ def parse_text(text: str, filename: str = "<spec>") -> ast.Spec:
         _comments.reset(token)
     try:
         spec = _ToAst(filename).transform(tree)
+    except lark.exceptions.VisitError as exc:  # a token the transformer refuses (a malformed number)
+        if isinstance(exc.orig_exc, SpecError):
+            raise SpecError(exc.orig_exc.diagnostics, text) from None
+        raise
     except RecursionError:  # e.g. f(f(f(...))) nested thousands deep
         raise SpecError.single("expression nested too deeply", Span(filename, 1, 1, 1, 2), text) from None
     return ast.Spec(spec.statements, filename, tuple(bucket), spec.span)
