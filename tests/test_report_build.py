@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pdc.errors import PdcError
@@ -118,6 +118,7 @@ _FILES = ["plan.json", "stages.json", "prune/stage.json", "correct/stage.json", 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(st.sampled_from(_FILES), _json_values, max_size=len(_FILES)))
+@example({"plan.json": {"stages": None}})
 def test_report_survives_any_json_shape(tmp_path_factory, contents):
     """Whatever JSON the stage files hold, write_report returns two files and does not raise."""
     b = tmp_path_factory.mktemp("junk")

@@ -252,7 +252,7 @@ def _arch_section(doc: Doc, plan: dict | None, prune: PruneResult | None):
 
 def _stages_section(doc: Doc, build: Path, plan: dict | None, records: dict[str, StageRecord]):
     doc.h(2, "Time per stage")
-    planned = [s.get("name") for s in (plan or {}).get("stages", []) if isinstance(s, dict)]
+    planned = [s.get("name") for s in _planned_stages(plan)]
     status = _json(build / "stages.json")
     status = status if isinstance(status, dict) else {}
     if not records and not planned:
@@ -431,6 +431,12 @@ def _eval_section(doc: Doc, result: EvaluateResult | None):
 # --------------------------------------------------------------------------------------------
 
 
+def _planned_stages(plan) -> list[dict]:
+    """The stage entries of plan.json (none when the file is missing or damaged)."""
+    stages = plan.get("stages") if isinstance(plan, dict) else None
+    return [s for s in stages if isinstance(s, dict)] if isinstance(stages, list) else []
+
+
 def _records(build: Path) -> tuple[dict[str, StageRecord], dict[str, str]]:
     """Every finished stage's record, and a one-line problem for each record that cannot be read."""
     records, problems = {}, {}
@@ -460,11 +466,11 @@ def build_doc(build_dir: Path) -> Doc:
         a, b = plan["source"].get("params_total"), plan["final"].get("params_total")
         if isinstance(a, int) and isinstance(b, int) and a > 0:
             doc.p(f"{human_count(a)} -> {human_count(b)} parameters ({b / a:.1%} of the source); stages: "
-                  + (" -> ".join(str(s.get("name", "?")) for s in plan.get("stages", []) if isinstance(s, dict))
+                  + (" -> ".join(str(s.get("name", "?")) for s in _planned_stages(plan))
                      or "none") + ".")
     for name, message in problems.items():
         doc.muted(f"{name}: {message}")
-    planned_prunes = [s["name"] for s in (plan or {}).get("stages", []) if isinstance(s, dict) and s.get("kind") == "prune"]
+    planned_prunes = [s["name"] for s in _planned_stages(plan) if s.get("kind") == "prune" and isinstance(s.get("name"), str)]
     sections = [
         ("Spec", lambda d: _spec_section(d, build, plan)),
         ("Architecture", lambda d: _arch_section(d, plan, last_prune)),
