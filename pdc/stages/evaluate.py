@@ -33,6 +33,7 @@ from pdc.errors import PdcError
 from pdc.files import write_json, write_text
 from pdc.inputs.cache import cache_root
 from pdc.inputs.data import token_blocks
+from pdc.inputs.shards import Blocks
 from pdc.inputs.models import load_causal_lm
 from pdc.lang.settings import DataSource, EvalConfig, EvalTask
 from pdc.plan.results import (
@@ -48,13 +49,14 @@ STAGE = "evaluate"
 
 # ---- perplexity ---------------------------------------------------------------------------------
 @torch.no_grad()
-def nll_sum(model, blocks: torch.Tensor, batch_size: int = 4, progress: bool = False) -> tuple[float, int]:
+def nll_sum(model, blocks: Blocks | torch.Tensor, batch_size: int = 4, progress: bool = False) -> tuple[float, int]:
     """(sum of next-token NLL, number of predicted tokens) over `blocks` [N, L].
 
     Every block predicts tokens 1..L-1 from their prefixes; no padding, so all predictions count.
     """
-    if blocks.ndim != 2 or blocks.shape[1] < 2:
-        raise PdcError(f"perplexity needs token blocks [N, L>=2], got shape {tuple(blocks.shape)}", STAGE)
+    shape = tuple(blocks.shape)
+    if len(shape) != 2 or shape[1] < 2:
+        raise PdcError(f"perplexity needs token blocks [N, L>=2], got shape {shape}", STAGE)
     device = _model_device(model)
     was_training = model.training
     model.eval()
@@ -66,7 +68,7 @@ def nll_sum(model, blocks: torch.Tensor, batch_size: int = 4, progress: bool = F
         batches = tqdm(batches, desc="perplexity", unit="batch", leave=False)
     try:
         for start in batches:
-            ids = blocks[start : start + batch_size].to(device)
+            ids = _rows(blocks, start, start + batch_size).to(device)
             logits = model(input_ids=ids, use_cache=False).logits
             # Sum in float64: thousands of blocks of fp32 NLLs otherwise lose digits.
             nll = F.cross_entropy(
@@ -81,7 +83,13 @@ def nll_sum(model, blocks: torch.Tensor, batch_size: int = 4, progress: bool = F
     return total, count
 
 
-def mean_nll(model, blocks: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+def _rows(blocks: Blocks | torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Blocks [start, stop) as a LongTensor: a small read from the shards, or a tensor slice."""
+    part = blocks[start:stop]
+    return part.read() if isinstance(part, Blocks) else part
+
+
+def mean_nll(model, blocks: Blocks | torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
     """Token-weighted mean next-token NLL (nats) over `blocks`; the depth `loss` saliency metric."""
     total, count = nll_sum(model, blocks, batch_size, progress)
     if count == 0:
@@ -89,7 +97,7 @@ def mean_nll(model, blocks: torch.Tensor, batch_size: int = 4, progress: bool = 
     return total / count
 
 
-def perplexity(model, blocks: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+def perplexity(model, blocks: Blocks | torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
     """exp(token-weighted mean next-token NLL) of `model` on `blocks` [N, L]."""
     return math.exp(mean_nll(model, blocks, batch_size, progress))
 
@@ -97,7 +105,7 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 4, progress: bool 
 def builtin_heldout_blocks(tokenizer, seq_len: int, n_blocks: int | None = None) -> torch.Tensor:
     """Held-out blocks from the `pdc setup` corpus `wiki-heldout` (first `n_blocks` if given)."""
     blocks = token_blocks(DataSource("builtin", "wiki-heldout"), tokenizer, seq_len, stage=STAGE)
-    return blocks if n_blocks is None else blocks[:n_blocks]
+    return (blocks if n_blocks is None else blocks[:n_blocks]).read()
 
 
 def _model_device(model) -> torch.device:
@@ -286,7 +294,7 @@ def evaluate_model(
     cfg: EvalConfig,
     path: Path,
     tasks_dir: Path | None = None,
-    heldout_blocks: torch.Tensor | None = None,
+    heldout_blocks: Blocks | torch.Tensor | None = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> ModelScores:
@@ -299,7 +307,7 @@ def evaluate_model(
 
 
 def evaluate_models(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, tasks_dir: Path | None,
-                    heldout_blocks: torch.Tensor | None, progress: bool = True) -> EvaluateResult:
+                    heldout_blocks: Blocks | torch.Tensor | None, progress: bool = True) -> EvaluateResult:
     """Evaluate each model directory (label -> path, absent ones skipped) one at a time."""
     scores: dict[str, ModelScores] = {}
     for label, path in models.items():
@@ -310,7 +318,7 @@ def evaluate_models(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, t
         scores[label] = evaluate_model(model, tokenizer_of(path), cfg, path, tasks_dir, heldout_blocks,
                                        progress=progress)
         del model
-    tokens = None if heldout_blocks is None else int(heldout_blocks.numel())
+    tokens = None if heldout_blocks is None else int(heldout_blocks.shape[0] * heldout_blocks.shape[1])
     return EvaluateResult(models=scores, limit=cfg.limit, perplexity_tokens=tokens)
 
 
