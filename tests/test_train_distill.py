@@ -162,3 +162,25 @@ def test_zero_stage_2_follows_the_same_trajectory_as_stage_0(distilled, models, 
     z2 = [json.loads(l)["loss"] for l in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
     assert z2 == pytest.approx(z0, rel=1e-5)
     assert json.loads((tmp_path / "w" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
+
+
+def test_activation_checkpointing_changes_memory_not_numbers(distilled, models, blocks, tmp_path, monkeypatch):
+    """The student recomputes its layers in the backward pass: same losses and weights as the
+    run without it (the fixture's), and the model really was put in checkpointing mode."""
+    import dataclasses
+
+    from transformers import PreTrainedModel
+
+    calls = []
+    real = PreTrainedModel.gradient_checkpointing_enable
+    monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable",
+                        lambda self, **kw: calls.append(kw) or real(self, **kw))
+    _, root, _ = distilled
+    cfg = dataclasses.replace(CFG, activation_checkpointing=True)
+    result = run_distill(*models, *blocks, cfg, tmp_path / "w", tmp_path / "o", progress=False)
+    assert calls and result.activation_checkpointing
+    plain = [json.loads(l)["loss"] for l in (root / "out" / "log.jsonl").read_text().splitlines()]
+    ckpt = [json.loads(l)["loss"] for l in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    assert ckpt == pytest.approx(plain, rel=1e-5)
+    a, b = weights(root / "out" / "model"), weights(tmp_path / "o" / "model")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
