@@ -43,8 +43,8 @@ def _load(spec_path: str):
 
 
 def cmd_compile(args) -> int:
-    if args.json and not args.dry_run:
-        print("pdc: error: --json needs --dry-run", file=sys.stderr)
+    if (args.json or args.gpu_mem) and not args.dry_run:
+        print(f"pdc: error: {'--json' if args.json else '--gpu-mem'} needs --dry-run", file=sys.stderr)
         return 2
     spec = _load(args.spec)
     if args.dry_run:
@@ -53,7 +53,14 @@ def cmd_compile(args) -> int:
             render_plan,
         )
 
-        plan = build_plan(spec)
+        from pdc.plan.memory import parse_size
+
+        try:
+            gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else None
+        except PdcError as exc:
+            print(f"pdc: error: --gpu-mem: {exc.message}", file=sys.stderr)
+            return 2
+        plan = build_plan(spec, gpu_mem)
         print(json.dumps(plan, indent=2) if args.json else render_plan(plan))
         if args.out:
             write_text(Path(args.out) / "plan.json", json.dumps(plan, indent=2) + "\n")
@@ -158,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true",
                    help="only print the plan: sizes, parameter counts, FLOPs ratio, steps per stage")
     c.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    c.add_argument("--gpu-mem", metavar="SIZE",
+                   help="with --dry-run: memory of one GPU (e.g. 80G); prints each stage's memory per GPU "
+                   "and the fewest GPUs that fit")
     c.add_argument("--out", metavar="DIR", help="build directory (default: build/<spec stem>/ next to the spec)")
     c.set_defaults(func=cmd_compile)
 

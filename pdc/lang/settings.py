@@ -153,3 +153,4 @@ class EvalConfig:
     perplexity_data: Optional[str] = None  # name of a `data` declaration; held-out slice
     limit: Optional[int] = None
     seq_len: int = 512
+    allow_code_execution: bool = False  # run tasks that execute model-written code (humaneval, mbpp)

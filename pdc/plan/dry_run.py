@@ -20,6 +20,7 @@ from pdc.lang.checked import (
     PruneStage,
 )
 from pdc.lang.settings import TrainConfig
+from pdc.plan.memory import memory_plan, render_memory
 
 DEFAULT_FLOPS_SEQ_LEN = 4096
 AXES = (("hidden", "hidden"), ("mlp", "mlp"), ("heads", "heads"), ("kv_heads", "kv_heads"),
@@ -73,8 +74,9 @@ def _train_dict(train: TrainConfig, kind: str) -> dict[str, Any]:
     return out
 
 
-def build_plan(spec: CheckedSpec) -> dict[str, Any]:
-    """The JSON-able plan of `spec`: source architecture, each stage in order, final student."""
+def build_plan(spec: CheckedSpec, gpu_mem: int | None = None) -> dict[str, Any]:
+    """The JSON-able plan of `spec`: source architecture, each stage in order, final student;
+    with `gpu_mem` (bytes), each stage's memory per GPU and the fewest GPUs that fit."""
     distill = next((s for s in spec.stages if isinstance(s, DistillStage)), None)
     flops_seq = distill.train.seq_len if distill else DEFAULT_FLOPS_SEQ_LEN
     source = spec.source_arch
@@ -111,6 +113,7 @@ def build_plan(spec: CheckedSpec) -> dict[str, Any]:
                 "seq_len": st.eval.seq_len, "tasks_dir": st.tasks_dir,
             })
     final = spec.final_arch
+    memory = {"memory": memory_plan(spec, gpu_mem)} if gpu_mem else {}
     return {
         "spec": str(spec.path),
         "source_model": spec.source_model,
@@ -120,6 +123,7 @@ def build_plan(spec: CheckedSpec) -> dict[str, Any]:
         "flops_seq_len": flops_seq,
         "flops_per_token_ratio": final.flops_per_token(flops_seq) / source.flops_per_token(flops_seq),
         "stages": stages,
+        **memory,
     }
 
 
@@ -190,4 +194,6 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"{human_count(fin['params_non_embedding'])} non-embedding ({fin['params_non_embedding']:,}), "
         f"{plan['flops_per_token_ratio']:.3f}x the source's FLOPs/token at seq_len {plan['flops_seq_len']}",
     ]
+    if "memory" in plan:
+        out += ["", render_memory(plan["memory"])]
     return "\n".join(out)

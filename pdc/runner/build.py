@@ -273,7 +273,8 @@ def _run_evaluate(build: Build, node: Node, out: Path) -> StageResult:
     cfg = node.decl.eval
     models = {label: build.model_dir(ref) for label, ref in node.inputs.items()}
     heldout = _heldout_blocks(build, cfg) if cfg.perplexity_data else None
-    result = evaluate_models(models, build.tokenizer, cfg, build.tasks_dir(), heldout, build.progress)
+    result = evaluate_models(models, build.tokenizer, cfg, build.tasks_dir(), heldout, build.progress,
+                             launch=build.launch, work_dir=build.out / f"{node.name}.work")
     write_results(result, out)  # results.json and table.md
     print(comparison_table(result))
     return result
