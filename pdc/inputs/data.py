@@ -40,9 +40,8 @@ def resolve_path(ref: str, base_dir: Path | None) -> Path:
     return p
 
 
-def load_text_dataset(source: DataSource, base_dir: Path | None = None, stage: str | None = None):
-    """The documents of `source` as an Arrow-backed `datasets.Dataset` holding the text column
-    only (memory-mapped by datasets: nothing is read into memory here), in file order."""
+def load_texts(source: DataSource, base_dir: Path | None = None, stage: str | None = None) -> list[str]:
+    """All documents of `source` as strings, in file order."""
     if source.kind == "builtin":
         path = assets.builtin_data_path(source.ref)
         source = DataSource("jsonl", str(path), source.split, source.field)
@@ -68,15 +67,40 @@ def load_text_dataset(source: DataSource, base_dir: Path | None = None, stage: s
         raise PdcError(
             f"data {source.ref!r} has no field {fld!r} (fields: {', '.join(ds.column_names)})", stage
         )
+    return [t for t in ds[fld] if isinstance(t, str) and t.strip()]
+
+
+# datasets' builder for each local data kind
+_BUILDERS = {"json": "json", "jsonl": "json", "text": "text", "parquet": "parquet"}
+
+
+def load_text_dataset(source: DataSource, base_dir: Path | None = None, stage: str | None = None):
+    """The documents of `source` as an Arrow-backed `datasets.Dataset` holding the text column
+    only, in file order: datasets converts the files once into its cache and memory-maps them, so
+    nothing is read into this process's memory here (`load_texts` returns a list instead)."""
+    if source.kind == "builtin":
+        source = DataSource("jsonl", str(assets.builtin_data_path(source.ref)), source.split, source.field)
+        base_dir = None
+    try:
+        import datasets  # imported lazily: it is slow to import
+
+        datasets.disable_progress_bars()
+        if source.kind == "hf":
+            ds = datasets.load_dataset(source.ref, split=source.split)
+        else:
+            path = resolve_path(source.ref, base_dir)
+            if not path.is_file():
+                raise PdcError(f"data file not found: {path}", stage)
+            ds = datasets.load_dataset(_BUILDERS[source.kind], data_files=str(path), split="train")
+    except PdcError:
+        raise
+    except Exception as exc:  # datasets raises many types; the user needs one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PdcError(f"cannot load data {source.kind}({source.ref!r}): {first}", stage) from exc
+    fld = source.field if source.kind != "text" else "text"
+    if fld not in ds.column_names:
+        raise PdcError(f"data {source.ref!r} has no field {fld!r} (fields: {', '.join(ds.column_names)})", stage)
     return ds.select_columns([fld])
-
-
-def load_texts(source: DataSource, base_dir: Path | None = None, stage: str | None = None) -> list[str]:
-    """All non-empty documents of `source` as strings, in file order (small corpora only)."""
-    ds = load_text_dataset(source, base_dir, stage)
-    return [t for t in ds[ds.column_names[0]] if isinstance(t, str) and t.strip()]
-
-
 
 
 # ---- tokenization: once per corpus and tokenizer, in parallel, into the datasets cache ----------
@@ -149,8 +173,7 @@ def pack_into_shards(tokenized, directory: Path, seq_len: int, vocab_size: int, 
     writer = ShardWriter(directory, TOKENS, dtype, (seq_len,), rows_per_shard)
     carry = np.empty(0, dtype=dtype)
     seen = docs = 0
-    for table in tokenized.with_format("arrow").iter(batch_size=batch_size):
-        ids = table.column("ids").combine_chunks()
+    for ids in _id_batches(tokenized, batch_size):
         docs += int(np.count_nonzero(pc.list_value_length(ids).to_numpy(zero_copy_only=False)))
         values = ids.flatten().to_numpy(zero_copy_only=False)
         if values.size and int(values.max()) >= vocab_size:
@@ -163,6 +186,24 @@ def pack_into_shards(tokenized, directory: Path, seq_len: int, vocab_size: int, 
         carry = stream[full:].copy()
     writer.close({**meta, "documents": docs, "tokens_seen": seen, "tail_dropped": int(len(carry))})
     return seen
+
+
+def _id_batches(tokenized, batch_size: int):
+    """The `ids` column in order, a batch of documents at a time. The datasets cache files are read
+    with plain file reads, not memory-mapped, so the pages already packed do not stay resident in
+    this process (a mapped file would keep up to the whole corpus in its RSS)."""
+    import pyarrow as pa
+
+    files = [f["filename"] for f in tokenized.cache_files]
+    if not files or tokenized._indices is not None:  # in-memory or reordered: datasets' own iterator
+        for table in tokenized.with_format("arrow").iter(batch_size=batch_size):
+            yield table.column("ids").combine_chunks()
+        return
+    for name in files:
+        with pa.OSFile(name) as f:
+            reader = pa.ipc.open_stream(f)
+            for batch in reader:
+                yield batch.column(batch.schema.get_field_index("ids"))
 
 
 def shard_key(ds, source: DataSource, tokenizer, seq_len: int) -> str:
