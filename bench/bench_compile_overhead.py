@@ -47,7 +47,7 @@ def main() -> None:
     from pdc.lang.settings import DataSource
 
     calib = take(token_blocks(DataSource("builtin", "wiki"), AutoTokenizer.from_pretrained(src), args.seq),
-                 args.blocks, seed=0)
+                 args.blocks, seed=0).read()
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
 
     @torch.no_grad()

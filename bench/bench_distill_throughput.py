@@ -42,9 +42,9 @@ def bare_loop(teacher_dir: Path, student_dir: Path, blocks: torch.Tensor, cfg, s
     """Per-step (tokens/s, tokens per CPU-second) of the same work without DeepSpeed."""
     from transformers import AutoModelForCausalLM
 
+    from pdc.inputs.order import global_batch_indices
+    from pdc.plan.training import ADAM_BETAS, ADAM_EPS, GRADIENT_CLIPPING
     from pdc.stages.train.losses import distill_loss
-    from pdc.stages.train.loop import global_batch_indices
-    from pdc.stages.train.schedule import ADAM_BETAS, ADAM_EPS, GRADIENT_CLIPPING
 
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     student = AutoModelForCausalLM.from_pretrained(student_dir).train()
@@ -84,6 +84,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
 
+    import numpy as np
+
+    from pdc.inputs.shards import Blocks, write_rows
     from pdc.lang.settings import TrainConfig
     from pdc.stages.distill import run_distill
 
@@ -96,7 +99,8 @@ def main() -> None:
         teacher, student = make_models(root, args.vocab, args.hidden, args.layers, args.layers // 2)
         wall_1, cpu_1 = bare_loop(teacher, student, blocks, cfg, args.steps)
         t0 = time.perf_counter()
-        metrics = run_distill(teacher, student, blocks, blocks[:0], cfg, root / "work", root / "out", progress=False)
+        shards = Blocks.open(write_rows(root / "shards", blocks.numpy().astype(np.uint16)))  # as pdc run reads them
+        metrics = run_distill(teacher, student, shards, shards[:0], cfg, root / "work", root / "out", progress=False)
         ds_wall = time.perf_counter() - t0
         records = [json.loads(l) for l in (root / "out" / "log.jsonl").read_text().splitlines()]
         wall_2, cpu_2 = bare_loop(teacher, student, blocks, cfg, args.steps)

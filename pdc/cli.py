@@ -2,7 +2,8 @@
 
     pdc compile SPEC [--dry-run] [--json] [--out DIR]
     pdc fmt SPEC [--write | --check]
-    pdc run SPEC [--stage NAME] [--out DIR]
+    pdc run SPEC [--stage NAME] [--out DIR] [--nnodes N --nproc-per-node M [--rdzv-endpoint HOST:PORT]]
+                 [--hostfile FILE] [--launcher torchrun|deepspeed|slurm]
     pdc check SPEC [--lock PATH]
     pdc setup
 
@@ -42,8 +43,8 @@ def _load(spec_path: str):
 
 
 def cmd_compile(args) -> int:
-    if args.json and not args.dry_run:
-        print("pdc: error: --json needs --dry-run", file=sys.stderr)
+    if (args.json or args.gpu_mem) and not args.dry_run:
+        print(f"pdc: error: {'--json' if args.json else '--gpu-mem'} needs --dry-run", file=sys.stderr)
         return 2
     spec = _load(args.spec)
     if args.dry_run:
@@ -52,7 +53,14 @@ def cmd_compile(args) -> int:
             render_plan,
         )
 
-        plan = build_plan(spec)
+        from pdc.plan.memory import parse_size
+
+        try:
+            gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else None
+        except PdcError as exc:
+            print(f"pdc: error: --gpu-mem: {exc.message}", file=sys.stderr)
+            return 2
+        plan = build_plan(spec, gpu_mem)
         print(json.dumps(plan, indent=2) if args.json else render_plan(plan))
         if args.out:
             write_text(Path(args.out) / "plan.json", json.dumps(plan, indent=2) + "\n")
@@ -79,14 +87,47 @@ def cmd_fmt(args) -> int:
     return 0
 
 
+def _launch(args):
+    """The `Launch` of `pdc run`'s options, or a usage message (str)."""
+    from pdc.plan.training import Launch  # no torch: plan arithmetic only
+
+    if args.nnodes < 1 or args.nproc_per_node < 1:
+        return "--nnodes and --nproc-per-node must be at least 1"
+    if args.hostfile:
+        if args.nnodes != 1 or args.rdzv_endpoint or args.launcher not in (None, "deepspeed"):
+            return "--hostfile gives the nodes and processes itself: drop --nnodes, --rdzv-endpoint and --launcher"
+        launch = Launch.from_hostfile(args.hostfile)
+        if args.nproc_per_node_given and args.nproc_per_node != launch.nproc_per_node:
+            return f"--nproc-per-node {args.nproc_per_node} disagrees with the hostfile's slots={launch.nproc_per_node}"
+        return launch
+    launcher = args.launcher or "torchrun"
+    if launcher == "deepspeed":
+        return "--launcher deepspeed needs --hostfile FILE (its nodes and slots)"
+    if launcher == "slurm" and not os.environ.get("SLURM_JOB_ID"):
+        return "--launcher slurm runs inside a Slurm allocation (sbatch or salloc): SLURM_JOB_ID is not set"
+    endpoint = args.rdzv_endpoint
+    if endpoint and not _valid_endpoint(endpoint):
+        return f"--rdzv-endpoint {endpoint!r}: expected HOST:PORT"
+    if args.nnodes > 1 and launcher == "torchrun" and not endpoint:
+        return (f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT, an address of this node that the "
+                "other nodes reach")
+    return Launch(nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, rdzv_endpoint=endpoint, launcher=launcher)
+
+
+def _valid_endpoint(endpoint: str) -> bool:
+    host, _, port = endpoint.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
 def cmd_run(args) -> int:
     spec = _load(args.spec)
-    if args.nproc < 1:
-        print("pdc: error: --nproc must be at least 1", file=sys.stderr)
+    launch = _launch(args)
+    if isinstance(launch, str):
+        print(f"pdc: error: {launch}", file=sys.stderr)
         return 2
     from pdc.runner.build import run_spec
 
-    run_spec(spec, Path(args.out) if args.out else None, args.stage, world_size=args.nproc)
+    run_spec(spec, Path(args.out) if args.out else None, args.stage, launch=launch)
     return 0
 
 
@@ -124,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true",
                    help="only print the plan: sizes, parameter counts, FLOPs ratio, steps per stage")
     c.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    c.add_argument("--gpu-mem", metavar="SIZE",
+                   help="with --dry-run: memory of one GPU (e.g. 80G); prints each stage's memory per GPU "
+                   "and the fewest GPUs that fit")
     c.add_argument("--out", metavar="DIR", help="build directory (default: build/<spec stem>/ next to the spec)")
     c.set_defaults(func=cmd_compile)
 
@@ -140,8 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("spec", metavar="SPEC")
     r.add_argument("--stage", metavar="NAME", help="run only this stage (correct, prune, distill, evaluate)")
     r.add_argument("--out", metavar="DIR", help="build directory")
-    r.add_argument("--nproc", type=int, default=1, metavar="N",
-                   help="training processes (gloo on CPU; the global batch stays as the spec says)")
+    r.add_argument("--nproc-per-node", "--nproc", dest="nproc_per_node", type=int, default=None,
+                   metavar="M", help="processes per node for training and evaluation (one per GPU; gloo on CPU); "
+                   "the global batch stays as the spec says")
+    r.add_argument("--nnodes", type=int, default=1, metavar="N",
+                   help="nodes; with torchrun each node runs the stage's launch.sh (pdc prints the command)")
+    r.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="torchrun's c10d rendezvous, an address of this node (needed with --nnodes > 1)")
+    r.add_argument("--hostfile", metavar="FILE",
+                   help="run training on the nodes and slots of a DeepSpeed hostfile with DeepSpeed's launcher")
+    r.add_argument("--launcher", choices=("torchrun", "deepspeed", "slurm"), default=None,
+                   help="how training ranks start: torchrun (default), deepspeed (with --hostfile), "
+                   "slurm (srun inside an allocation)")
     r.set_defaults(func=cmd_run)
 
     k = sub.add_parser("check", help="verify a build against its lock file",
@@ -161,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "run":  # a hostfile's slots are the default processes per node
+        args.nproc_per_node_given = args.nproc_per_node is not None
+        args.nproc_per_node = args.nproc_per_node if args.nproc_per_node is not None else 1
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return 2

@@ -12,7 +12,8 @@ import torch
 MC_CHOICES = ("a", "b", "y")  # "y" is always the right answer; its position varies per question
 
 
-def write_mc_task(folder: Path, name: str = "tiny_mc", n: int = 6, relative: bool = True) -> Path:
+def write_mc_task(folder: Path, name: str = "tiny_mc", n: int = 6, relative: bool = True,
+                  metrics: tuple[str, ...] = ("acc",)) -> Path:
     """A 3-choice lm-eval task (YAML + JSONL) whose right answer is always "y", at rotating
     positions, so a model that prefers "y" scores exactly 1.0 and one that prefers "a" 0.0."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -34,7 +35,8 @@ def write_mc_task(folder: Path, name: str = "tiny_mc", n: int = 6, relative: boo
         'doc_to_text: "{{question}}"\n'
         'doc_to_choice: "{{choices}}"\n'
         'doc_to_target: "{{label}}"\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "metric_list:\n"
+        + "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n" for m in metrics)
     )
     return folder
 

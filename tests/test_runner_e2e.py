@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,20 @@ def test_run_writes_every_stage(project):
     assert (build / "report.html").exists()
     results = read_record(build / "evaluate").result
     assert set(results.models) == {"teacher", "corrected teacher", "pruned", "distilled"}
+
+
+def test_training_stages_read_the_token_shards_in_place(project):
+    """No copy of the corpus in a work dir: stage.json names views on the shards in the cache,
+    and the correction and distillation (same corpus, same tokenizer) read the same files."""
+    build = project / "build" / "tiny"
+    assert not list(build.rglob("data.pt"))
+    views = {}
+    for stage in ("correct", "distill"):
+        data = json.loads((build / f"{stage}.work" / "stage.json").read_text())["data"]
+        views[stage] = data
+        assert (Path(data["train"]["dir"]) / "tokens.json").exists()
+        assert data["train"]["range"][1] == data["val"]["range"][0]  # held-out tail after the training blocks
+    assert views["correct"]["train"]["dir"] == views["distill"]["train"]["dir"]
 
 
 def test_pruned_checkpoint_matches_the_plan(project):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_model
+from pdc.inputs.shards import Blocks, write_rows
 
 VOCAB = 128
 SEQ = 16
@@ -29,3 +31,15 @@ def learnable_blocks(n: int, seq: int = SEQ, seed: int = 0) -> torch.Tensor:
 
 def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def as_shards(blocks: torch.Tensor, directory: Path) -> Blocks:
+    """`blocks` written as token shards (the format `token_blocks` produces), as a view."""
+    write_rows(directory, blocks.numpy().astype(np.uint16), meta={"source": "learnable blocks"})
+    return Blocks.open(directory)
+
+
+def train_val(blocks: torch.Tensor, n_train: int, directory: Path) -> tuple[Blocks, Blocks]:
+    """(first n_train blocks, the rest) as views on one shard directory."""
+    view = as_shards(blocks, directory)
+    return view[:n_train], view[n_train:]

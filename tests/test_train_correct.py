@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from pdc.lang.settings import TrainConfig
 from pdc.stages.correct import run_correct
-from test_train_common import learnable_blocks, save_tiny, weights
+from test_train_common import learnable_blocks, save_tiny, train_val, weights
 
 
 @pytest.fixture(scope="module")
@@ -17,9 +17,8 @@ def source(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def blocks():
-    b = learnable_blocks(36, seed=1)
-    return b[:32], b[32:]
+def blocks(tmp_path_factory):
+    return train_val(learnable_blocks(36, seed=1), 32, tmp_path_factory.mktemp("shards") / "blocks")
 
 
 def _cfg(method: str, **kw) -> TrainConfig:

@@ -11,9 +11,10 @@ from transformers import AutoModelForCausalLM
 
 from pdc.errors import PdcError
 from pdc.lang.settings import TrainConfig
+from pdc.plan.training import Launch
 from pdc.stages.distill import run_distill
 from pdc.stages.train.schedule import lr_schedule
-from test_train_common import learnable_blocks, save_tiny, weights
+from test_train_common import learnable_blocks, save_tiny, train_val, weights
 
 CFG = TrainConfig(steps=12, lr=5e-3, min_lr=5e-4, warmup=2, global_batch=4, micro_batch=2, seq_len=16,
                   checkpoint_every=5)
@@ -28,9 +29,8 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def blocks():
-    b = learnable_blocks(40)
-    return b[:32], b[32:]
+def blocks(tmp_path_factory):
+    return train_val(learnable_blocks(40), 32, tmp_path_factory.mktemp("shards") / "blocks")
 
 
 @pytest.fixture(scope="module")
@@ -140,10 +140,14 @@ def test_full_disk_while_checkpointing_is_one_line(models, blocks, tmp_path, mon
     assert not (tmp_path / "o").exists()
 
 
-def test_bad_batch_geometry_is_rejected_before_launch(models, blocks, tmp_path):
-    cfg = TrainConfig(steps=3, global_batch=3, micro_batch=2, seq_len=16)
-    with pytest.raises(PdcError, match="not a multiple"):
-        run_distill(*models, *blocks, cfg, tmp_path / "w", tmp_path / "o", progress=False)
+def test_a_world_size_that_does_not_divide_the_global_batch_lists_the_valid_ones(models, blocks, tmp_path):
+    """Refused before any process starts, with every world size that would work."""
+    cfg = TrainConfig(steps=3, global_batch=12, micro_batch=2, seq_len=16)
+    with pytest.raises(PdcError, match=r"global_batch 12 cannot be split evenly over 5 processes; "
+                                       r"valid world sizes: 1, 2, 3, 4, 6, 12$"):
+        run_distill(*models, *blocks, cfg, tmp_path / "w", tmp_path / "o", progress=False,
+                    launch=Launch(nproc_per_node=5))
+    assert not (tmp_path / "w" / "stage.json").exists()
 
 
 @pytest.mark.slow
@@ -158,3 +162,25 @@ def test_zero_stage_2_follows_the_same_trajectory_as_stage_0(distilled, models, 
     z2 = [json.loads(l)["loss"] for l in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
     assert z2 == pytest.approx(z0, rel=1e-5)
     assert json.loads((tmp_path / "w" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
+
+
+def test_activation_checkpointing_changes_memory_not_numbers(distilled, models, blocks, tmp_path, monkeypatch):
+    """The student recomputes its layers in the backward pass: same losses and weights as the
+    run without it (the fixture's), and the model really was put in checkpointing mode."""
+    import dataclasses
+
+    from transformers import PreTrainedModel
+
+    calls = []
+    real = PreTrainedModel.gradient_checkpointing_enable
+    monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable",
+                        lambda self, **kw: calls.append(kw) or real(self, **kw))
+    _, root, _ = distilled
+    cfg = dataclasses.replace(CFG, activation_checkpointing=True)
+    result = run_distill(*models, *blocks, cfg, tmp_path / "w", tmp_path / "o", progress=False)
+    assert calls and result.activation_checkpointing
+    plain = [json.loads(l)["loss"] for l in (root / "out" / "log.jsonl").read_text().splitlines()]
+    ckpt = [json.loads(l)["loss"] for l in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    assert ckpt == pytest.approx(plain, rel=1e-5)
+    a, b = weights(root / "out" / "model"), weights(tmp_path / "o" / "model")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -16,8 +16,9 @@ import torch
 
 from pdc.errors import PdcError
 from pdc.lang.settings import TrainConfig
+from pdc.plan.training import Launch
 from pdc.stages.distill import run_distill
-from test_train_common import learnable_blocks, save_tiny, weights
+from test_train_common import learnable_blocks, save_tiny, train_val, weights
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +28,8 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def blocks():
-    b = learnable_blocks(36, seed=2)
-    return b[:32], b[32:]
+def blocks(tmp_path_factory):
+    return train_val(learnable_blocks(36, seed=2), 32, tmp_path_factory.mktemp("shards") / "blocks")
 
 
 def _losses(out: Path) -> list[float]:
@@ -41,14 +41,15 @@ def test_two_processes_match_one_with_the_same_global_batch(models, blocks, tmp_
     the same samples per step, so the loss trajectories and final weights agree to float error."""
     cfg = TrainConfig(steps=6, lr=5e-3, min_lr=5e-4, warmup=1, global_batch=4, micro_batch=2, seq_len=16,
                       checkpoint_every=100)
-    one = run_distill(*models, *blocks, cfg, tmp_path / "w1", tmp_path / "o1", progress=False, world_size=1)
-    two = run_distill(*models, *blocks, cfg, tmp_path / "w2", tmp_path / "o2", progress=False, world_size=2)
+    one = run_distill(*models, *blocks, cfg, tmp_path / "w1", tmp_path / "o1", progress=False)
+    two = run_distill(*models, *blocks, cfg, tmp_path / "w2", tmp_path / "o2", progress=False,
+                      launch=Launch(nproc_per_node=2))
     assert one.grad_accumulation == 2 and two.grad_accumulation == 1 and two.world_size == 2
     assert _losses(tmp_path / "o2") == pytest.approx(_losses(tmp_path / "o1"), rel=1e-4, abs=1e-6)
     assert len(set(_losses(tmp_path / "o1"))) > 1  # the trajectory actually moves
     w1, w2 = weights(tmp_path / "o1" / "model"), weights(tmp_path / "o2" / "model")
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
-    assert "--nproc_per_node 2" in (tmp_path / "w2" / "launch.sh").read_text()
+    assert "--nproc-per-node 2" in (tmp_path / "w2" / "launch.sh").read_text()
 
 
 @pytest.mark.slow
@@ -63,7 +64,7 @@ def test_worker_failure_is_one_line(models, blocks, tmp_path):
     cfg = TrainConfig(steps=2, global_batch=2, micro_batch=1, seq_len=16)
     with pytest.raises(PdcError) as info:
         run_distill(teacher, models[1], *blocks, cfg, tmp_path / "w", tmp_path / "o", progress=False,
-                    world_size=2)
+                    launch=Launch(nproc_per_node=2))
     assert info.value.stage == "distill" and "\n" not in info.value.message
     assert "cannot load the checkpoint" in info.value.message
 
@@ -72,16 +73,14 @@ def test_launch_failure_without_a_worker_message_is_one_line(models, blocks, tmp
     """Workers that die without writing error.json: exit status and log path in one line."""
     from pdc.stages.train import execute as launch
 
-    real = launch.launch_commands
+    def failing(work_dir, launch_):
+        return [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]
 
-    def failing(work_dir, world_size, port):
-        _, script = real(work_dir, world_size, port)
-        return [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)", "--nproc_per_node", "2"], script
-
-    monkeypatch.setattr(launch, "launch_commands", failing)
+    monkeypatch.setattr(launch, "launch_argv", failing)
     cfg = TrainConfig(steps=2, global_batch=2, micro_batch=1, seq_len=16)
     with pytest.raises(PdcError, match=r"training workers failed \(exit 3\); see .*launch.log: boom"):
-        run_distill(*models, *blocks, cfg, tmp_path / "w", tmp_path / "o", progress=False, world_size=2)
+        run_distill(*models, *blocks, cfg, tmp_path / "w", tmp_path / "o", progress=False,
+                    launch=Launch(nproc_per_node=2))
 
 
 def test_worker_writes_its_fault_for_the_launcher(models, blocks, tmp_path, monkeypatch):
@@ -104,14 +103,16 @@ def test_worker_writes_its_fault_for_the_launcher(models, blocks, tmp_path, monk
 
 
 RUNNER = textwrap.dedent("""
-    import sys, torch
+    import json, sys, torch
     torch.set_num_threads(1)
+    from pdc.inputs.shards import Blocks
     from pdc.lang.settings import TrainConfig
     from pdc.stages.distill import run_distill
     teacher, student, work, out = sys.argv[1:5]
-    data = torch.load(sys.argv[5])
+    data = json.loads(sys.argv[5])
     cfg = TrainConfig(**eval(sys.argv[6]))
-    run_distill(teacher, student, data["train"], data["val"], cfg, work, out, progress=False)
+    run_distill(teacher, student, Blocks.from_json(data["train"]), Blocks.from_json(data["val"]), cfg, work, out,
+                progress=False)
 """)
 
 
@@ -121,12 +122,11 @@ def test_kill_9_and_resume_equals_uninterrupted(models, blocks, tmp_path):
     cfg_kw = dict(steps=16, lr=5e-3, min_lr=5e-4, warmup=3, global_batch=4, micro_batch=2, seq_len=16,
                   checkpoint_every=2, seed=7)
     cfg = TrainConfig(**cfg_kw)
-    data = tmp_path / "data.pt"
-    torch.save({"train": blocks[0], "val": blocks[1]}, data)
+    data = json.dumps({"train": blocks[0].to_json(), "val": blocks[1].to_json()})
     work, out = tmp_path / "work", tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(models[0]), str(models[1]), str(work), str(out),
-                             str(data), repr(cfg_kw)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             data, repr(cfg_kw)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     pointer = work / "checkpoints" / "resume.json"
     deadline = time.time() + 120
     killed_after = None

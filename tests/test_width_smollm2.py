@@ -29,7 +29,7 @@ def test_activation_importance_beats_magnitude_and_random(tmp_path):
 
     src = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(src)
-    calib = take(token_blocks(DataSource("builtin", "wiki"), tok, 256), 64, seed=0)
+    calib = take(token_blocks(DataSource("builtin", "wiki"), tok, 256), 64, seed=0).read()
     heldout = builtin_heldout_blocks(tok, 256, n_blocks=32)
     target = WidthTarget(hidden=432, mlp=1024)
     base_arch = Arch.from_hf_config(json.loads((src / "config.json").read_text()))

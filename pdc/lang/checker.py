@@ -163,6 +163,15 @@ def _bool(v: ast.Value, key: str) -> bool:
     raise _Bad(f"{key} expects true or false, got {_describe(v)}", v.span)
 
 
+def _precision(v: ast.Value, key: str) -> str:
+    """fp32 or bf16. fp16 is refused: training in fp16 needs dynamic loss scaling, which pdc's
+    training loop does not run, and bf16 (same memory, fp32's range) is what the paper used."""
+    if isinstance(v, ast.Name) and v.value == "fp16":
+        raise _Bad("precision=fp16 is not supported: fp16 training needs loss scaling, which pdc does not "
+                   "run; use bf16 (GPUs from Ampere on; same memory as fp16) or fp32", v.span)
+    return _enum("fp32", "bf16", what="precision")(v, key)
+
+
 def _string(v: ast.Value, key: str) -> str:
     if isinstance(v, ast.Str):
         return v.value
@@ -390,8 +399,7 @@ class _Checker:
             raise _Bad(f"engine expects deepspeed(zero=N, precision=P), got {_describe(v)}", v.span)
         if isinstance(v, ast.Name):
             return {}
-        got = self.call_args(v, [], {"zero": _int(0, 3), "precision": _enum("fp32", "bf16", "fp16", what="precision")},
-                             "deepspeed(...)")
+        got = self.call_args(v, [], {"zero": _int(0, 3), "precision": _precision}, "deepspeed(...)")
         return {k: val for k, (val, _) in got.items()}
 
     def loss(self, v: ast.Value, key: str) -> str:
@@ -412,6 +420,7 @@ class _Checker:
             "global_batch": _int(1), "micro_batch": _int(1), "seq_len": _int(1),
             "engine": self.engine, "seed": _int(0), "checkpoint_every": _int(1),
             "weight_decay": _float(lo=0), "log_every": _int(1), "val_fraction": _float(lo=0, hi=0.5),
+            "activation_checkpointing": _bool,
         }
         schema.update(extra)
         return schema
@@ -479,7 +488,7 @@ class _Checker:
                        + _suggest(st.harness.value, ["lm_eval"]), st.harness.span)
         got = self.settings(
             st.block.settings,
-            {"limit": _int(1), "seq_len": _int(1), "tasks_dir": self.tasks_dir},
+            {"limit": _int(1), "seq_len": _int(1), "tasks_dir": self.tasks_dir, "allow_code_execution": _bool},
             "evaluate",
         )
         tasks: list[EvalTask] = []
@@ -508,7 +517,7 @@ class _Checker:
             self.error("evaluate lists no tasks (e.g. winogrande(5) or perplexity(DATA))", _head_span(st))
         cfg = EvalConfig(
             tasks=tuple(tasks), perplexity_data=perplexity,
-            **{k: got[k][0] for k in ("limit", "seq_len") if k in got},
+            **{k: got[k][0] for k in ("limit", "seq_len", "allow_code_execution") if k in got},
         )
         return EvaluateStage(cfg, got.get("tasks_dir", (None,))[0], st.harness.value, span=st.span)
 

@@ -97,8 +97,9 @@ class TrainConfig:
     global_batch: int = 8
     micro_batch: int = 1
     seq_len: int = 512
-    zero: int = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero: int = 0  # DeepSpeed ZeRO stage of the trained model: 0, 1, 2 or 3
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 where the GPU has it; CPUs train in fp32
+    activation_checkpointing: bool = False  # recompute each layer's activations in the backward pass
     weight_decay: float = 0.0
     seed: int = 0
     checkpoint_every: int = 50
@@ -157,3 +158,4 @@ class EvalConfig:
     perplexity_data: Optional[str] = None  # name of a `data` declaration; held-out slice
     limit: Optional[int] = None
     seq_len: int = 512
+    allow_code_execution: bool = False  # run tasks that execute model-written code (humaneval, mbpp)

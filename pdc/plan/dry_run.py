@@ -23,6 +23,7 @@ from pdc.lang.checked import (
 from pdc.lang.diagnostics import DiagnosticSink, SpecError
 from pdc.lang.settings import TrainConfig
 from pdc.plan.counts import ConfigError, Counts, count, count_arch, flops_per_token, nearest_valid, representable
+from pdc.plan.memory import memory_plan, render_memory
 
 DEFAULT_FLOPS_SEQ_LEN = 4096
 MOE_AXES = (("experts", "experts"), ("top_k", "top_k"), ("expert_mlp", "expert_mlp"), ("shared_mlp", "shared_mlp"))
@@ -108,17 +109,18 @@ def _counts(spec: CheckedSpec) -> dict[str, Counts]:
     return out
 
 
-def build_plan(spec: CheckedSpec) -> dict[str, Any]:
+def build_plan(spec: CheckedSpec, gpu_mem: int | None = None) -> dict[str, Any]:
     """The JSON-able plan of `spec`: source architecture, each stage in order, final student,
-    and for a comparison each variant's plan. Raises `SpecError` (every problem of the recipe and
-    its variants at once) when a target cannot be represented by the config pdc would emit."""
+    and for a comparison each variant's plan; with `gpu_mem` (bytes), each stage's memory per GPU
+    and the fewest GPUs that fit. Raises `SpecError` (every problem of the recipe and its variants
+    at once) when a target cannot be represented by the config pdc would emit."""
     if spec.comparison is None:
-        return _recipe_plan(spec)
+        return _recipe_plan(spec, gpu_mem)
     diagnostics: list = []
     plans: dict[str, Any] = {}
     for recipe in (spec, *(v.spec for v in spec.comparison.variants)):
         try:
-            plans[id(recipe)] = _recipe_plan(recipe)
+            plans[id(recipe)] = _recipe_plan(recipe, gpu_mem)
         except SpecError as exc:
             diagnostics += [d for d in exc.diagnostics if d not in diagnostics]
     if diagnostics:
@@ -132,7 +134,7 @@ def build_plan(spec: CheckedSpec) -> dict[str, Any]:
     return plan
 
 
-def _recipe_plan(spec: CheckedSpec) -> dict[str, Any]:
+def _recipe_plan(spec: CheckedSpec, gpu_mem: int | None) -> dict[str, Any]:
     counts = _counts(spec)
     distill = next((s for s in spec.stages if isinstance(s, DistillStage)), None)
     flops_seq = distill.train.seq_len if distill else DEFAULT_FLOPS_SEQ_LEN
@@ -175,6 +177,7 @@ def _recipe_plan(spec: CheckedSpec) -> dict[str, Any]:
             })
     final = spec.final_arch
     c_src, c_fin = counts["source"], counts[previous]
+    memory = {"memory": memory_plan(spec, gpu_mem, lambda a: count_arch(spec.source_config, a).total)} if gpu_mem else {}
     return {
         "spec": str(spec.path),
         "source_model": spec.source_model,
@@ -184,6 +187,7 @@ def _recipe_plan(spec: CheckedSpec) -> dict[str, Any]:
         "flops_seq_len": flops_seq,
         "flops_per_token_ratio": flops_per_token(c_fin, final, flops_seq) / flops_per_token(c_src, source, flops_seq),
         "stages": stages,
+        **memory,
     }
 
 
@@ -272,4 +276,6 @@ def _render_recipe(plan: dict[str, Any]) -> str:
            if fin["params_active"] != fin["params_total"] else "")
         + f"{plan['flops_per_token_ratio']:.3f}x the source's FLOPs/token at seq_len {plan['flops_seq_len']}",
     ]
+    if "memory" in plan:
+        out += ["", render_memory(plan["memory"])]
     return "\n".join(out)

@@ -58,6 +58,8 @@ class TrainResult:
     teacher_val_loss: Optional[float] = None
     val_kl_start: Optional[float] = None
     val_kl_end: Optional[float] = None
+    activation_checkpointing: bool = False
+    teacher_placement: Optional[str] = None  # distillation: replicated | zero3 (partitioned over the ranks)
     model: str = "model"
     log: str = "log.jsonl"
     plot: str = "loss.png"

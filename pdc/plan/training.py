@@ -12,6 +12,12 @@ With `warmup == 0` DeepSpeed still needs >= 2 warm-up iterations; we start them 
 
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
 from pdc.errors import PdcError
 from pdc.lang.settings import TrainConfig
 
@@ -21,18 +27,85 @@ ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
 
 
-def grad_accumulation(cfg: TrainConfig, world_size: int, stage: str) -> int:
-    """Micro-batches per rank per optimizer step: global = micro x accumulation x world size."""
-    per_pass = cfg.micro_batch * world_size
+def divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def batch_geometry(cfg: TrainConfig, world_size: int, stage: str) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) per rank: global = micro x accumulation x world size.
+
+    Any world size that divides the global batch works: each rank gets global / world blocks per
+    step, split into the largest micro-batch no larger than the spec's `micro_batch` that divides
+    them (a smaller micro-batch never needs more memory). Other world sizes are refused with the
+    list of valid ones."""
     if cfg.micro_batch < 1 or cfg.global_batch < 1 or world_size < 1:
         raise PdcError("global_batch, micro_batch and world size must be positive", stage)
-    if cfg.global_batch % per_pass:
-        raise PdcError(
-            f"global_batch {cfg.global_batch} is not a multiple of micro_batch {cfg.micro_batch} "
-            f"x world size {world_size}",
-            stage,
-        )
-    return cfg.global_batch // per_pass
+    if cfg.global_batch % world_size:
+        valid = divisors(cfg.global_batch)
+        shown = ", ".join(map(str, valid)) if len(valid) <= 40 else ", ".join(map(str, valid[:40])) + ", ..."
+        raise PdcError(f"global_batch {cfg.global_batch} cannot be split evenly over {world_size} processes; "
+                       f"valid world sizes: {shown}", stage)
+    per_rank = cfg.global_batch // world_size
+    micro = max(d for d in divisors(per_rank) if d <= cfg.micro_batch)
+    return micro, per_rank // micro
+
+
+def grad_accumulation(cfg: TrainConfig, world_size: int, stage: str) -> int:
+    """Micro-batches per rank per optimizer step (`batch_geometry`'s second number)."""
+    return batch_geometry(cfg, world_size, stage)[1]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where the ranks of a training stage run: `nnodes` x `nproc_per_node` processes started by
+    torchrun with a c10d rendezvous at `rdzv_endpoint` (HOST:PORT; this machine when None), by
+    DeepSpeed's launcher on the nodes and slots of `hostfile`, or by srun inside a Slurm
+    allocation (one torchrun per node)."""
+
+    nnodes: int = 1
+    nproc_per_node: int = 1
+    rdzv_endpoint: Optional[str] = None
+    hostfile: Optional[str] = None
+    launcher: str = "torchrun"  # torchrun | deepspeed (with hostfile) | slurm (srun + torchrun)
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    @classmethod
+    def from_hostfile(cls, path: str | Path) -> "Launch":
+        hosts = parse_hostfile(path)
+        slots = {n for _, n in hosts}
+        if len(slots) != 1:
+            raise PdcError(f"hostfile {path}: every host needs the same slots= (got {sorted(slots)})")
+        return cls(nnodes=len(hosts), nproc_per_node=slots.pop(), hostfile=str(Path(path).resolve()),
+                   launcher="deepspeed")
+
+
+_HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")
+
+
+def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
+    """DeepSpeed's hostfile: one `HOST slots=N` line per node; blank lines and # comments ignored."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise PdcError(f"cannot read hostfile {path}: {exc.strerror or exc}") from None
+    hosts: list[tuple[str, int]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = _HOST_LINE.match(line)
+        if not m or int(m.group(2)) < 1:
+            raise PdcError(f"{path}:{n}: expected `HOST slots=N` (N >= 1), got {line!r}")
+        if m.group(1) in {h for h, _ in hosts}:
+            raise PdcError(f"{path}:{n}: host {m.group(1)} is listed twice")
+        hosts.append((m.group(1), int(m.group(2))))
+    if not hosts:
+        raise PdcError(f"hostfile {path} lists no host")
+    return hosts
 
 
 def total_steps(cfg: TrainConfig, stage: str) -> int:
@@ -87,12 +160,13 @@ def scheduler_config(cfg: TrainConfig, steps: int) -> dict:
 
 def ds_config(cfg: TrainConfig, steps: int, world_size: int, stage: str, bf16: bool) -> dict:
     """The DeepSpeed config of one training stage (what `ds_config.json` holds)."""
-    if cfg.zero not in (0, 1, 2):
-        raise PdcError(f"ZeRO stage {cfg.zero} is not supported here (0, 1 or 2)", stage)
+    if cfg.zero not in (0, 1, 2, 3):
+        raise PdcError(f"ZeRO stage {cfg.zero} does not exist (0, 1, 2 or 3)", stage)
+    micro, gas = batch_geometry(cfg, world_size, stage)
     return {
         "train_batch_size": cfg.global_batch,
-        "train_micro_batch_size_per_gpu": cfg.micro_batch,
-        "gradient_accumulation_steps": grad_accumulation(cfg, world_size, stage),
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
         "optimizer": {
             "type": "AdamW",
             # torch_adam: torch.optim.AdamW; DeepSpeed's fused/CPU Adam need compiled ops.
@@ -107,6 +181,19 @@ def ds_config(cfg: TrainConfig, steps: int, world_size: int, stage: str, bf16: b
         "scheduler": scheduler_config(cfg, steps),
         "gradient_clipping": GRADIENT_CLIPPING,
         "zero_optimization": {"stage": cfg.zero},
+        "bf16": {"enabled": bool(bf16)},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def teacher_ds_config(micro_batch: int, bf16: bool) -> dict:
+    """DeepSpeed config of a frozen teacher run as a ZeRO-3 inference engine: its weights are
+    partitioned over the ranks and gathered layer by layer during each forward pass."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3},
         "bf16": {"enabled": bool(bf16)},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
 from transformers import AutoTokenizer
 
 from pdc import __version__
@@ -33,6 +32,7 @@ from pdc.files import replace_path_with_link, sha256_json, staged_dir, write_jso
 from pdc.inputs.assets import local_tasks_dir
 from pdc.inputs.data import split_blocks, take, token_blocks
 from pdc.inputs.models import data_identity, materialize_model, source_identity
+from pdc.inputs.shards import Blocks
 from pdc.lang.checked import CheckedSpec
 from pdc.plan.dry_run import build_plan
 from pdc.plan.results import StageRecord, StageResult, read_record, write_record
@@ -43,6 +43,7 @@ from pdc.plan.stage_graph import (
     StageGraph,
     build_graph,
 )
+from pdc.plan.training import Launch
 from pdc.runner.comparison_report import write_comparison_report
 from pdc.runner.report import write_report
 from pdc.stages.correct import run_correct
@@ -83,13 +84,13 @@ class Build:
     """One build directory and the stage graph of one spec."""
 
     def __init__(self, spec: CheckedSpec, out_dir: Optional[Path] = None, progress: bool = True,
-                 artifacts: bool = True, world_size: int = 1, shared: Optional[dict[str, Path]] = None):
+                 artifacts: bool = True, launch: Launch = Launch(), shared: Optional[dict[str, Path]] = None):
         self.spec = spec
         # Finished stages of sibling builds (a comparison's variants) by content key: a stage
         # whose key is there is not run again but linked to.
         self.shared = shared
         self.graph: StageGraph = build_graph(spec)
-        self.world_size = world_size  # training processes; the global batch does not change
+        self.launch = launch  # where training (and evaluation) ranks run; the global batch does not change
         self.artifacts = artifacts  # exported program + ONNX beside each pruned checkpoint
         self.out = Path(out_dir) if out_dir else default_build_dir(spec)
         self.base = spec.base_dir
@@ -117,8 +118,10 @@ class Build:
             self._tokenizers[model_dir] = AutoTokenizer.from_pretrained(model_dir)
         return self._tokenizers[model_dir]
 
-    def blocks(self, data_name: str, model_dir: Path, seq_len: int, stage: str) -> torch.Tensor:
-        return token_blocks(self.spec.data[data_name], self.tokenizer(model_dir), seq_len, self.base, stage)
+    def blocks(self, data_name: str, model_dir: Path, seq_len: int, stage: str) -> Blocks:
+        """The token shards of a data declaration (tokenized once, memory-mapped)."""
+        return token_blocks(self.spec.data[data_name], self.tokenizer(model_dir), seq_len, self.base, stage,
+                            progress=self.progress, label=f"data '{data_name}'")
 
     def tasks_dir(self) -> Optional[Path]:
         evaluate = self.graph.of_kind("evaluate")
@@ -230,14 +233,17 @@ class Build:
         for node in self.graph.nodes.values():
             if node.kind in ("correct", "distill"):
                 write_stage_files(self.out / f"{node.name}.work", node.decl.train, stage=node.name,
-                                  world_size=self.world_size)
+                                  launch=self.launch)
 
     def write_lock(self, name: str) -> Path:
         node = self.graph.node(name)
         st = node.decl
         source = self.model_dir(node.inputs["model"])
         seq_len = st.importance.seq_len if st.kind == "width" else st.depth.saliency.seq_len
-        calib = take(self.blocks(st.data, source, seq_len, name), LOCK_CALIB_BLOCKS) if st.data else None
+        calib = None
+        if st.data:  # the first calibration blocks (prune already checked there are enough)
+            blocks = self.blocks(st.data, source, seq_len, name)
+            calib = blocks[:min(LOCK_CALIB_BLOCKS, len(blocks))].read()
         # The lock pins what decides the pruned graph (the stage's settings), not the spec's
         # text: editing a comment or another stage must not fail `pdc check`.
         identity = json.dumps(settings_identity(st), sort_keys=True, default=repr)
@@ -249,9 +255,10 @@ class Build:
 def _run_correct(build: Build, node: Node, out: Path) -> StageResult:
     st = node.decl
     src = build.model_dir(node.inputs["model"])
-    train, val = split_blocks(build.blocks(st.data, src, st.train.seq_len, node.name), st.train.val_fraction)
+    train, val = split_blocks(build.blocks(st.data, src, st.train.seq_len, node.name), st.train.val_fraction,
+                              node.name)
     return run_correct(src, train, val, st.train, build.work_dir(node.name), out,
-                       progress=build.progress, world_size=build.world_size)
+                       progress=build.progress, launch=build.launch)
 
 
 def _run_prune(build: Build, node: Node, out: Path) -> StageResult:
@@ -259,13 +266,17 @@ def _run_prune(build: Build, node: Node, out: Path) -> StageResult:
     model_dir = build.model_dir(node.inputs["model"])
     if st.kind == "width":
         imp = st.importance
-        calib = take(build.blocks(st.data, model_dir, imp.seq_len, node.name), imp.samples, imp.seed)
+        calib = None  # magnitude and random ranking read no data
+        if imp.method == "activation":
+            calib = take(build.blocks(st.data, model_dir, imp.seq_len, node.name), imp.samples, imp.seed,
+                         "samples", node.name).read()
         result = prune_width(model_dir, calib, st.width, imp, out, progress=build.progress)
     else:
         sal = st.depth.saliency
         blocks = None
         if sal.kind in ("loss", "cosine"):
-            blocks = take(build.blocks(sal.data or st.data, model_dir, sal.seq_len, node.name), sal.samples, 0)
+            blocks = take(build.blocks(sal.data or st.data, model_dir, sal.seq_len, node.name), sal.samples, 0,
+                          "samples", node.name).read()
         result = prune_depth(model_dir, st.depth, blocks, out, tasks_dir=build.tasks_dir(), progress=build.progress)
     if build.artifacts:
         result = dataclasses.replace(result, artifacts=artifacts.emit_all(out, progress=build.progress))
@@ -275,28 +286,30 @@ def _run_prune(build: Build, node: Node, out: Path) -> StageResult:
 def _run_distill(build: Build, node: Node, out: Path) -> StageResult:
     st = node.decl
     teacher, student = build.model_dir(node.inputs["teacher"]), build.model_dir(node.inputs["student"])
-    train, val = split_blocks(build.blocks(st.data, teacher, st.train.seq_len, node.name), st.train.val_fraction)
+    train, val = split_blocks(build.blocks(st.data, teacher, st.train.seq_len, node.name), st.train.val_fraction,
+                              node.name)
     return run_distill(teacher, student, train, val, st.train, build.work_dir(node.name), out,
-                       progress=build.progress, world_size=build.world_size)
+                       progress=build.progress, launch=build.launch)
 
 
 def _run_evaluate(build: Build, node: Node, out: Path) -> StageResult:
     cfg = node.decl.eval
     models = {label: build.model_dir(ref) for label, ref in node.inputs.items()}
     heldout = _heldout_blocks(build, cfg) if cfg.perplexity_data else None
-    result = evaluate_models(models, build.tokenizer, cfg, build.tasks_dir(), heldout, build.progress)
+    result = evaluate_models(models, build.tokenizer, cfg, build.tasks_dir(), heldout, build.progress,
+                             launch=build.launch, work_dir=build.out / f"{node.name}.work")
     write_results(result, out)  # results.json and table.md
     print(comparison_table(result))
     return result
 
 
-def _heldout_blocks(build: Build, cfg) -> torch.Tensor:
+def _heldout_blocks(build: Build, cfg) -> Blocks:
     name = cfg.perplexity_data
     blocks = build.blocks(name, build.source_dir(build.spec.source_model), cfg.seq_len, "evaluate")
     for node in build.graph.of_kind("distill"):
         if node.decl.data == name:
             # The same corpus as training: only its held-out tail is fair to measure on.
-            blocks = split_blocks(blocks, node.decl.train.val_fraction)[1]
+            blocks = split_blocks(blocks, node.decl.train.val_fraction, "evaluate")[1]
     # `limit` caps the perplexity blocks as it caps task examples (the first N, fixed).
     return blocks[: cfg.limit] if cfg.limit else blocks
 
@@ -358,13 +371,13 @@ def compile_spec(spec: CheckedSpec, out_dir: Optional[Path] = None, progress: bo
 
 
 def run_spec(spec: CheckedSpec, out_dir: Optional[Path] = None, stage: Optional[str] = None,
-             progress: bool = True, world_size: int = 1) -> Path:
+             progress: bool = True, launch: Launch = Launch()) -> Path:
     """Run every stage in order (or just `stage`), skipping those that are up to date; for a
     comparison, every variant, sharing the stages that are equal across variants, then the
     comparison report."""
     shared: dict[str, Path] = {}
     for recipe, out in _recipes(spec, out_dir):
-        build = Build(recipe, out, progress, world_size=world_size, shared=shared)
+        build = Build(recipe, out, progress, launch=launch, shared=shared)
         if stage is not None:
             if stage not in build.graph.nodes:
                 raise PdcError(f"the spec has no stage {stage!r} (it has: {', '.join(build.graph.names)})")

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pdc.inputs.shards import Blocks
 from pdc.lang.settings import TrainConfig
 from pdc.plan.results import TrainResult
+from pdc.plan.training import Launch
 from pdc.stages.train.execute import execute
 
 
-def run_correct(model_dir: Path, train_blocks, val_blocks, cfg: TrainConfig, work_dir: Path,
-                out_dir: Path, progress: bool = True, world_size: int = 1) -> TrainResult:
+def run_correct(model_dir: Path, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, work_dir: Path,
+                out_dir: Path, progress: bool = True, launch: Launch = Launch()) -> TrainResult:
     """Fine-tune `model_dir` on the blocks (validation loss before and after in the result)."""
     return execute("correct", {"model_dir": model_dir}, train_blocks, val_blocks, cfg, work_dir,
-                   out_dir, progress, world_size)
+                   out_dir, progress, launch)

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pdc.inputs.shards import Blocks
 from pdc.lang.settings import TrainConfig
 from pdc.plan.results import TrainResult
+from pdc.plan.training import Launch
 from pdc.stages.train.execute import execute
 
 
-def run_distill(teacher_dir: Path, student_dir: Path, train_blocks, val_blocks, cfg: TrainConfig,
-                work_dir: Path, out_dir: Path, progress: bool = True, world_size: int = 1) -> TrainResult:
+def run_distill(teacher_dir: Path, student_dir: Path, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig,
+                work_dir: Path, out_dir: Path, progress: bool = True, launch: Launch = Launch()) -> TrainResult:
     """Distill `student_dir` from `teacher_dir`."""
     return execute("distill", {"teacher_dir": teacher_dir, "student_dir": student_dir}, train_blocks,
-                   val_blocks, cfg, work_dir, out_dir, progress, world_size)
+                   val_blocks, cfg, work_dir, out_dir, progress, launch)

@@ -3,7 +3,14 @@
 Everything runs on the model object already in memory (lm-eval's `HFLM(pretrained=model)`), so a
 pruned or distilled student is evaluated without a save/load round trip, and nothing touches the
 network: tasks come from lm-eval's bundled registry or from a local folder of task YAML + JSONL
-(`tasks_dir`, e.g. `pdc.inputs.assets.local_tasks_dir()`).
+(`tasks_dir`, e.g. `pdc.inputs.assets.local_tasks_dir()`). Any task lm-eval runs is accepted:
+multiple choice (acc, acc_norm), generation with the task's own `generation_kwargs` (exact_match,
+...), tasks that execute model-written code only with `allow_code_execution=true`.
+
+Scale: on a GPU each model is loaded in bf16 with SDPA attention and lm-eval picks its batch size
+(`batch_size="auto"`); with several processes (`python -m pdc.stages.evaluate --job FILE` under
+torchrun, started by `evaluate_models` for a `Launch` of more than one process) every rank scores
+its share of the task requests and of the held-out blocks, and rank 0 gathers the results.
 
 Conventions:
 - `perplexity` is exp of the *token-weighted* mean next-token NLL over all blocks (each block
@@ -11,17 +18,22 @@ Conventions:
 - Relative `data_files` in a local task YAML resolve against the task folder (lm-eval itself
   resolves them against the working directory), so a task folder can be moved as a whole.
 - A task's result is a `TaskScore`: every metric lm-eval reported with its standard error, and
-  the task's primary metric (the first one its config lists); the stage returns an
+  the task's primary metric (the first one its config lists that lm-eval reported); the stage returns an
   `EvaluateResult` with one `ModelScores` per model column.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import json
 import logging
 import math
+import os
+import subprocess
+import sys
+import traceback
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -29,10 +41,14 @@ from typing import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+import torch.distributed as dist
+from transformers import AutoTokenizer
+
 from pdc.errors import PdcError
 from pdc.files import write_json, write_text
 from pdc.inputs.cache import cache_root
 from pdc.inputs.data import token_blocks
+from pdc.inputs.shards import Blocks
 from pdc.inputs.models import load_causal_lm
 from pdc.lang.settings import DataSource, EvalConfig, EvalTask
 from pdc.plan.results import (
@@ -40,33 +56,39 @@ from pdc.plan.results import (
     EvaluateResult,
     ModelScores,
     TaskScore,
+    decode,
     encode,
 )
+from pdc.plan.training import Launch
+from pdc.stages.train.worker import write_error
 
 STAGE = "evaluate"
 
 
 # ---- perplexity ---------------------------------------------------------------------------------
 @torch.no_grad()
-def nll_sum(model, blocks: torch.Tensor, batch_size: int = 4, progress: bool = False) -> tuple[float, int]:
+def nll_sum(model, blocks: Blocks | torch.Tensor, batch_size: int = 4, progress: bool = False) -> tuple[float, int]:
     """(sum of next-token NLL, number of predicted tokens) over `blocks` [N, L].
 
     Every block predicts tokens 1..L-1 from their prefixes; no padding, so all predictions count.
     """
-    if blocks.ndim != 2 or blocks.shape[1] < 2:
-        raise PdcError(f"perplexity needs token blocks [N, L>=2], got shape {tuple(blocks.shape)}", STAGE)
+    shape = tuple(blocks.shape)
+    if len(shape) != 2 or shape[1] < 2:
+        raise PdcError(f"perplexity needs token blocks [N, L>=2], got shape {shape}", STAGE)
     device = _model_device(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    batches = range(0, len(blocks), batch_size)
-    if progress:
+    rank, world = _rank_world()
+    mine = list(range(rank, len(blocks), world))  # this rank's share of the blocks
+    batches = range(0, len(mine), batch_size)
+    if progress and rank == 0:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="perplexity", unit="batch", leave=False)
     try:
         for start in batches:
-            ids = blocks[start : start + batch_size].to(device)
+            ids = _rows(blocks, mine[start:start + batch_size]).to(device)
             logits = model(input_ids=ids, use_cache=False).logits
             # Sum in float64: thousands of blocks of fp32 NLLs otherwise lose digits.
             nll = F.cross_entropy(
@@ -78,10 +100,25 @@ def nll_sum(model, blocks: torch.Tensor, batch_size: int = 4, progress: bool = F
             count += ids[:, 1:].numel()
     finally:
         model.train(was_training)
+    if world > 1:
+        sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        total, count = float(sums[0]), int(sums[1])
     return total, count
 
 
-def mean_nll(model, blocks: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+def _rows(blocks: Blocks | torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """The blocks at `positions` as a LongTensor: a small read from the shards, or a tensor index."""
+    return blocks.read(positions) if isinstance(blocks, Blocks) else blocks[positions]
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def mean_nll(model, blocks: Blocks | torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
     """Token-weighted mean next-token NLL (nats) over `blocks`; the depth `loss` saliency metric."""
     total, count = nll_sum(model, blocks, batch_size, progress)
     if count == 0:
@@ -89,7 +126,7 @@ def mean_nll(model, blocks: torch.Tensor, batch_size: int = 4, progress: bool = 
     return total / count
 
 
-def perplexity(model, blocks: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+def perplexity(model, blocks: Blocks | torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
     """exp(token-weighted mean next-token NLL) of `model` on `blocks` [N, L]."""
     return math.exp(mean_nll(model, blocks, batch_size, progress))
 
@@ -97,7 +134,7 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 4, progress: bool 
 def builtin_heldout_blocks(tokenizer, seq_len: int, n_blocks: int | None = None) -> torch.Tensor:
     """Held-out blocks from the `pdc setup` corpus `wiki-heldout` (first `n_blocks` if given)."""
     blocks = token_blocks(DataSource("builtin", "wiki-heldout"), tokenizer, seq_len, stage=STAGE)
-    return blocks if n_blocks is None else blocks[:n_blocks]
+    return (blocks if n_blocks is None else blocks[:n_blocks]).read()
 
 
 def _model_device(model) -> torch.device:
@@ -179,13 +216,29 @@ def resolve_task_manager(task_names: Iterable[str], tasks_dir: Path | None = Non
     return _task_manager(str(tasks_dir.resolve()) if tasks_dir else None, True)
 
 
-def _make_lm(model, tokenizer, batch_size: int):
+def _make_lm(model, tokenizer, batch_size: int | str):
+    """lm-eval's HF model around `model`. Under torch.distributed it is told its rank and world
+    size and gathers with torch.distributed (lm-eval's own data parallelism needs accelerate's
+    launcher and a model it loads itself), so each rank scores its share of the requests."""
     from lm_eval.models.huggingface import HFLM
 
     if tokenizer.pad_token_id is None:  # HFLM pads batches; any id works since pads are masked out
         tokenizer.pad_token = tokenizer.eos_token
     with _quiet_lm_eval():
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(_model_device(model)))
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(_model_device(model)))
+    rank, world = _rank_world()
+    if world > 1:
+        lm._rank, lm._world_size = rank, world
+        lm.all_gather = _all_gather
+        lm.barrier = dist.barrier
+    return lm
+
+
+def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor`, concatenated in rank order (scalars stacked), as accelerate does."""
+    parts = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
 
 
 def run_tasks(
@@ -194,19 +247,29 @@ def run_tasks(
     tasks: Sequence[EvalTask],
     tasks_dir: Path | None = None,
     limit: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     stderr: bool = True,
     seed: int = 0,
+    allow_code_execution: bool = False,
 ) -> dict[str, TaskScore]:
-    """Run each task with its shot count; `{name: TaskScore}`.
+    """Run each task with its shot count; `{name: TaskScore}` (on rank 0; other ranks of a
+    data-parallel run return {} after scoring their share).
 
     Tasks with different shot counts are separate lm-eval calls (its `num_fewshot` is global).
+    Tasks that execute model-written code (lm-eval marks them unsafe: humaneval, mbpp) run only
+    with `allow_code_execution`.
     """
     if not tasks:
         return {}
     import lm_eval
 
     tm = resolve_task_manager([t.name for t in tasks], tasks_dir)
+    unsafe = [t.name for t in tasks if _is_unsafe(tm, t.name)]
+    if unsafe and not allow_code_execution:
+        raise PdcError(f"{', '.join(unsafe)} run(s) code the model writes: add allow_code_execution=true to the "
+                       "evaluate block to run it (ideally in a sandbox)", STAGE)
+    if unsafe:
+        os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # the code_eval metric's own opt-in
     lm = _make_lm(model, tokenizer, batch_size)
     by_shots: dict[int, list[str]] = {}
     for t in tasks:
@@ -233,10 +296,13 @@ def run_tasks(
                     numpy_random_seed=seed,
                     torch_random_seed=seed,
                     fewshot_random_seed=seed,
+                    confirm_run_unsafe_code=allow_code_execution,
                 )
+                if res is None:  # a data-parallel rank other than 0: rank 0 holds the results
+                    continue
                 for name in names:
                     items = (res.get("n-samples") or {}).get(name, {}).get("effective")
-                    out[name] = task_score(name, res["results"].get(name, {}), shots, items)
+                    out[name] = task_score(name, res["results"].get(name, {}), shots, items, _listed_metrics(tm, name))
     except PdcError:
         raise
     except Exception as exc:  # a broken task file or dataset: one line, naming the task list
@@ -247,8 +313,32 @@ def run_tasks(
     return out
 
 
-def task_score(name: str, raw: Mapping, shots: int, items: int | None = None) -> TaskScore:
-    """A `TaskScore` from lm-eval's result entry of one task (keys "metric,filter")."""
+def _is_unsafe(tm, name: str) -> bool:
+    """Whether lm-eval marks a task (or a task of a group) as executing model-written code."""
+    entry = tm.task_index.get(name)
+    cfg = getattr(entry, "cfg", None) or {}
+    if cfg.get("unsafe_code"):
+        return True
+    subtasks = cfg.get("task") if isinstance(cfg.get("task"), list) else []
+    return any(_is_unsafe(tm, sub) for sub in subtasks if isinstance(sub, str) and sub != name)
+
+
+def _listed_metrics(tm, name: str) -> list[str]:
+    """The metrics a task's (or group's) config lists, in its order."""
+    cfg = getattr(tm.task_index.get(name), "cfg", None) or {}
+    out = []
+    for key in ("metric_list", "aggregate_metric_list"):
+        for item in cfg.get(key) or []:
+            if isinstance(item, dict) and isinstance(item.get("metric"), str):
+                out.append(item["metric"])
+    return out
+
+
+def task_score(name: str, raw: Mapping, shots: int, items: int | None = None,
+               listed: Sequence[str] = ()) -> TaskScore:
+    """A `TaskScore` from lm-eval's result entry of one task (keys "metric,filter"); the primary
+    metric is the first of `listed` (the task config's own order) that lm-eval reported, else the
+    first reported."""
     values: dict[str, float] = {}
     stderr: dict[str, float] = {}
     for key, value in raw.items():
@@ -262,7 +352,8 @@ def task_score(name: str, raw: Mapping, shots: int, items: int | None = None) ->
             values.setdefault(metric, float(value))
     if not values:
         raise PdcError(f"task {name!r} reported no metric", STAGE)
-    return TaskScore(shots=shots, primary=next(iter(values)), values=values, stderr=stderr, items=items)
+    primary = next((m for m in listed if m in values), next(iter(values)))
+    return TaskScore(shots=shots, primary=primary, values=values, stderr=stderr, items=items)
 
 
 def task_accuracy(
@@ -280,38 +371,137 @@ def task_accuracy(
 
 
 # ---- the stage ----------------------------------------------------------------------------------
+def eval_device() -> torch.device:
+    """This rank's GPU (LOCAL_RANK) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def load_for_eval(path: Path, device: torch.device):
+    """A checkpoint ready to score: bf16 with SDPA attention on a GPU with bf16, fp32 otherwise."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return load_causal_lm(path, STAGE, dtype, attn_implementation="sdpa").to(device)
+    return load_causal_lm(path, STAGE)
+
+
 def evaluate_model(
     model,
     tokenizer,
     cfg: EvalConfig,
     path: Path,
     tasks_dir: Path | None = None,
-    heldout_blocks: torch.Tensor | None = None,
-    batch_size: int = 8,
+    heldout_blocks: Blocks | torch.Tensor | None = None,
+    batch_size: int | str = 8,
     progress: bool = True,
 ) -> ModelScores:
     """Held-out perplexity (when `heldout_blocks` is given) and every task of `cfg`."""
     ppl = None
     if heldout_blocks is not None:
-        ppl = perplexity(model, heldout_blocks, batch_size=max(1, batch_size // 2), progress=progress)
-    tasks = run_tasks(model, tokenizer, cfg.tasks, tasks_dir, limit=cfg.limit, batch_size=batch_size)
+        ppl_batch = max(1, batch_size // 2) if isinstance(batch_size, int) else 4
+        ppl = perplexity(model, heldout_blocks, batch_size=ppl_batch, progress=progress)
+    tasks = run_tasks(model, tokenizer, cfg.tasks, tasks_dir, limit=cfg.limit, batch_size=batch_size,
+                      allow_code_execution=cfg.allow_code_execution)
     return ModelScores(path=str(path), perplexity=ppl, tasks=tasks)
 
 
 def evaluate_models(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, tasks_dir: Path | None,
-                    heldout_blocks: torch.Tensor | None, progress: bool = True) -> EvaluateResult:
-    """Evaluate each model directory (label -> path, absent ones skipped) one at a time."""
+                    heldout_blocks: Blocks | torch.Tensor | None, progress: bool = True,
+                    launch: Launch = Launch(), work_dir: Path | None = None) -> EvaluateResult:
+    """Evaluate each model directory (label -> path, absent ones skipped) one at a time; with a
+    `launch` of several processes per node, in that many data-parallel ranks on this node."""
+    if launch.nproc_per_node > 1:
+        return _evaluate_in_ranks(models, cfg, tasks_dir, heldout_blocks, launch.nproc_per_node, work_dir, progress)
+    device = eval_device()
+    batch_size: int | str = "auto" if device.type == "cuda" else 8
+    rank, _ = _rank_world()
     scores: dict[str, ModelScores] = {}
     for label, path in models.items():
         if not (Path(path) / "config.json").exists():
             continue
-        print(f"[pdc] evaluate: {label}")
-        model = load_causal_lm(path, STAGE)
+        if rank == 0:
+            print(f"[pdc] evaluate: {label}", flush=True)
+        model = load_for_eval(path, device)
         scores[label] = evaluate_model(model, tokenizer_of(path), cfg, path, tasks_dir, heldout_blocks,
-                                       progress=progress)
+                                       batch_size=batch_size, progress=progress)
         del model
-    tokens = None if heldout_blocks is None else int(heldout_blocks.numel())
+    tokens = None if heldout_blocks is None else int(heldout_blocks.shape[0] * heldout_blocks.shape[1])
     return EvaluateResult(models=scores, limit=cfg.limit, perplexity_tokens=tokens)
+
+
+def _evaluate_in_ranks(models: Mapping[str, Path], cfg: EvalConfig, tasks_dir: Path | None, heldout,
+                       nproc: int, work_dir: Path | None, progress: bool) -> EvaluateResult:
+    """Run `python -m pdc.stages.evaluate --job FILE` on `nproc` ranks (torchrun, this node) and
+    read rank 0's result."""
+    if work_dir is None:
+        raise PdcError("evaluation on several processes needs a work directory", STAGE)
+    if heldout is not None and not isinstance(heldout, Blocks):
+        raise PdcError("evaluation on several processes reads held-out blocks from token shards", STAGE)
+    work_dir = Path(work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("result.json", "error.json"):
+        (work_dir / stale).unlink(missing_ok=True)
+    job = {"models": {k: str(Path(v).resolve()) for k, v in models.items()}, "cfg": encode(cfg),
+           "tasks_dir": str(Path(tasks_dir).resolve()) if tasks_dir else None,
+           "heldout": heldout.to_json() if heldout is not None else None, "progress": progress}
+    write_json(work_dir / "job.json", job)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "pdc.stages.evaluate", "--job", str(work_dir / "job.json")]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    print(f"[pdc] evaluate: {nproc} processes (log: {work_dir / 'launch.log'})", flush=True)
+    with open(work_dir / "launch.log", "w") as log:
+        code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if code != 0 or not (work_dir / "result.json").exists():
+        err = work_dir / "error.json"
+        if err.exists():
+            raise PdcError(json.loads(err.read_text())["message"], STAGE)
+        raise PdcError(f"evaluation processes failed (exit {code}); see {work_dir / 'launch.log'}", STAGE)
+    return decode(EvaluateResult, json.loads((work_dir / "result.json").read_text()))
+
+
+def _worker(job_file: Path) -> None:
+    """One rank of a data-parallel evaluation: every rank scores its share, rank 0 writes the result."""
+    job = json.loads(Path(job_file).read_text())
+    device = eval_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        cfg = decode(EvalConfig, job["cfg"])
+        heldout = Blocks.from_json(job["heldout"]) if job["heldout"] else None
+        tokenizers: dict[str, object] = {}
+
+        def tokenizer_of(path):
+            if str(path) not in tokenizers:
+                tokenizers[str(path)] = AutoTokenizer.from_pretrained(path)
+            return tokenizers[str(path)]
+
+        tasks_dir = Path(job["tasks_dir"]) if job["tasks_dir"] else None
+        result = evaluate_models(job["models"], tokenizer_of, cfg, tasks_dir, heldout, job["progress"])
+        if dist.get_rank() == 0:
+            write_json(Path(job_file).parent / "result.json", encode(result))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdc.stages.evaluate")
+    parser.add_argument("--job", required=True, type=Path)
+    args = parser.parse_args(argv)
+    try:
+        _worker(args.job)
+    except PdcError as exc:
+        write_error(args.job.parent, exc.message)
+        print(f"pdc: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # unexpected: the traceback stays in the log, one line upstream
+        traceback.print_exc()
+        write_error(args.job.parent, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+        return 1
+    return 0
 
 
 def ordered_columns(labels) -> list[str]:
@@ -360,3 +550,7 @@ def write_results(result: EvaluateResult, out_dir: Path) -> Path:
     write_json(Path(out_dir) / "results.json", encode(result))
     write_text(Path(out_dir) / "table.md", table)
     return Path(out_dir) / "results.json"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,10 +2,13 @@
 
 `execute` is shared by `run_correct` and `run_distill`:
   1. checks the inputs (one-line `PdcError`s), computes the step count and batch geometry;
-  2. writes `stage.json`, `data.pt`, `ds_config.json` and `launch.sh` (the exact commands) into
-     `work_dir`; a work dir holding a *different* run (other config, data or source models) is
-     cleared, one holding the same run is resumed from its last checkpoint;
-  3. runs the ranks: world size 1 in this process, more via `torchrun ... -m pdc.stages.train.worker`;
+  2. writes `stage.json` (settings, source models, the views on the token shards the ranks read),
+     `ds_config.json` and the launch files (`pdc.emit.launch_files`) into `work_dir`; a work dir
+     holding a *different* run (other config, data, world size or source models) is cleared, one
+     holding the same run is resumed from its last checkpoint;
+  3. runs the ranks: one process on one node in this process; otherwise the stage's launch file
+     (torchrun with a c10d rendezvous, DeepSpeed's launcher with a hostfile, or srun in a Slurm
+     allocation) starts `python -m pdc.stages.train.worker` on every node;
   4. copies model/ (+ tokenizer files), log.jsonl and loss.png into `out_dir` (the runner's
      staging directory) and returns the typed `TrainResult`.
 """
@@ -25,15 +28,15 @@ import subprocess
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from pdc.emit.launch_files import launch_commands, write_stage_files
+from pdc.emit.launch_files import launch_argv, write_stage_files
 from pdc.errors import PdcError
 from pdc.files import write_bytes
+from pdc.inputs.shards import Blocks
 from pdc.lang.settings import TrainConfig
 from pdc.plan.results import TrainResult
-from pdc.plan.training import grad_accumulation, total_steps
+from pdc.plan.training import Launch, batch_geometry, total_steps
 from pdc.stages.train.logs import plot_loss, read_log
 from pdc.stages.train.loop import ensure_dist_env, run_stage
 
@@ -56,12 +59,13 @@ def _check_model_dir(path: Path, role: str, stage: str) -> Path:
     return path
 
 
-def _check_blocks(blocks, role: str, stage: str, allow_empty: bool) -> torch.Tensor:
-    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype != torch.long:
-        raise PdcError(f"{role} blocks must be a LongTensor [N, seq_len]", stage)
+def _check_blocks(blocks, role: str, stage: str, allow_empty: bool) -> Blocks:
+    if not isinstance(blocks, Blocks):
+        raise PdcError(f"{role} data must be token shards (pdc.inputs.shards.Blocks), got {type(blocks).__name__}",
+                       stage)
     if len(blocks) == 0 and not allow_empty:
         raise PdcError(f"no {role} blocks: nothing to train on", stage)
-    return blocks.contiguous()
+    return blocks
 
 
 def _dir_signature(path: Path) -> list:
@@ -69,25 +73,27 @@ def _dir_signature(path: Path) -> list:
     return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(path).iterdir() if p.is_file())
 
 
-def _tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.numpy().tobytes()).hexdigest()
-
-
-def execute(kind: str, sources: dict, train_blocks, val_blocks, cfg: TrainConfig, work_dir: Path,
-            out_dir: Path, progress: bool = True, world_size: int = 1) -> TrainResult:
+def execute(kind: str, sources: dict, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, work_dir: Path,
+            out_dir: Path, progress: bool = True, launch: Launch = Launch()) -> TrainResult:
     stage = kind
     t_start = time.perf_counter()
     sources = {role: _check_model_dir(p, role.replace("_dir", ""), stage) for role, p in sources.items()}
     train_blocks = _check_blocks(train_blocks, "training", stage, allow_empty=False)
     val_blocks = _check_blocks(val_blocks, "validation", stage, allow_empty=True)
-    if len(val_blocks) and val_blocks.shape[1] != train_blocks.shape[1]:
+    if len(val_blocks) and val_blocks.seq_len != train_blocks.seq_len:
         raise PdcError("training and validation blocks differ in length", stage)
-    if train_blocks.shape[1] != cfg.seq_len:
-        cfg = dataclasses.replace(cfg, seq_len=int(train_blocks.shape[1]))  # the blocks are the truth
+    if train_blocks.seq_len != cfg.seq_len:
+        cfg = dataclasses.replace(cfg, seq_len=train_blocks.seq_len)  # the blocks are the truth
+    world_size = launch.world_size
     if not isinstance(world_size, int) or world_size < 1:
         raise PdcError(f"world size must be a positive integer (got {world_size!r})", stage)
+    if launch.nnodes > 1 and launch.launcher == "torchrun" and not launch.rdzv_endpoint:
+        raise PdcError(f"{launch.nnodes} nodes need a rendezvous endpoint HOST:PORT that every node reaches", stage)
     steps = total_steps(cfg, stage)
-    grad_accumulation(cfg, world_size, stage)
+    micro, gas = batch_geometry(cfg, world_size, stage)
+    if micro != cfg.micro_batch and progress:
+        print(f"[pdc] {stage}: micro_batch {micro} (not {cfg.micro_batch}) so that global_batch {cfg.global_batch} "
+              f"splits over {world_size} processes in {gas} accumulation step(s)")
 
     work_dir, out_dir = Path(work_dir).resolve(), Path(out_dir).resolve()
     try:
@@ -102,12 +108,12 @@ def execute(kind: str, sources: dict, train_blocks, val_blocks, cfg: TrainConfig
         "cfg": dataclasses.asdict(cfg),
         "world_size": world_size,
         "steps": steps,
+        "data": {"train": train_blocks.to_json(), "val": val_blocks.to_json()},
     }
     fp = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     for p in sources.values():
         fp.update(json.dumps(_dir_signature(p)).encode())
-    fp.update(_tensor_digest(train_blocks).encode())
-    fp.update(_tensor_digest(val_blocks).encode())
+    fp.update(json.dumps([train_blocks.identity(), val_blocks.identity()]).encode())
     spec["fingerprint"] = fp.hexdigest()[:16]
     spec["progress"] = progress
 
@@ -116,18 +122,11 @@ def execute(kind: str, sources: dict, train_blocks, val_blocks, cfg: TrainConfig
         # A different run used this work dir: its checkpoints must not be resumed.
         for stale in ("checkpoints", "final", "final.tmp"):
             shutil.rmtree(work_dir / stale, ignore_errors=True)
-        for stale in ("log.jsonl", "data.pt"):
-            (work_dir / stale).unlink(missing_ok=True)
+        (work_dir / "log.jsonl").unlink(missing_ok=True)
     (work_dir / "error.json").unlink(missing_ok=True)
 
-    port = _free_port()
-    argv, _ = launch_commands(work_dir, world_size, port)
-    write_stage_files(work_dir, cfg, stage, world_size, port)
+    write_stage_files(work_dir, cfg, stage, launch, _free_port())
     try:
-        if not (work_dir / "data.pt").exists():
-            tmp = work_dir / "data.pt.tmp"
-            torch.save({"train": train_blocks, "val": val_blocks}, tmp)
-            os.replace(tmp, work_dir / "data.pt")
         write_bytes(work_dir / "stage.json", json.dumps(spec, indent=2).encode())
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
@@ -135,10 +134,10 @@ def execute(kind: str, sources: dict, train_blocks, val_blocks, cfg: TrainConfig
         raise PdcError(f"cannot write the work dir {work_dir}: {exc.strerror}", stage) from exc
 
     if not _finished(work_dir, spec["fingerprint"]):
-        if world_size == 1:
+        if world_size == 1 and launch.launcher == "torchrun":
             _run_in_process(work_dir, progress)
         else:
-            _run_workers(work_dir, argv, steps, stage, progress)
+            _run_workers(work_dir, launch, steps, stage, progress)
     return _publish(work_dir, out_dir, sources, stage, time.perf_counter() - t_start)
 
 
@@ -156,16 +155,19 @@ def _run_in_process(work_dir: Path, progress: bool) -> None:
             os.environ.pop(key, None)
 
 
-def _run_workers(work_dir: Path, argv: list[str], steps: int, stage: str, progress: bool) -> None:
-    world_size = int(argv[argv.index("--nproc_per_node") + 1])
+def _run_workers(work_dir: Path, launch: Launch, steps: int, stage: str, progress: bool) -> None:
+    argv = launch_argv(work_dir, launch)
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nproc_per_node)))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    if launch.nnodes > 1 and launch.launcher == "torchrun":
+        print(f"[pdc] {stage}: this node joins the rendezvous at {launch.rdzv_endpoint}; start the other "
+              f"{launch.nnodes - 1} node(s) with: sh {work_dir / 'launch.sh'}")
     log_file = work_dir / "launch.log"
     bar = None
     if progress:
-        bar = tqdm(total=steps, desc=f"{stage} x{world_size}", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=steps, desc=f"{stage} x{launch.world_size}", unit="step", dynamic_ncols=True)
     try:
         with open(log_file, "w") as out:
             try:
@@ -219,6 +221,8 @@ def _summarise(metrics: dict, records: list[dict], wall_s: float) -> TrainResult
         wall_s=wall_s, method=metrics.get("method"), loss=metrics.get("loss") if distill else None,
         teacher_val_loss=ve.get("teacher_loss") if distill else None,
         val_kl_start=vs.get("kl") if distill else None, val_kl_end=ve.get("kl") if distill else None,
+        activation_checkpointing=bool(metrics.get("activation_checkpointing", False)),
+        teacher_placement=metrics.get("teacher_placement"),
     )
 
 

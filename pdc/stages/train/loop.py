@@ -2,17 +2,22 @@
 
 One loop serves both stages. `distill`: the student is trained on the distillation loss against a
 frozen teacher (eval mode, no grad). `correct`: the model is fine-tuned on next-token loss
-(`method` full | lora | norm). The stage is described by `<work_dir>/stage.json` and the token
-blocks by `<work_dir>/data.pt`; both are written by `pdc.stages.train.execute`.
+(`method` full | lora | norm). The stage is described by `<work_dir>/stage.json` (written by
+`pdc.stages.train.execute`), which names views on the token shards (`pdc.inputs.shards`): every
+rank memory-maps them and reads only the rows of its own micro-batches.
 
 Invariants:
-  * data order is a pure function of (seed, step): global batch s is positions [s*G, (s+1)*G) of
-    an endless sequence of seeded per-epoch permutations; rank r takes micro-batch a's slice
-    (a*world + r)*micro ... So a resumed run sees exactly the data an uninterrupted one would.
-  * a checkpoint holds model, optimizer, scheduler (DeepSpeed `save_checkpoint`), the step and
-    each rank's RNG; `checkpoints/resume.json` is replaced atomically only after every rank has
-    finished writing, so a kill -9 at any moment leaves a loadable checkpoint or none.
-  * the final model is written to `final.tmp/` and renamed to `final/` when complete.
+  * data order is a pure function of (seed, position) (`pdc.inputs.order`): global batch s is
+    positions [s*G, (s+1)*G) of seeded per-epoch permutations; rank r takes micro-batch a's slice
+    (a*world + r)*micro ... The position (`DataCursor`) is part of every checkpoint, so a resumed
+    run continues with the next unseen block, exactly as an uninterrupted one would.
+  * a checkpoint holds model, optimizer, scheduler (DeepSpeed `save_checkpoint`), the step, the data
+    position and each rank's RNG; `checkpoints/resume.json` is replaced atomically only after every
+    rank has finished writing, so a kill -9 at any moment leaves a loadable checkpoint or none.
+  * the final model is written to `final.tmp/` and renamed to `final/` when complete; under ZeRO-3
+    its weights are gathered layer by layer first.
+  * ZeRO-3 gathers weights collectively in every forward pass: all ranks run the same number of
+    forward passes (validation pads the ranks with fewer blocks).
 """
 
 from __future__ import annotations
@@ -32,38 +37,17 @@ import torch
 
 from pdc.errors import PdcError
 from pdc.inputs.models import load_causal_lm
+from pdc.inputs.order import DataCursor, rank_micro_batch
+from pdc.inputs.shards import Blocks
 from pdc.lang.settings import TrainConfig
+from pdc.plan.memory import teacher_partitioned
+from pdc.plan.training import teacher_ds_config
 from pdc.stages.train import losses
 from pdc.stages.train.logs import JsonlLog, truncate_log
 from pdc.stages.train.schedule import start_scheduler
 
 NORM_MARKERS = ("norm",)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-# ---- data order ---------------------------------------------------------------------------------
-def epoch_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n_blocks, generator=g)
-
-
-def global_batch_indices(n_blocks: int, global_batch: int, step: int, seed: int) -> torch.Tensor:
-    """Block indices of optimizer step `step` (0-based): a window on seeded epoch permutations."""
-    start = step * global_batch
-    out = []
-    pos = start
-    while len(out) < global_batch:
-        epoch, offset = divmod(pos, n_blocks)
-        order = epoch_order(n_blocks, seed, epoch)
-        take = min(global_batch - len(out), n_blocks - offset)
-        out.extend(order[offset : offset + take].tolist())
-        pos += take
-    return torch.tensor(out, dtype=torch.long)
-
-
-def rank_micro_batch(indices: torch.Tensor, micro: int, accum_step: int, rank: int, world: int) -> torch.Tensor:
-    start = (accum_step * world + rank) * micro
-    return indices[start : start + micro]
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -115,20 +99,24 @@ def _use_bf16(cfg: TrainConfig) -> bool:
 
 # ---- the stage ---------------------------------------------------------------------------------
 class Stage:
-    """What differs between teacher correction and distillation: the models and the loss."""
+    """What differs between teacher correction and distillation: the models and the loss.
 
-    def __init__(self, spec: dict, cfg: TrainConfig, device: torch.device):
+    The teacher of a distillation is frozen. It is replicated on every rank (bf16 on a GPU with
+    bf16) unless the student is trained under ZeRO-3 or the teacher's weights would take more than
+    half of a GPU (`pdc.plan.memory.teacher_partitioned`); then it runs as a DeepSpeed ZeRO-3
+    inference engine, its weights partitioned over the ranks."""
+
+    def __init__(self, spec: dict, cfg: TrainConfig, device: torch.device, micro_batch: int):
         self.kind = spec["kind"]
         self.name = spec["stage"]
         self.cfg = cfg
         self.device = device
-        dtype = torch.bfloat16 if _use_bf16(cfg) else torch.float32
+        self.dtype = torch.bfloat16 if _use_bf16(cfg) else torch.float32
         self.teacher = None
+        self.teacher_placement = None
         if self.kind == "distill":
             self.model = load_causal_lm(spec["student_dir"], self.name)
-            self.teacher = load_causal_lm(spec["teacher_dir"], self.name, dtype).to(device).eval()
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
+            self.teacher = self._load_teacher(spec["teacher_dir"], micro_batch)
             if self.teacher.config.vocab_size != self.model.config.vocab_size:
                 raise PdcError(
                     f"teacher vocab {self.teacher.config.vocab_size} != student vocab "
@@ -137,8 +125,28 @@ class Stage:
                 )
         else:
             self.model = load_causal_lm(spec["model_dir"], self.name)
+        if cfg.activation_checkpointing:
+            # Non-reentrant checkpointing: works with frozen inputs, LoRA and ZeRO-3 hooks.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.kind == "correct":
             self._prepare_correction()
         self.model.config.use_cache = False
+
+    def _load_teacher(self, teacher_dir: str, micro_batch: int):
+        import deepspeed
+
+        teacher = load_causal_lm(teacher_dir, self.name, self.dtype)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        n_bytes = sum(p.numel() for p in teacher.parameters()) * (2 if self.dtype == torch.bfloat16 else 4)
+        device_bytes = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        if teacher_partitioned(self.cfg.zero, n_bytes, device_bytes):
+            self.teacher_placement = "zero3"
+            engine, *_ = deepspeed.initialize(model=teacher, config=teacher_ds_config(micro_batch, _use_bf16(self.cfg)))
+            engine.eval()
+            return engine.module
+        self.teacher_placement = "replicated"
+        return teacher.to(self.device).eval()
 
     def _prepare_correction(self) -> None:
         method = self.cfg.method
@@ -170,9 +178,10 @@ class Stage:
         return losses.distill_loss(logits, t_logits, input_ids, self.cfg)
 
     @torch.no_grad()
-    def validate(self, engine, val: torch.Tensor, rank: int, world: int) -> dict | None:
+    def validate(self, engine, val: Blocks, micro: int, rank: int, world: int) -> dict | None:
         """Mean next-token loss on the held-out blocks (sharded over ranks), and for distillation
-        the teacher's loss and the student-teacher KL."""
+        the teacher's loss and the student-teacher KL. Every rank runs the same number of forward
+        passes (ZeRO-3 gathers weights collectively): a rank out of blocks repeats one with weight 0."""
         import deepspeed.comm as dist
 
         if len(val) == 0:
@@ -180,19 +189,21 @@ class Stage:
         was_training = engine.module.training
         engine.module.eval()
         sums = torch.zeros(4, dtype=torch.float64)  # student CE, teacher CE, KL, blocks
-        micro = self.cfg.micro_batch
-        mine = val[rank::world]
-        for i in range(0, len(mine), micro):
-            ids = mine[i : i + micro].to(self.device)
+        mine = list(range(rank, len(val), world))
+        per_rank = -(-len(val) // world)
+        passes = -(-per_rank // micro)
+        for i in range(passes):
+            pos = mine[i * micro:(i + 1) * micro]
+            n = len(pos)
+            ids = val.read(pos or [0]).to(self.device)
             logits = engine.module(input_ids=ids).logits
-            n = len(ids)
+            t_logits = self.teacher(input_ids=ids).logits if self.teacher is not None else None
+            if n == 0:
+                continue
             sums[0] += losses.lm_loss(logits, ids).item() * n
-            if self.teacher is not None:
-                t_logits = self.teacher(input_ids=ids).logits
+            if t_logits is not None:
                 sums[1] += losses.lm_loss(t_logits, ids).item() * n
-                sums[2] += losses.kl_divergence(
-                    logits, t_logits, self.cfg.loss, 1.0, None
-                ).item() * n
+                sums[2] += losses.kl_divergence(logits, t_logits, self.cfg.loss, 1.0, None).item() * n
             sums[3] += n
         dist.all_reduce(sums)
         engine.module.train(was_training)
@@ -202,11 +213,27 @@ class Stage:
             out.update(teacher_loss=sums[1].item() / n, kl=sums[2].item() / n)
         return out
 
-    def export(self, engine, model_dir: Path) -> None:
-        """Save the trained model as a plain HF checkpoint (LoRA adapters merged in)."""
+    def export(self, engine, model_dir: Path, spec: dict, rank: int) -> None:
+        """Save the trained model as a plain HF checkpoint (LoRA adapters merged in). Every rank
+        calls this: under ZeRO-3 the weights are first gathered layer by layer onto rank 0, which
+        loads them into a fresh CPU copy of the model and saves that."""
         module = engine.module
+        if engine.zero_optimization_partition_weights():
+            state = engine._zero3_consolidated_16bit_state_dict()
+            if rank != 0:
+                return
+            cpu = Stage(spec, self.cfg, torch.device("cpu"), 1) if self.kind == "correct" else None
+            module = cpu.model if cpu is not None else load_causal_lm(spec["student_dir"], self.name)
+            missing, unexpected = module.load_state_dict(state, strict=False)
+            if unexpected or any(not k.endswith("lm_head.weight") for k in missing):  # a tied head is not stored twice
+                raise PdcError(f"cannot rebuild the model from its ZeRO-3 partitions (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})", self.name)
+        elif rank != 0:
+            return
         if hasattr(module, "merge_and_unload"):
             module = module.merge_and_unload()
+        if getattr(module, "is_gradient_checkpointing", False):
+            module.gradient_checkpointing_disable()
         for p in module.parameters():
             p.requires_grad_(True)
         module.config.use_cache = True
@@ -284,14 +311,21 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != spec["world_size"]:
         raise PdcError(f"launched with {world} processes, stage expects {spec['world_size']}", name)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    data = torch.load(stage_dir / "data.pt")
-    train, val = data["train"], data["val"]
-    steps, gas, G = spec["steps"], ds_cfg["gradient_accumulation_steps"], cfg.global_batch
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    train = Blocks.from_json(spec["data"]["train"])
+    val = Blocks.from_json(spec["data"]["val"])
+    steps, G = spec["steps"], cfg.global_batch
+    micro, gas = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
+    cursor = DataCursor(len(train), G, cfg.seed)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    stage = Stage(spec, cfg, device)
+    stage = Stage(spec, cfg, device, micro)
     params = [p for p in stage.model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     from deepspeed.utils import logger as ds_logger
@@ -311,6 +345,10 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
         if load_path is None:
             raise PdcError(f"cannot load checkpoint {ckpt_dir / resume['tag']}", name)
         start_step = int(client["step"])
+        cursor.load_state_dict(client["data"], name)
+        if cursor.position != start_step * G:
+            raise PdcError(f"checkpoint {resume['tag']} is at data position {cursor.position}, not step "
+                           f"{start_step} x global_batch {G}", name)
         val_start = client.get("val_start")
         rng_file = ckpt_dir / resume["tag"] / f"rng_rank{rank}.pt"
         if rng_file.exists():
@@ -318,7 +356,7 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
     else:
         start_step = 0
         start_scheduler(scheduler)
-        val_start = stage.validate(engine, val, rank, world)
+        val_start = stage.validate(engine, val, micro, rank, world)
     if rank == 0:
         if resume is None and log_path.exists():
             log_path.unlink()
@@ -338,10 +376,10 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
         for step in range(start_step, steps):
             t0, c0 = time.perf_counter(), time.process_time()
             lr = scheduler.get_last_lr()[0]
-            indices = global_batch_indices(len(train), G, step, cfg.seed)
+            indices = cursor.next_batch()
             stats = torch.zeros(2, dtype=torch.float64)
             for a in range(gas):
-                ids = train[rank_micro_batch(indices, cfg.micro_batch, a, rank, world)].to(device)
+                ids = train.read(rank_micro_batch(indices, micro, a, rank, world)).to(device)
                 loss, kl = stage.loss(engine, ids)
                 engine.backward(loss)
                 engine.step()
@@ -364,32 +402,37 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
                 bar.set_postfix(loss=f"{loss_val:.4f}")
             done = step + 1
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
-                _save_checkpoint(engine, ckpt_dir, done, {"val_start": val_start}, rank, name)
+                _save_checkpoint(engine, ckpt_dir, done, {"val_start": val_start, "data": cursor.state_dict()},
+                                 rank, name)
     finally:
         if bar is not None:
             bar.close()
         if log is not None:
             log.close()
 
-    val_end = stage.validate(engine, val, rank, world)
+    val_end = stage.validate(engine, val, micro, rank, world)
+    final_tmp, final = stage_dir / "final.tmp", stage_dir / "final"
     if rank == 0:
-        final_tmp, final = stage_dir / "final.tmp", stage_dir / "final"
         shutil.rmtree(final_tmp, ignore_errors=True)
-        try:
-            final_tmp.mkdir()
-            stage.export(engine, final_tmp / "model")
+        final_tmp.mkdir()
+    dist.barrier()
+    try:
+        stage.export(engine, final_tmp / "model", spec, rank)
+        if rank == 0:
             metrics = {
                 "stage": name,
                 "kind": spec["kind"],
                 "steps": steps,
                 "tokens": steps * tokens_per_step,
                 "global_batch": G,
-                "micro_batch": cfg.micro_batch,
+                "micro_batch": micro,
                 "grad_accumulation": gas,
                 "world_size": world,
                 "seq_len": cfg.seq_len,
                 "precision": "bf16" if _use_bf16(cfg) else "fp32",
                 "zero": cfg.zero,
+                "activation_checkpointing": cfg.activation_checkpointing,
+                "teacher_placement": stage.teacher_placement,
                 "trainable_params": trainable,
                 "resumed_from_step": start_step,
                 "val_start": val_start,
@@ -401,11 +444,12 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
             else:
                 metrics["loss"] = cfg.loss
             (final_tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        except OSError as exc:
-            shutil.rmtree(final_tmp, ignore_errors=True)
-            if exc.errno == errno.ENOSPC:
-                raise PdcError(f"disk full while saving the final model in {stage_dir}", name) from exc
-            raise
+    except OSError as exc:
+        shutil.rmtree(final_tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise PdcError(f"disk full while saving the final model in {stage_dir}", name) from exc
+        raise
+    if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(final_tmp, final)
     dist.barrier()
