@@ -250,9 +250,15 @@ def _arch_section(doc: Doc, plan: dict | None, prune: PruneResult | None):
         doc.p(f"The pruned checkpoint has {prune.params_after:,} parameters ({verdict}).")
 
 
+def _planned_stages(plan) -> list[dict]:
+    """The plan's stage entries that are objects (a damaged plan.json yields none)."""
+    stages = plan.get("stages") if isinstance(plan, dict) else None
+    return [s for s in stages if isinstance(s, dict)] if isinstance(stages, list) else []
+
+
 def _stages_section(doc: Doc, build: Path, plan: dict | None, records: dict[str, StageRecord]):
     doc.h(2, "Time per stage")
-    planned = [s.get("name") for s in (plan or {}).get("stages", []) if isinstance(s, dict)]
+    planned = [s["name"] for s in _planned_stages(plan) if isinstance(s.get("name"), str)]
     status = _json(build / "stages.json")
     status = status if isinstance(status, dict) else {}
     if not records and not planned:
@@ -263,6 +269,10 @@ def _stages_section(doc: Doc, build: Path, plan: dict | None, records: dict[str,
     rows, total = [], 0.0
     for name in names:
         rec = records.get(name)
+        state = status.get(name) if isinstance(status.get(name), dict) else {}
+        if state.get("status") == "failed":  # the last run stopped here (an older output may remain)
+            rows.append([name, f"failed: {state.get('message') or 'see the run output'}", "-"])
+            continue
         if rec is None:
             # A stage builds in `<stage>.tmp/`: present without a record means it is running now
             # or was interrupted.
@@ -270,7 +280,7 @@ def _stages_section(doc: Doc, build: Path, plan: dict | None, records: dict[str,
             rows.append([name, "started, not finished" if started else NOT_RUN, "-"])
             continue
         total += rec.seconds
-        skipped = isinstance(status.get(name), dict) and status[name].get("status") == "skipped"
+        skipped = state.get("status") == "skipped"
         rows.append([name, "skipped (up to date; time of the run that built it)" if skipped else "done",
                      _seconds(rec.seconds)])
     rows.append(["total", "", _seconds(total)])
@@ -460,11 +470,11 @@ def build_doc(build_dir: Path) -> Doc:
         a, b = plan["source"].get("params_total"), plan["final"].get("params_total")
         if isinstance(a, int) and isinstance(b, int) and a > 0:
             doc.p(f"{human_count(a)} -> {human_count(b)} parameters ({b / a:.1%} of the source); stages: "
-                  + (" -> ".join(str(s.get("name", "?")) for s in plan.get("stages", []) if isinstance(s, dict))
+                  + (" -> ".join(str(s.get("name", "?")) for s in _planned_stages(plan))
                      or "none") + ".")
     for name, message in problems.items():
         doc.muted(f"{name}: {message}")
-    planned_prunes = [s["name"] for s in (plan or {}).get("stages", []) if isinstance(s, dict) and s.get("kind") == "prune"]
+    planned_prunes = [s["name"] for s in _planned_stages(plan) if s.get("kind") == "prune" and isinstance(s.get("name"), str)]
     sections = [
         ("Spec", lambda d: _spec_section(d, build, plan)),
         ("Architecture", lambda d: _arch_section(d, plan, last_prune)),
