@@ -264,20 +264,26 @@ class Build:
         if not self.out.is_dir():
             return
         removed = remove_temp_leftovers(self.out, recurse=[p for p in self.out.glob("*.work") if p.is_dir()])
-        interrupted = [n for n, v in self._statuses().items()
+        statuses = self._statuses()
+        interrupted = [n for n, v in statuses.items()
                        if isinstance(v, dict) and v.get("status") == "running" and n in self.graph.nodes]
         if not removed and not interrupted:
             return
         what = f"removed {', '.join(str(p.relative_to(self.out)) for p in removed)}" if removed else "nothing to remove"
-        if interrupted:
-            next_steps = []
-            for n in interrupted:
-                resumable = (self.out / f"{n}.work" / "checkpoints" / "resume.json").exists()
-                next_steps.append(f"{n} resumes from its last checkpoint" if resumable else f"{n} runs again")
-            print(f"[pdc] the last run was interrupted during {', '.join(interrupted)}: {what}; "
-                  f"{', '.join(next_steps)}")
-        else:
+        if not interrupted:
             print(f"[pdc] an earlier run was interrupted: {what}")
+            return
+        fates = []
+        for n in interrupted:
+            if self.done(n):
+                fates.append(f"{n} had finished")
+            elif (self.out / f"{n}.work" / "checkpoints" / "resume.json").exists():
+                fates.append(f"{n} resumes from its last checkpoint")
+            else:
+                fates.append(f"{n} runs again")
+            statuses[n] = {"status": "interrupted"}
+        write_json(self.out / STAGES_FILE, statuses)
+        print(f"[pdc] the last run was interrupted during {', '.join(interrupted)}: {what}; {', '.join(fates)}")
 
     def work_dir(self, name: str) -> Path:
         """Persistent checkpoints of a training stage; wiped when the stage's key changes."""

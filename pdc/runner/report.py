@@ -276,7 +276,7 @@ def _stages_section(doc: Doc, build: Path, plan: dict | None, records: dict[str,
         if rec is None:
             # A stage builds in `<stage>.tmp/`: present without a record means it is running now
             # or was interrupted.
-            started = (build / f"{name}.tmp").exists()
+            started = (build / f"{name}.tmp").exists() or state.get("status") in ("running", "interrupted")
             rows.append([name, "started, not finished" if started else NOT_RUN, "-"])
             continue
         total += rec.seconds
