@@ -41,3 +41,9 @@ def one_line(exc: BaseException) -> str:
             return f"{type(current).__name__}: {lines[0]}"
         current = current.__cause__ or current.__context__
     return type(exc).__name__
+
+
+def json_reason(exc) -> str:
+    """What a `json.JSONDecodeError` found, without the position its message ends with ("...
+    at"); callers put the position in front as `file:line:col`."""
+    return exc.msg[: -len(" at")] if exc.msg.endswith(" at") else exc.msg

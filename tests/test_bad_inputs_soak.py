@@ -90,10 +90,13 @@ def _nan(model_dir: Path) -> None:
 
 # A stage output damaged after its stage finished; the next stage that reads it must stop.
 STAGE_OUTPUT_FAULTS = [
-    ("pruned student truncated", "prune", _truncate, r"prune/model/model\.safetensors: truncated.*\[written by stage prune: delete .*/prune and run again\]"),
+    ("pruned student truncated", "prune", _truncate,
+     r"prune/model/model\.safetensors: truncated.*\[written by stage prune: delete .*/prune and run again\]"),
     ("pruned student with NaN", "prune", _nan, r"prune/model/model\.safetensors: tensor .* holds 1 NaN"),
-    ("corrected teacher truncated", "correct", _truncate, r"correct/model/model\.safetensors: truncated.*\[written by stage correct"),
-    ("student tokenizer from another model", "prune", swap_tokenizer, r"the student's tokenizer \(.*/prune/model, [\d,]+ tokens\) differs from the teacher's"),
+    ("corrected teacher truncated", "correct", _truncate,
+     r"correct/model/model\.safetensors: truncated.*\[written by stage correct"),
+    ("student tokenizer from another model", "prune", swap_tokenizer,
+     r"the student's tokenizer \(.*/prune/model, [\d,]+ tokens\) differs from the teacher's"),
 ]
 
 
@@ -107,7 +110,7 @@ def test_bad_stage_output_stops_the_stage_that_reads_it(case, width_build, capsy
     out = project / "build" / slug
     shutil.copytree(width_build, out)
     spec = project / f"{slug}.pds"
-    spec.write_text(WIDTH_SPEC.replace("distill from teacher on corpus { steps=3", "distill from teacher on corpus { steps=4"))
+    spec.write_text(WIDTH_SPEC.replace("on corpus { steps=3", "on corpus { steps=4"))  # distill runs again
     damage(out / stage / "model")
     before = tree_digest(out)
     _fails_with_one_line(capsys, ["run", str(spec), "--out", str(out)], "distill", expect)

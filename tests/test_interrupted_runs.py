@@ -32,7 +32,8 @@ def test_a_failed_stage_leaves_no_staging_dir_and_only_it_runs_again(width_build
     capsys.readouterr()
     assert pdc_main(["run", str(spec), "--out", str(out)]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pdc: error:")]
-    assert len(err) == 1 and err[0].startswith(f"pdc: error: evaluate: lm-eval failed on tiny_mc (tasks from {tasks}): ")
+    assert len(err) == 1
+    assert err[0].startswith(f"pdc: error: evaluate: lm-eval failed on tiny_mc (tasks from {tasks}): ")
     assert not err[0].endswith(": ")
     assert not list(out.glob("*.tmp"))
     status = json.loads((out / "stages.json").read_text())

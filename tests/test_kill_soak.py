@@ -43,7 +43,8 @@ SPEC = f"""\
 model teacher = dir("tiny")
 data corpus = jsonl("corpus.jsonl")
 prune width {{ hidden=48 mlp=64 importance=activation(samples=8, seq_len=32) }}
-distill from teacher on corpus {{ steps={STEPS} lr=1e-3 min_lr=1e-4 warmup=2 global_batch=4 micro_batch=2 seq_len=32 checkpoint_every=1 seed=3 }}
+distill from teacher on corpus {{ steps={STEPS} lr=1e-3 min_lr=1e-4 warmup=2 global_batch=4 micro_batch=2
+  seq_len=32 checkpoint_every=1 seed=3 }}
 """
 
 

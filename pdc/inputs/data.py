@@ -14,7 +14,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from pdc.errors import PdcError, one_line
+from pdc.errors import PdcError, json_reason, one_line
 from pdc.inputs import assets
 from pdc.inputs.cache import cache_root
 from pdc.lang.settings import DataSource
@@ -111,8 +111,8 @@ def _jsonl_texts(path: Path, fld: str, stage: str | None) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise PdcError(f"{path}:{lineno}:{exc.colno}: not valid JSON ({exc.msg}); each line must be one "
-                               "JSON object", stage) from None
+                raise PdcError(f"{path}:{lineno}:{exc.colno}: not valid JSON ({json_reason(exc)}); each line must "
+                               "be one JSON object", stage) from None
             records += 1
             if isinstance(record, dict) and fld not in record:
                 first_without = first_without or (lineno, list(record))
@@ -141,7 +141,7 @@ def _json_texts(path: Path, fld: str, stage: str | None) -> list[str]:
     try:
         records = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise PdcError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})", stage) from None
+        raise PdcError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({json_reason(exc)})", stage) from None
     if records and all(isinstance(r, dict) and fld not in r for r in records):
         raise PdcError(f"data {str(path)!r} has no field {fld!r} (fields: {', '.join(records[0])})", stage)
     out = [_text_of(r, fld, f"{path}: record {i}", stage) for i, r in enumerate(records, 1)]

@@ -40,7 +40,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from pdc.errors import PdcError, one_line
+from pdc.errors import PdcError, json_reason, one_line
 from pdc.files import sha256_file, sha256_json, write_json
 from pdc.inputs.cache import cache_root
 
@@ -209,7 +209,7 @@ def _read_index(index: Path, stage: Optional[str]) -> dict[str, str]:
     try:
         data = json.loads(index.read_text())
     except json.JSONDecodeError as exc:
-        raise _fail(f"{index}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg}): the index is damaged",
+        raise _fail(f"{index}:{exc.lineno}:{exc.colno}: not valid JSON ({json_reason(exc)}): the index is damaged",
                     stage) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise _fail(f"cannot read {index}: {one_line(exc)}", stage) from exc
@@ -246,7 +246,7 @@ def read_config(model_dir: Path, stage: Optional[str] = None) -> dict:
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise _fail(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})", stage) from None
+        raise _fail(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({json_reason(exc)})", stage) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise _fail(f"cannot read {path}: {one_line(exc)}", stage) from exc
     if not isinstance(cfg, dict) or "model_type" not in cfg:
