@@ -317,8 +317,14 @@ class Build:
         # The lock pins what decides the pruned graph (the stage's settings), not the spec's
         # text: editing a comment or another stage must not fail `pdc check`.
         identity = json.dumps(settings_identity(st), sort_keys=True, default=repr)
-        lock = build_lock(self.out, source, identity, calib_blocks=calib, stage_dir=self.out / name)
-        return write_lock(lock, lock_path_of(self.out, name))
+        path = lock_path_of(self.out, name)
+        try:
+            lock = build_lock(self.out, source, identity, calib_blocks=calib, stage_dir=self.out / name)
+            return write_lock(lock, path)
+        except PdcError:
+            raise
+        except Exception as exc:  # torch.export, onnxruntime or a write failing under the lock
+            raise PdcError(f"cannot write the lock {path}: {one_line(exc)}", name) from exc
 
 
 # ---- the stage functions: (build, node, staging dir) -> typed result --------------------------
