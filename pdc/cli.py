@@ -23,11 +23,12 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Sequence
 
 from pdc import __version__
-from pdc.errors import PdcError
+from pdc.errors import PdcError, one_line
 from pdc.files import write_text
 from pdc.lang import load_spec
 from pdc.lang.diagnostics import SpecError
@@ -52,7 +53,6 @@ def cmd_compile(args) -> int:
             build_plan,
             render_plan,
         )
-
         from pdc.plan.memory import parse_size
 
         try:
@@ -228,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc.render(), file=sys.stderr)
         return 2
     except PdcError as exc:
+        if os.environ.get("PDC_TRACEBACK") and exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__)
         print(f"pdc: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -238,8 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a fault nobody anticipated: one line, the traceback on request
         if os.environ.get("PDC_TRACEBACK"):
             raise
-        first = (str(exc).strip().splitlines() or [""])[0]
-        print(f"pdc: error: {type(exc).__name__}: {first} (set PDC_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        print(f"pdc: error: {one_line(exc)} (set PDC_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 1
 
 

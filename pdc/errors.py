@@ -18,3 +18,32 @@ class PdcError(Exception):
 
     def __str__(self) -> str:
         return f"{self.stage}: {self.message}" if self.stage else self.message
+
+
+def one_line(exc: BaseException) -> str:
+    """A dependency's exception as one non-empty line: `Type: first line of its message`.
+
+    Libraries raise exceptions with empty or multi-line messages; an empty one falls back to the
+    message of the exception it was raised from (or during), then to the type name alone, so a
+    wrapped error never ends in a bare colon. A `PdcError` keeps its own message."""
+    if isinstance(exc, PdcError):
+        return exc.message
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            text = current.strerror + (f": {current.filename}" if current.filename else "")
+        else:
+            text = str(current)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if lines:
+            return f"{type(current).__name__}: {lines[0]}"
+        current = current.__cause__ or current.__context__
+    return type(exc).__name__
+
+
+def json_reason(exc) -> str:
+    """What a `json.JSONDecodeError` found, without the position its message ends with ("...
+    at"); callers put the position in front as `file:line:col`."""
+    return exc.msg[: -len(" at")] if exc.msg.endswith(" at") else exc.msg

@@ -7,6 +7,11 @@ writes, staged directories and content hashes that every layer uses.
   in one rename, on failure (any exception, KeyboardInterrupt too) it removes the temporary
   directory. A stale `<final>.tmp/` from a killed run is removed before the new one is made.
 - `sha256_file` / `sha256_bytes`: content identity, streamed in 1 MiB chunks.
+- `remove_temp_leftovers(dir)`: every temporary name above ends in `.tmp` (or, for files that
+  must keep their suffix, contains `.tmp.` after a leading dot), so what a killed process left
+  behind can be found and removed by the next run.
+- `exclusive_lock(path)`: one writer per build directory (an advisory lock the kernel releases
+  when the holder dies, even by SIGKILL).
 
 No torch here: the language layer and the CLI use it too.
 """
@@ -14,13 +19,16 @@ No torch here: the language layer and the CLI use it too.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterable, Iterator, Union
+
+from pdc.errors import PdcError
 
 PathLike = Union[str, Path]
 TMP_SUFFIX = ".tmp"
@@ -59,22 +67,74 @@ def write_json(path: PathLike, obj: Any, indent: int | None = 2, sort_keys: bool
 
 
 def temp_path_beside(path: PathLike, suffix: str = "") -> Path:
-    """A fresh, empty temporary file name next to `path` (the caller renames or removes it)."""
+    """A fresh, empty temporary file name next to `path` that keeps its suffix (some writers
+    insist on one, e.g. `.pt2`): `.<stem>.<random>.tmp<suffix>`. The caller renames or removes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix or path.suffix, dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=TMP_SUFFIX + (suffix or path.suffix),
+                                dir=path.parent)
     os.close(fd)
     return Path(name)
 
 
 def replace_path(src: PathLike, dst: PathLike) -> None:
-    """Move `src` over `dst` (a file or a directory); a directory at `dst` is removed first."""
+    """Move `src` over `dst` (a file or a directory). A directory at `dst` is first renamed
+    aside and removed only after `src` is in place, so a kill at any moment leaves `dst`
+    complete (old or new) or absent, never half-deleted."""
     src, dst = Path(src), Path(dst)
     if dst.is_symlink():
         dst.unlink()  # a link to a stage shared with a sibling build: the target stays
     elif dst.is_dir():
-        shutil.rmtree(dst)
+        trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=TMP_SUFFIX, dir=dst.parent))
+        os.replace(dst, trash / dst.name)
+        os.replace(src, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+        return
     os.replace(src, dst)
+
+
+def is_temp_name(name: str) -> bool:
+    """A name made by this module for something not yet (or no longer) in place."""
+    return name.endswith(TMP_SUFFIX) or (name.startswith(".") and TMP_SUFFIX + "." in name)
+
+
+def remove_temp_leftovers(root: PathLike, recurse: Iterable[PathLike] = ()) -> list[Path]:
+    """Remove the temporary files and directories directly in `root` and anywhere below the
+    directories `recurse`; returns what was removed. Only for a directory no other process is
+    writing into (hold its `exclusive_lock`)."""
+    found: list[Path] = []
+    for top, deep in [(Path(root), False)] + [(Path(d), True) for d in recurse]:
+        for dirpath, dirnames, filenames in os.walk(top):
+            for name in list(dirnames) + filenames:
+                if is_temp_name(name):
+                    found.append(Path(dirpath) / name)
+            dirnames[:] = [d for d in dirnames if deep and not is_temp_name(d)]
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: PathLike, busy_message: str) -> Iterator[None]:
+    """Hold an advisory exclusive lock on `path` (created) for the block; if another process
+    holds it, raise a `PdcError` with `busy_message` and the holder's pid."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise PdcError(f"{busy_message} (pid {holder}); wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def replace_path_with_link(link: PathLike, target: PathLike) -> Path:

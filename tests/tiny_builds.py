@@ -21,6 +21,13 @@ distill from teacher on corpus { steps=3 lr=1e-3 min_lr=1e-4 warmup=1 global_bat
 evaluate with lm_eval { tasks_dir="tasks" perplexity(corpus) tiny_mc(0) }
 """
 
+PRUNE_SPEC = """\
+model teacher = dir("tiny")
+data corpus = jsonl("corpus.jsonl")
+
+prune width { hidden=48 mlp=64 importance=activation(samples=8, seq_len=32) }
+"""
+
 DEPTH_SPEC = """\
 model teacher = dir("tiny")
 data corpus = jsonl("corpus.jsonl")

@@ -39,9 +39,10 @@ from pdc import __version__
 from pdc.arch import Arch
 from pdc.emit.artifacts import export_program, graph_fingerprint
 from pdc.errors import PdcError
-from pdc.files import sha256_file, write_text
+from pdc.files import write_text
 from pdc.graph.probe import default_probe
 from pdc.inputs.models import load_causal_lm
+from pdc.inputs.verify import content_hashes
 
 LOCK_VERSION = 1
 STAGE = "check"
@@ -50,9 +51,6 @@ FLOAT_DIGITS = 6
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-4
 REQUIRED_KEYS = ("lock_version", "spec", "source", "inputs", "kept_indices", "params", "arch", "graph", "numeric")
-# Config keys that change with the tool that saved the checkpoint, not with the model.
-VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 LOGITS_SLICE = 8  # logits of the first vocab entries at each probe row's last position
 # ---- building ----------------------------------------------------------------------------
 def build_lock(build_dir: Union[str, Path], source_dir: Optional[Union[str, Path]], spec_text: str,
@@ -137,24 +135,7 @@ def load_model(model_dir: Path):
 
 def source_identity(source_dir: Path) -> dict:
     """sha256 of the config (canonical JSON without volatile keys) and of every weight file."""
-    source_dir = Path(source_dir)
-    if source_dir.is_file():  # a single-file source (e.g. GGUF): its bytes are its identity
-        return {"config_sha256": None, "weights_sha256": {source_dir.name: sha256_file(source_dir)}}
-    if not source_dir.is_dir():
-        raise PdcError(f"source checkpoint not found: {source_dir}", "lock")
-    cfg = _config_of(source_dir)
-    stable = {k: v for k, v in cfg.items() if k not in VOLATILE_CONFIG_KEYS}
-    weights = {
-        p.name: sha256_file(p)
-        for p in sorted(source_dir.iterdir())
-        if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
-    }
-    if not weights:
-        raise PdcError(f"no weight files in {source_dir}", "lock")
-    return {
-        "config_sha256": hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest(),
-        "weights_sha256": weights,
-    }
+    return content_hashes(Path(source_dir), "lock")
 
 
 def tensor_identity(t: Optional[torch.Tensor]) -> Optional[dict]:

@@ -30,8 +30,8 @@ from typing import Iterable, Optional, Protocol
 
 import torch
 
-from pdc.errors import PdcError
-from pdc.graph.program import STAGE, Program, _one_line
+from pdc.errors import PdcError, one_line
+from pdc.graph.program import STAGE, Program
 from pdc.graph.structure import discover_fresh
 
 REAL_PROBE_MAX_PARAMS = 20_000_000  # per-pass probe: real forward below, fake tensors above
@@ -88,7 +88,7 @@ class PassManager:
             except PdcError:
                 raise
             except Exception as exc:
-                raise PdcError(f"pass {p.name} failed: {_one_line(exc)}", STAGE) from exc
+                raise PdcError(f"pass {p.name} failed: {one_line(exc)}", STAGE) from exc
             result.seconds = time.perf_counter() - start
             self.results.append(result)
         if self.passes and self.check != "none" and not program.on_meta():
@@ -124,12 +124,12 @@ def verify(program: Program, after: str = "export", values: Optional[bool] = Non
     try:
         program.gm.graph.lint()
     except Exception as exc:
-        raise PdcError(f"graph invalid after pass {after}: {_one_line(exc)}", STAGE) from exc
+        raise PdcError(f"graph invalid after pass {after}: {one_line(exc)}", STAGE) from exc
     values = not program.on_meta() if values is None else values and not program.on_meta()
     try:
         logits = program.forward(program.probe) if values else program.forward_shapes(program.probe)
     except Exception as exc:
-        raise PdcError(f"forward on the probe fails after pass {after}: {_one_line(exc)}", STAGE) from exc
+        raise PdcError(f"forward on the probe fails after pass {after}: {one_line(exc)}", STAGE) from exc
     want = (*program.probe.shape, program.arch.vocab)
     if tuple(logits.shape) != want:
         raise PdcError(f"after pass {after}: logits shape {tuple(logits.shape)} != {want}", STAGE)

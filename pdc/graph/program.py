@@ -28,7 +28,7 @@ import torch
 import torch.fx
 
 from pdc.arch import Arch
-from pdc.errors import PdcError
+from pdc.errors import PdcError, one_line
 
 STAGE = "prune"
 
@@ -168,7 +168,7 @@ def refresh_shapes(program: Program) -> None:
         with _fake_cpu_params(program, mode):
             FakeTensorProp(program.gm, mode).propagate(fake_ids)
     except Exception as exc:
-        raise PdcError(f"shape propagation failed: {_one_line(exc)}", STAGE) from exc
+        raise PdcError(f"shape propagation failed: {one_line(exc)}", STAGE) from exc
     program._shapes_stale = False
 
 
@@ -218,8 +218,3 @@ def _set_attr(root: torch.nn.Module, target: str, value: torch.Tensor) -> None:
         if leaf in mod._parameters:
             del mod._parameters[leaf]
         mod.register_parameter(leaf, torch.nn.Parameter(value.detach(), requires_grad=False))
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -2,6 +2,8 @@
 
 Every stage that reads text (calibration, correction, distillation, perplexity, depth saliency,
 the lock) goes through `token_blocks`, so they all see the same packing and the same files:
+  0. `check_corpus`: one streaming pass that turns every fault of the files into one line
+     naming the file and line (JSON), before anything is tokenized;
   1. `load_text_dataset`: the corpus as an Arrow-backed `datasets.Dataset` (memory-mapped);
   2. `tokenize_dataset`: `datasets.map(num_proc=...)` into the datasets cache (token ids per
      document, EOS appended);
@@ -19,18 +21,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
-from pdc.errors import PdcError
+from pdc.errors import PdcError, json_reason, one_line
 from pdc.files import staged_dir
 from pdc.inputs import assets
 from pdc.inputs.cache import cache_root
 from pdc.inputs.shards import TOKENS, Blocks, ShardWriter, token_dtype
 from pdc.lang.settings import DataSource
 
-_LOCAL_KINDS = {"json": "json", "jsonl": "json", "text": "text", "parquet": "parquet"}
+_LOCAL_KINDS = ("json", "jsonl", "text", "parquet")
+_CHECKED: "OrderedDict[tuple, int]" = OrderedDict()  # corpora already checked, by file identity
+_CHECKED_SIZE = 16
 
 
 def resolve_path(ref: str, base_dir: Path | None) -> Path:
@@ -40,34 +45,177 @@ def resolve_path(ref: str, base_dir: Path | None) -> Path:
     return p
 
 
-def load_texts(source: DataSource, base_dir: Path | None = None, stage: str | None = None) -> list[str]:
-    """All documents of `source` as strings, in file order."""
+def check_corpus(source: DataSource, base_dir: Path | None = None, stage: str | None = None) -> int:
+    """Read `source` once, streaming, and return its number of non-empty documents; every fault
+    is a one-line `PdcError` naming the file (and for JSON the line and column): a missing or
+    empty file, malformed JSON, a record without the field or whose field is not a string, a
+    corpus with no text at all, errors of `datasets`/`pyarrow` with their cause. Memory stays one
+    record (one file for a JSON array). A corpus already checked with the same file identity is
+    not read again (the runner checks every corpus before a build starts; the stages then
+    tokenize it)."""
     if source.kind == "builtin":
-        path = assets.builtin_data_path(source.ref)
-        source = DataSource("jsonl", str(path), source.split, source.field)
+        source = DataSource("jsonl", str(assets.builtin_data_path(source.ref)), source.split, source.field)
         base_dir = None
+    fld = "text" if source.kind == "text" else source.field
+    if source.kind == "hf":
+        key: tuple = ("hf", source.ref, source.split, fld)
+    elif source.kind in _LOCAL_KINDS:
+        path = resolve_path(source.ref, base_dir)
+        if not path.is_file():
+            raise PdcError(f"data file not found: {path}" if not path.exists() else f"data path {path} is not a file",
+                           stage)
+        st = path.stat()
+        key = (source.kind, str(path.resolve()), fld, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    else:
+        raise PdcError(f"unknown data source kind {source.kind!r}", stage)
+    if key in _CHECKED:
+        _CHECKED.move_to_end(key)
+        return _CHECKED[key]
+    if source.kind == "hf":
+        documents = _hf_documents(source, fld, stage)
+    else:
+        if path.stat().st_size == 0:
+            raise PdcError(f"data file {path} is empty (0 bytes)", stage)
+        reader = {"json": _json_documents, "jsonl": _jsonl_documents, "text": _line_documents,
+                  "parquet": _parquet_documents}
+        documents = reader[source.kind](path, fld, stage)
+        if not documents:
+            raise PdcError(f"data file {path} has no text: every {fld!r} value is empty", stage)
+    _CHECKED[key] = documents
+    while len(_CHECKED) > _CHECKED_SIZE:
+        _CHECKED.popitem(last=False)
+    return documents
+
+
+def _kind_of(value) -> str:
+    return "null" if value is None else {bool: "a boolean", int: "a number", float: "a number", list: "a list",
+                                         dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _text_of(record, fld: str, where: str, stage: str | None) -> str:
+    """The string `record[fld]`, or a one-line error saying what is there instead."""
+    if not isinstance(record, dict):
+        raise PdcError(f"{where}: {_kind_of(record)} where a JSON object with a {fld!r} field was expected", stage)
+    if fld not in record:
+        fields = ", ".join(map(repr, list(record)[:8])) or "none"
+        raise PdcError(f"{where}: no field {fld!r} (fields: {fields}); name the field with field=\"...\" "
+                       "in the data declaration", stage)
+    value = record[fld]
+    if not isinstance(value, str):
+        shown = json.dumps(value)[:40] if value is not None else "null"
+        raise PdcError(f"{where}: field {fld!r} is {_kind_of(value)} ({shown}), not a string", stage)
+    return value
+
+
+def _jsonl_documents(path: Path, fld: str, stage: str | None) -> int:
+    documents = records = 0
+    first_without: tuple[int, list] | None = None  # (line, its fields) of the first record lacking `fld`
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PdcError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})", stage) from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PdcError(f"{path}:{lineno}:{exc.colno}: not valid JSON ({json_reason(exc)}); each line must "
+                               "be one JSON object", stage) from None
+            records += 1
+            if isinstance(record, dict) and fld not in record:
+                first_without = first_without or (lineno, list(record))
+                continue
+            text = _text_of(record, fld, f"{path}:{lineno}", stage)
+            if first_without is not None:  # the field exists, but an earlier record lacks it
+                _text_of(dict.fromkeys(first_without[1]), fld, f"{path}:{first_without[0]}", stage)
+            documents += bool(text.strip())
+    if records == 0:
+        raise PdcError(f"data file {path} holds no JSON records (only blank lines)", stage)
+    if first_without is not None:
+        raise PdcError(f"data {str(path)!r} has no field {fld!r} (fields: {', '.join(first_without[1])})", stage)
+    return documents
+
+
+def _json_documents(path: Path, fld: str, stage: str | None) -> int:
+    """A JSON array of records, or JSON Lines (what `datasets`' json loader accepts)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lstrip()
+    if not head.startswith(b"["):
+        return _jsonl_documents(path, fld, stage)
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise PdcError(f"{path}:{line}: not UTF-8 text ({exc.reason})", stage) from None
+    except json.JSONDecodeError as exc:
+        raise PdcError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({json_reason(exc)})", stage) from None
+    if records and all(isinstance(r, dict) and fld not in r for r in records):
+        raise PdcError(f"data {str(path)!r} has no field {fld!r} (fields: {', '.join(records[0])})", stage)
+    return sum(bool(_text_of(r, fld, f"{path}: record {i}", stage).strip()) for i, r in enumerate(records, 1))
+
+
+def _line_documents(path: Path, fld: str, stage: str | None) -> int:
+    """One document per line (as `datasets`' text loader reads it)."""
+    documents = 0
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                documents += bool(raw.decode("utf-8").strip())
+            except UnicodeDecodeError as exc:
+                raise PdcError(f"{path}:{lineno}: not UTF-8 text ({exc.reason})", stage) from None
+    return documents
+
+
+def _parquet_documents(path: Path, fld: str, stage: str | None) -> int:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    documents = 0
+    try:
+        reader = pq.ParquetFile(path)
+        names = reader.schema_arrow.names
+        if fld not in names:
+            raise PdcError(f"data {str(path)!r} has no field {fld!r} (fields: {', '.join(names)})", stage)
+        column_type = reader.schema_arrow.field(fld).type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+            raise PdcError(f"{path}: field {fld!r} holds {column_type} values, not strings", stage)
+        row = 0
+        for batch in reader.iter_batches(columns=[fld]):
+            column = batch.column(0)
+            if column.null_count:
+                first = next(i for i, v in enumerate(column.is_null().to_pylist()) if v)
+                raise PdcError(f"{path}: row {row + first}: field {fld!r} is null, not a string", stage)
+            documents += int(pc.sum(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)).as_py() or 0)
+            row += len(column)
+    except PdcError:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        raise PdcError(f"cannot read parquet file {path}: {one_line(exc)}", stage) from exc
+    return documents
+
+
+def _hf_documents(source: DataSource, fld: str, stage: str | None) -> int:
     try:
         import datasets  # imported lazily: it is slow to import
 
         datasets.disable_progress_bars()
-        if source.kind == "hf":
-            ds = datasets.load_dataset(source.ref, split=source.split)
-        else:
-            path = resolve_path(source.ref, base_dir)
-            if not path.exists():
-                raise PdcError(f"data file not found: {path}", stage)
-            builder = _LOCAL_KINDS[source.kind]
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except PdcError:
-        raise
-    except Exception as exc:  # datasets raises many types; the user needs one line
-        raise PdcError(f"cannot load data {source.kind}({source.ref!r}): {exc}".splitlines()[0], stage) from exc
-    fld = source.field if source.kind != "text" else "text"
+        ds = datasets.load_dataset(source.ref, split=source.split)
+    except Exception as exc:  # datasets raises many types; the user needs one line with the cause
+        raise PdcError(f"cannot load data hf({source.ref!r}) split {source.split!r} from the local cache "
+                       f"({one_line(exc)}); pdc never downloads at run time", stage) from exc
     if fld not in ds.column_names:
-        raise PdcError(
-            f"data {source.ref!r} has no field {fld!r} (fields: {', '.join(ds.column_names)})", stage
-        )
-    return [t for t in ds[fld] if isinstance(t, str) and t.strip()]
+        raise PdcError(f"data {source.ref!r} has no field {fld!r} (fields: {', '.join(ds.column_names)})", stage)
+    documents = 0
+    for i, value in enumerate(ds[fld]):
+        if not isinstance(value, str):
+            raise PdcError(f"data {source.ref!r} row {i}: field {fld!r} is {_kind_of(value)}, not a string", stage)
+        documents += bool(value.strip())
+    if not documents:
+        raise PdcError(f"data {source.ref!r} has no text: every {fld!r} value is empty", stage)
+    return documents
 
 
 # datasets' builder for each local data kind
@@ -77,7 +225,7 @@ _BUILDERS = {"json": "json", "jsonl": "json", "text": "text", "parquet": "parque
 def load_text_dataset(source: DataSource, base_dir: Path | None = None, stage: str | None = None):
     """The documents of `source` as an Arrow-backed `datasets.Dataset` holding the text column
     only, in file order: datasets converts the files once into its cache and memory-maps them, so
-    nothing is read into this process's memory here (`load_texts` returns a list instead)."""
+    nothing is read into this process's memory here."""
     if source.kind == "builtin":
         source = DataSource("jsonl", str(assets.builtin_data_path(source.ref)), source.split, source.field)
         base_dir = None
@@ -229,6 +377,7 @@ def token_blocks(source: DataSource, tokenizer, seq_len: int, base_dir: Path | N
     Tokenized and packed once per corpus, tokenizer and seq_len into `<cache>/tokens/<key>/`;
     later calls (other stages, other specs, the training ranks) only map the files."""
     label = label or f"data {describe(source)}"
+    check_corpus(source, base_dir, stage)  # one-line faults with file and line, before datasets sees it
     ds = load_text_dataset(source, base_dir, stage)
     key = shard_key(ds, source, tokenizer, seq_len)
     directory = cache_root() / "tokens" / key

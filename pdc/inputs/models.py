@@ -10,6 +10,7 @@ mode) that evaluation, depth saliency and training use.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -18,11 +19,12 @@ import torch
 from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM
 
-from pdc.errors import PdcError
-from pdc.files import staged_dir
+from pdc.errors import PdcError, one_line
+from pdc.files import sha256_file, staged_dir, write_json
 from pdc.inputs import assets
 from pdc.inputs.cache import cache_root
 from pdc.inputs.gguf import convert_gguf
+from pdc.inputs.verify import content_differences, content_hashes
 from pdc.lang.settings import DataSource, ModelSource
 
 LOCAL_DATA_KINDS = ("json", "jsonl", "text", "parquet")
@@ -50,25 +52,67 @@ def materialize_model(src: ModelSource, base_dir: Path) -> Path:
     if src.kind == "hf":
         try:
             return Path(snapshot_download(src.ref, local_files_only=True))
-        except Exception:  # any hub-client failure means: not available offline
+        except Exception as exc:  # any hub-client failure means: not available offline
             raise PdcError(
-                f"hub model {src.ref!r} is not in the local Hugging Face cache and pdc never "
-                "downloads at run time; download it first and use dir(\"...\")",
+                f"hub model {src.ref!r} is not in the local Hugging Face cache ({one_line(exc)}) and pdc "
+                "never downloads at run time; download it first and use dir(\"...\")",
                 "load",
-            ) from None
+            ) from exc
     raise PdcError(f"unknown model source kind {src.kind!r}", "load")
 
 
+CONVERSION_RECORD = "pdc_conversion.json"
+
+
 def converted_gguf(path: Path) -> Path:
-    """A GGUF file dequantized once into a plain HF checkpoint in the cache."""
+    """A GGUF file dequantized once into a plain HF checkpoint in the cache.
+
+    The conversion records the GGUF's sha256 and its own content hashes (`CONVERSION_RECORD`);
+    a reuse checks both against the files, so a cache entry left by another GGUF at the same
+    path, size and mtime, or damaged since, is converted again instead of trusted."""
     ident = hashlib.sha256(json.dumps([str(path.resolve()), file_identity(path)]).encode()).hexdigest()[:16]
     final = cache_root() / "models" / f"gguf-{path.stem}-{ident}"
+    gguf_sha256 = gguf_digest(path)
     if (final / "config.json").exists():
-        return final
-    print(f"[pdc] converting {path.name} to a Hugging Face checkpoint (once)")
+        stale = _stale_conversion(final, gguf_sha256)
+        if stale is None:
+            return final
+        print(f"[pdc] the cached conversion {final} {stale}: converting {path.name} again")
+    else:
+        print(f"[pdc] converting {path.name} to a Hugging Face checkpoint (once)")
     with staged_dir(final) as tmp:
         convert_gguf(path, tmp, verify=False)
+        write_json(tmp / CONVERSION_RECORD, {"gguf": str(path), "gguf_sha256": gguf_sha256,
+                                             "content": content_hashes(tmp, "load")})
     return final
+
+
+def _stale_conversion(final: Path, gguf_sha256: str) -> str | None:
+    """Why the conversion in `final` cannot be reused (None: it can)."""
+    try:
+        record = json.loads((final / CONVERSION_RECORD).read_text())
+    except (OSError, ValueError):
+        return "has no readable record of what it was converted from"
+    if record.get("gguf_sha256") != gguf_sha256:
+        return "was converted from a GGUF file with other contents"
+    try:
+        changed = content_differences(record.get("content") or {}, content_hashes(final, "load"))
+    except PdcError as exc:
+        return f"is unreadable ({exc.message})"
+    if changed:
+        return f"was modified or damaged since it was made ({', '.join(changed)} differ from the recorded sha256)"
+    return None
+
+
+def gguf_digest(path: Path) -> str:
+    """sha256 of a GGUF file, hashed once per process while the file is unchanged."""
+    st = path.stat()
+    return _digest(str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, *identity) -> str:
+    return sha256_file(path)
 
 
 def file_identity(path: Path) -> list:
@@ -82,9 +126,14 @@ def file_identity(path: Path) -> list:
 
 
 def source_identity(src: ModelSource, base_dir: Path) -> list:
-    if src.kind in ("dir", "gguf"):
+    """What a source is, for the stage keys: a directory by its files' names, sizes and mtimes; a
+    GGUF file by its sha256 too (it is hashed anyway to check its cached conversion)."""
+    if src.kind == "dir":
         path = local_path(src.ref, base_dir)
         return [src.kind, str(path), file_identity(path)]
+    if src.kind == "gguf":
+        path = local_path(src.ref, base_dir)
+        return [src.kind, str(path), file_identity(path), gguf_digest(path) if path.is_file() else None]
     return [src.kind, src.ref]
 
 
@@ -107,6 +156,5 @@ def load_causal_lm(model_dir: Path, stage: str, dtype: torch.dtype = torch.float
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except Exception as exc:  # transformers/safetensors raise many types for a bad checkpoint
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise PdcError(f"cannot load the checkpoint in {model_dir}: {first}", stage) from exc
+        raise PdcError(f"cannot load the checkpoint in {model_dir}: {one_line(exc)}", stage) from exc
     return model.eval()

@@ -10,6 +10,16 @@ downstream ever reads a half-written checkpoint. Training stages keep their chec
 
 Each stage returns its typed result (`pdc.plan.results`), stored with its key in
 `<stage>/stage.json`; the report, the lock and `pdc check` read that record.
+
+Before a run writes anything, it checks every input that already exists: each model a stage
+to run will read (`pdc.inputs.verify.verify_checkpoint`: headers, sizes, shapes against the
+config, tokenizer, NaN/Inf), each corpus (`check_corpus`), and the teacher's and student's
+vocabularies for distillation; a model written by an earlier stage of the same run is checked
+when it is handed to the next one. A bad input therefore stops the run with one line and leaves
+the build directory as it was. Then, holding the build directory's lock, the run removes what an
+interrupted run left behind (staging directories, temporary files; `<stage>.work/` checkpoints
+are kept so training resumes) and says so in one line; `stages.json` marks a stage `running`
+while it runs, so the next run can name the stage that was interrupted.
 """
 
 from __future__ import annotations
@@ -21,18 +31,25 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from transformers import AutoTokenizer
-
 from pdc import __version__
 from pdc.emit import artifacts
 from pdc.emit.launch_files import write_stage_files
 from pdc.emit.lock import build_lock, write_lock
-from pdc.errors import PdcError
-from pdc.files import replace_path_with_link, sha256_json, staged_dir, write_json, write_text
+from pdc.errors import PdcError, one_line
+from pdc.files import (
+    exclusive_lock,
+    remove_temp_leftovers,
+    replace_path_with_link,
+    sha256_json,
+    staged_dir,
+    write_json,
+    write_text,
+)
 from pdc.inputs.assets import local_tasks_dir
-from pdc.inputs.data import split_blocks, take, token_blocks
+from pdc.inputs.data import check_corpus, split_blocks, take, token_blocks
 from pdc.inputs.models import data_identity, materialize_model, source_identity
 from pdc.inputs.shards import Blocks
+from pdc.inputs.verify import check_same_vocabulary, load_tokenizer, verify_checkpoint
 from pdc.lang.checked import CheckedSpec
 from pdc.plan.dry_run import build_plan
 from pdc.plan.results import StageRecord, StageResult, read_record, write_record
@@ -41,6 +58,7 @@ from pdc.plan.stage_graph import (
     Node,
     SourceRef,
     StageGraph,
+    StageRef,
     build_graph,
 )
 from pdc.plan.training import Launch
@@ -54,6 +72,7 @@ from pdc.stages.prune_width import prune_width
 
 LOCK_CALIB_BLOCKS = 4  # calibration blocks whose LM loss goes into the lock's numeric fingerprint
 STAGES_FILE = "stages.json"
+BUILD_LOCK = ".pdc-build.lock"  # held while a run writes into the build directory
 
 
 def default_build_dir(spec: CheckedSpec) -> Path:
@@ -99,6 +118,7 @@ class Build:
         self._sources: dict[str, Path] = {}
         self._keys: dict[str, str] = {}
         self._overrides: dict[str, Path] = {}  # stage -> an existing model dir standing in for it
+        self._verified: set[Path] = set()
 
     # -- models and data --
     def source_dir(self, name: str) -> Path:
@@ -113,10 +133,27 @@ class Build:
             return self._overrides[ref.stage]
         return self.out / ref.stage / "model"
 
-    def tokenizer(self, model_dir: Path):
+    def tokenizer(self, model_dir: Path, stage: Optional[str] = None):
         if model_dir not in self._tokenizers:
-            self._tokenizers[model_dir] = AutoTokenizer.from_pretrained(model_dir)
+            self._tokenizers[model_dir] = load_tokenizer(model_dir, stage=stage)
         return self._tokenizers[model_dir]
+
+    def input_model(self, ref: ModelRef, stage: str) -> Path:
+        """The model `ref` as `stage` reads it, verified (once per run) before it is trusted."""
+        path = self.model_dir(ref)
+        if path not in self._verified:
+            try:
+                self._tokenizers[path] = verify_checkpoint(path, stage).tokenizer
+            except PdcError as exc:
+                if isinstance(ref, StageRef) and ref.stage not in self._overrides:
+                    exc.message += f" [written by stage {ref.stage}: delete {self.out / ref.stage} and run again]"
+                exc.stage = exc.stage or stage
+                raise
+            self._verified.add(path)
+        return path
+
+    def check_vocabularies(self, teacher: Path, student: Path, stage: str) -> None:
+        check_same_vocabulary(teacher, self.tokenizer(teacher, stage), student, self.tokenizer(student, stage), stage)
 
     def blocks(self, data_name: str, model_dir: Path, seq_len: int, stage: str) -> Blocks:
         """The token shards of a data declaration (tokenized once, memory-mapped)."""
@@ -176,18 +213,26 @@ class Build:
             return self._link_shared(name, self.shared[key])
         node = self.graph.node(name)
         print(f"[pdc] {name}: running")
+        self._log_status(name, "running")
         t0 = time.perf_counter()
-        with staged_dir(self.out / name) as tmp:
-            try:
-                result = STAGE_RUNNERS[node.kind](self, node, tmp)
-            except PdcError as exc:
-                exc.stage = exc.stage or name
-                raise
-            except OSError as exc:
-                raise PdcError(f"{exc.strerror or exc} ({exc.filename or ''})".strip(), name) from exc
-            record = StageRecord(name=name, kind=node.kind, key=self.stage_key(name),
-                                 seconds=round(time.perf_counter() - t0, 2), result=result)
-            write_record(tmp, record)
+        try:
+            with staged_dir(self.out / name) as tmp:
+                try:
+                    result = STAGE_RUNNERS[node.kind](self, node, tmp)
+                except PdcError as exc:
+                    exc.stage = exc.stage or name
+                    raise
+                except OSError as exc:
+                    where = f" ({exc.filename})" if exc.filename else ""
+                    raise PdcError(f"{exc.strerror or one_line(exc)}{where}", name) from exc
+                except Exception as exc:  # a dependency's failure (transformers, lm-eval, DeepSpeed, ...)
+                    raise PdcError(f"{one_line(exc)} (set PDC_TRACEBACK=1 for the traceback)", name) from exc
+                record = StageRecord(name=name, kind=node.kind, key=self.stage_key(name),
+                                     seconds=round(time.perf_counter() - t0, 2), result=result)
+                write_record(tmp, record)
+        except PdcError as exc:
+            self._log_status(name, "failed", message=exc.message)
+            raise
         self._log_status(name, "done", record.seconds)
         print(f"[pdc] {name}: done in {record.seconds:.1f}s")
         self._share(name)
@@ -205,12 +250,71 @@ class Build:
         self._log_status(name, "shared")
         return self.record(name)
 
-    def _log_status(self, name: str, status: str, seconds: Optional[float] = None) -> None:
-        """`stages.json`: what this invocation did with each stage (ran or skipped)."""
+    def _log_status(self, name: str, status: str, seconds: Optional[float] = None,
+                    message: Optional[str] = None) -> None:
+        """`stages.json`: what this invocation did with each stage (running, done, failed, skipped, shared)."""
         path = self.out / STAGES_FILE
-        data = json.loads(path.read_text()) if path.exists() else {}
-        data[name] = {"status": status, **({"seconds": seconds} if seconds is not None else {})}
+        data = self._statuses()
+        data[name] = {"status": status, **({"seconds": seconds} if seconds is not None else {}),
+                      **({"message": message} if message else {})}
         write_json(path, data)
+
+    def _statuses(self) -> dict:
+        try:
+            data = json.loads((self.out / STAGES_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    # -- before a run writes anything --
+    def check_inputs(self, names: list[str]) -> None:
+        """Verify every model and corpus that the stages to run will read and that exists now
+        (a model written later in this run is verified when it is handed over)."""
+        t0 = time.perf_counter()
+        to_run = [n for n in names if not self.done(n)]
+        models, corpora = set(), set()
+        for name in to_run:
+            node = self.graph.node(name)
+            ready = {role: ref for role, ref in node.inputs.items()
+                     if isinstance(ref, SourceRef) or ref.stage not in to_run}
+            for ref in ready.values():
+                models.add(self.input_model(ref, name))
+            for d in node.data:
+                check_corpus(self.spec.data[d], self.base, name)
+                corpora.add(d)
+            if node.kind == "distill" and {"teacher", "student"} <= set(ready):
+                self.check_vocabularies(self.model_dir(ready["teacher"]), self.model_dir(ready["student"]), name)
+        if models or corpora:
+            counted = [f"{len(models)} model{'s' * (len(models) != 1)}"] if models else []
+            counted += [f"{len(corpora)} corpus" if len(corpora) == 1 else f"{len(corpora)} corpora"] if corpora else []
+            print(f"[pdc] inputs checked: {', '.join(counted)} ({time.perf_counter() - t0:.1f}s)")
+
+    def clean_leftovers(self) -> None:
+        """Remove what an interrupted run left behind (staging directories, temporary files;
+        never `<stage>.work/` checkpoints) and say so in one line."""
+        if not self.out.is_dir():
+            return
+        removed = remove_temp_leftovers(self.out, recurse=[p for p in self.out.glob("*.work") if p.is_dir()])
+        statuses = self._statuses()
+        interrupted = [n for n, v in statuses.items()
+                       if isinstance(v, dict) and v.get("status") == "running" and n in self.graph.nodes]
+        if not removed and not interrupted:
+            return
+        what = f"removed {', '.join(str(p.relative_to(self.out)) for p in removed)}" if removed else "nothing to remove"
+        if not interrupted:
+            print(f"[pdc] an earlier run was interrupted: {what}")
+            return
+        fates = []
+        for n in interrupted:
+            if self.done(n):
+                fates.append(f"{n} had finished")
+            elif (self.out / f"{n}.work" / "checkpoints" / "resume.json").exists():
+                fates.append(f"{n} resumes from its last checkpoint")
+            else:
+                fates.append(f"{n} runs again")
+            statuses[n] = {"status": "interrupted"}
+        write_json(self.out / STAGES_FILE, statuses)
+        print(f"[pdc] the last run was interrupted during {', '.join(interrupted)}: {what}; {', '.join(fates)}")
 
     def work_dir(self, name: str) -> Path:
         """Persistent checkpoints of a training stage; wiped when the stage's key changes."""
@@ -247,14 +351,20 @@ class Build:
         # The lock pins what decides the pruned graph (the stage's settings), not the spec's
         # text: editing a comment or another stage must not fail `pdc check`.
         identity = json.dumps(settings_identity(st), sort_keys=True, default=repr)
-        lock = build_lock(self.out, source, identity, calib_blocks=calib, stage_dir=self.out / name)
-        return write_lock(lock, lock_path_of(self.out, name))
+        path = lock_path_of(self.out, name)
+        try:
+            lock = build_lock(self.out, source, identity, calib_blocks=calib, stage_dir=self.out / name)
+            return write_lock(lock, path)
+        except PdcError:
+            raise
+        except Exception as exc:  # torch.export, onnxruntime or a write failing under the lock
+            raise PdcError(f"cannot write the lock {path}: {one_line(exc)}", name) from exc
 
 
 # ---- the stage functions: (build, node, staging dir) -> typed result --------------------------
 def _run_correct(build: Build, node: Node, out: Path) -> StageResult:
     st = node.decl
-    src = build.model_dir(node.inputs["model"])
+    src = build.input_model(node.inputs["model"], node.name)
     train, val = split_blocks(build.blocks(st.data, src, st.train.seq_len, node.name), st.train.val_fraction,
                               node.name)
     return run_correct(src, train, val, st.train, build.work_dir(node.name), out,
@@ -263,7 +373,7 @@ def _run_correct(build: Build, node: Node, out: Path) -> StageResult:
 
 def _run_prune(build: Build, node: Node, out: Path) -> StageResult:
     st = node.decl
-    model_dir = build.model_dir(node.inputs["model"])
+    model_dir = build.input_model(node.inputs["model"], node.name)
     if st.kind == "width":
         imp = st.importance
         calib = None  # magnitude and random ranking read no data
@@ -285,7 +395,9 @@ def _run_prune(build: Build, node: Node, out: Path) -> StageResult:
 
 def _run_distill(build: Build, node: Node, out: Path) -> StageResult:
     st = node.decl
-    teacher, student = build.model_dir(node.inputs["teacher"]), build.model_dir(node.inputs["student"])
+    teacher = build.input_model(node.inputs["teacher"], node.name)
+    student = build.input_model(node.inputs["student"], node.name)
+    build.check_vocabularies(teacher, student, node.name)
     train, val = split_blocks(build.blocks(st.data, teacher, st.train.seq_len, node.name), st.train.val_fraction,
                               node.name)
     return run_distill(teacher, student, train, val, st.train, build.work_dir(node.name), out,
@@ -294,7 +406,7 @@ def _run_distill(build: Build, node: Node, out: Path) -> StageResult:
 
 def _run_evaluate(build: Build, node: Node, out: Path) -> StageResult:
     cfg = node.decl.eval
-    models = {label: build.model_dir(ref) for label, ref in node.inputs.items()}
+    models = {label: build.input_model(ref, node.name) for label, ref in node.inputs.items()}
     heldout = _heldout_blocks(build, cfg) if cfg.perplexity_data else None
     result = evaluate_models(models, build.tokenizer, cfg, build.tasks_dir(), heldout, build.progress,
                              launch=build.launch, work_dir=build.out / f"{node.name}.work")
@@ -324,16 +436,27 @@ STAGE_RUNNERS: dict[str, Callable[[Build, Node, Path], StageResult]] = {
 
 # ---- commands ----------------------------------------------------------------------------------
 def _run(build: Build, names: list[str]) -> Path:
-    build.write_plan()
-    build.emit_stage_files()
     for name in names:
         for up in build.graph.ancestors(name):
             if up not in names:
                 build.require(up)
-        build.run_stage(name)
-        if build.graph.node(name).kind == "prune":
-            build.write_lock(name)
-    md, _ = write_report(build.out)
+    build.check_inputs(names)  # nothing is written before the inputs are known to be good
+    with exclusive_lock(build.out / BUILD_LOCK, f"another pdc run is writing into {build.out}"):
+        build.clean_leftovers()
+        build.write_plan()
+        build.emit_stage_files()
+        try:
+            for name in names:
+                build.run_stage(name)
+                if build.graph.node(name).kind == "prune":
+                    build.write_lock(name)
+        except PdcError:
+            try:
+                write_report(build.out)  # the report shows the stage that failed and why
+            except PdcError:
+                pass  # the stage's error is the one to report
+            raise
+        md, _ = write_report(build.out)
     print(f"[pdc] report: {md}")
     return build.out
 

@@ -250,9 +250,15 @@ def _arch_section(doc: Doc, plan: dict | None, prune: PruneResult | None):
         doc.p(f"The pruned checkpoint has {prune.params_after:,} parameters ({verdict}).")
 
 
+def _planned_stages(plan) -> list[dict]:
+    """The plan's stage entries that are objects (a damaged plan.json yields none)."""
+    stages = plan.get("stages") if isinstance(plan, dict) else None
+    return [s for s in stages if isinstance(s, dict)] if isinstance(stages, list) else []
+
+
 def _stages_section(doc: Doc, build: Path, plan: dict | None, records: dict[str, StageRecord]):
     doc.h(2, "Time per stage")
-    planned = [s.get("name") for s in _planned_stages(plan)]
+    planned = [s["name"] for s in _planned_stages(plan) if isinstance(s.get("name"), str)]
     status = _json(build / "stages.json")
     status = status if isinstance(status, dict) else {}
     if not records and not planned:
@@ -263,14 +269,18 @@ def _stages_section(doc: Doc, build: Path, plan: dict | None, records: dict[str,
     rows, total = [], 0.0
     for name in names:
         rec = records.get(name)
+        state = status.get(name) if isinstance(status.get(name), dict) else {}
+        if state.get("status") == "failed":  # the last run stopped here (an older output may remain)
+            rows.append([name, f"failed: {state.get('message') or 'see the run output'}", "-"])
+            continue
         if rec is None:
             # A stage builds in `<stage>.tmp/`: present without a record means it is running now
             # or was interrupted.
-            started = (build / f"{name}.tmp").exists()
+            started = (build / f"{name}.tmp").exists() or state.get("status") in ("running", "interrupted")
             rows.append([name, "started, not finished" if started else NOT_RUN, "-"])
             continue
         total += rec.seconds
-        skipped = isinstance(status.get(name), dict) and status[name].get("status") == "skipped"
+        skipped = state.get("status") == "skipped"
         rows.append([name, "skipped (up to date; time of the run that built it)" if skipped else "done",
                      format_seconds(rec.seconds)])
     rows.append(["total", "", format_seconds(total)])

@@ -39,17 +39,16 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
-
 import torch.distributed as dist
+import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from pdc.errors import PdcError
+from pdc.errors import PdcError, one_line
 from pdc.files import write_json, write_text
 from pdc.inputs.cache import cache_root
 from pdc.inputs.data import token_blocks
-from pdc.inputs.shards import Blocks
 from pdc.inputs.models import load_causal_lm
+from pdc.inputs.shards import Blocks
 from pdc.lang.settings import DataSource, EvalConfig, EvalTask
 from pdc.plan.results import (
     MODEL_COLUMNS,
@@ -306,8 +305,9 @@ def run_tasks(
     except PdcError:
         raise
     except Exception as exc:  # a broken task file or dataset: one line, naming the task list
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise PdcError(f"lm-eval failed on {', '.join(t.name for t in tasks)}: {first}", STAGE) from exc
+        where = f" (tasks from {tasks_dir})" if tasks_dir else ""
+        raise PdcError(f"lm-eval failed on {', '.join(t.name for t in tasks)}{where}: {one_line(exc)}",
+                       STAGE) from exc
     finally:
         model.train(was_training)
     return out

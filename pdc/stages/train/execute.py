@@ -37,6 +37,7 @@ from pdc.inputs.shards import Blocks
 from pdc.lang.settings import TrainConfig
 from pdc.plan.results import TrainResult
 from pdc.plan.training import Launch, batch_geometry, total_steps
+from pdc.stages.train.jit_locks import remove_stale_jit_locks
 from pdc.stages.train.logs import plot_loss, read_log
 from pdc.stages.train.loop import ensure_dist_env, run_stage
 
@@ -134,6 +135,9 @@ def execute(kind: str, sources: dict, train_blocks: Blocks, val_blocks: Blocks, 
         raise PdcError(f"cannot write the work dir {work_dir}: {exc.strerror}", stage) from exc
 
     if not _finished(work_dir, spec["fingerprint"]):
+        for lock in remove_stale_jit_locks():
+            print(f"[pdc] {stage}: removed {lock}, a lock of DeepSpeed's op build left by a killed "
+                  "process (every DeepSpeed start would wait for it forever)")
         if world_size == 1 and launch.launcher == "torchrun":
             _run_in_process(work_dir, progress)
         else:

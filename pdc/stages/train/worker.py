@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pdc.errors import PdcError
+from pdc.errors import PdcError, one_line
 from pdc.stages.train.loop import run_stage
 
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as exc:  # an unexpected failure: keep the traceback in the log, one line upstream
         traceback.print_exc()
-        write_error(args.stage_dir, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        write_error(args.stage_dir, one_line(exc))
         return 1
     return 0
 
