@@ -117,7 +117,6 @@ def test_bad_stage_output_stops_the_stage_that_reads_it(case, width_build, capsy
     assert tree_digest(out) == before
 
 
-@pytest.mark.xfail(reason="data path rewrite (issue 12)", strict=False)
 @pytest.mark.parametrize("command", COMMANDS)
 def test_text_shorter_than_one_sequence_is_refused(command, tmp_path, capsys):
     """Not one sequence of seq_len tokens: refused with how many tokens were found and how many
@@ -128,7 +127,6 @@ def test_text_shorter_than_one_sequence_is_refused(command, tmp_path, capsys):
     assert not (tmp_path / "build").exists()
 
 
-@pytest.mark.xfail(reason="data path rewrite (issue 12)", strict=False)
 @pytest.mark.parametrize("command", COMMANDS)
 def test_fewer_calibration_samples_than_asked_is_refused_or_repeated_in_the_report(command, tmp_path, capsys):
     """8 calibration samples asked, about 2 available: either refused in one line saying how

@@ -129,7 +129,7 @@ def test_views_read_only_their_rows_and_travel_as_json(tmp_path):
 
 def test_text_too_short_for_one_block_says_how_many_tokens_there_are(tmp_path):
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "abc"}) + "\n")
-    with pytest.raises(PdcError, match=r"data jsonl\('.*c.jsonl'\) has 4 tokens: fewer than one block of seq_len=64"):
+    with pytest.raises(PdcError, match=r"data jsonl\('.*c.jsonl'\) has 4 tokens, but one block of seq_len=64 needs 64"):
         token_blocks(DataSource("jsonl", str(tmp_path / "c.jsonl")), make_tiny_tokenizer(), 64, stage="prune")
 
 
@@ -137,7 +137,7 @@ def test_fewer_blocks_than_samples_is_refused_with_both_numbers(tmp_path):
     view = Blocks.open(write_rows(tmp_path / "r", np.zeros((5, 8), dtype=np.uint16)), label="data 'wiki'")
     with pytest.raises(PdcError) as info:
         take(view, 16, what="samples", stage="prune")
-    assert info.value.message == ("data 'wiki' packs into 5 block(s) of seq_len=8 (40 tokens), but samples=16 "
+    assert info.value.message == ("data 'wiki' has 5 block(s) of seq_len=8 (40 tokens), but samples=16 "
                                   "were asked for: lower samples= or seq_len=, or give more text")
     assert info.value.stage == "prune"
     assert take(view, 5) is view  # exactly as many: all of them, in order

@@ -397,7 +397,8 @@ def token_blocks(source: DataSource, tokenizer, seq_len: int, base_dir: Path | N
     blocks = Blocks.open(directory, label)
     if len(blocks) == 0:
         seen = blocks.array.meta.get("tokens_seen", 0)
-        raise PdcError(f"{label} has {seen:,} tokens: fewer than one block of seq_len={seq_len}", stage)
+        raise PdcError(f"{label} has {seen:,} tokens, but one block of seq_len={seq_len} needs {seq_len:,}: "
+                       "give more text or a shorter seq_len", stage)
     return blocks
 
 
@@ -421,7 +422,7 @@ def take(blocks: Blocks, n: int, seed: int = 0, what: str = "samples", stage: st
     asked for n samples never runs on fewer without being told."""
     if n > len(blocks):
         raise PdcError(
-            f"{blocks.label} packs into {len(blocks)} block(s) of seq_len={blocks.seq_len} "
+            f"{blocks.label} has {len(blocks)} block(s) of seq_len={blocks.seq_len} "
             f"({blocks.tokens:,} tokens), but {what}={n} were asked for: lower {what}= or seq_len=, "
             "or give more text", stage)
     if n == len(blocks):

@@ -282,6 +282,9 @@ class Build:
             for d in node.data:
                 check_corpus(self.spec.data[d], self.base, name)
                 corpora.add(d)
+            # the token blocks the stage will read: enough text for its samples and sequences
+            tokenizer_of = self.model_dir(ready.get("model") or ready.get("teacher") or SourceRef(self.spec.source_model))
+            stage_blocks(self, node, tokenizer_of if tokenizer_of.exists() else self.source_dir(self.spec.source_model))
             if node.kind == "distill" and {"teacher", "student"} <= set(ready):
                 self.check_vocabularies(self.model_dir(ready["teacher"]), self.model_dir(ready["student"]), name)
         if models or corpora:
@@ -362,11 +365,34 @@ class Build:
 
 
 # ---- the stage functions: (build, node, staging dir) -> typed result --------------------------
+def stage_blocks(build: Build, node: Node, model_dir: Path) -> dict[str, Blocks]:
+    """The token blocks `node` reads, by role ("train"/"val", "calibration", "saliency",
+    "heldout"), tokenized with `model_dir`'s tokenizer. The runner asks for them before a run
+    writes anything (too little text is refused with how much there is and how much was asked)
+    and the stage reads them: one place decides what each stage reads."""
+    st = node.decl
+    if node.kind in ("correct", "distill"):
+        blocks = build.blocks(st.data, model_dir, st.train.seq_len, node.name)
+        train, val = split_blocks(blocks, st.train.val_fraction, node.name)
+        return {"train": train, "val": val}
+    if node.kind == "prune" and st.kind == "width" and st.importance.method == "activation":
+        imp = st.importance
+        return {"calibration": take(build.blocks(st.data, model_dir, imp.seq_len, node.name), imp.samples,
+                                    imp.seed, "samples", node.name)}
+    if node.kind == "prune" and st.kind == "depth" and st.depth.saliency.kind in ("loss", "cosine"):
+        sal = st.depth.saliency
+        return {"saliency": take(build.blocks(sal.data or st.data, model_dir, sal.seq_len, node.name), sal.samples,
+                                 0, "samples", node.name)}
+    if node.kind == "evaluate" and st.eval.perplexity_data:
+        return {"heldout": _heldout_blocks(build, st.eval)}
+    return {}
+
+
 def _run_correct(build: Build, node: Node, out: Path) -> StageResult:
     st = node.decl
     src = build.input_model(node.inputs["model"], node.name)
-    train, val = split_blocks(build.blocks(st.data, src, st.train.seq_len, node.name), st.train.val_fraction,
-                              node.name)
+    data = stage_blocks(build, node, src)
+    train, val = data["train"], data["val"]
     return run_correct(src, train, val, st.train, build.work_dir(node.name), out,
                        progress=build.progress, launch=build.launch)
 
@@ -374,19 +400,12 @@ def _run_correct(build: Build, node: Node, out: Path) -> StageResult:
 def _run_prune(build: Build, node: Node, out: Path) -> StageResult:
     st = node.decl
     model_dir = build.input_model(node.inputs["model"], node.name)
+    data = stage_blocks(build, node, model_dir)
     if st.kind == "width":
-        imp = st.importance
-        calib = None  # magnitude and random ranking read no data
-        if imp.method == "activation":
-            calib = take(build.blocks(st.data, model_dir, imp.seq_len, node.name), imp.samples, imp.seed,
-                         "samples", node.name).read()
-        result = prune_width(model_dir, calib, st.width, imp, out, progress=build.progress)
+        calib = data["calibration"].read() if "calibration" in data else None  # magnitude/random read no data
+        result = prune_width(model_dir, calib, st.width, st.importance, out, progress=build.progress)
     else:
-        sal = st.depth.saliency
-        blocks = None
-        if sal.kind in ("loss", "cosine"):
-            blocks = take(build.blocks(sal.data or st.data, model_dir, sal.seq_len, node.name), sal.samples, 0,
-                          "samples", node.name).read()
+        blocks = data["saliency"].read() if "saliency" in data else None
         result = prune_depth(model_dir, st.depth, blocks, out, tasks_dir=build.tasks_dir(), progress=build.progress)
     if build.artifacts:
         result = dataclasses.replace(result, artifacts=artifacts.emit_all(out, progress=build.progress))
@@ -398,8 +417,8 @@ def _run_distill(build: Build, node: Node, out: Path) -> StageResult:
     teacher = build.input_model(node.inputs["teacher"], node.name)
     student = build.input_model(node.inputs["student"], node.name)
     build.check_vocabularies(teacher, student, node.name)
-    train, val = split_blocks(build.blocks(st.data, teacher, st.train.seq_len, node.name), st.train.val_fraction,
-                              node.name)
+    data = stage_blocks(build, node, teacher)
+    train, val = data["train"], data["val"]
     return run_distill(teacher, student, train, val, st.train, build.work_dir(node.name), out,
                        progress=build.progress, launch=build.launch)
 
@@ -407,7 +426,7 @@ def _run_distill(build: Build, node: Node, out: Path) -> StageResult:
 def _run_evaluate(build: Build, node: Node, out: Path) -> StageResult:
     cfg = node.decl.eval
     models = {label: build.input_model(ref, node.name) for label, ref in node.inputs.items()}
-    heldout = _heldout_blocks(build, cfg) if cfg.perplexity_data else None
+    heldout = stage_blocks(build, node, build.source_dir(build.spec.source_model)).get("heldout")
     result = evaluate_models(models, build.tokenizer, cfg, build.tasks_dir(), heldout, build.progress,
                              launch=build.launch, work_dir=build.out / f"{node.name}.work")
     write_results(result, out)  # results.json and table.md

@@ -53,5 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit(code: int) -> None:
+    """Leave without interpreter teardown: the work is done and on disk (the checkpoint pointer
+    and the final model are renamed into place atomically). Under load, tearing down DeepSpeed's
+    and gloo's C++ threads after the process group is destroyed can abort the process
+    ('terminate called without an active exception'), which the launcher would report as a
+    failed run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
