@@ -52,7 +52,7 @@ from pdc.inputs.shards import Blocks
 from pdc.inputs.verify import check_same_vocabulary, load_tokenizer, verify_checkpoint
 from pdc.lang.checked import CheckedSpec
 from pdc.plan.dry_run import build_plan
-from pdc.plan.results import StageRecord, StageResult, read_record, write_record
+from pdc.plan.results import StageRecord, StageResult, TeacherLogitsResult, read_record, write_record
 from pdc.plan.stage_graph import (
     ModelRef,
     Node,
@@ -69,6 +69,7 @@ from pdc.stages.distill import run_distill
 from pdc.stages.evaluate import comparison_table, evaluate_models, write_results
 from pdc.stages.prune_depth import prune_depth
 from pdc.stages.prune_width import prune_width
+from pdc.stages.teacher_logits import compute_teacher_logits
 
 LOCK_CALIB_BLOCKS = 4  # calibration blocks whose LM loss goes into the lock's numeric fingerprint
 STAGES_FILE = "stages.json"
@@ -184,6 +185,8 @@ class Build:
                      [data_identity(self.spec.data[d], self.base) for d in node.data]]
             if node.kind == "evaluate":
                 parts.append(str(self.tasks_dir()) if self.tasks_dir() else None)
+            if node.needs:
+                parts.append({up: self.stage_key(up) for up in node.needs})
             self._keys[name] = sha256_json(parts)[:16]
         return self._keys[name]
 
@@ -195,6 +198,8 @@ class Build:
             rec = self.record(name)
         except PdcError:
             return False  # a record of another pdc version: the stage runs again
+        if rec is not None and isinstance(rec.result, TeacherLogitsResult) and not Path(rec.result.cache_dir).is_dir():
+            return False  # its cache was deleted since: the pass runs again
         return rec is not None and rec.key == self.stage_key(name)
 
     def require(self, name: str) -> None:
@@ -371,7 +376,7 @@ def stage_blocks(build: Build, node: Node, model_dir: Path) -> dict[str, Blocks]
     writes anything (too little text is refused with how much there is and how much was asked)
     and the stage reads them: one place decides what each stage reads."""
     st = node.decl
-    if node.kind in ("correct", "distill"):
+    if node.kind in ("correct", "teacher_logits", "distill"):
         blocks = build.blocks(st.data, model_dir, st.train.seq_len, node.name)
         train, val = split_blocks(blocks, st.train.val_fraction, node.name)
         return {"train": train, "val": val}
@@ -412,6 +417,12 @@ def _run_prune(build: Build, node: Node, out: Path) -> StageResult:
     return result
 
 
+def _run_teacher_logits(build: Build, node: Node, out: Path) -> StageResult:
+    teacher = build.input_model(node.inputs["teacher"], node.name)
+    data = stage_blocks(build, node, teacher)
+    return compute_teacher_logits(teacher, data["train"], data["val"], node.decl.train, out, progress=build.progress)
+
+
 def _run_distill(build: Build, node: Node, out: Path) -> StageResult:
     st = node.decl
     teacher = build.input_model(node.inputs["teacher"], node.name)
@@ -419,8 +430,10 @@ def _run_distill(build: Build, node: Node, out: Path) -> StageResult:
     build.check_vocabularies(teacher, student, node.name)
     data = stage_blocks(build, node, teacher)
     train, val = data["train"], data["val"]
+    cache = next((build.record(up).result.cache_dir for up in node.needs
+                  if build.graph.node(up).kind == "teacher_logits"), None)
     return run_distill(teacher, student, train, val, st.train, build.work_dir(node.name), out,
-                       progress=build.progress, launch=build.launch)
+                       progress=build.progress, launch=build.launch, teacher_cache=cache)
 
 
 def _run_evaluate(build: Build, node: Node, out: Path) -> StageResult:
@@ -448,6 +461,7 @@ def _heldout_blocks(build: Build, cfg) -> Blocks:
 STAGE_RUNNERS: dict[str, Callable[[Build, Node, Path], StageResult]] = {
     "correct": _run_correct,
     "prune": _run_prune,
+    "teacher_logits": _run_teacher_logits,
     "distill": _run_distill,
     "evaluate": _run_evaluate,
 }
