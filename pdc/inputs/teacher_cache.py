@@ -2,9 +2,10 @@
 
 A cache belongs to one teacher (the content hashes of its weights and config), one token-shard
 directory (whose key covers the corpus, the tokenizer and seq_len), k and the temperature; it
-lives in `<cache>/teacher_logits/<key>/`. It holds *parts*, each a shard directory
-(`pdc.inputs.shards`) written whole into `part-NNNNN.tmp/` and renamed, covering some rows of the
-token column:
+lives inside that token-shard directory, in `<tokens>/teacher_logits/<key>/`, so deleting the
+shards deletes every cache of them. It holds *parts*, each a shard directory
+(`pdc.inputs.shards`) written whole into `part-NNNNN.tmp/` and renamed, whose columns are
+row-aligned with each other and name the rows of the token column they describe:
 
     cache.json               what the cache is: teacher hashes, token-shard key, k, temperature
     part-00000/              column `rows`: the token rows this part covers ([1] int64, ascending)
@@ -40,7 +41,6 @@ import numpy as np
 
 from pdc.errors import PdcError
 from pdc.files import is_temp_name, sha256_json, staged_dir, write_json
-from pdc.inputs.cache import cache_root
 from pdc.inputs.shards import ShardedArray, ShardWriter
 
 FORMAT = "teacher-topk-v1"  # the layout above: part of every cache key
@@ -59,8 +59,9 @@ def cache_key(teacher_hashes: dict, token_key: str, k: int, temperature: float) 
     return sha256_json([FORMAT, teacher_hashes, token_key, int(k), float(temperature)])[:24]
 
 
-def cache_dir_of(key: str) -> Path:
-    return cache_root() / "teacher_logits" / key
+def cache_dir_of(token_dir: Path, key: str) -> Path:
+    """Where the cache `key` of the token shards in `token_dir` lives."""
+    return Path(token_dir) / "teacher_logits" / key
 
 
 @dataclass(frozen=True)

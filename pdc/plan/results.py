@@ -71,7 +71,7 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class TeacherLogitsResult:
-    """The teacher pass of a cached distillation: the cache it filled (in the pdc cache, shared by
+    """The teacher pass of a cached distillation: the cache it filled (beside the token shards, shared by
     every build; `pdc.inputs.teacher_cache`), how many of the blocks the distillation reads were
     computed by this run (0: all were cached), the size on disk and the share of the teacher's
     probability inside the top k (mean over those blocks' tokens)."""

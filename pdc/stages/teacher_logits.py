@@ -4,7 +4,7 @@
   1. the blocks the distillation will read (`blocks_read`): the positions of its global batches in
      the training order (`pdc.inputs.order`, a pure function of seed and global batch) mapped to
      token rows, and the validation blocks;
-  2. the cache of (teacher content, token shards, k, temperature) in `<cache>/teacher_logits/<key>/`
+  2. the cache of (teacher content, token shards, k, temperature) in `<tokens>/teacher_logits/<key>/`
      (`pdc.inputs.teacher_cache`); the blocks no part holds yet are run through the teacher in
      ascending row order, `cfg.micro_batch` blocks a forward pass, and written as parts of about a
      minute of work each. Nothing runs when every block is there: every student of one teacher that
@@ -68,7 +68,7 @@ def cache_for(teacher_dir: Path, blocks: Blocks, cfg: TrainConfig) -> tuple[Path
         "vocab_size": json.loads((Path(teacher_dir) / "config.json").read_text()).get("vocab_size"),
     }
     key = teacher_cache.cache_key(meta["teacher"], meta["tokens"], meta["k"], meta["temperature"])
-    return teacher_cache.cache_dir_of(key), meta
+    return teacher_cache.cache_dir_of(blocks.array.dir, key), meta
 
 
 @torch.no_grad()
