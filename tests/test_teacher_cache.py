@@ -98,6 +98,9 @@ def test_distillation_reads_the_cache_and_never_the_teacher(cached_build):
     log = _log(build, "distill")
     assert [r["step"] for r in log if "val_loss" in r] == [2, 3]  # val_every=2, and the last step
     assert all(r["kl"] >= 0 for r in log)
+    report = (build / "report.md").read_text()
+    assert f"| loss | forward KL, logits only, from the teacher's cached top {K} + tail |" in report
+    assert "| validation every | 2 steps |" in report and "| computed by this run | " in report
 
 
 def test_rerun_skips_the_pass_and_another_student_reuses_the_cache(cached_build, capsys):
