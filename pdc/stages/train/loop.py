@@ -382,6 +382,10 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
         engine, _, _, scheduler = deepspeed.initialize(model=stage.model, model_parameters=params, config=ds_cfg)
     finally:
         ds_logger.setLevel(logging.WARNING)
+    if world == 1 and cfg.zero == 0:
+        # One rank: the gradient all-reduce averages each gradient with itself, yet flattens,
+        # copies and unflattens them all every step (bench/bench_distill_throughput.py --profile).
+        engine.enable_backward_allreduce = False
 
     ckpt_dir = stage_dir / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
