@@ -25,9 +25,10 @@ import torch
 from transformers import AutoTokenizer
 
 from pdc import __version__
-from pdc.emit import artifacts
+from pdc.emit.fingerprint import model_identity
 from pdc.emit.launch_files import write_stage_files
-from pdc.emit.lock import build_lock, write_lock
+from pdc.emit.lock import LOCK_SUFFIX, build_lock, write_lock
+from pdc.emit.model_card import ROLES, CardEvaluation, CardSource, render_card, write_card
 from pdc.errors import PdcError
 from pdc.files import sha256_json, staged_dir, write_json, write_text
 from pdc.inputs.assets import local_tasks_dir
@@ -35,22 +36,22 @@ from pdc.inputs.data import split_blocks, take, token_blocks
 from pdc.inputs.models import data_identity, materialize_model, source_identity
 from pdc.lang.checked import CheckedSpec
 from pdc.plan.dry_run import build_plan
-from pdc.plan.results import StageRecord, StageResult, read_record, write_record
+from pdc.plan.results import EvaluateResult, ModelIdentity, StageRecord, StageResult, read_record, write_record
 from pdc.plan.stage_graph import (
     ModelRef,
     Node,
     SourceRef,
     StageGraph,
+    StageRef,
     build_graph,
 )
 from pdc.runner.report import write_report
 from pdc.stages.correct import run_correct
 from pdc.stages.distill import run_distill
-from pdc.stages.evaluate import comparison_table, evaluate_models, write_results
+from pdc.stages.evaluate import comparison_rows, comparison_table, evaluate_models, write_results
 from pdc.stages.prune_depth import prune_depth
 from pdc.stages.prune_width import prune_width
 
-LOCK_CALIB_BLOCKS = 4  # calibration blocks whose LM loss goes into the lock's numeric fingerprint
 STAGES_FILE = "stages.json"
 
 
@@ -58,8 +59,11 @@ def default_build_dir(spec: CheckedSpec) -> Path:
     return Path(spec.path).parent / "build" / Path(spec.path).stem
 
 
-def lock_path_of(build_dir: Path, prune_name: str) -> Path:
-    return Path(build_dir) / f"{prune_name}.lock.json"
+def lock_path_of(spec: CheckedSpec, prune_name: str) -> Path:
+    """Where a prune stage's lock lives: next to the spec, `<spec stem>.<stage>.lock.json` (a file
+    to commit with the spec, outside the ignored build directory)."""
+    spec_path = Path(spec.path)
+    return spec_path.with_name(f"{spec_path.stem}.{prune_name}{LOCK_SUFFIX}")
 
 
 def settings_identity(x):
@@ -94,6 +98,7 @@ class Build:
         self._sources: dict[str, Path] = {}
         self._keys: dict[str, str] = {}
         self._overrides: dict[str, Path] = {}  # stage -> an existing model dir standing in for it
+        self._identities: dict[str, ModelIdentity] = {}  # source model -> content hashes (model cards)
 
     # -- models and data --
     def source_dir(self, name: str) -> Path:
@@ -107,6 +112,13 @@ class Build:
         if ref.stage in self._overrides:
             return self._overrides[ref.stage]
         return self.out / ref.stage / "model"
+
+    def use_model(self, ref: ModelRef, model_dir: Path) -> None:
+        """Read `model_dir` wherever the graph reads `ref` (`pdc check --prune-input/--build`)."""
+        if isinstance(ref, SourceRef):
+            self._sources[ref.model] = Path(model_dir)
+        else:
+            self._overrides[ref.stage] = Path(model_dir)
 
     def tokenizer(self, model_dir: Path):
         if model_dir not in self._tokenizers:
@@ -211,17 +223,70 @@ class Build:
                 write_stage_files(self.out / f"{node.name}.work", node.decl.train, stage=node.name,
                                   world_size=self.world_size)
 
+    def lock(self, name: str) -> dict:
+        """The lock of prune stage `name`, from its record. It pins what decides the pruned
+        graph (the stage's settings), not the spec's text: editing a comment or another stage
+        must not fail `pdc check`."""
+        record = self.record(name)
+        if record is None:
+            raise PdcError(f"stage {name!r} has not run: no lock to write", name)
+        settings = json.dumps(settings_identity(self.graph.node(name).decl), sort_keys=True, default=repr)
+        return build_lock(record.result, settings)
+
     def write_lock(self, name: str) -> Path:
-        node = self.graph.node(name)
-        st = node.decl
-        source = self.model_dir(node.inputs["model"])
-        seq_len = st.importance.seq_len if st.kind == "width" else st.depth.saliency.seq_len
-        calib = take(self.blocks(st.data, source, seq_len, name), LOCK_CALIB_BLOCKS) if st.data else None
-        # The lock pins what decides the pruned graph (the stage's settings), not the spec's
-        # text: editing a comment or another stage must not fail `pdc check`.
-        identity = json.dumps(settings_identity(st), sort_keys=True, default=repr)
-        lock = build_lock(self.out, source, identity, calib_blocks=calib, stage_dir=self.out / name)
-        return write_lock(lock, lock_path_of(self.out, name))
+        return write_lock(self.lock(name), lock_path_of(self.spec, name))
+
+
+    # -- model cards: README.md in every stage's model/, derived from the records --
+    def write_cards(self) -> list[Path]:
+        """Write (or refresh) the card of every stage model that exists; a stage whose record
+        or upstream records are missing or unreadable gets none (yet)."""
+        evaluation = self._evaluation()
+        written = []
+        for node in self.graph.nodes.values():
+            model_dir = self.out / node.name / "model"
+            if node.kind not in ROLES or not (model_dir / "config.json").exists():
+                continue
+            try:
+                lineage = [self.record(n) for n in self.graph.ancestors(node.name) + [node.name]]
+            except PdcError:
+                continue
+            if any(r is None for r in lineage):
+                continue
+            column = None
+            if evaluation is not None:
+                node_eval, result = evaluation
+                column = next((label for label, ref in node_eval.inputs.items()
+                               if ref == StageRef(node.name) and label in result.models), None)
+            text = render_card(node.name, str(self.spec.path), self.spec.text, self._card_source(), lineage,
+                               self._card_evaluation(evaluation, column))
+            written.append(write_card(model_dir, text))
+        return written
+
+    def _card_source(self) -> CardSource:
+        name = self.spec.source_model
+        if name not in self._identities:
+            self._identities[name] = model_identity(self.source_dir(name))
+        src = self.spec.models[name]
+        return CardSource(name=name, kind=src.kind, ref=src.ref, identity=self._identities[name])
+
+    def _evaluation(self) -> Optional[tuple[Node, EvaluateResult]]:
+        for node in self.graph.of_kind("evaluate"):
+            try:
+                record = self.record(node.name)
+            except PdcError:
+                return None
+            if record is not None and isinstance(record.result, EvaluateResult):
+                return node, record.result
+        return None
+
+    @staticmethod
+    def _card_evaluation(evaluation, column: Optional[str]) -> Optional[CardEvaluation]:
+        if evaluation is None:
+            return None
+        _, result = evaluation
+        columns, rows = comparison_rows(result)
+        return CardEvaluation(columns=columns, rows=rows, column=column, limit=result.limit)
 
 
 # ---- the stage functions: (build, node, staging dir) -> typed result --------------------------
@@ -239,16 +304,13 @@ def _run_prune(build: Build, node: Node, out: Path) -> StageResult:
     if st.kind == "width":
         imp = st.importance
         calib = take(build.blocks(st.data, model_dir, imp.seq_len, node.name), imp.samples, imp.seed)
-        result = prune_width(model_dir, calib, st.width, imp, out, progress=build.progress)
-    else:
-        sal = st.depth.saliency
-        blocks = None
-        if sal.kind in ("loss", "cosine"):
-            blocks = take(build.blocks(sal.data or st.data, model_dir, sal.seq_len, node.name), sal.samples, 0)
-        result = prune_depth(model_dir, st.depth, blocks, out, tasks_dir=build.tasks_dir(), progress=build.progress)
-    if build.artifacts:
-        result = dataclasses.replace(result, artifacts=artifacts.emit_all(out, progress=build.progress))
-    return result
+        return prune_width(model_dir, calib, st.width, imp, out, progress=build.progress, deploy=build.artifacts)
+    sal = st.depth.saliency
+    blocks = None
+    if sal.kind in ("loss", "cosine"):
+        blocks = take(build.blocks(sal.data or st.data, model_dir, sal.seq_len, node.name), sal.samples, 0)
+    return prune_depth(model_dir, st.depth, blocks, out, tasks_dir=build.tasks_dir(), progress=build.progress,
+                       deploy=build.artifacts)
 
 
 def _run_distill(build: Build, node: Node, out: Path) -> StageResult:
@@ -298,7 +360,8 @@ def _run(build: Build, names: list[str]) -> Path:
                 build.require(up)
         build.run_stage(name)
         if build.graph.node(name).kind == "prune":
-            build.write_lock(name)
+            print(f"[pdc] lock: {build.write_lock(name)}")
+        build.write_cards()
     md, _ = write_report(build.out)
     print(f"[pdc] report: {md}")
     return build.out
