@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.fx
@@ -83,12 +84,13 @@ class _Accumulator:
 
     def add(self, per_token: torch.Tensor) -> None:
         """per_token: [B, L, U] unit values of any sign; their magnitudes are aggregated.
-        (vector_norm fuses |x| and the sum: no [B, L, U] temporary per tap.)"""
+        (An elementwise op then a plain sum over the sequence: on CPU, 2-4x faster than
+        `vector_norm` over that non-innermost dimension, and this runs for every tap.)"""
         per_token = per_token.float()
         if self.seq_agg == "mean":  # mean over the sequence of |x|
-            per_block = torch.linalg.vector_norm(per_token, ord=1, dim=1) / per_token.shape[1]
+            per_block = per_token.abs().sum(1) / per_token.shape[1]
         else:  # l2 norm over the sequence
-            per_block = torch.linalg.vector_norm(per_token, ord=2, dim=1)
+            per_block = per_token.square().sum(1).sqrt()
         part = per_block.pow(2).sum(0) if self.batch_agg == "l2" else per_block.sum(0)
         self.total = part if self.total is None else self.total + part
         self.count += per_token.shape[0]
@@ -111,15 +113,17 @@ def _activation(program: Program, calib: torch.Tensor, config: ImportanceConfig,
     for name in structure.hidden.norm_outputs:
         taps[name] = ("hidden", -1, 0)
     accs = {key: _Accumulator(config.seq_agg, config.batch_agg) for key in taps}
+
+    def record(name: str, value: torch.Tensor) -> None:
+        kind, _, head_dim = taps[name]
+        if kind == "heads":
+            b, l, width = value.shape
+            value = torch.linalg.vector_norm(value.reshape(b, l, width // head_dim, head_dim), dim=-1)
+        accs[name].add(value)
+
     runner = _TapRunner(program, set(taps))
     for start in tqdm(range(0, calib.shape[0], batch_size), desc="calibration", unit="batch", disable=not progress):
-        ids = calib[start:start + batch_size]
-        for name, value in runner.run(ids).items():
-            kind, _, head_dim = taps[name]
-            if kind == "heads":
-                b, l, width = value.shape
-                value = torch.linalg.vector_norm(value.reshape(b, l, width // head_dim, head_dim), dim=-1)
-            accs[name].add(value)
+        runner.run(calib[start:start + batch_size], record)
     hidden = None
     imp = Importance(method="activation", hidden=torch.zeros(0))
     for name, (kind, index, _) in taps.items():
@@ -141,8 +145,10 @@ def _group_sum(head_scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 class _TapRunner:
-    """Runs the graph node by node up to the last tapped node, returning tapped values.
-    Frees each value after its last use; meta parameters are streamed from `program.weights`."""
+    """Runs the graph node by node up to the last tapped node, handing each tapped value to a
+    callback as soon as it is computed. Frees each value after its last use (so a batch never
+    holds more activations than the forward itself); meta parameters are streamed from
+    `program.weights`."""
 
     def __init__(self, program: Program, taps: set[str]):
         self.program = program
@@ -165,9 +171,8 @@ class _TapRunner:
             value = self.program.weights.load(name, torch.float32)
         return value
 
-    def run(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def run(self, ids: torch.Tensor, on_tap: Callable[[str, torch.Tensor], None]) -> None:
         env: dict = {}
-        out = {}
         for i, node in enumerate(self.nodes):
             if node.op == "placeholder":
                 env[node] = ids
@@ -186,10 +191,9 @@ class _TapRunner:
             else:
                 continue
             if node.name in self.taps:
-                out[node.name] = env[node]
+                on_tap(node.name, env[node])
             for dead in self.last_use.get(i, []):
                 env.pop(dead, None)
-        return out
 
     def _value(self, env, node):
         value = env[node]

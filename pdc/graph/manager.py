@@ -15,9 +15,13 @@ Contract for passes (`passes/`, one pass per file):
   rediscovery would find (tests check this) at a fraction of the cost. It is also more
   informative: once a count drops to 1 (one query head per kv group), rediscovery can no longer
   tell which size-1 constants mean "heads per group"; the kept structure still knows.
-- The per-pass check is a lint and one probe forward on fake tensors (cheap; one real forward
-  after the last pass); `PassManager(check="full")` also re-propagates symbolic shapes and
-  rediscovers the structure after every pass (slow; for debugging a new pass).
+- The per-pass check is a lint and one forward: with real weights (up to `REAL_CHECK_MAX_PARAMS`)
+  a real forward of the probe cut to `CHECK_TOKENS` tokens per row, which checks shapes and
+  finite values and costs about one read of the weights; above that size, or with meta weights,
+  a forward of the whole probe on fake tensors (shapes only; its cost grows with the node
+  count), followed by one real forward after the last pass when the weights are real.
+  `PassManager(check="full")` also re-propagates symbolic shapes and rediscovers the structure
+  after every pass (slow; for debugging a new pass).
 - Parameters may live on the meta device (large sources export without weights); the probe
   forward then checks shapes only. `program.weights` (if set) loads real tensors by name.
 """
@@ -34,7 +38,8 @@ from pdc.errors import PdcError
 from pdc.graph.program import STAGE, Program, _one_line
 from pdc.graph.structure import discover_fresh
 
-REAL_PROBE_MAX_PARAMS = 20_000_000  # per-pass probe: real forward below, fake tensors above
+REAL_CHECK_MAX_PARAMS = 2_000_000_000  # per-pass check: real short forward up to this size, fake tensors above
+CHECK_TOKENS = 4  # probe tokens per row in the real per-pass check
 
 
 @dataclass
@@ -54,17 +59,16 @@ class GraphPass(Protocol):
 
 
 class PassManager:
-    """Runs passes in order. After each: recompile, `graph.lint()` and a forward of the probe on
-    fake tensors (shapes: cheap even for large models; small models run it for real, which is
-    cheaper still). After the last pass, with real weights, one real forward of the probe whose
-    logits must be finite. A failure is a `PdcError` naming
+    """Runs passes in order. After each: recompile, `graph.lint()` and a probe forward (see the
+    module docstring: real on a short probe, or on fake tensors for large or meta programs, then
+    one real forward of the whole probe after the last pass when the weights are real). Logits
+    must have the probe's shape and, when computed, be finite. A failure is a `PdcError` naming
     the pass. `results` collects every `PassResult`.
 
     `check`: "probe" (default; also `True`) as above; "full" additionally re-propagates
     symbolic shapes and rediscovers the structure after every pass, and for passes that keep
     the topology checks that the resized structure agrees with the rediscovered one
-    (`Structure.mismatch`); "none" (also
-    `False`) only recompiles."""
+    (`Structure.mismatch`); "none" (also `False`) only recompiles."""
 
     def __init__(self, passes: Iterable[GraphPass], check: "bool | str" = True, progress: bool = False):
         self.passes = list(passes)
@@ -73,6 +77,7 @@ class PassManager:
             raise PdcError(f"PassManager check must be none, probe or full, not {check!r}", STAGE)
         self.progress = progress
         self.results: list[PassResult] = []
+        self._values_checked = False  # the last per-pass check ran real arithmetic
 
     def run(self, program: Program) -> list[PassResult]:
         iterator: Iterable = self.passes
@@ -91,9 +96,9 @@ class PassManager:
                 raise PdcError(f"pass {p.name} failed: {_one_line(exc)}", STAGE) from exc
             result.seconds = time.perf_counter() - start
             self.results.append(result)
-        if self.passes and self.check != "none" and not program.on_meta():
-            # Values once, after the last pass (a real forward of a large model costs seconds;
-            # the per-pass checks above ran on fake tensors and already named any shape fault).
+        if self.passes and self.check != "none" and not program.on_meta() and not self._values_checked:
+            # Values once, after the last pass: the per-pass checks ran on fake tensors and
+            # already named any shape fault.
             verify(program, self.passes[-1].name, values=True)
         return self.results
 
@@ -105,9 +110,8 @@ class PassManager:
             program._structure = kept
         if self.check == "none":
             return
-        # Fake-tensor dispatch costs about as much per node as a tiny model's real op: below
-        # REAL_PROBE_MAX_PARAMS the real forward is the cheaper check (and also checks values).
-        verify(program, p.name, values=program.num_params() <= REAL_PROBE_MAX_PARAMS)
+        self._values_checked = not program.on_meta() and program.num_params() <= REAL_CHECK_MAX_PARAMS
+        verify(program, p.name, values=self._values_checked, tokens=CHECK_TOKENS if self._values_checked else None)
         if self.check == "full":
             fresh = discover_fresh(program)
             problem = kept.mismatch(fresh, program) if kept is not None else None
@@ -117,23 +121,24 @@ class PassManager:
                 program._structure = kept  # it also tracks constants rediscovery cannot see
 
 
-def verify(program: Program, after: str = "export", values: Optional[bool] = None) -> None:
-    """Lint the graph and run the probe; raise `PdcError` naming `after` on any fault.
-    `values` (default: whenever the weights are real) runs the real forward and requires finite
-    logits; otherwise the probe runs on fake tensors and checks shapes only (cheap)."""
+def verify(program: Program, after: str = "export", values: Optional[bool] = None,
+           tokens: Optional[int] = None) -> None:
+    """Lint the graph and run the probe (its first `tokens` tokens per row when given); raise
+    `PdcError` naming `after` on any fault. `values` (default: whenever the weights are real)
+    runs the real forward and requires finite logits; otherwise the probe runs on fake tensors
+    and checks shapes only."""
     try:
         program.gm.graph.lint()
     except Exception as exc:
         raise PdcError(f"graph invalid after pass {after}: {_one_line(exc)}", STAGE) from exc
     values = not program.on_meta() if values is None else values and not program.on_meta()
+    probe = program.probe if tokens is None else program.probe[:, :max(2, tokens)]
     try:
-        logits = program.forward(program.probe) if values else program.forward_shapes(program.probe)
+        logits = program.forward(probe) if values else program.forward_shapes(probe)
     except Exception as exc:
         raise PdcError(f"forward on the probe fails after pass {after}: {_one_line(exc)}", STAGE) from exc
-    want = (*program.probe.shape, program.arch.vocab)
+    want = (*probe.shape, program.arch.vocab)
     if tuple(logits.shape) != want:
         raise PdcError(f"after pass {after}: logits shape {tuple(logits.shape)} != {want}", STAGE)
     if values and not torch.isfinite(logits).all():
         raise PdcError(f"after pass {after}: non-finite logits on the probe", STAGE)
-
-
