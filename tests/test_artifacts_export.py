@@ -97,7 +97,7 @@ def test_emit_pruned_writes_every_output_from_the_program(tmp_path):
     assert record["program.pt2"].bytes == (tmp_path / "program.pt2").stat().st_size
     other = _ids(3, 11, seed=3)
     expected = program.forward(other)
-    loaded = artifacts.load_exported_program(tmp_path / "program.pt2")
+    loaded = torch.export.load(str(tmp_path / "program.pt2"))
     torch.testing.assert_close(loaded.module()(other), expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(artifacts.onnx_logits(tmp_path / "model.onnx", other), expected, rtol=0, atol=1e-4)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
@@ -133,8 +133,6 @@ def test_bad_probe_and_missing_file_are_one_line_errors(tmp_path):
     program.probe = torch.zeros(1, 1, dtype=torch.long)
     with pytest.raises(PdcError, match="at least 2 tokens"):
         artifacts.export_onnx(ep, program, tmp_path / "m.onnx")
-    with pytest.raises(PdcError, match="not found"):
-        artifacts.load_exported_program(tmp_path / "nothing.pt2")
     with pytest.raises(PdcError, match="not found"):
         artifacts.onnx_logits(tmp_path / "nothing.onnx", torch.zeros(1, 2, dtype=torch.long))
     assert os.listdir(tmp_path) == []

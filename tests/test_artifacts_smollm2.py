@@ -11,7 +11,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
 
 def test_smollm2_prune_outputs_and_fingerprint(tmp_path, real_assets):
-    from pdc.emit import artifacts
     from pdc.emit.lock import build_lock, compare_locks
     from pdc.lang.settings import ImportanceConfig, WidthTarget
     from pdc.stages.prune_width import prune_width
@@ -24,7 +23,7 @@ def test_smollm2_prune_outputs_and_fingerprint(tmp_path, real_assets):
     assert all(a.max_abs_diff <= a.tolerance for a in first.artifacts.values())
     assert (first.arch_after["hidden"], first.arch_after["mlp"], first.arch_after["layers"]) == (432, 1024, 30)
     ids = torch.randint(0, 49152, (3, 19), generator=torch.Generator().manual_seed(1))
-    pt2 = artifacts.load_exported_program(tmp_path / "a" / "program.pt2").module()
+    pt2 = torch.export.load(str(tmp_path / "a" / "program.pt2")).module()
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "model", dtype=torch.float32).eval()

@@ -79,7 +79,7 @@ def _git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
 
 
-def test_documented_ci_recipe_end_to_end(tmp_path):
+def test_documented_ci_recipe_end_to_end(tmp_path, capsys):
     import os
 
     if shutil.which("git") is None:
@@ -111,6 +111,11 @@ def test_documented_ci_recipe_end_to_end(tmp_path):
     assert not (clone / "specs" / "build").exists()
     status, out = run_block(ci, clone, dict(env))
     assert status == 0 and "lock matches" in out, out
+    with contextlib.chdir(clone):  # without the artifact: one line naming what is missing and its hash
+        assert pdc_main(["check", "specs/my_model.pds"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("pdc: error: check: prune stage 'prune' reads the model of stage 'correct'")
+    assert f"sha256 {env['KEY']}" in error and "--prune-input DIR" in error
 
     lock_path = clone / "specs" / "my_model.prune.lock.json"
     original = lock_path.read_text()

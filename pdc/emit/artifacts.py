@@ -107,16 +107,6 @@ def save_exported_program(ep: "torch.export.ExportedProgram", program: Program, 
     return diff
 
 
-def load_exported_program(path: Union[str, Path]) -> "torch.export.ExportedProgram":
-    path = Path(path)
-    if not path.exists():
-        raise PdcError(f"exported program not found: {path}", STAGE)
-    try:
-        return torch.export.load(str(path))
-    except Exception as exc:
-        raise PdcError(f"cannot load exported program {path}: {_first_line(exc)}", STAGE) from exc
-
-
 # ---- model.onnx --------------------------------------------------------------------------
 def export_onnx(ep: "torch.export.ExportedProgram", program: Program, path: Union[str, Path],
                 external_data: Optional[bool] = None, atol: float = ONNX_ATOL, rtol: float = 0.0) -> float:

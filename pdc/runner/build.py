@@ -236,12 +236,10 @@ class Build:
     def write_lock(self, name: str) -> Path:
         return write_lock(self.lock(name), lock_path_of(self.spec, name))
 
-
     # -- model cards: README.md in every stage's model/, derived from the records --
     def write_cards(self) -> list[Path]:
         """Write (or refresh) the card of every stage model that exists; a stage whose record
         or upstream records are missing or unreadable gets none (yet)."""
-        evaluation = self._evaluation()
         written = []
         for node in self.graph.nodes.values():
             model_dir = self.out / node.name / "model"
@@ -253,40 +251,32 @@ class Build:
                 continue
             if any(r is None for r in lineage):
                 continue
-            column = None
-            if evaluation is not None:
-                node_eval, result = evaluation
-                column = next((label for label, ref in node_eval.inputs.items()
-                               if ref == StageRef(node.name) and label in result.models), None)
             text = render_card(node.name, str(self.spec.path), self.spec.text, self._card_source(), lineage,
-                               self._card_evaluation(evaluation, column))
+                               self._card_evaluation(node.name))
             written.append(write_card(model_dir, text))
         return written
 
     def _card_source(self) -> CardSource:
         name = self.spec.source_model
-        if name not in self._identities:
+        if name not in self._identities:  # hashed once per invocation
             self._identities[name] = model_identity(self.source_dir(name))
         src = self.spec.models[name]
         return CardSource(name=name, kind=src.kind, ref=src.ref, identity=self._identities[name])
 
-    def _evaluation(self) -> Optional[tuple[Node, EvaluateResult]]:
+    def _card_evaluation(self, stage: str) -> Optional[CardEvaluation]:
+        """The build's comparison table with `stage`'s column marked (None before evaluation)."""
         for node in self.graph.of_kind("evaluate"):
             try:
                 record = self.record(node.name)
             except PdcError:
                 return None
-            if record is not None and isinstance(record.result, EvaluateResult):
-                return node, record.result
+            if record is None or not isinstance(record.result, EvaluateResult):
+                return None
+            columns, rows = comparison_rows(record.result)
+            column = next((label for label, ref in node.inputs.items()
+                           if ref == StageRef(stage) and label in record.result.models), None)
+            return CardEvaluation(columns=columns, rows=rows, column=column, limit=record.result.limit)
         return None
-
-    @staticmethod
-    def _card_evaluation(evaluation, column: Optional[str]) -> Optional[CardEvaluation]:
-        if evaluation is None:
-            return None
-        _, result = evaluation
-        columns, rows = comparison_rows(result)
-        return CardEvaluation(columns=columns, rows=rows, column=column, limit=result.limit)
 
 
 # ---- the stage functions: (build, node, staging dir) -> typed result --------------------------

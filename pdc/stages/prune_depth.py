@@ -208,14 +208,8 @@ def score_candidates(
     loss/task: the model with each candidate removed; cosine: the candidate's block influence
     (the full-model baseline is then None: nothing is removed).
     """
+    check_saliency_inputs(saliency, blocks, tokenizer)
     kind = saliency.kind
-    if kind in ("loss", "cosine") and (blocks is None or len(blocks) == 0):
-        raise PdcError(f"depth saliency '{kind}' needs data blocks (saliency data=...)", STAGE)
-    if kind == "task":
-        if not saliency.task:
-            raise PdcError("depth saliency 'task' needs a task name (saliency task=...)", STAGE)
-        if tokenizer is None:
-            raise PdcError("depth saliency 'task' needs the model's tokenizer", STAGE)
     if kind == "cosine":
         return block_influence(model, blocks, cands, batch_size, progress), None
     measure = _measurement(model, saliency, blocks, tokenizer, tasks_dir, batch_size)
@@ -225,6 +219,18 @@ def score_candidates(
         with layers_removed(model, cand):
             values.append(measure())
     return values, baseline
+
+
+def check_saliency_inputs(saliency: Saliency, blocks: torch.Tensor | None, tokenizer) -> None:
+    """A one-line `PdcError` when `saliency` cannot be measured with what it was given."""
+    kind = saliency.kind
+    if kind in ("loss", "cosine") and (blocks is None or len(blocks) == 0):
+        raise PdcError(f"depth saliency '{kind}' needs data blocks (saliency data=...)", STAGE)
+    if kind == "task":
+        if not saliency.task:
+            raise PdcError("depth saliency 'task' needs a task name (saliency task=...)", STAGE)
+        if tokenizer is None:
+            raise PdcError("depth saliency 'task' needs the model's tokenizer", STAGE)
 
 
 def _measurement(model, saliency: Saliency, blocks, tokenizer, tasks_dir, batch_size) -> Callable[[], float]:
@@ -348,12 +354,13 @@ def prune_depth(
     start = time.perf_counter()
     model, tokenizer = _load(model_dir)
     seconds["load_weights"] = time.perf_counter() - start
+    candidates(len(decoder_layers(model)), target.depth, target.contiguous)  # fail before any work
+    check_saliency_inputs(target.saliency, blocks, tokenizer)
     start = time.perf_counter()
     config = json.loads((model_dir / "config.json").read_text())
     program = export_model(model, default_probe(model.config.vocab_size, model_dir), hf_config=config)
     seconds["export"] = time.perf_counter() - start
     arch_before = program.arch
-    candidates(arch_before.layers, target.depth, target.contiguous)  # a bad depth fails before saliency
     start = time.perf_counter()
     table = saliency_table(model, target, blocks, tokenizer, tasks_dir, batch_size, progress)
     seconds["saliency"] = time.perf_counter() - start
