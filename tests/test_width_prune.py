@@ -100,6 +100,24 @@ def test_meta_export_with_streamed_weights_matches_in_memory(tmp_path):
     torch.testing.assert_close(streamed.forward(IDS), in_memory.forward(IDS), atol=1e-6, rtol=0)
 
 
+def test_activation_importance_streams_meta_weights(tmp_path):
+    """Activation importance on a program exported without weights (each weight read from the
+    safetensors right before its first use) equals importance on the in-memory program."""
+    from pdc.graph.export import export_dir
+    from pdc.graph.importance import compute
+
+    make_tiny_model("qwen2").save_pretrained(tmp_path / "src")
+    streamed = export_dir(tmp_path / "src")
+    assert streamed.on_meta()
+    got = compute(streamed, CALIB, ImportanceConfig())
+    assert streamed.on_meta()  # nothing was kept in the program
+    want = compute(exported("qwen2"), CALIB, ImportanceConfig())
+    torch.testing.assert_close(got.hidden, want.hidden, rtol=1e-5, atol=0)
+    for i in want.mlp:
+        torch.testing.assert_close(got.mlp[i], want.mlp[i], rtol=1e-5, atol=0)
+        torch.testing.assert_close(got.heads[i], want.heads[i], rtol=1e-5, atol=0)
+
+
 def test_gqa_heads_even_per_group_and_kv_drops_whole_groups():
     """Reducing heads keeps the same number of query heads in every kv group; reducing kv_heads
     removes whole groups (every kept query head reads a kept group)."""

@@ -15,13 +15,16 @@ Contract for passes (`passes/`, one pass per file):
   rediscovery would find (tests check this) at a fraction of the cost. It is also more
   informative: once a count drops to 1 (one query head per kv group), rediscovery can no longer
   tell which size-1 constants mean "heads per group"; the kept structure still knows.
-- The per-pass check is a lint and one forward: with real weights (up to `REAL_CHECK_MAX_PARAMS`)
-  a real forward of the probe cut to `CHECK_TOKENS` tokens per row, which checks shapes and
-  finite values and costs about one read of the weights; above that size, or with meta weights,
-  a forward of the whole probe on fake tensors (shapes only; its cost grows with the node
-  count), followed by one real forward after the last pass when the weights are real.
-  `PassManager(check="full")` also re-propagates symbolic shapes and rediscovers the structure
-  after every pass (slow; for debugging a new pass).
+- The per-pass check of a pass that keeps the topology is the resized structure's shape
+  consistency (`Structure.check_shapes`: every coupled dimension and recorded shape constant
+  agrees, from parameter shapes alone, no forward); the module is recompiled once, after the
+  last of them. After any other pass: recompile, lint and one forward. The forward (also after
+  the last pass) is a real one of the probe cut to `CHECK_TOKENS` tokens per row, which checks
+  shapes and finite values and costs about one read of the weights, with real weights up to
+  `REAL_CHECK_MAX_PARAMS`; above that, or with meta weights, a forward on fake tensors (shapes
+  only; its cost grows with the node count), and with real weights one real forward after the
+  last pass. `PassManager(check="full")` also recompiles, re-propagates symbolic shapes and
+  rediscovers the structure after every pass (slow; for debugging a new pass).
 - Parameters may live on the meta device (large sources export without weights); the probe
   forward then checks shapes only. `program.weights` (if set) loads real tensors by name.
 """
@@ -59,11 +62,10 @@ class GraphPass(Protocol):
 
 
 class PassManager:
-    """Runs passes in order. After each: recompile, `graph.lint()` and a probe forward (see the
-    module docstring: real on a short probe, or on fake tensors for large or meta programs, then
-    one real forward of the whole probe after the last pass when the weights are real). Logits
-    must have the probe's shape and, when computed, be finite. A failure is a `PdcError` naming
-    the pass. `results` collects every `PassResult`.
+    """Runs passes in order, checking after each (see the module docstring: shape consistency
+    for passes that keep the topology, a probe forward for the others, and a real probe forward
+    after the last pass). A failure is a `PdcError` naming the pass. `results` collects every
+    `PassResult`.
 
     `check`: "probe" (default; also `True`) as above; "full" additionally re-propagates
     symbolic shapes and rediscovers the structure after every pass, and for passes that keep
@@ -77,7 +79,8 @@ class PassManager:
             raise PdcError(f"PassManager check must be none, probe or full, not {check!r}", STAGE)
         self.progress = progress
         self.results: list[PassResult] = []
-        self._values_checked = False  # the last per-pass check ran real arithmetic
+        self._unchecked: Optional[str] = None  # last pass whose graph has not run since (recompile + forward owed)
+        self._values_checked = False  # the last forward check ran real arithmetic
 
     def run(self, program: Program) -> list[PassResult]:
         iterator: Iterable = self.passes
@@ -96,22 +99,34 @@ class PassManager:
                 raise PdcError(f"pass {p.name} failed: {_one_line(exc)}", STAGE) from exc
             result.seconds = time.perf_counter() - start
             self.results.append(result)
+        if self._unchecked is not None:  # topology-keeping passes: recompile and run once
+            _recompile_keeping_structure(program)
+            if self.check != "none":
+                self._forward_check(program, self._unchecked)
         if self.passes and self.check != "none" and not program.on_meta() and not self._values_checked:
-            # Values once, after the last pass: the per-pass checks ran on fake tensors and
-            # already named any shape fault.
-            verify(program, self.passes[-1].name, values=True)
+            # Values once, after the last pass: the checks before ran on fake tensors.
+            verify(program, self.passes[-1].name, values=True, tokens=CHECK_TOKENS)
         return self.results
 
     def _after(self, p: GraphPass, program: Program) -> None:
-        kept = program._structure if getattr(p, "keeps_topology", False) else None
+        keeps = getattr(p, "keeps_topology", False)
+        if keeps and self.check != "full":
+            kept = program._structure
+            kept.resize(program)
+            problem = kept.check_shapes(program) if self.check == "probe" else None
+            if problem:
+                raise PdcError(f"after pass {p.name}: {problem}", STAGE)
+            self._unchecked = p.name
+            return
+        kept = program._structure if keeps else None
         program.invalidate()
+        self._unchecked = None
         if kept is not None:
             kept.resize(program)
             program._structure = kept
         if self.check == "none":
             return
-        self._values_checked = not program.on_meta() and program.num_params() <= REAL_CHECK_MAX_PARAMS
-        verify(program, p.name, values=self._values_checked, tokens=CHECK_TOKENS if self._values_checked else None)
+        self._forward_check(program, p.name)
         if self.check == "full":
             fresh = discover_fresh(program)
             problem = kept.mismatch(fresh, program) if kept is not None else None
@@ -119,6 +134,17 @@ class PassManager:
                 raise PdcError(f"after pass {p.name}: the resized structure differs from rediscovery: {problem}", STAGE)
             if kept is not None:
                 program._structure = kept  # it also tracks constants rediscovery cannot see
+
+    def _forward_check(self, program: Program, name: str) -> None:
+        self._values_checked = not program.on_meta() and program.num_params() <= REAL_CHECK_MAX_PARAMS
+        verify(program, name, values=self._values_checked, tokens=CHECK_TOKENS if self._values_checked else None)
+
+
+def _recompile_keeping_structure(program: Program) -> None:
+    """Recompile after passes that kept the topology: the structure they resized stays valid."""
+    kept = program._structure
+    program.invalidate()
+    program._structure = kept
 
 
 def verify(program: Program, after: str = "export", values: Optional[bool] = None,

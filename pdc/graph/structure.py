@@ -141,6 +141,43 @@ class Structure:
             a.heads = int(program.param(a.q).shape[0]) // a.head_dim
             a.kv_heads = int(program.param(a.k).shape[0]) // a.head_dim
 
+    def check_shapes(self, program: Program) -> Optional[str]:
+        """None when every coupled dimension agrees with the (resized) sizes: each hidden member
+        has `hidden.size` along its coupled dimension; each MLP's rows, row biases and down
+        columns have its size; q/o have heads*head_dim, k/v kv_heads*head_dim, heads divide
+        evenly over kv groups; every recorded shape constant holds the product of its roles'
+        counts. Otherwise one line naming the first parameter or constant that disagrees. From
+        parameter shapes and node arguments alone: what a slicing pass must preserve, checked
+        without running the graph."""
+        def size(name: str, dim: int) -> int:
+            return int(program.param(name).shape[dim])
+
+        for name, dim in self.hidden.members:
+            if size(name, dim) != self.hidden.size:
+                return f"{name} has {size(name, dim)} hidden channels along dim {dim}, not {self.hidden.size}"
+        nodes = {n.name: n for n in program.gm.graph.nodes}
+        for layer in self.layers:
+            m, a = layer.mlp, layer.attn
+            for name, dim in [(r, 0) for r in m.rows + m.row_biases] + [(m.down, 1)]:
+                if size(name, dim) != m.size:
+                    return f"layer {layer.index}: {name} has {size(name, dim)} MLP neurons, not {m.size}"
+            if a.kv_heads < 1 or a.heads % a.kv_heads:
+                return f"layer {layer.index}: {a.heads} query heads do not split evenly over {a.kv_heads} kv groups"
+            want = {(a.q, 0): a.heads, (a.q_bias, 0): a.heads, (a.o, 1): a.heads,
+                    (a.k, 0): a.kv_heads, (a.v, 0): a.kv_heads, (a.k_bias, 0): a.kv_heads, (a.v_bias, 0): a.kv_heads}
+            for (name, dim), count in want.items():
+                if name is not None and size(name, dim) != count * a.head_dim:
+                    return (f"layer {layer.index}: {name} has {size(name, dim)} rows/columns along dim {dim}, "
+                            f"not {count} heads x {a.head_dim}")
+            counts = {"head": a.heads, "kv": a.kv_heads, "rep": a.heads // a.kv_heads, "hd": a.head_dim}
+            for c in a.shape_consts:
+                value, expected = nodes[c.node].args[1][c.index], 1
+                for role in c.roles:
+                    expected *= counts[role]
+                if value != expected:
+                    return f"layer {layer.index}: shape constant {c.node}[{c.index}] is {value}, not {'*'.join(c.roles)} = {expected}"
+        return None
+
     def mismatch(self, fresh: "Structure", program: Program) -> Optional[str]:
         """Compare this (resized) structure with `fresh` rediscovery of the same graph; None if
         they agree. Groups and sizes must be equal. Shape constants are compared by value: a
