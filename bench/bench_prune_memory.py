@@ -62,8 +62,10 @@ def child(src: str, out: str) -> None:
 
     cfg = json.loads((Path(src) / "config.json").read_text())
     target = WidthTarget(hidden=cfg["hidden_size"] // 2, mlp=cfg["intermediate_size"] // 2)
+    # deploy=False: the pruning itself (the .pt2/ONNX emission and the checkpoint check load
+    # the pruned model again, which is a cost of the pruned size, not the source's)
     summary = prune_width(Path(src), None, target, ImportanceConfig(method="magnitude"), Path(out),
-                          progress=False, stream_weights=True)
+                          progress=False, stream_weights=True, deploy=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"peak_rss": peak, "params_after": summary.params_after}))
 

@@ -2,7 +2,8 @@
 
 Before: `structure_of(program).layers` lists the current decoder layers 0..n-1, each a `LayerBlock`
 whose `output` node (its second residual add) is the residual stream leaving it and whose `input`
-node is the residual stream entering it; parameters are named `model.layers.<i>.*` (current index).
+node is the residual stream entering it; parameters are named `model.layers.<i>.*` (current index)
+and hold real values (the depth stage exports the model it measured saliency on, weights shared).
 `program.kept["layers"]` is keyed by *source* layer index (one key per current layer).
 
 After (for `drop` = a set of current indices, not all of them):
@@ -13,9 +14,8 @@ After (for `drop` = a set of current indices, not all of them):
   `get_attr` targets), so `program.state_dict()` is a valid HF state dict of the shorter model;
 - `program.arch.layers`, `program.hf_config` (`num_hidden_layers`, per-layer lists such as
   `layer_types`), `program.kept["layers"]` (dropped source keys removed) and
-  `program.kept["dropped_layers"]` (source indices, ascending, accumulated) follow;
-- with meta weights, `program.weights` answers the new names with the source tensors (and any
-  recorded `program.meta["source_index"]` slicing follows the rename).
+  `program.kept["dropped_layers"]` (source indices, ascending, accumulated; [] when nothing is
+  dropped) follow.
 
 Run it through `PassManager`, which re-derives shapes and the structure afterwards; called directly, the graph is recompiled and runnable but node shape
 metadata of the graph is left as it was (still correct: no surviving node changes shape).
@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import torch
+
 from pdc.errors import PdcError
 from pdc.graph.manager import PassResult
 from pdc.graph.program import STAGE, Program
@@ -34,29 +36,6 @@ from pdc.graph.structure import structure_of
 
 LAYER_PREFIX = "model.layers."
 PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
-
-
-class RenamedWeights:
-    """A weight store that answers renamed (renumbered) parameter names with source tensors."""
-
-    def __init__(self, inner, source_name: dict[str, str]):
-        self.inner = inner
-        self.source_name = dict(source_name)  # current name -> name in `inner`
-
-    def _src(self, name: str) -> str:
-        return self.source_name.get(name, name)
-
-    def load(self, name: str, dtype=None):
-        return self.inner.load(self._src(name), dtype)
-
-    def shape(self, name: str):
-        return self.inner.shape(self._src(name))
-
-    def resolve(self, name: str) -> str:
-        return self.inner.resolve(self._src(name))
-
-    def __getattr__(self, attr):  # names(), largest_shard_bytes(), model_dir, ...
-        return getattr(self.inner, attr)
 
 
 class DropLayers:
@@ -75,7 +54,11 @@ class DropLayers:
             raise PdcError(f"drop_layers: layers {bad} do not exist (the graph has {n} decoder layers)", STAGE)
         if len(self.drop) >= n:
             raise PdcError(f"drop_layers: cannot drop all {n} decoder layers", STAGE)
+        if program.on_meta():
+            raise PdcError("drop_layers: the program's weights are not loaded (meta tensors); materialize it first",
+                           STAGE)
         if not self.drop:
+            program.kept.setdefault("dropped_layers", [])
             return PassResult(self.name, {"layers": [n, n], "dropped_layers": []})
         source_keys = sorted(program.kept.get("layers", {str(i): None for i in range(n)}), key=int)
         if len(source_keys) != n:
@@ -96,27 +79,18 @@ class DropLayers:
         # 2. Delete the parameters that nothing reads any more.
         read = {node.target for node in program.gm.graph.nodes if node.op == "get_attr"}
         for i in self.drop:
-            for name in _layer_param_names(program, i, read_too=False):
+            for name in _layer_param_names(program, i):
                 if program.prefix + name in read:
                     raise PdcError(f"drop_layers: {name} is still read after skipping layer {i}", STAGE)
                 program.del_param(name)
-                program.meta.get("source_index", {}).pop(name, None)
 
         # 3. Renumber the survivors, ascending, so each target name is already free.
         keep = [i for i in range(n) if i not in set(self.drop)]
-        renamed: dict[str, str] = {}
         for new, old in enumerate(keep):
             if new == old:
                 continue
-            for name in _layer_param_names(program, old, read_too=True):
-                new_name = f"{LAYER_PREFIX}{new}." + name[len(f"{LAYER_PREFIX}{old}."):]
-                program.rename_param(name, new_name)
-                renamed[new_name] = name
-                index = program.meta.get("source_index")
-                if index is not None and name in index:
-                    index[new_name] = index.pop(name)
-        if renamed and program.weights is not None:
-            _chain_weight_names(program, renamed)
+            for name in _layer_param_names(program, old):
+                program.rename_param(name, f"{LAYER_PREFIX}{new}." + name[len(f"{LAYER_PREFIX}{old}."):])
         # Runnable when called directly; the PassManager then refreshes shapes and structure.
         program.gm.recompile()
         program._structure = None
@@ -134,18 +108,22 @@ class DropLayers:
             if isinstance(value, (list, tuple)) and len(value) == n:
                 cfg[key] = [value[i] for i in keep]
         program.hf_config = cfg
+        numbers = {int(name[len(LAYER_PREFIX):].split(".")[0]) for name in program.param_nodes()
+                   if name.startswith(LAYER_PREFIX)}
+        if numbers != set(range(len(keep))):
+            raise PdcError(f"drop_layers: the graph reads layers {sorted(numbers)}, expected 0..{len(keep) - 1}", STAGE)
         return PassResult(self.name, {"layers": [n, len(keep)], "dropped_layers": dropped_src})
 
 
 def _eliminate_dead(program: Program) -> int:
     """Erase every node the output no longer depends on. fx's own dead-code elimination keeps
     the skipped layers alive: export leaves side-effecting `_assert_tensor_metadata` checks on
-    their tensors and (eval-mode, unused) dropout nodes, both "impure". Here a check lives only as
-    long as the tensor it checks, and a dropout only if something reads it."""
-    import torch
-
+    their tensors, and ops that fx calls impure only because they may draw random numbers
+    (eval-mode dropout, scaled_dot_product_attention with its dropout_p). Here a check lives only
+    as long as the tensor it checks, and a random op only if something reads it."""
     assert_op = torch.ops.aten._assert_tensor_metadata.default
-    random_ops = {torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default}
+    random_ops = {torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default,
+                  torch.ops.aten.scaled_dot_product_attention.default}
     nodes = list(program.gm.graph.nodes)
     live: set = set()
     for node in reversed(nodes):
@@ -168,7 +146,7 @@ def _eliminate_dead(program: Program) -> int:
     return erased
 
 
-def _layer_param_names(program: Program, index: int, read_too: bool) -> list[str]:
+def _layer_param_names(program: Program, index: int) -> list[str]:
     """HF names of every parameter/buffer attribute of current layer `index` (whether or not the
     graph still reads it), found on the module tree itself."""
     root = program.gm
@@ -182,15 +160,3 @@ def _layer_param_names(program: Program, index: int, read_too: bool) -> list[str
     names = [f"{LAYER_PREFIX}{index}.{n}" for n, _ in layer.named_parameters(remove_duplicate=False)]
     names += [f"{LAYER_PREFIX}{index}.{n}" for n, _ in layer.named_buffers(remove_duplicate=False)]
     return names
-
-
-def _chain_weight_names(program: Program, renamed: dict[str, str]) -> None:
-    """Make `program.weights` answer the new names (composing with an earlier rename)."""
-    store = program.weights
-    if isinstance(store, RenamedWeights):
-        mapping = {k: v for k, v in store.source_name.items() if k not in renamed.values()}
-        mapping.update({new: store.source_name.get(old, old) for new, old in renamed.items()})
-        program.weights = RenamedWeights(store.inner, mapping)
-    else:
-        program.weights = RenamedWeights(store, renamed)
-

@@ -4,7 +4,7 @@
     pdc fmt SPEC [--write | --check]
     pdc run SPEC [--stage NAME] [--out DIR] [--nnodes N --nproc-per-node M [--rdzv-endpoint HOST:PORT]]
                  [--hostfile FILE] [--launcher torchrun|deepspeed|slurm]
-    pdc check SPEC [--lock PATH]
+    pdc check SPEC [--lock PATH] [--build DIR] [--prune-input DIR] [--input-key]
     pdc setup
 
 Exit codes: 0 success, 1 a runtime fault (`PdcError`, printed as `pdc: error: ...`), 2 bad
@@ -133,9 +133,15 @@ def cmd_run(args) -> int:
 
 def cmd_check(args) -> int:
     spec = _load(args.spec)
-    from pdc.runner.check import check_spec
+    from pdc.runner.check import check_spec, input_key
 
-    return int(check_spec(spec, Path(args.lock) if args.lock else None, rtol=args.rtol, atol=args.atol))
+    lock = Path(args.lock) if args.lock else None
+    if args.input_key:
+        print(input_key(spec, lock))
+        return 0
+    return int(check_spec(spec, lock, build_dir=Path(args.build) if args.build else None,
+                          prune_input=Path(args.prune_input) if args.prune_input else None,
+                          rtol=args.rtol, atol=args.atol))
 
 
 def cmd_setup(args) -> int:
@@ -198,10 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "slurm (srun inside an allocation)")
     r.set_defaults(func=cmd_run)
 
-    k = sub.add_parser("check", help="verify a build against its lock file",
-                       description="Check that SPEC's build still matches its lock (prune.lock.json).")
+    k = sub.add_parser("check", help="recompile the prune stages and compare them with the committed locks",
+                       description="Recompile SPEC's prune stages in a scratch directory and compare each with "
+                                   "its committed lock (<spec stem>.<stage>.lock.json next to SPEC).")
     k.add_argument("spec", metavar="SPEC")
-    k.add_argument("--lock", metavar="PATH", help="lock file (default: the build directory's)")
+    k.add_argument("--lock", metavar="PATH", help="lock of the first prune stage (default: next to SPEC)")
+    k.add_argument("--build", metavar="DIR",
+                   help="build directory holding the models the prune stage reads (default: build/<spec stem>/)")
+    k.add_argument("--prune-input", metavar="DIR",
+                   help="checkpoint the first prune stage reads (e.g. the corrected teacher restored from a CI "
+                        "cache); its hash must be the one the lock records")
+    k.add_argument("--input-key", action="store_true",
+                   help="only print the hash the lock records for the prune input (a CI cache key) and exit")
     k.add_argument("--rtol", type=float, default=None, help="relative tolerance of the numeric fingerprint (default 1e-4)")
     k.add_argument("--atol", type=float, default=None, help="absolute tolerance of the numeric fingerprint (default 1e-4)")
     k.set_defaults(func=cmd_check)

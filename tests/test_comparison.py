@@ -53,6 +53,12 @@ def test_comparison_report_compares_with_intervals(compared):
     assert "perplexity ratio" in diffs and "tiny_mc acc" in diffs
     d = diffs["tiny_mc acc"]
     assert d.low <= d.delta <= d.high
+    assert d.method.startswith("McNemar") and d.p_value is not None  # paired on the same items
+    assert diffs["perplexity ratio"].method == "paired bootstrap over blocks"
+    final = ref.final[1]
+    assert len(final.tasks["tiny_mc"].per_item) == final.tasks["tiny_mc"].items
+    assert set(final.tasks["tiny_mc"].per_item) <= {0.0, 1.0}
+    assert len(final.block_nll) > 0
 
 
 def test_rerun_skips_every_variant(compared, capsys):

@@ -1,5 +1,6 @@
 """passes/drop_layers.py: the rewritten graph computes the source model without the dropped
-layers, its state dict is a valid checkpoint of the shorter model, and bookkeeping follows."""
+layers (compared with a hand-built shorter model), its state dict is a valid checkpoint of the
+shorter model, and the bookkeeping follows."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from pdc.stages.prune_depth import layers_removed
+from depth_reference import hand_built
 from pdc.errors import PdcError
-from pdc.graph.export import export_model, materialize
+from pdc.graph.export import export_dir, export_model
 from pdc.graph.manager import PassManager
 from pdc.graph.structure import structure_of
 from pdc.passes.drop_layers import DropLayers
@@ -33,101 +34,71 @@ def exported():
 
 
 def _reference(model, drop):
-    with torch.no_grad(), layers_removed(model, drop):
-        return model(input_ids=IDS).logits
-
-
-@pytest.mark.parametrize("family, drop", [("llama", [1, 2]), ("qwen2", [0, 3]), ("qwen2", [1]), ("llama", [3])])
-def test_graph_without_layers_equals_model_without_layers(exported, family, drop):
-    """After the pass, program logits == the HF model with the same layers removed; the state
-    dict has layers 0..n-1 only and loads strictly into the shorter HF model. (Called directly:
-    the manager's shape refresh is slow and exercised once below.)"""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    model, program = exported(family)
-    result = DropLayers(drop)(program)
-    assert result.changed == {"layers": [4, 4 - len(drop)], "dropped_layers": drop}
     with torch.no_grad():
-        torch.testing.assert_close(program.forward(IDS), _reference(model, drop), rtol=1e-5, atol=1e-5)
+        return hand_built(model, drop)(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("family, drop", [("llama", [1, 2]), ("qwen2", [0, 3]), ("mistral", [1]), ("llama", [3])])
+def test_graph_without_layers_equals_hand_built_model(exported, family, drop):
+    """After the pass (through the PassManager, as the depth stage runs it), the program's logits
+    equal the hand-built shorter model's; the state dict holds layers 0..n-1 only and loads
+    strictly into that model; the parameter count is the architecture's."""
+    model, program = exported(family)
+    (result,) = PassManager([DropLayers(drop)]).run(program)
+    assert result.changed == {"layers": [4, 4 - len(drop)], "dropped_layers": drop}
+    torch.testing.assert_close(program.forward(IDS), _reference(model, drop), rtol=1e-5, atol=1e-5)
     kept = [i for i in range(4) if i not in drop]
     assert program.kept["dropped_layers"] == drop
     assert sorted(map(int, program.kept["layers"])) == kept
     assert program.arch.layers == len(kept) == program.hf_config["num_hidden_layers"]
-    layer_ids = {int(k.split(".")[2]) for k in program.state_dict() if k.startswith("model.layers.")}
-    assert layer_ids == set(range(len(kept)))
     assert program.num_params() == program.arch.total_params()
-    config = AutoConfig.for_model(**program.arch.to_hf_config(program.hf_config))
-    shorter = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     state = program.state_dict()
-    if program.arch.tied:  # the graph reads the shared tensor under one name; HF stores the embedding
-        state["model.embed_tokens.weight"] = state.pop("lm_head.weight")
-    shorter.load_state_dict(state, strict=False)
-    assert set(shorter.state_dict()) - set(state) <= {"lm_head.weight"}
-    with torch.no_grad():
-        torch.testing.assert_close(shorter(input_ids=IDS).logits, program.forward(IDS), rtol=1e-5, atol=1e-5)
+    reference = hand_built(model, drop).state_dict()
+    if program.arch.tied:  # the graph reads the shared tensor under one name; HF stores both
+        state.setdefault("model.embed_tokens.weight", state.get("lm_head.weight"))
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    assert set(state) == set(reference)
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
 
 
 def test_passes_compose_in_source_indices(exported):
     """Dropping current layer 1 twice drops source layers 1 and 2; kept keys stay source keys."""
     model, program = exported("llama")
-    PassManager([DropLayers([1])]).run(program)  # through the pass manager: lint, shape refresh, probe forward
-    structure_of(program)
-    DropLayers([1])(program)
+    PassManager([DropLayers([1]), DropLayers([1])]).run(program)
+    assert structure_of(program).layers[-1].index == 1
     assert program.kept["dropped_layers"] == [1, 2]
     assert sorted(map(int, program.kept["layers"])) == [0, 3]
-    with torch.no_grad():
-        torch.testing.assert_close(program.forward(IDS), _reference(model, [1, 2]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(program.forward(IDS), _reference(model, [1, 2]), rtol=1e-5, atol=1e-5)
 
 
-class _DictStore:
-    """Stands in for `WeightStore`: serves source tensors by HF name."""
-
-    def __init__(self, state):
-        self.state = state
-
-    def load(self, name, dtype=None):
-        return self.state[name].clone() if dtype is None else self.state[name].to(dtype)
-
-    def shape(self, name):
-        return list(self.state[name].shape)
-
-
-def test_meta_weights_follow_the_rename_and_emit_generates(exported, tmp_path):
-    """With weights on meta (as `export_dir` leaves them), dropping then materialising reads the
-    right source tensors under the renumbered names; the emitted checkpoint generates the same
-    greedy tokens with and without the KV cache."""
-    from transformers import AutoModelForCausalLM
-
-    from pdc.emit.checkpoint import emit_checkpoint
-
-    model, program = exported("qwen2")
-    for name, tensor in program.state_dict().items():
-        program.set_param(name, torch.empty_like(tensor, device="meta"))
-    program.weights = _DictStore({k: v.detach().clone() for k, v in model.state_dict().items()})
-    assert program.on_meta()
-    DropLayers([0, 2])(program)
-    materialize(program)
-    with torch.no_grad():
-        torch.testing.assert_close(program.forward(IDS), _reference(model, [0, 2]), rtol=1e-5, atol=1e-5)
-    out = emit_checkpoint(program, tmp_path / "model")
-    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert pruned.config.num_hidden_layers == 2
-    prompt = IDS[:1, :4]
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        assert torch.equal(pruned.generate(prompt, use_cache=True, **kwargs),
-                           pruned.generate(prompt, use_cache=False, **kwargs))
+def test_per_layer_config_lists_follow(tmp_path):
+    """`layer_types` (qwen2 lists one entry per layer) keeps the surviving layers' entries."""
+    model = make_tiny_model("qwen2", num_hidden_layers=4, layer_types=["full_attention", "sliding_attention"] * 2,
+                            use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    program = export_model(model)
+    PassManager([DropLayers([0, 3])]).run(program)
+    assert program.hf_config["layer_types"] == ["sliding_attention", "full_attention"]
+    torch.testing.assert_close(program.forward(IDS), _reference(model, [0, 3]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("drop, message", [([4], "do not exist"), ([0, 1, 2, 3], "cannot drop all")])
 def test_bad_drop_is_pdc_error(exported, drop, message):
     _, program = exported("llama")
     with pytest.raises(PdcError, match=message):
-        DropLayers(drop)(program)
+        PassManager([DropLayers(drop)]).run(program)
+
+
+def test_meta_weights_are_refused(tmp_path):
+    """Precondition: the pass renames parameters, so their values must be loaded."""
+    make_tiny_model("llama").save_pretrained(tmp_path / "src")
+    program = export_dir(tmp_path / "src")
+    with pytest.raises(PdcError, match="drop_layers: the program's weights are not loaded"):
+        PassManager([DropLayers([1])]).run(program)
 
 
 def test_empty_drop_changes_nothing(exported):
     model, program = exported("llama")
-    assert DropLayers([])(program).changed == {"layers": [4, 4], "dropped_layers": []}
-    with torch.no_grad():
-        torch.testing.assert_close(program.forward(IDS), model(input_ids=IDS).logits)
+    before = program.forward(IDS)
+    (result,) = PassManager([DropLayers([])]).run(program)
+    assert result.changed == {"layers": [4, 4], "dropped_layers": []} and program.kept["dropped_layers"] == []
+    assert torch.equal(program.forward(IDS), before)

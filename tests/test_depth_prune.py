@@ -1,9 +1,9 @@
-"""Depth pruning: saliency choices against brute force, dropped-layer models against hand-built
-references, and the emitted checkpoint (loads, generates with the KV cache)."""
+"""Depth pruning: saliency choices against brute force on hand-built shorter models, and the depth
+build that `pdc compile` makes (checkpoint = rewritten program = hand-built reference, parameter
+count = the plan's, cached and uncached decoding agree)."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -11,40 +11,21 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from conftest import make_tiny_model
-from pdc.arch import Arch
-from pdc.stages.prune_depth import block_influence, candidates, layers_removed, prune_depth, saliency_table
+from conftest import make_tiny_model, make_tiny_tokenizer, save_tiny_checkpoint
+from depth_reference import hand_built
+from pdc.cli import main as pdc_main
 from pdc.errors import PdcError
+from pdc.files import sha256_file
 from pdc.lang.settings import DepthTarget, Saliency
-from conftest import make_tiny_tokenizer
+from pdc.plan.results import read_record
+from pdc.stages.evaluate import task_accuracy
+from pdc.stages.prune_depth import block_influence, candidates, layers_removed, prune_depth, saliency_table
 from test_eval_support import write_mc_task
+from tiny_builds import write_corpus
 
 
 def _blocks(n=4, length=12, seed=0):
     return torch.randint(3, 98, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _hand_built(model, drop):
-    """Reference: a fresh model of the smaller config loaded with the renamed state dict."""
-    from transformers import AutoModelForCausalLM
-
-    n = model.config.num_hidden_layers
-    keep = [i for i in range(n) if i not in drop]
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = len(keep)
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [config.layer_types[i] for i in keep]
-    ref = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name.startswith("model.layers."):
-            idx, rest = name[len("model.layers."):].split(".", 1)
-            if int(idx) not in keep:
-                continue
-            name = f"model.layers.{keep.index(int(idx))}.{rest}"
-        state[name] = tensor
-    ref.load_state_dict(state, strict=True)
-    return ref
 
 
 def _brute_force_losses(model, blocks, cands):
@@ -52,8 +33,7 @@ def _brute_force_losses(model, blocks, cands):
     out = []
     with torch.no_grad():
         for cand in cands:
-            ref = _hand_built(model, cand)
-            logits = ref(input_ids=blocks).logits
+            logits = hand_built(model, cand)(input_ids=blocks).logits
             out.append(float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))))
     return out
 
@@ -93,8 +73,8 @@ def test_loss_choice_equals_brute_force(family, contiguous):
 @settings(max_examples=6, deadline=None)
 @given(drop=st.sets(st.integers(0, 3), min_size=1, max_size=3), family=st.sampled_from(["llama", "mistral", "qwen2"]))
 def test_layers_removed_equals_hand_built_and_restores(drop, family):
-    """Inside `layers_removed`, logits equal the hand-built smaller model; afterwards they equal
-    the original model's again."""
+    """Inside `layers_removed` (what saliency measures), logits equal the hand-built smaller
+    model; afterwards they equal the original model's again."""
     model = make_tiny_model(family)
     ids = _blocks(2, 10, seed=len(drop))
     with torch.no_grad():
@@ -103,7 +83,7 @@ def test_layers_removed_equals_hand_built_and_restores(drop, family):
             inside = model(input_ids=ids).logits
             assert model.config.num_hidden_layers == 4 - len(drop)
         after = model(input_ids=ids).logits
-        ref = _hand_built(model, sorted(drop))(input_ids=ids).logits
+        ref = hand_built(model, sorted(drop))(input_ids=ids).logits
     torch.testing.assert_close(inside, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(before, after)
     assert model.config.num_hidden_layers == 4
@@ -125,51 +105,58 @@ def test_block_influence_matches_hidden_states():
     assert torch.allclose(torch.tensor(got, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64), rtol=1e-6)
 
 
-def test_cosine_saliency_picks_lowest_influence():
+def test_cosine_saliency_drops_the_lowest_influence_block():
     model = make_tiny_model("mistral", num_hidden_layers=5)
-    table = saliency_table(model, DepthTarget(3, Saliency("cosine"), contiguous=True), _blocks(), progress=False)
-    values = [c["value"] for c in table["candidates"]]
-    assert table["dropped_layers"] == table["candidates"][values.index(min(values))]["layers"]
-    assert all(0.0 <= v <= 2.0 for v in values) and table["baseline"] is None
+    blocks = _blocks()
+    table = saliency_table(model, DepthTarget(3, Saliency("cosine"), contiguous=True), blocks, progress=False)
+    cands = candidates(5, 3, True)
+    influence = block_influence(model, blocks, cands)
+    assert table["dropped_layers"] == cands[influence.index(min(influence))]
+    assert table["baseline"] is None and table["after_drop"] is None
 
 
-def _save_source(tmp_path, family, layers=4):
-    src = tmp_path / "src"
-    make_tiny_model(family, num_hidden_layers=layers).save_pretrained(src)
-    make_tiny_tokenizer().save_pretrained(src)
-    return src
+DEPTH_SPEC = """\
+model teacher = dir("tiny")
+data corpus = jsonl("corpus.jsonl")
+
+prune depth {{ depth=2 contiguous={contiguous} saliency=loss(corpus, samples=4, seq_len=16) }}
+"""
 
 
-def test_prune_depth_emits_checkpoint_equal_to_reference_and_generates(tmp_path, family):
-    """The emitted checkpoint loads, has renumbered layers and an updated config, computes the
-    hand-built reference's logits, and greedy generate() gives the same tokens with and without
-    the KV cache."""
+@pytest.mark.parametrize("family, contiguous", [("llama", "true"), ("mistral", "false"), ("qwen2", "true")])
+def test_compiled_depth_checkpoint_is_the_rewritten_program(tmp_path, family, contiguous):
+    """`pdc compile` of a depth spec: the emitted checkpoint reproduces the rewritten program
+    (`program.pt2`, the sealed program) to 1e-5 on a batch and length the probe never had, and
+    the hand-built shorter model; its parameter count is the plan's; the config's layer count and
+    per-layer lists follow; greedy decoding with and without the KV cache gives the same tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = _save_source(tmp_path, family)
-    out = tmp_path / "prune"
-    summary = prune_depth(src, DepthTarget(2, Saliency("loss"), contiguous=True), _blocks(), out, progress=False)
-    dropped = list(summary.saliency.dropped_layers)
-    assert len(dropped) == 2 and dropped[1] == dropped[0] + 1
-    for name in ("kept_indices.json", "saliency.json", "saliency.png", "model/config.json"):
-        assert (out / name).exists(), name
-    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
-    kept = json.loads((out / "kept_indices.json").read_text())
-    assert kept["dropped_layers"] == dropped
-    assert sorted(map(int, kept["layers"])) == [i for i in range(4) if i not in dropped]
+    save_tiny_checkpoint(tmp_path / "tiny", family)
+    write_corpus(tmp_path / "corpus.jsonl")
+    spec = tmp_path / "tiny.pds"
+    spec.write_text(DEPTH_SPEC.format(contiguous=contiguous))
+    assert pdc_main(["compile", str(spec)]) == 0
+    build = tmp_path / "build" / "tiny"
+    result = read_record(build / "prune").result
+    dropped = list(result.saliency.dropped_layers)
+    assert json.loads((build / "prune" / "kept_indices.json").read_text())["dropped_layers"] == dropped
 
-    pruned = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
-    assert pruned.config.num_hidden_layers == 2 and len(pruned.model.layers) == 2
-    if isinstance(getattr(pruned.config, "layer_types", None), list):
-        assert len(pruned.config.layer_types) == 2
-    source = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    ids = _blocks(2, 10, seed=3)
+    pruned = AutoModelForCausalLM.from_pretrained(build / "prune" / "model", dtype=torch.float32).eval()
+    program = torch.export.load(str(build / "prune" / "program.pt2")).module()
+    source = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", dtype=torch.float32).eval()
+    ids = _blocks(3, 13, seed=3)
     with torch.no_grad():
-        torch.testing.assert_close(pruned(input_ids=ids).logits, _hand_built(source, dropped)(input_ids=ids).logits)
-    arch = Arch.from_hf_config(pruned.config.to_dict())
-    assert summary.params_after == arch.total_params() == sum(p.numel() for p in pruned.parameters())
+        logits = pruned(input_ids=ids).logits
+        torch.testing.assert_close(logits, program(ids), rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits, hand_built(source, dropped)(input_ids=ids).logits, rtol=0, atol=1e-5)
+    plan = json.loads((build / "plan.json").read_text())
+    assert sum(p.numel() for p in pruned.parameters()) == result.params_after == plan["final"]["params_total"]
+    assert pruned.config.num_hidden_layers == 2 and len(pruned.model.layers) == 2
+    if isinstance(getattr(source.config, "layer_types", None), list):
+        kept = [i for i in range(4) if i not in dropped]
+        assert pruned.config.layer_types == [source.config.layer_types[i] for i in kept]
 
-    tok = AutoTokenizer.from_pretrained(out / "model")
+    tok = AutoTokenizer.from_pretrained(build / "prune" / "model")
     prompt = tok("Hello there", return_tensors="pt")
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
     with torch.no_grad():
@@ -179,19 +166,31 @@ def test_prune_depth_emits_checkpoint_equal_to_reference_and_generates(tmp_path,
     assert torch.equal(cached, uncached)
 
 
+def _save_source(tmp_path, family, layers=4):
+    src = tmp_path / "src"
+    make_tiny_model(family, num_hidden_layers=layers).save_pretrained(src)
+    make_tiny_tokenizer().save_pretrained(src)
+    return src
+
+
 def test_prune_depth_non_contiguous_with_task_saliency(tmp_path):
-    """Task saliency through lm-eval on a local MC task: accuracies in [0, 1], the chosen single
-    layers are those whose removal keeps accuracy highest."""
+    """Task saliency through lm-eval on a local MC task: the chosen single layers are those whose
+    removal keeps accuracy highest, and the recorded accuracy with all of them removed is the
+    hand-built shorter model's."""
     src = _save_source(tmp_path, "llama", layers=3)
     tasks = write_mc_task(tmp_path / "tasks")
     target = DepthTarget(2, Saliency("task", task="tiny_mc", shots=0, limit=6), contiguous=False)
-    summary = prune_depth(src, target, None, tmp_path / "prune", tasks_dir=tasks, progress=False)
-    table = json.loads((tmp_path / "prune" / "saliency.json").read_text())
-    values = [c["value"] for c in table["candidates"]]
-    assert len(values) == 3 and all(0.0 <= v <= 1.0 for v in values)
-    assert 0.0 <= table["baseline"] <= 1.0
-    best = max(values)
-    assert values[list(summary.saliency.dropped_layers)[0]] == best
+    result = prune_depth(src, target, None, tmp_path / "prune", tasks_dir=tasks, progress=False, deploy=False)
+    sal = result.saliency
+    values = [c.value for c in sal.candidates]
+    best = max(range(len(values)), key=lambda i: (values[i], i))  # ties go to the later layer
+    assert list(sal.dropped_layers) == [best]
+    from transformers import AutoModelForCausalLM
+
+    source = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    reference = task_accuracy(hand_built(source, [best]), make_tiny_tokenizer(), "tiny_mc", 0, tasks, 6)
+    assert sal.chosen == pytest.approx(reference)
+    assert result.inputs.tasks == {name: sha256_file(tasks / name) for name in ("tiny_mc.jsonl", "tiny_mc.yaml")}
 
 
 def test_prune_depth_errors(tmp_path):
@@ -214,5 +213,5 @@ def test_generate_with_cache_inside_layers_removed(family):
     with torch.no_grad(), layers_removed(model, [1]):
         cached = model.generate(prompt, use_cache=True, **kwargs)
         uncached = model.generate(prompt, use_cache=False, **kwargs)
-    ref = _hand_built(model, [1]).generate(prompt, use_cache=True, **kwargs)
+    ref = hand_built(model, [1]).generate(prompt, use_cache=True, **kwargs)
     assert torch.equal(cached, uncached) and torch.equal(cached, ref)

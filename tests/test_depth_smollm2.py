@@ -25,7 +25,8 @@ def test_smollm2_depth_prune_loads_and_generates(tmp_path, real_assets):
     src = real_assets["smollm2"]
     tok = AutoTokenizer.from_pretrained(src)
     blocks = builtin_heldout_blocks(tok, 128, n_blocks=2)
-    summary = prune_depth(src, DepthTarget(27, Saliency("cosine")), blocks, tmp_path / "prune", progress=False)
+    summary = prune_depth(src, DepthTarget(27, Saliency("cosine")), blocks, tmp_path / "prune", progress=False,
+                          deploy=False)
     assert summary.arch_after["layers"] == 27 and len(list(summary.saliency.dropped_layers)) == 3
     table = json.loads((tmp_path / "prune" / "saliency.json").read_text())
     assert len(table["candidates"]) == 28

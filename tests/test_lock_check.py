@@ -1,131 +1,100 @@
-"""`prune.lock.json` and `pdc check`: deterministic locks, exact structure comparison, numbers
-within tolerance, readable diffs, one-line errors for bad lock files."""
+"""The prune lock and its comparison: locks made by `pdc run` (the session's `width_build`), built
+from the stage's typed record alone, deterministic, pinning the numbers the checkpoint computes;
+exact structure comparison, numbers within tolerance, readable diffs, one-line errors for bad
+lock files. (`pdc check` end to end: tests/test_ci_recipe.py and tests/test_runner_e2e.py.)"""
 
 from __future__ import annotations
 
 import copy
 import json
-import shutil
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_tiny_model
 from pdc.emit import lock as lockmod
+from pdc.emit.fingerprint import model_identity
 from pdc.errors import PdcError
-from pdc.lang.settings import ImportanceConfig, WidthTarget
+from pdc.graph.probe import default_probe
+from pdc.lang import load_spec
+from pdc.runner.build import Build, lock_path_of
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-SPEC_TEXT = 'model src = dir("src")\n'
-CALIB = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-TARGET = WidthTarget(hidden=48, mlp=64)
-
-
-def _prune(source, build_dir):
-    """A real width-pruned build directory (the width engineer's stage) under `build_dir`."""
-    from pdc.stages.prune_width import prune_width
-
-    prune_width(source, CALIB, TARGET, ImportanceConfig(), build_dir / "prune", progress=False)
-    return build_dir
-
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """(root, build dir, lock dict, lock bytes): a tiny Llama pruned to hidden 48, mlp 64."""
-    root = tmp_path_factory.mktemp("lock")
-    make_tiny_model("llama", num_hidden_layers=2).save_pretrained(root / "src")
-    build = _prune(root / "src", root / "build")
-    lock = lockmod.build_lock(build, root / "src", SPEC_TEXT, calib_blocks=CALIB)
-    path = lockmod.write_lock(lock, build / lockmod.LOCK_NAME)
-    return root, build, lock, path.read_bytes()
+def built(width_build):
+    """(build dir, committed lock path, lock dict) of the tiny width build."""
+    spec = load_spec(width_build.parent.parent / "tiny.pds")
+    path = lock_path_of(spec, "prune")
+    return width_build, path, lockmod.read_lock(path)
 
 
-def test_lock_records_the_build(built):
-    """The lock states what was built: versions, kept indices as written, the pruned sizes,
-    parameter counts consistent with the architecture, finite numeric fingerprints."""
-    root, build, lock, _ = built
+def test_lock_is_built_from_the_record_alone_and_deterministic(built, tmp_path):
+    """The committed lock is `build_lock` of the prune stage's record: rebuilding it from the
+    record gives byte-identical text (no checkpoint is read, nothing is traced)."""
+    build, path, _ = built
+    spec = load_spec(build.parent.parent / "tiny.pds")
+    again = lockmod.write_lock(Build(spec, build, progress=False).lock("prune"), tmp_path / "again.json")
+    assert again.read_bytes() == path.read_bytes()
+    assert path.parent == build.parent.parent  # next to the spec, outside the ignored build/
+
+
+def test_lock_pins_what_the_build_produced(built):
+    """Inputs by hash (the corrected teacher the stage pruned), kept indices as written, counts
+    and shapes of the emitted checkpoint, and the checkpoint's own numbers on the probe."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    build, _, lock = built
     assert lock["lock_version"] == lockmod.LOCK_VERSION
-    kept = json.loads((build / "prune" / "kept_indices.json").read_text())
-    assert lock["kept_indices"] == kept
-    assert (lock["arch"]["hidden"], lock["arch"]["mlp"]) == (48, 64)
-    after = lock["params"]["after"]
-    assert after["counted"] == after["total"] < lock["params"]["before"]["total"]
-    assert set(lock["source"]["weights_sha256"]) == {"model.safetensors"}
-    assert lock["inputs"]["calibration"]["shape"] == list(CALIB.shape)
-    numeric = lock["numeric"]
-    assert 0 < numeric["calibration_loss"] < 20 and 0 < numeric["probe_loss"] < 20
-    assert len(numeric["logits"]["last_slice"]) == lock["inputs"]["probe"]["shape"][0]
+    identity = model_identity(build / "correct" / "model")
+    assert lock["inputs"]["model"]["sha256"] == identity.sha256
+    assert lock["inputs"]["model"]["weights_sha256"] == identity.weights_sha256
+    assert lock["inputs"]["calibration"]["shape"] == [8, 32]
+    assert lock["kept_indices"] == json.loads((build / "prune" / "kept_indices.json").read_text())
+    plan = json.loads((build / "plan.json").read_text())
+    assert lock["params"]["after"] == plan["final"]["params_total"]
+    stored = load_file(build / "prune" / "model" / "model.safetensors")
+    assert lock["graph"]["param_shapes"] == {k: list(v.shape) for k, v in sorted(stored.items())}
+    model = AutoModelForCausalLM.from_pretrained(build / "prune" / "model", dtype=torch.float32).eval()
+    probe = default_probe(model.config.vocab_size, build / "prune" / "model")
+    with torch.no_grad():
+        logits = model(input_ids=probe).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), probe[:, 1:].reshape(-1))
+    assert lock["numeric"]["probe_loss"] == pytest.approx(float(loss), rel=1e-4)
+    assert lock["numeric"]["logits"]["abs_max"] == pytest.approx(float(logits.abs().max()), rel=1e-4)
 
 
-def test_lock_is_deterministic_for_the_same_build(built, tmp_path):
-    """Invariant: locking the same build directory again gives byte-identical text."""
-    root, build, _, first_bytes = built
-    lock = lockmod.build_lock(build, root / "src", SPEC_TEXT, calib_blocks=CALIB)
-    assert lockmod.write_lock(lock, tmp_path / "again.json").read_bytes() == first_bytes
-
-
-@pytest.mark.slow
-def test_lock_is_deterministic_across_prunes(built, tmp_path):
-    """Invariant: pruning the same source twice and locking each build gives byte-identical
-    locks (no paths, timestamps or float noise in the file)."""
-    root, _, _, first_bytes = built
-    again = _prune(root / "src", tmp_path / "build")
-    lock = lockmod.build_lock(again, root / "src", SPEC_TEXT, calib_blocks=CALIB)
-    assert lockmod.write_lock(lock, tmp_path / "again.json").read_bytes() == first_bytes
-    assert lockmod.read_lock(tmp_path / "again.json") == json.loads(first_bytes)
-
-
-def test_check_passes_on_its_own_build(built):
-    root, build, _, _ = built
-    ok, report = lockmod.check_build(build, build / lockmod.LOCK_NAME)
-    assert ok and "matches" in report
-    assert lockmod.compare_locks(built[2], copy.deepcopy(built[2])) == []
-
-
-def test_altered_kept_index_names_axis_and_layer(built, tmp_path):
-    """Before/after: one kept MLP index of layer 1 replaced -> check fails, and the report names
-    the layer, the axis and the indices that moved."""
-    root, build, lock, _ = built
+def test_altered_kept_index_names_axis_and_layer(built):
+    """Before/after: one kept MLP index of layer 1 replaced -> the comparison fails, and the
+    report names the layer, the axis and the indices that moved."""
+    _, _, lock = built
     edited = copy.deepcopy(lock)
     mlp = edited["kept_indices"]["layers"]["1"]["mlp"]
     dropped = next(i for i in range(96) if i not in mlp)
     removed = mlp[5]
     mlp[5] = dropped
-    lockmod.write_lock(edited, tmp_path / "edited.json")
-    ok, report = lockmod.check_build(build, tmp_path / "edited.json")
-    assert not ok
+    report = lockmod.render_mismatches(lockmod.compare_locks(edited, lock))
     line = next(l for l in report.splitlines() if "layer 1 mlp" in l)
     assert f"1 removed [{dropped}]" in line and f"1 added [{removed}]" in line
     assert "heads" not in report and "layer 0" not in report
+    assert lockmod.compare_locks(lock, copy.deepcopy(lock)) == []
 
 
-def test_changed_weights_are_caught_numerically(built, tmp_path):
-    """Before/after: same structure, one pruned weight nudged -> the graph fingerprint still
-    matches but the numeric fingerprint does not (and the report says by how much)."""
-    from safetensors.torch import load_file, save_file
-
-    root, build, lock, _ = built
-    copy_dir = tmp_path / "build"
-    shutil.copytree(build / "prune", copy_dir / "prune")
-    weights = copy_dir / "prune" / "model" / "model.safetensors"
-    tensors = load_file(weights)
-    tensors["model.layers.0.mlp.down_proj.weight"] += 0.05
-    save_file(tensors, weights, metadata={"format": "pt"})
-    changed = lockmod.build_lock(copy_dir, root / "src", SPEC_TEXT, calib_blocks=CALIB)
-    assert changed["graph"] == lock["graph"]
-    mismatches = lockmod.compare_locks(lock, changed)
-    assert mismatches and all(m.kind == "number" for m in mismatches)
-    report = lockmod.render_mismatches(mismatches)
-    assert "logits probe" in report and "> tol" in report
-    # A tolerance wider than the change accepts it.
-    assert lockmod.compare_locks(lock, changed, rtol=0, atol=1e3) == []
+def test_changed_prune_input_is_named_by_hash(built):
+    _, _, lock = built
+    edited = copy.deepcopy(lock)
+    edited["inputs"]["model"]["weights_sha256"]["model.safetensors"] = "0" * 64
+    edited["inputs"]["model"]["sha256"] = "1" * 64
+    report = lockmod.render_mismatches(lockmod.compare_locks(edited, lock))
+    assert "prune input (sha256): 111111111111 -> " + lock["inputs"]["model"]["sha256"][:12] in report
+    assert "prune input weight file model.safetensors (sha256): 000000000000" in report
 
 
 def test_structural_change_is_reported_per_parameter(built):
-    root, build, lock, _ = built
+    _, _, lock = built
     edited = copy.deepcopy(lock)
     edited["graph"]["param_shapes"]["model.layers.0.mlp.up_proj.weight"] = [80, 48]
     edited["graph"]["hash"] = "0" * 64
@@ -135,6 +104,15 @@ def test_structural_change_is_reported_per_parameter(built):
     assert "graph structure" in report and "mlp: 80 -> 64" in report
 
 
+def test_numeric_drift_is_a_number_mismatch_within_tolerance_rules(built):
+    _, _, lock = built
+    edited = copy.deepcopy(lock)
+    edited["numeric"]["probe_loss"] *= 1.01
+    (m,) = lockmod.compare_locks(edited, lock)
+    assert m.kind == "number" and "probe_loss" in m.message and "> tol" in m.message
+    assert lockmod.compare_locks(edited, lock, rtol=0.1) == []
+
+
 @pytest.mark.parametrize(
     "content, cause",
     [
@@ -142,22 +120,16 @@ def test_structural_change_is_reported_per_parameter(built):
         ("{not json", "not valid JSON"),
         ("[1, 2]", "JSON object"),
         ('{"lock_version": 99}', "lock_version 99"),
-        ('{"lock_version": 1, "spec": {}}', "lacks source"),
+        ('{"lock_version": 2, "spec": {}}', "lacks inputs"),
     ],
 )
-def test_bad_lock_file_is_a_one_line_error(built, tmp_path, content, cause):
-    root, build, _, _ = built
+def test_bad_lock_file_is_a_one_line_error(tmp_path, content, cause):
     path = tmp_path / "prune.lock.json"
     if content is not None:
         path.write_text(content)
     with pytest.raises(PdcError, match=cause) as info:
-        lockmod.check_build(build, path)
+        lockmod.read_lock(path)
     assert "\n" not in str(info.value) and info.value.stage == "check"
-
-
-def test_missing_pruned_checkpoint_is_a_one_line_error(tmp_path):
-    with pytest.raises(PdcError, match="no Hugging Face checkpoint in .*prune/model"):
-        lockmod.build_lock(tmp_path, None, SPEC_TEXT)
 
 
 # ---- comparison properties (no model) ----------------------------------------------------

@@ -87,7 +87,7 @@ def test_changed_setting_reruns_only_downstream(project, capsys):
 
 def test_check_passes_then_fails_on_an_altered_lock(project, capsys):
     """`pdc check` accepts an unchanged recompile and names axis and layer of an altered index."""
-    lock_path = project / "build" / "tiny" / "prune.lock.json"
+    lock_path = project / "tiny.prune.lock.json"
     assert pdc_main(["check", str(project / "tiny.pds")]) == 0
     lock = json.loads(lock_path.read_text())
     kept = lock["kept_indices"]["layers"]["2"]["mlp"]
@@ -103,7 +103,7 @@ def test_check_passes_then_fails_on_an_altered_lock(project, capsys):
 def test_check_tolerance_from_the_command_line_and_the_spec(project, capsys):
     """A numeric drift beyond the default tolerance fails `pdc check`; the same drift passes when
     `--rtol` or the prune block's `check_rtol=` allows it."""
-    lock = json.loads((project / "build" / "tiny" / "prune.lock.json").read_text())
+    lock = json.loads((project / "tiny.prune.lock.json").read_text())
     lock["numeric"]["probe_loss"] *= 1.001  # 1e-3 relative: above the 1e-4 default
     drifted = project / "drifted.lock.json"
     drifted.write_text(json.dumps(lock))

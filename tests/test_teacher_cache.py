@@ -101,6 +101,9 @@ def test_distillation_reads_the_cache_and_never_the_teacher(cached_build):
     report = (build / "report.md").read_text()
     assert f"| loss | forward KL, logits only, from the teacher's cached top {K} + tail |" in report
     assert "| validation every | 2 steps |" in report and "| computed by this run | " in report
+    card = (build / "distill" / "model" / "README.md").read_text()
+    assert "source -> prune -> teacher_logits -> distill" in card
+    assert f"(kl_forward, from the teacher's cached top {K} logits + tail)" in card
 
 
 def test_rerun_skips_the_pass_and_another_student_reuses_the_cache(cached_build, capsys):

@@ -14,6 +14,7 @@ from conftest import FAMILY_CONFIGS, make_tiny_model
 from graph_exports import exported
 from pdc.arch import Arch
 from pdc.emit.checkpoint import emit_checkpoint
+from pdc.emit.fingerprint import model_identity, tokens_identity
 from pdc.errors import PdcError
 from pdc.graph.export import seal
 from pdc.graph.manager import PassManager
@@ -30,9 +31,12 @@ CALIB = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(2
 
 
 def test_keep_everything_reproduces_source_logits(family):
-    """Passes that keep every unit leave the logits bit-identical (fp32)."""
+    """Passes that keep every unit leave the logits bit-identical (fp32), and those are the
+    source model's."""
     program = exported(family)
     before = program.forward(IDS)
+    with torch.no_grad():
+        torch.testing.assert_close(before, make_tiny_model(family)(input_ids=IDS).logits, rtol=0, atol=1e-5)
     a = program.arch
     layers = range(a.layers)
     PassManager([
@@ -96,6 +100,24 @@ def test_meta_export_with_streamed_weights_matches_in_memory(tmp_path):
     torch.testing.assert_close(streamed.forward(IDS), in_memory.forward(IDS), atol=1e-6, rtol=0)
 
 
+def test_activation_importance_streams_meta_weights(tmp_path):
+    """Activation importance on a program exported without weights (each weight read from the
+    safetensors right before its first use) equals importance on the in-memory program."""
+    from pdc.graph.export import export_dir
+    from pdc.graph.importance import compute
+
+    make_tiny_model("qwen2").save_pretrained(tmp_path / "src")
+    streamed = export_dir(tmp_path / "src")
+    assert streamed.on_meta()
+    got = compute(streamed, CALIB, ImportanceConfig())
+    assert streamed.on_meta()  # nothing was kept in the program
+    want = compute(exported("qwen2"), CALIB, ImportanceConfig())
+    torch.testing.assert_close(got.hidden, want.hidden, rtol=1e-5, atol=0)
+    for i in want.mlp:
+        torch.testing.assert_close(got.mlp[i], want.mlp[i], rtol=1e-5, atol=0)
+        torch.testing.assert_close(got.heads[i], want.heads[i], rtol=1e-5, atol=0)
+
+
 def test_gqa_heads_even_per_group_and_kv_drops_whole_groups():
     """Reducing heads keeps the same number of query heads in every kv group; reducing kv_heads
     removes whole groups (every kept query head reads a kept group)."""
@@ -124,31 +146,76 @@ def test_select_heads_property(kv, rep, data):
     assert set((heads // rep).tolist()) == set(groups.tolist())
 
 
-def test_activation_importance_aggregations_differ_and_are_finite():
-    """Every seq/batch aggregation gives finite, non-negative scores of the right sizes, and the
-    choice matters (mean vs l2 rank neurons differently on random weights)."""
+def _hooked_importance(model, calib, seq_agg, batch_agg):
+    """The paper's activation importance measured with forward hooks on the Hugging Face model:
+    MLP neurons at the down projection's input, heads as the L2 norm of their head_dim block at
+    the output projection's input (kv groups: the sum of their heads), hidden channels at every
+    norm's output, summed; aggregated over the sequence, then over the blocks."""
+    taps = {}
+
+    def keep(key, pre):
+        def hook(module, args, output=None):
+            taps[key] = (args[0] if pre else output).detach()
+        return hook
+
+    handles = []
+    cfg = model.config
+    for i, layer in enumerate(model.model.layers):
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(keep(("mlp", i), True)))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(keep(("heads", i), True)))
+        handles.append(layer.input_layernorm.register_forward_hook(keep(("hidden", f"in{i}"), False)))
+        handles.append(layer.post_attention_layernorm.register_forward_hook(keep(("hidden", f"post{i}"), False)))
+    handles.append(model.model.norm.register_forward_hook(keep(("hidden", "final"), False)))
+    with torch.no_grad():
+        model(input_ids=calib)
+    for h in handles:
+        h.remove()
+
+    def aggregate(x):
+        per_block = x.abs().mean(1) if seq_agg == "mean" else x.pow(2).sum(1).sqrt()
+        return per_block.pow(2).sum(0).sqrt() if batch_agg == "l2" else per_block.mean(0)
+
+    head_dim = cfg.hidden_size // cfg.num_attention_heads if getattr(cfg, "head_dim", None) is None else cfg.head_dim
+    out = {"hidden": sum(aggregate(v) for (kind, _), v in taps.items() if kind == "hidden"), "mlp": {}, "heads": {}}
+    for (kind, i), v in taps.items():
+        if kind == "mlp":
+            out["mlp"][i] = aggregate(v)
+        elif kind == "heads":
+            b, l, _ = v.shape
+            out["heads"][i] = aggregate(v.reshape(b, l, -1, head_dim).pow(2).sum(-1).sqrt())
+    return out
+
+
+@pytest.mark.parametrize("seq_agg, batch_agg", [("mean", "l2"), ("l2", "mean")])
+def test_activation_importance_equals_the_hooked_model(family, seq_agg, batch_agg):
+    """Importance computed on the exported graph equals the definition measured with hooks on
+    the Hugging Face model the graph was exported from (an independent route to the same
+    activations)."""
     from pdc.graph.importance import compute
 
-    program = exported("llama")
-    results = {}
-    for seq_agg in ("mean", "l2"):
-        for batch_agg in ("l2", "mean"):
-            imp = compute(program, CALIB, ImportanceConfig(seq_agg=seq_agg, batch_agg=batch_agg))
-            assert imp.hidden.shape == (program.arch.hidden,)
-            assert all(s.shape == (program.arch.mlp,) and torch.isfinite(s).all() and (s >= 0).all() for s in imp.mlp.values())
-            assert all(s.shape == (program.arch.heads,) for s in imp.heads.values())
-            results[seq_agg, batch_agg] = imp.mlp[0]
-    assert not torch.allclose(results["mean", "l2"], results["l2", "l2"])
+    model = make_tiny_model(family)
+    program = exported(family)
+    imp = compute(program, CALIB, ImportanceConfig(seq_agg=seq_agg, batch_agg=batch_agg))
+    ref = _hooked_importance(model, CALIB, seq_agg, batch_agg)
+    close = dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(imp.hidden, ref["hidden"], **close)
+    rep = program.arch.heads // program.arch.kv_heads
+    for i in range(program.arch.layers):
+        torch.testing.assert_close(imp.mlp[i], ref["mlp"][i], **close)
+        torch.testing.assert_close(imp.heads[i], ref["heads"][i], **close)
+        torch.testing.assert_close(imp.kv_heads[i], ref["heads"][i].reshape(-1, rep).sum(1), **close)
 
 
 def test_prune_width_writes_its_outputs(tmp_path):
     """prune_width writes model/, kept_indices.json, importance.json/png and returns a typed
-    result whose counts match the architecture; a bad target fails before any work with a
-    one-line PdcError. (Atomicity is the runner's: tests/test_runner_e2e.py.)"""
+    result whose counts match the architecture and whose inputs name the source and the
+    calibration tokens by hash; a bad target fails before any work with a one-line PdcError.
+    (Atomicity is the runner's: tests/test_runner_e2e.py; the deployed files: test_artifacts_export.)"""
     src = tmp_path / "src"
     make_tiny_model("qwen2").save_pretrained(src)
     out = tmp_path / "prune"
-    result = prune_width(src, CALIB, WidthTarget(hidden=48, mlp=64), ImportanceConfig(), out, progress=False)
+    result = prune_width(src, CALIB, WidthTarget(hidden=48, mlp=64), ImportanceConfig(), out, progress=False,
+                         deploy=False)
     assert {p.name for p in out.iterdir()} >= {"model", "kept_indices.json", "importance.json", "importance.png"}
     kept = json.loads((out / "kept_indices.json").read_text())
     assert kept == result.kept
@@ -156,7 +223,8 @@ def test_prune_width_writes_its_outputs(tmp_path):
     want = Arch.from_hf_config(FAMILY_CONFIGS["qwen2"]).with_sizes(hidden=48, mlp=64).total_params()
     assert result.params_after == want and result.arch_after["hidden"] == 48
     assert json.loads((out / "model" / "config.json").read_text())["head_dim"] == 16
+    assert result.inputs.model == model_identity(src) and result.inputs.calibration == tokens_identity(CALIB)
     bad = tmp_path / "bad"
     with pytest.raises(PdcError, match="cannot keep 999 hidden channels: the source has 64"):
-        prune_width(src, CALIB, WidthTarget(hidden=999), ImportanceConfig(), bad, progress=False)
+        prune_width(src, CALIB, WidthTarget(hidden=999), ImportanceConfig(), bad, progress=False, deploy=False)
     assert not bad.exists()

@@ -1,6 +1,8 @@
 """The emit layer: every file written from a rewritten program.
 
-The Hugging Face checkpoint (`checkpoint`), the exported program and ONNX model (`artifacts`),
-the lock and its fingerprints (`lock`), and the training stages' launch files. Each output is
-produced from the same `pdc.graph.program.Program`; none re-traces a checkpoint.
+`pruned.emit_pruned` runs them for a prune stage: the Hugging Face checkpoint (`checkpoint`), the
+exported program and ONNX model (`artifacts`, from the one `seal` of the program), the identities
+and fingerprints the lock pins (`fingerprint`). The lock (`lock`) and the model cards
+(`model_card`) are documents built from the stage records; the training stages' launch files
+come from their settings (`launch_files`). Nothing here re-traces a checkpoint.
 """

@@ -31,6 +31,23 @@ def source_dtype(hf_config: dict) -> torch.dtype:
     return _DTYPES.get(str(name).replace("torch.", ""), torch.float32)
 
 
+def checkpoint_tensors(program: Program, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """The program's parameters as the checkpoint stores them: Hugging Face names, a tied
+    embedding/head matrix once (as `model.embed_tokens.weight`), cast to `dtype` when given."""
+    tensors = {}
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    params = program.state_dict()
+    for name, tensor in params.items():
+        if program.arch.tied and name == head:
+            if embed in params:
+                continue  # same values, sliced the same way: HF ties it back on load
+            name = embed  # the graph reads the shared tensor under one name
+        tensors[name] = tensor.detach() if dtype is None else tensor.detach().to(dtype).contiguous()
+    if program.arch.tied:
+        tensors.pop(head, None)
+    return tensors
+
+
 def emit_checkpoint(program: Program, model_dir: Path, source_dir: Optional[Path] = None,
                     dtype: Optional[torch.dtype] = None) -> Path:
     """Write config.json, model.safetensors and the source tokenizer files into `model_dir`
@@ -47,18 +64,7 @@ def emit_checkpoint(program: Program, model_dir: Path, source_dir: Optional[Path
     config.pop("torch_dtype", None)
     config.pop("_name_or_path", None)
     (model_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tensors = {}
-    head, embed = "lm_head.weight", "model.embed_tokens.weight"
-    params = program.state_dict()
-    for name, tensor in params.items():
-        if program.arch.tied and name == head:
-            if embed in params:
-                continue  # same values, sliced the same way: HF ties it back on load
-            name = embed  # the graph reads the shared tensor under one name
-        tensors[name] = tensor.detach().to(dtype).contiguous()
-    if program.arch.tied:
-        tensors.pop(head, None)
-    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(checkpoint_tensors(program, dtype), str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     if source_dir is not None:
         for fname in TOKENIZER_FILES:
             if (Path(source_dir) / fname).exists():

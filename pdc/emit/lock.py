@@ -1,26 +1,28 @@
-"""`prune.lock.json`: what a prune build produced, so CI can tell when a rebuild comes out different.
+"""The prune lock: what a prune stage produced, so CI can tell when a rebuild comes out different.
 
-`pdc compile` writes the lock next to the build (`build_lock` + `write_lock`); `pdc check`
-recompiles the prune stage into a scratch directory and calls `check_build`, which compares the
-committed lock with the fresh one. A lock records:
+After each prune stage the runner writes `<spec stem>.<stage>.lock.json` next to the spec (the
+file a project commits); `pdc check` recompiles the prune stage and compares the fresh lock with
+the committed one through `compare_locks`, the comparison the tests test. A lock is built from
+the stage's typed record alone (`build_lock`): the stage computed every hash and fingerprint
+while it held the rewritten program, so no checkpoint is reloaded and nothing is traced again.
 
-- `spec`:        sha256 of the spec text;
-- `source`:      the pruned-from checkpoint: sha256 of its config (volatile keys dropped) and of
-                 each weight file;
-- `inputs`:      shape and sha256 of the probe ids and of the calibration slice;
-- `kept_indices`: `prune/kept_indices.json` as written by the pruning stage;
-- `params`:      total / non-embedding parameter counts before and after;
-- `arch`:        the pruned architecture (sizes per axis);
-- `graph`:       structural fingerprint of `torch.export` of the pruned model (op/shape list hash,
-                 op counts) and every parameter's shape;
-- `numeric`:     logits on the probe (summary numbers and a slice) and LM loss on the
-                 calibration slice (or on the probe when there is none);
-- `environment`: torch/transformers/pdc versions -- recorded, never compared.
+- `spec`:         sha256 of the prune stage's settings (comments and other stages do not count);
+- `inputs`:       every input of the stage by content hash: the model it pruned (the source or
+                  the corrected teacher: config, each weight file, and one digest of both, the
+                  key a CI cache stores it under), the calibration tokens, the probe, and the
+                  task files of task saliency;
+- `kept_indices`: the source indices each axis kept, per layer, and the dropped layers;
+- `params`, `arch`: parameter counts before and after; the pruned sizes;
+- `graph`:        the sealed program's op/shape list (hash, op counts, dynamic axes) and every
+                  parameter's shape;
+- `numeric`:      the program's logits on the probe (summary numbers and a slice) and next-token
+                  loss on the probe and on the first calibration blocks;
+- `environment`:  torch/transformers/pdc versions -- recorded, never compared.
 
 Structure is compared exactly, numbers within `atol + rtol * |expected|`.
 
 Determinism: floats are rounded to `FLOAT_DIGITS` significant digits and the JSON is written with
-sorted keys and fixed layout, so the same build directory and inputs give a byte-identical lock.
+sorted keys and fixed layout, so the same record always gives a byte-identical lock.
 """
 
 from __future__ import annotations
@@ -36,60 +38,37 @@ import torch
 import transformers
 
 from pdc import __version__
-from pdc.arch import Arch
-from pdc.emit.artifacts import export_program, graph_fingerprint
 from pdc.errors import PdcError
 from pdc.files import write_text
-from pdc.graph.probe import default_probe
-from pdc.inputs.models import load_causal_lm
-from pdc.inputs.verify import content_hashes
+from pdc.plan.results import PruneResult, encode
 
-LOCK_VERSION = 1
+LOCK_VERSION = 2
 STAGE = "check"
-LOCK_NAME = "prune.lock.json"
+LOCK_SUFFIX = ".lock.json"
 FLOAT_DIGITS = 6
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-4
-REQUIRED_KEYS = ("lock_version", "spec", "source", "inputs", "kept_indices", "params", "arch", "graph", "numeric")
-LOGITS_SLICE = 8  # logits of the first vocab entries at each probe row's last position
+REQUIRED_KEYS = ("lock_version", "spec", "inputs", "kept_indices", "params", "arch", "graph", "numeric")
+
+
 # ---- building ----------------------------------------------------------------------------
-def build_lock(build_dir: Union[str, Path], source_dir: Optional[Union[str, Path]], spec_text: str,
-               probe_ids: Optional[torch.Tensor] = None, calib_blocks: Optional[torch.Tensor] = None,
-               stage_dir: Optional[Union[str, Path]] = None) -> dict:
-    """The lock of the pruned model in `stage_dir/model` (default `build_dir/prune`; a spec with
-    several prune stages locks each: `build_dir/prune2`, ...), pruned from `source_dir`.
-
-    `probe_ids` defaults to `default_probe(model_dir)`; the LM loss is measured on
-    `calib_blocks` (LongTensor [N, L]) when given, else on the probe.
-    Invariant: same directory contents and inputs -> equal dicts (and byte-equal `write_lock`);
-    no path is recorded, so two build directories with the same contents give the same lock."""
-    stage_dir = Path(stage_dir) if stage_dir is not None else Path(build_dir) / "prune"
-    model_dir = stage_dir / "model"
-    model = load_model(model_dir)
-    probe_ids = default_probe(model.config.vocab_size, model_dir) if probe_ids is None else probe_ids.long()
-    kept_path = stage_dir / "kept_indices.json"
-    kept = _read_json(kept_path, "lock") if kept_path.exists() else None
-
-    with torch.no_grad():
-        ep = export_program(model, probe_ids)
-    graph = graph_fingerprint(ep)
-    graph["param_shapes"] = {name: list(p.shape) for name, p in sorted(model.state_dict().items())}
-    del ep
-
+def build_lock(result: PruneResult, settings: str) -> dict:
+    """The lock of a prune stage from its typed result; `settings` is the canonical text of the
+    stage's settings. Invariant: equal results and settings give equal locks (and byte-equal
+    `write_lock`); no path is recorded, so two build directories give the same lock."""
+    fp = result.fingerprint
     lock = {
         "lock_version": LOCK_VERSION,
-        "spec": {"sha256": hashlib.sha256(spec_text.encode()).hexdigest()},
-        "source": source_identity(Path(source_dir)) if source_dir is not None else None,
-        "inputs": {"probe": tensor_identity(probe_ids), "calibration": tensor_identity(calib_blocks)},
-        "kept_indices": kept,
-        "params": {
-            "before": _source_counts(source_dir),
-            "after": _arch_counts(model.config.to_dict(), counted=_count_params(model)),
-        },
-        "arch": _arch_fields(model.config.to_dict()),
-        "graph": graph,
-        "numeric": numeric_fingerprint(model, probe_ids, calib_blocks),
-        "environment": _environment(),
+        "spec": {"sha256": hashlib.sha256(settings.encode()).hexdigest()},
+        "inputs": encode(result.inputs),
+        "kept_indices": result.kept,
+        "params": {"before": result.params_before, "after": result.params_after},
+        "arch": dict(result.arch_after),
+        "graph": {"hash": fp.graph_sha256, "nodes": fp.nodes, "op_counts": fp.op_counts, "dynamic": fp.dynamic,
+                  "param_shapes": fp.param_shapes},
+        "numeric": {"logits": encode(fp.logits), "probe_loss": fp.probe_loss,
+                    "calibration_loss": fp.calibration_loss, "calibration_blocks": fp.calibration_blocks},
+        "environment": {"pdc": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }
     return _rounded(lock)
 
@@ -126,104 +105,7 @@ def read_lock(path: Union[str, Path]) -> dict:
     return lock
 
 
-# ---- pieces ------------------------------------------------------------------------------
-def load_model(model_dir: Path):
-    """The checkpoint in `model_dir` in fp32 with SDPA attention (fixed, so the graph
-    fingerprint does not depend on how the model was loaded elsewhere)."""
-    return load_causal_lm(model_dir, STAGE, attn_implementation="sdpa")
-
-
-def source_identity(source_dir: Path) -> dict:
-    """sha256 of the config (canonical JSON without volatile keys) and of every weight file."""
-    return content_hashes(Path(source_dir), "lock")
-
-
-def tensor_identity(t: Optional[torch.Tensor]) -> Optional[dict]:
-    if t is None:
-        return None
-    data = t.detach().to(torch.int64).contiguous().numpy().tobytes()
-    return {"shape": list(t.shape), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def numeric_fingerprint(model, probe_ids: torch.Tensor, calib_blocks: Optional[torch.Tensor] = None,
-                        batch_size: int = 4) -> dict:
-    """Logit summary on the probe and mean next-token loss (calibration slice, else the probe)."""
-    with torch.no_grad():
-        logits = model(input_ids=probe_ids, use_cache=False).logits.float()
-        probe_loss = _lm_loss(logits, probe_ids)
-        if calib_blocks is not None and calib_blocks.numel():
-            total, count = 0.0, 0
-            for start in range(0, calib_blocks.shape[0], batch_size):
-                chunk = calib_blocks[start : start + batch_size].long()
-                chunk_logits = model(input_ids=chunk, use_cache=False).logits.float()
-                n = chunk.shape[0] * (chunk.shape[1] - 1)
-                total += _lm_loss(chunk_logits, chunk) * n
-                count += n
-            calib_loss = total / count
-        else:
-            calib_loss = None
-    last = logits[:, -1, :]
-    return {
-        "logits": {
-            "mean": float(logits.mean()),
-            "std": float(logits.std()),
-            "abs_max": float(logits.abs().max()),
-            "rms": float(logits.pow(2).mean().sqrt()),
-            "last_slice": last[:, :LOGITS_SLICE].tolist(),
-            "last_logsumexp": torch.logsumexp(last, dim=-1).tolist(),
-        },
-        "probe_loss": probe_loss,
-        "calibration_loss": calib_loss,
-    }
-
-
-def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    return float(torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
-    ))
-
-
-def _arch_fields(cfg: dict) -> dict:
-    a = Arch.from_hf_config(cfg)
-    return {k: getattr(a, k) for k in ("model_type", "vocab", "hidden", "mlp", "layers", "heads", "kv_heads", "head_dim", "tied")}
-
-
-def _arch_counts(cfg: dict, counted: Optional[int] = None) -> dict:
-    a = Arch.from_hf_config(cfg)
-    out = {"total": a.total_params(), "non_embedding": a.non_embedding_params()}
-    if counted is not None:
-        out["counted"] = counted  # sum(numel) of the loaded model; equals "total" when consistent
-    return out
-
-
-def _source_counts(source_dir: Optional[Union[str, Path]]) -> Optional[dict]:
-    if source_dir is None or not (Path(source_dir) / "config.json").exists():
-        return None
-    return _arch_counts(_config_of(Path(source_dir)))
-
-
-def _count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
-
-
-def _config_of(model_dir: Path) -> dict:
-    return _read_json(Path(model_dir) / "config.json", "lock")
-
-
-def _environment() -> dict:
-    return {"pdc": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-
-def _read_json(path: Path, stage: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise PdcError(f"file not found: {path}", stage) from None
-    except json.JSONDecodeError as exc:
-        raise PdcError(f"{path} is not valid JSON ({exc})", stage) from exc
-
-
+# ---- canonical text ----------------------------------------------------------------------
 def _round_float(x: float) -> Any:
     if math.isnan(x) or math.isinf(x):
         return str(x)  # JSON has no NaN/inf; a string still compares (and fails) visibly
@@ -353,19 +235,22 @@ def describe_path(path: Sequence) -> str:
         return f"parameter {p[2]} shape"
     if p[:2] == ["numeric", "logits"]:
         return "logits probe " + " ".join(p[2:])
+    if p[:3] == ["inputs", "model", "weights_sha256"] and len(p) == 4:
+        return f"prune input weight file {p[3]} (sha256)"
+    if p[:2] == ["inputs", "tasks"] and len(p) == 3:
+        return f"task file {p[2]} (sha256)"
     names = {
-        ("spec", "sha256"): "spec text",
-        ("source", "config_sha256"): "source config",
+        ("spec", "sha256"): "prune settings (sha256)",
+        ("inputs", "model", "sha256"): "prune input (sha256)",
+        ("inputs", "model", "config_sha256"): "prune input config (sha256)",
+        ("inputs", "probe"): "probe ids",
+        ("inputs", "calibration"): "calibration tokens",
         ("graph", "hash"): "graph structure (op/shape list hash)",
         ("graph", "op_counts"): "graph op counts",
-        ("inputs", "probe"): "probe ids",
-        ("inputs", "calibration"): "calibration slice",
     }
     for n in range(len(p), 0, -1):
         if tuple(p[:n]) in names:
             return " ".join([names[tuple(p[:n])]] + p[n:])
-    if p[:2] == ["source", "weights_sha256"] and len(p) == 3:
-        return f"source weight file {p[2]}"
     return " ".join(p)
 
 
@@ -434,25 +319,3 @@ def render_mismatches(mismatches: Iterable[Mismatch], expected: Optional[dict] =
         changed = [f"{k} {e.get(k)} -> {a.get(k)}" for k in sorted(set(e) | set(a)) if e.get(k) != a.get(k)]
         lines.append(f"  note: the environment differs ({', '.join(changed)}); numeric drift may come from it")
     return "\n".join(lines)
-
-
-# ---- pdc check ---------------------------------------------------------------------------
-def check_build(build_dir: Union[str, Path], lock_path: Union[str, Path], *,
-                rtol: Optional[float] = None, atol: Optional[float] = None,
-                source_dir: Optional[Union[str, Path]] = None, spec_text: Optional[str] = None,
-                probe_ids: Optional[torch.Tensor] = None,
-                calib_blocks: Optional[torch.Tensor] = None,
-                stage_dir: Optional[Union[str, Path]] = None) -> tuple[bool, str]:
-    """Compare the committed lock at `lock_path` with the build in `build_dir`.
-
-    The build's own lock (`build_dir/prune.lock.json`, written by the recompile) is used when no
-    inputs are given; with `spec_text` (and optionally `source_dir`, `probe_ids`,
-    `calib_blocks`, `stage_dir`) the lock is rebuilt here from the build. Returns
-    (matches, report)."""
-    expected = read_lock(lock_path)
-    if spec_text is None:
-        actual = read_lock(Path(build_dir) / LOCK_NAME)
-    else:
-        actual = build_lock(build_dir, source_dir, spec_text, probe_ids, calib_blocks, stage_dir=stage_dir)
-    mismatches = compare_locks(expected, actual, rtol=rtol, atol=atol)
-    return (not mismatches), render_mismatches(mismatches, expected, actual)

@@ -1,10 +1,14 @@
 """Export a Hugging Face causal LM to a `Program`, and seal a rewritten program back into an
 `ExportedProgram`: the only two places pdc calls `torch.export.export`.
 
-Export settings (transformers 5.x): eager attention (so grouped-query attention appears as explicit
-`expand`/`reshape` nodes whose shape constants the head pass can rewrite), `use_cache=False`, and
-the wrapper (`LogitsOnly`) returns only the logits tensor. Batch and sequence are dynamic
-dimensions, so one graph serves the probe, the calibration batches and every output.
+Export settings (transformers 5.x): SDPA attention (`ATTENTION`), the implementation a deployed
+checkpoint runs, so importance, every emitted file and the lock all see the one graph that is
+deployed. The attention core is one `aten.scaled_dot_product_attention` node; grouped-query
+attention appears before it as `repeat_kv`'s explicit `expand`/`reshape` nodes (or as SDPA's
+`enable_gqa`), whose shape constants the head pass rewrites (`pdc.graph.structure`).
+`use_cache=False`, and the wrapper (`LogitsOnly`) returns only the logits tensor. Batch and
+sequence are dynamic dimensions, so one graph serves the probe, the calibration batches and every
+output.
 
 A source directory is exported on the meta device: parameters are created empty
 (`accelerate.init_empty_weights(include_buffers=False)`: small computed buffers such as the rotary
@@ -29,6 +33,7 @@ from pdc.graph.weights import WeightStore
 
 # Counts every `torch.export.export` call pdc makes (tests assert how many a compile needs).
 EXPORT_CALLS = {"trace": 0, "seal": 0}
+ATTENTION = "sdpa"  # the attention implementation traced (see the module docstring)
 
 
 class LogitsOnly(torch.nn.Module):
@@ -63,20 +68,25 @@ def _export(module: torch.nn.Module, probe: torch.Tensor, what: str) -> "torch.e
         raise PdcError(f"{label}: {type(exc).__name__}: {first}", STAGE) from exc
 
 
-def export_model(model: torch.nn.Module, probe: Optional[torch.Tensor] = None) -> Program:
-    """Export an in-memory HF causal LM (weights included) to a `Program`.
+def export_model(model: torch.nn.Module, probe: Optional[torch.Tensor] = None,
+                 hf_config: Optional[dict] = None) -> Program:
+    """Export an in-memory HF causal LM (weights included) to a `Program` whose parameters are
+    the model's own tensors (shared, not copied). `hf_config` is the config the program records
+    for emitting (default `model.config.to_dict()`; pass the checkpoint's config.json to emit
+    what the source said).
 
     Invariant: `program.forward(ids)` equals `model(ids).logits` for any batch/length."""
     config = model.config
-    arch = source_arch(config.to_dict())
+    hf_config = config.to_dict() if hf_config is None else dict(hf_config)
+    arch = source_arch(hf_config)
     probe = default_probe(arch.vocab) if probe is None else probe
     previous = getattr(config, "_attn_implementation", None)
-    config._attn_implementation = "eager"
+    config._attn_implementation = ATTENTION
     try:
         ep = _export(LogitsOnly(model).eval(), probe, "trace")
     finally:
         config._attn_implementation = previous
-    program = Program(gm=ep.module(), arch=arch, hf_config=config.to_dict(), probe=probe)
+    program = Program(gm=ep.module(), arch=arch, hf_config=hf_config, probe=probe)
     program.kept = full_kept(arch)
     _drop_dead_nodes(program.gm)
     return program
@@ -84,7 +94,8 @@ def export_model(model: torch.nn.Module, probe: Optional[torch.Tensor] = None) -
 
 def export_dir(model_dir: Path, probe: Optional[torch.Tensor] = None, progress: bool = False) -> Program:
     """Export the checkpoint in `model_dir` on the meta device; `program.weights` reads its
-    tensors on demand (call `materialize(program)` to load them all)."""
+    tensors on demand (call `materialize(program)` to load them all). The probe defaults to
+    `default_probe` with the checkpoint's tokenizer (its real-text row)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -94,11 +105,11 @@ def export_dir(model_dir: Path, probe: Optional[torch.Tensor] = None, progress: 
     cfg_dict = json.loads((model_dir / "config.json").read_text())
     arch = source_arch(cfg_dict)
     config = AutoConfig.from_pretrained(model_dir)
-    config._attn_implementation = "eager"
+    config._attn_implementation = ATTENTION
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     model.eval()
-    probe = default_probe(arch.vocab) if probe is None else probe
+    probe = default_probe(arch.vocab, model_dir) if probe is None else probe
     bar = _bar(progress, "export")
     ep = _export(LogitsOnly(model), probe, "trace")
     bar.update(1)

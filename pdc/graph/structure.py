@@ -13,8 +13,12 @@ No per-model name tables: the groups come from how tensors flow.
    class holds its gate/up output rows: one MLP neuron group per layer.
 2. Attention: a linear that writes the residual stream but whose input label is opaque (it comes
    from a reshape) is an output projection. Its q/k/v are the nearest linear ancestors of its
-   input; the matmul feeding the output projection names v (its right operand), the matmul
-   before the softmax names q (left) and k (right).
+   input. The attention core names their roles: `aten.scaled_dot_product_attention(q, k, v,
+   mask)` (how pdc exports) by its operands; with explicit matmuls (eager attention), the matmul
+   feeding the output projection names v (its right operand), the matmul before the softmax
+   names q (left) and k (right). Grouped-query attention is either `repeat_kv` (an
+   unsqueeze/expand/reshape of k and v to the query head count, whose constants are recorded
+   below) or SDPA's `enable_gqa=True` (no constants: SDPA reads the head counts from q and k).
 3. Shape constants: inside each attention region, per-dimension roles ("head", "kv", "rep",
    "hd", flattened tuples like ("head", "hd")) are propagated through view/reshape/transpose/
    unsqueeze/expand/matmul/elementwise nodes using the recorded fake-tensor shapes. Every explicit
@@ -57,6 +61,8 @@ REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.var.correction, aten.ama
 # Ops that carry no data.
 IGNORED = {aten._assert_tensor_metadata.default, aten.sym_size.int}
 SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+MATMULS = {aten.matmul.default, aten.bmm.default}
+SDPA = aten.scaled_dot_product_attention.default  # (query, key, value, attn_mask, ...)
 
 
 @dataclass
@@ -134,6 +140,43 @@ class Structure:
             m.size = int(program.param(m.down).shape[1])
             a.heads = int(program.param(a.q).shape[0]) // a.head_dim
             a.kv_heads = int(program.param(a.k).shape[0]) // a.head_dim
+
+    def check_shapes(self, program: Program) -> Optional[str]:
+        """None when every coupled dimension agrees with the (resized) sizes: each hidden member
+        has `hidden.size` along its coupled dimension; each MLP's rows, row biases and down
+        columns have its size; q/o have heads*head_dim, k/v kv_heads*head_dim, heads divide
+        evenly over kv groups; every recorded shape constant holds the product of its roles'
+        counts. Otherwise one line naming the first parameter or constant that disagrees. From
+        parameter shapes and node arguments alone: what a slicing pass must preserve, checked
+        without running the graph."""
+        def size(name: str, dim: int) -> int:
+            return int(program.param(name).shape[dim])
+
+        for name, dim in self.hidden.members:
+            if size(name, dim) != self.hidden.size:
+                return f"{name} has {size(name, dim)} hidden channels along dim {dim}, not {self.hidden.size}"
+        nodes = {n.name: n for n in program.gm.graph.nodes}
+        for layer in self.layers:
+            m, a = layer.mlp, layer.attn
+            for name, dim in [(r, 0) for r in m.rows + m.row_biases] + [(m.down, 1)]:
+                if size(name, dim) != m.size:
+                    return f"layer {layer.index}: {name} has {size(name, dim)} MLP neurons, not {m.size}"
+            if a.kv_heads < 1 or a.heads % a.kv_heads:
+                return f"layer {layer.index}: {a.heads} query heads do not split evenly over {a.kv_heads} kv groups"
+            want = {(a.q, 0): a.heads, (a.q_bias, 0): a.heads, (a.o, 1): a.heads,
+                    (a.k, 0): a.kv_heads, (a.v, 0): a.kv_heads, (a.k_bias, 0): a.kv_heads, (a.v_bias, 0): a.kv_heads}
+            for (name, dim), count in want.items():
+                if name is not None and size(name, dim) != count * a.head_dim:
+                    return (f"layer {layer.index}: {name} has {size(name, dim)} rows/columns along dim {dim}, "
+                            f"not {count} heads x {a.head_dim}")
+            counts = {"head": a.heads, "kv": a.kv_heads, "rep": a.heads // a.kv_heads, "hd": a.head_dim}
+            for c in a.shape_consts:
+                value, expected = nodes[c.node].args[1][c.index], 1
+                for role in c.roles:
+                    expected *= counts[role]
+                if value != expected:
+                    return f"layer {layer.index}: shape constant {c.node}[{c.index}] is {value}, not {'*'.join(c.roles)} = {expected}"
+        return None
 
     def mismatch(self, fresh: "Structure", program: Program) -> Optional[str]:
         """Compare this (resized) structure with `fresh` rediscovery of the same graph; None if
@@ -446,15 +489,10 @@ def _attention(program, o_node, o_w, o_b, readers, order, param_of, label) -> At
     qkv = _linear_ancestors(o_in, set(reader_nodes))
     if len(qkv) != 3:
         raise PdcError(f"cannot classify node {_describe_node(o_node)}: expected q/k/v projections, found {len(qkv)}", STAGE)
-    # Walk back to the matmuls: the last one before o is probs @ V, the one before softmax is Q @ K^T.
-    matmuls = [n for n in _ancestors(o_in, stop=set(qkv)) if n.target in (aten.matmul.default, aten.bmm.default)]
-    matmuls.sort(key=lambda n: order[n])
-    if len(matmuls) < 2:
-        raise PdcError(f"cannot classify node {_describe_node(o_node)}: attention without two matmuls", STAGE)
-    qk, av = matmuls[-2], matmuls[-1]
-    v = _linear_ancestors(av.args[1], set(qkv))
-    q = _linear_ancestors(qk.args[0], set(qkv))
-    k = _linear_ancestors(qk.args[1], set(qkv))
+    q_in, k_in, v_in = _attention_operands(o_node, o_in, qkv, order)
+    v = _linear_ancestors(v_in, set(qkv))
+    q = _linear_ancestors(q_in, set(qkv))
+    k = _linear_ancestors(k_in, set(qkv))
     if len(v) != 1 or len(q) != 1 or len(k) != 1:
         raise PdcError(f"cannot classify node {_describe_node(o_node)}: q/k/v roles are ambiguous", STAGE)
     (qn,), (kn,), (vn,) = q, k, v
@@ -469,6 +507,23 @@ def _attention(program, o_node, o_w, o_b, readers, order, param_of, label) -> At
     )
     attn.shape_consts = _shape_consts(qn, kn, vn, o_in, heads, kv_heads, head_dim)
     return attn
+
+
+def _attention_operands(o_node, o_in, qkv: set, order: dict) -> tuple:
+    """The nodes that enter the attention core as query, key and value."""
+    region = _ancestors(o_in, stop=set(qkv))
+    cores = sorted((n for n in region if n.target is SDPA), key=lambda n: order[n])
+    if len(cores) == 1:
+        return tuple(cores[0].args[:3])
+    if cores:
+        raise PdcError(f"cannot classify node {_describe_node(o_node)}: {len(cores)} attention cores feed it", STAGE)
+    # Explicit matmuls: the last one before o is probs @ V, the one before the softmax Q @ K^T.
+    matmuls = sorted((n for n in region if n.target in MATMULS), key=lambda n: order[n])
+    if len(matmuls) < 2:
+        raise PdcError(f"cannot classify node {_describe_node(o_node)}: attention without "
+                       "scaled_dot_product_attention or two matmuls", STAGE)
+    qk, av = matmuls[-2], matmuls[-1]
+    return qk.args[0], qk.args[1], av.args[1]
 
 
 def _ancestors(start, stop: set) -> list:
@@ -534,9 +589,15 @@ def _shape_consts(qn, kn, vn, o_in, heads, kv_heads, head_dim) -> list[ShapeCons
             out = src[:d] + [("1",)] + src[d:]
         elif t is aten.expand.default:
             out = [("rep",) if r == ("1",) and s != 1 else r for r, s in zip(src, shape)]
-        elif t in (aten.matmul.default, aten.bmm.default):
+        elif t in MATMULS:
             b_roles = roles.get(node.args[1])
             out = src[:-1] + ([b_roles[-1]] if b_roles else [(f"y{node.name}",)])
+        elif t is SDPA:  # the query's layout; the value's head_dim
+            q_roles, v_roles = roles.get(node.args[0]), roles.get(node.args[2])
+            if q_roles is None or v_roles is None:
+                raise PdcError(f"cannot classify node {_describe_node(node)}: attention operands are not "
+                               "derived from the q/v projections", STAGE)
+            out = q_roles[:-1] + [v_roles[-1]]
         else:  # elementwise, softmax, slice/cat on the head dim, casts: same layout as the first input
             out = list(src) if len(src) == len(shape) else [(f"z{i}",) for i in range(len(shape))]
         roles[node] = out

@@ -24,7 +24,7 @@ from pdc.errors import PdcError
 from pdc.files import write_json
 
 RECORD_FILE = "stage.json"
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 # The evaluation table's model columns, in the order a reader compares them.
 MODEL_COLUMNS = ("teacher", "corrected teacher", "pruned", "distilled")
 
@@ -128,9 +128,68 @@ class ArtifactResult:
 
 
 @dataclass(frozen=True)
+class ModelIdentity:
+    """A checkpoint directory by content: sha256 of its config (canonical JSON, tool-version keys
+    left out) and of each weight file; `sha256` digests both (the key a CI cache stores it by)."""
+
+    sha256: str
+    config_sha256: Optional[str]
+    weights_sha256: dict[str, str]
+
+
+@dataclass(frozen=True)
+class TokensIdentity:
+    """Token ids by content: shape and sha256 of the int64 bytes."""
+
+    shape: tuple[int, ...]
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PruneInputs:
+    """Everything a prune stage reads, by content hash: the model it prunes (the source or the
+    corrected teacher), its calibration tokens (None when it reads none, e.g. task saliency), the
+    probe its program is checked and fingerprinted on, and the task files task saliency reads."""
+
+    model: ModelIdentity
+    calibration: Optional[TokensIdentity]
+    probe: TokensIdentity
+    tasks: Optional[dict[str, str]] = None  # task saliency: sha256 of each file of the local tasks directory
+
+
+@dataclass(frozen=True)
+class LogitsSummary:
+    mean: float
+    std: float
+    abs_max: float
+    rms: float
+    last_slice: list[list[float]]  # the first vocab entries at each probe row's last position
+    last_logsumexp: list[float]
+
+
+@dataclass(frozen=True)
+class ProgramFingerprint:
+    """The rewritten program in two views. Structure: the sealed `ExportedProgram`'s op/shape
+    list (its sha256, length, op counts, whether batch and sequence stayed dynamic) and every
+    parameter's shape. Numbers: logits on the probe and next-token loss on the probe and on the
+    first calibration blocks (`calibration_blocks` of them; loss None without calibration)."""
+
+    graph_sha256: str
+    nodes: int
+    op_counts: dict[str, int]
+    dynamic: bool
+    param_shapes: dict[str, list[int]]
+    logits: LogitsSummary
+    probe_loss: float
+    calibration_loss: Optional[float]
+    calibration_blocks: int
+
+
+@dataclass(frozen=True)
 class PruneResult:
     """Width or depth pruning (`kind`). `arch_before/after` are sizes by axis; `kept` is the
-    kept-indices map (source indices per axis and layer, and the dropped layers)."""
+    kept-indices map (source indices per axis and layer, and the dropped layers); `inputs` and
+    `fingerprint` are what the lock pins."""
 
     kind: str
     params_before: int
@@ -139,6 +198,8 @@ class PruneResult:
     arch_after: dict[str, int]
     kept: dict[str, Any]
     seconds: dict[str, float]
+    inputs: PruneInputs
+    fingerprint: ProgramFingerprint
     importance: Optional[str] = None  # width: activation | magnitude | random
     calibration_tokens: Optional[int] = None
     saliency: Optional[SaliencyResult] = None  # depth

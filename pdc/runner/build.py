@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from pdc import __version__
-from pdc.emit import artifacts
+from pdc.emit.fingerprint import model_identity
 from pdc.emit.launch_files import write_stage_files
-from pdc.emit.lock import build_lock, write_lock
+from pdc.emit.lock import LOCK_SUFFIX, build_lock, write_lock
+from pdc.emit.model_card import ROLES, CardEvaluation, CardSource, render_card, write_card
 from pdc.errors import PdcError, one_line
 from pdc.files import (
     exclusive_lock,
@@ -52,7 +53,15 @@ from pdc.inputs.shards import Blocks
 from pdc.inputs.verify import check_same_vocabulary, load_tokenizer, verify_checkpoint
 from pdc.lang.checked import CheckedSpec
 from pdc.plan.dry_run import build_plan
-from pdc.plan.results import StageRecord, StageResult, TeacherLogitsResult, read_record, write_record
+from pdc.plan.results import (
+    EvaluateResult,
+    ModelIdentity,
+    StageRecord,
+    StageResult,
+    TeacherLogitsResult,
+    read_record,
+    write_record,
+)
 from pdc.plan.stage_graph import (
     ModelRef,
     Node,
@@ -66,12 +75,11 @@ from pdc.runner.comparison_report import write_comparison_report
 from pdc.runner.report import write_report
 from pdc.stages.correct import run_correct
 from pdc.stages.distill import run_distill
-from pdc.stages.evaluate import comparison_table, evaluate_models, write_results
+from pdc.stages.evaluate import comparison_rows, comparison_table, evaluate_models, write_results
 from pdc.stages.prune_depth import prune_depth
 from pdc.stages.prune_width import prune_width
 from pdc.stages.teacher_logits import compute_teacher_logits
 
-LOCK_CALIB_BLOCKS = 4  # calibration blocks whose LM loss goes into the lock's numeric fingerprint
 STAGES_FILE = "stages.json"
 BUILD_LOCK = ".pdc-build.lock"  # held while a run writes into the build directory
 
@@ -80,8 +88,13 @@ def default_build_dir(spec: CheckedSpec) -> Path:
     return Path(spec.path).parent / "build" / Path(spec.path).stem
 
 
-def lock_path_of(build_dir: Path, prune_name: str) -> Path:
-    return Path(build_dir) / f"{prune_name}.lock.json"
+def lock_path_of(spec: CheckedSpec, prune_name: str, variant: Optional[str] = None) -> Path:
+    """Where a prune stage's lock lives: next to the spec, `<spec stem>.<stage>.lock.json` (a file
+    to commit with the spec, outside the ignored build directory); a comparison variant's is
+    `<spec stem>.<variant>.<stage>.lock.json`."""
+    spec_path = Path(spec.path)
+    parts = [spec_path.stem] + ([variant] if variant else []) + [prune_name]
+    return spec_path.with_name(".".join(parts) + LOCK_SUFFIX)
 
 
 def settings_identity(x):
@@ -104,8 +117,10 @@ class Build:
     """One build directory and the stage graph of one spec."""
 
     def __init__(self, spec: CheckedSpec, out_dir: Optional[Path] = None, progress: bool = True,
-                 artifacts: bool = True, launch: Launch = Launch(), shared: Optional[dict[str, Path]] = None):
+                 artifacts: bool = True, launch: Launch = Launch(), shared: Optional[dict[str, Path]] = None,
+                 variant: Optional[str] = None):
         self.spec = spec
+        self.variant = variant  # the comparison variant this build is, if any
         # Finished stages of sibling builds (a comparison's variants) by content key: a stage
         # whose key is there is not run again but linked to.
         self.shared = shared
@@ -120,6 +135,7 @@ class Build:
         self._keys: dict[str, str] = {}
         self._overrides: dict[str, Path] = {}  # stage -> an existing model dir standing in for it
         self._verified: set[Path] = set()
+        self._identities: dict[str, ModelIdentity] = {}  # source model -> content hashes (model cards)
 
     # -- models and data --
     def source_dir(self, name: str) -> Path:
@@ -133,6 +149,13 @@ class Build:
         if ref.stage in self._overrides:
             return self._overrides[ref.stage]
         return self.out / ref.stage / "model"
+
+    def use_model(self, ref: ModelRef, model_dir: Path) -> None:
+        """Read `model_dir` wherever the graph reads `ref` (`pdc check --prune-input/--build`)."""
+        if isinstance(ref, SourceRef):
+            self._sources[ref.model] = Path(model_dir)
+        else:
+            self._overrides[ref.stage] = Path(model_dir)
 
     def tokenizer(self, model_dir: Path, stage: Optional[str] = None):
         if model_dir not in self._tokenizers:
@@ -347,26 +370,60 @@ class Build:
                 write_stage_files(self.out / f"{node.name}.work", node.decl.train, stage=node.name,
                                   launch=self.launch)
 
+    def lock(self, name: str) -> dict:
+        """The lock of prune stage `name`, from its record. It pins what decides the pruned
+        graph (the stage's settings), not the spec's text: editing a comment or another stage
+        must not fail `pdc check`."""
+        record = self.record(name)
+        if record is None:
+            raise PdcError(f"stage {name!r} has not run: no lock to write", name)
+        settings = json.dumps(settings_identity(self.graph.node(name).decl), sort_keys=True, default=repr)
+        return build_lock(record.result, settings)
+
     def write_lock(self, name: str) -> Path:
-        node = self.graph.node(name)
-        st = node.decl
-        source = self.model_dir(node.inputs["model"])
-        seq_len = st.importance.seq_len if st.kind == "width" else st.depth.saliency.seq_len
-        calib = None
-        if st.data:  # the first calibration blocks (prune already checked there are enough)
-            blocks = self.blocks(st.data, source, seq_len, name)
-            calib = blocks[:min(LOCK_CALIB_BLOCKS, len(blocks))].read()
-        # The lock pins what decides the pruned graph (the stage's settings), not the spec's
-        # text: editing a comment or another stage must not fail `pdc check`.
-        identity = json.dumps(settings_identity(st), sort_keys=True, default=repr)
-        path = lock_path_of(self.out, name)
-        try:
-            lock = build_lock(self.out, source, identity, calib_blocks=calib, stage_dir=self.out / name)
-            return write_lock(lock, path)
-        except PdcError:
-            raise
-        except Exception as exc:  # torch.export, onnxruntime or a write failing under the lock
-            raise PdcError(f"cannot write the lock {path}: {one_line(exc)}", name) from exc
+        return write_lock(self.lock(name), lock_path_of(self.spec, name, self.variant))
+
+    # -- model cards: README.md in every stage's model/, derived from the records --
+    def write_cards(self) -> list[Path]:
+        """Write (or refresh) the card of every stage model that exists; a stage whose record
+        or upstream records are missing or unreadable gets none (yet)."""
+        written = []
+        for node in self.graph.nodes.values():
+            model_dir = self.out / node.name / "model"
+            if node.kind not in ROLES or not (model_dir / "config.json").exists():
+                continue
+            try:
+                lineage = [self.record(n) for n in self.graph.ancestors(node.name) + [node.name]]
+            except PdcError:
+                continue
+            if any(r is None for r in lineage):
+                continue
+            text = render_card(node.name, str(self.spec.path), self.spec.text, self._card_source(), lineage,
+                               self._card_evaluation(node.name))
+            written.append(write_card(model_dir, text))
+        return written
+
+    def _card_source(self) -> CardSource:
+        name = self.spec.source_model
+        if name not in self._identities:  # hashed once per invocation
+            self._identities[name] = model_identity(self.source_dir(name))
+        src = self.spec.models[name]
+        return CardSource(name=name, kind=src.kind, ref=src.ref, identity=self._identities[name])
+
+    def _card_evaluation(self, stage: str) -> Optional[CardEvaluation]:
+        """The build's comparison table with `stage`'s column marked (None before evaluation)."""
+        for node in self.graph.of_kind("evaluate"):
+            try:
+                record = self.record(node.name)
+            except PdcError:
+                return None
+            if record is None or not isinstance(record.result, EvaluateResult):
+                return None
+            columns, rows = comparison_rows(record.result)
+            column = next((label for label, ref in node.inputs.items()
+                           if ref == StageRef(stage) and label in record.result.models), None)
+            return CardEvaluation(columns=columns, rows=rows, column=column, limit=record.result.limit)
+        return None
 
 
 # ---- the stage functions: (build, node, staging dir) -> typed result --------------------------
@@ -408,13 +465,11 @@ def _run_prune(build: Build, node: Node, out: Path) -> StageResult:
     data = stage_blocks(build, node, model_dir)
     if st.kind == "width":
         calib = data["calibration"].read() if "calibration" in data else None  # magnitude/random read no data
-        result = prune_width(model_dir, calib, st.width, st.importance, out, progress=build.progress)
-    else:
-        blocks = data["saliency"].read() if "saliency" in data else None
-        result = prune_depth(model_dir, st.depth, blocks, out, tasks_dir=build.tasks_dir(), progress=build.progress)
-    if build.artifacts:
-        result = dataclasses.replace(result, artifacts=artifacts.emit_all(out, progress=build.progress))
-    return result
+        return prune_width(model_dir, calib, st.width, st.importance, out, progress=build.progress,
+                           deploy=build.artifacts)
+    blocks = data["saliency"].read() if "saliency" in data else None
+    return prune_depth(model_dir, st.depth, blocks, out, tasks_dir=build.tasks_dir(), progress=build.progress,
+                       deploy=build.artifacts)
 
 
 def _run_teacher_logits(build: Build, node: Node, out: Path) -> StageResult:
@@ -482,7 +537,8 @@ def _run(build: Build, names: list[str]) -> Path:
             for name in names:
                 build.run_stage(name)
                 if build.graph.node(name).kind == "prune":
-                    build.write_lock(name)
+                    print(f"[pdc] lock: {build.write_lock(name)}")
+                build.write_cards()
         except PdcError:
             try:
                 write_report(build.out)  # the report shows the stage that failed and why
@@ -494,13 +550,13 @@ def _run(build: Build, names: list[str]) -> Path:
     return build.out
 
 
-def _recipes(spec: CheckedSpec, out_dir: Optional[Path]) -> list[tuple[CheckedSpec, Path]]:
-    """The recipes a spec builds and where: itself, or each variant of its comparison in
-    `<build>/<variant>/`."""
+def _recipes(spec: CheckedSpec, out_dir: Optional[Path]) -> list[tuple[CheckedSpec, Path, Optional[str]]]:
+    """The recipes a spec builds, where, and their variant names: itself, or each variant of its
+    comparison in `<build>/<variant>/`."""
     out = Path(out_dir) if out_dir else default_build_dir(spec)
     if spec.comparison is None:
-        return [(spec, out)]
-    return [(v.spec, out / v.name) for v in spec.comparison.variants]
+        return [(spec, out, None)]
+    return [(v.spec, out / v.name, v.name) for v in spec.comparison.variants]
 
 
 def _finish_comparison(spec: CheckedSpec, out_dir: Optional[Path]) -> None:
@@ -515,8 +571,8 @@ def compile_spec(spec: CheckedSpec, out_dir: Optional[Path] = None, progress: bo
     and launch commands of the later stages; for a comparison, of every variant (stages equal
     across variants run once)."""
     shared: dict[str, Path] = {}
-    for recipe, out in _recipes(spec, out_dir):
-        build = Build(recipe, out, progress, shared=shared)
+    for recipe, out, variant in _recipes(spec, out_dir):
+        build = Build(recipe, out, progress, shared=shared, variant=variant)
         prunes = [n.name for n in build.graph.of_kind("prune")]
         if not prunes:
             raise PdcError("the spec has no prune stage: nothing to compile (use `pdc run`)")
@@ -532,8 +588,8 @@ def run_spec(spec: CheckedSpec, out_dir: Optional[Path] = None, stage: Optional[
     comparison, every variant, sharing the stages that are equal across variants, then the
     comparison report."""
     shared: dict[str, Path] = {}
-    for recipe, out in _recipes(spec, out_dir):
-        build = Build(recipe, out, progress, launch=launch, shared=shared)
+    for recipe, out, variant in _recipes(spec, out_dir):
+        build = Build(recipe, out, progress, launch=launch, shared=shared, variant=variant)
         if stage is not None:
             if stage not in build.graph.nodes:
                 raise PdcError(f"the spec has no stage {stage!r} (it has: {', '.join(build.graph.names)})")

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -35,7 +34,7 @@ from pdc.plan.results import (
 )
 from pdc.plotting import pyplot, save_figure
 from pdc.runner.report import Doc, format_number, read_log_records, render_html, render_markdown
-from pdc.runner.stats import Difference, paired_bootstrap, paired_items, unpaired_interval
+from pdc.runner.stats import Difference, format_difference, score_differences, verdict
 
 STAGE = "report"
 LOSSES_PNG = "comparison_losses.png"
@@ -115,43 +114,10 @@ def _summary_table(doc: Doc, variants: list[Variant]) -> None:
 
 
 def differences(reference: Variant, other: Variant) -> list[tuple[str, Difference]]:
-    """(metric, other - reference) for the perplexity and every task both final models have."""
-    out: list[tuple[str, Difference]] = []
+    """(metric, other - reference) between the two variants' final models."""
     if not reference.final or not other.final:
-        return out
-    a, b = reference.final[1], other.final[1]
-    if a.perplexity is not None and b.perplexity is not None:
-        if a.block_nll and len(a.block_nll) == len(b.block_nll):
-            d = paired_bootstrap(a.block_nll, b.block_nll)
-            # the interval on the mean NLL difference, shown as a perplexity ratio
-            out.append(("perplexity ratio", Difference(math.exp(d.delta), math.exp(d.low), math.exp(d.high),
-                                                       "paired bootstrap over blocks")))
-        else:
-            out.append(("perplexity ratio", Difference(b.perplexity / a.perplexity, math.nan, math.nan,
-                                                       "no per-block data: no interval")))
-    for task, sa in a.tasks.items():
-        sb = b.tasks.get(task)
-        if sb is None:
-            continue
-        metric = sa.primary
-        if sa.per_item and len(sa.per_item) == len(sb.per_item):
-            out.append((f"{task} {metric}", paired_items(sa.per_item, sb.per_item)))
-        elif metric in sa.stderr and metric in sb.stderr:
-            out.append((f"{task} {metric}", unpaired_interval(sa.values[metric], sa.stderr[metric],
-                                                              sb.values[metric], sb.stderr[metric])))
-    return out
-
-
-def _verdict(metric: str, d: Difference) -> str:
-    if math.isnan(d.low):
-        return "no interval"
-    if metric == "perplexity ratio":
-        if d.low <= 1 <= d.high:
-            return "not significant at 95%"
-        return "lower perplexity" if d.high < 1 else "higher perplexity"
-    if not d.significant:
-        return "not significant at 95%"
-    return "better" if d.delta > 0 else "worse"
+        return []
+    return score_differences(reference.final[1], other.final[1])
 
 
 def _differences_table(doc: Doc, variants: list[Variant]) -> None:
@@ -159,13 +125,7 @@ def _differences_table(doc: Doc, variants: list[Variant]) -> None:
     rows = []
     for v in variants[1:]:
         for metric, d in differences(reference, v):
-            if metric == "perplexity ratio":
-                value = f"x{d.delta:.3f}" + ("" if math.isnan(d.low) else f" [{d.low:.3f}, {d.high:.3f}]")
-            else:
-                value = f"{100 * d.delta:+.1f} pts [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
-                if d.p_value is not None:
-                    value += f", p={d.p_value:.3g}"
-            rows.append([v.name, metric, value, d.method, _verdict(metric, d)])
+            rows.append([v.name, metric, format_difference(metric, d), d.method, verdict(metric, d)])
     if rows:
         doc.p(f"Each variant's final model against `{reference.name}`'s (95% intervals):")
         doc.table(["variant", "metric", f"difference to {reference.name}", "test", "verdict"], rows, align="lllll")

@@ -36,6 +36,7 @@ from pdc.plan.results import (
     read_record,
 )
 from pdc.plotting import pyplot, save_figure
+from pdc.runner.stats import format_difference, score_differences, verdict
 from pdc.stages.evaluate import comparison_rows
 
 STAGE = "report"
@@ -484,6 +485,15 @@ def _eval_section(doc: Doc, result: EvaluateResult | None):
     if result.limit or items:
         counted = f"{', '.join(map(str, items))} items per task" if items else f"the first {result.limit} items of each task"
         doc.muted(f"task scores in % on {counted} (± one standard error)")
+    # Each model against the first column (the teacher), on the same blocks and items.
+    reference = columns[0]
+    diff_rows = [[column, metric, format_difference(metric, d), d.method, verdict(metric, d)]
+                 for column in columns[1:]
+                 for metric, d in score_differences(result.models[reference], result.models[column])]
+    if diff_rows:
+        doc.p(f"Against the {reference} (95% intervals; a difference whose interval includes no change "
+              "is not significant):")
+        doc.table(["model", "metric", f"difference to {reference}", "test", "verdict"], diff_rows, align="lllll")
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import random
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from pdc.plan.results import ModelScores
+
 BOOTSTRAP_SAMPLES = 2000
 CONFIDENCE = 0.95
 
@@ -77,3 +79,50 @@ def unpaired_interval(mean_a: float, se_a: float, mean_b: float, se_b: float) ->
     half = z * math.sqrt(se_a ** 2 + se_b ** 2)
     delta = mean_b - mean_a
     return Difference(delta, delta - half, delta + half, "unpaired normal interval")
+
+
+def score_differences(a: ModelScores, b: ModelScores) -> list[tuple[str, Difference]]:
+    """(metric, b - a) for the held-out perplexity (as a ratio b / a) and every task both were
+    scored on: paired over the same blocks and items when both carry per-block / per-item
+    scores, else an unpaired interval from the standard errors (or no interval)."""
+    out: list[tuple[str, Difference]] = []
+    if a.perplexity is not None and b.perplexity is not None:
+        if a.block_nll and len(a.block_nll) == len(b.block_nll):
+            d = paired_bootstrap(a.block_nll, b.block_nll)
+            # the interval on the mean NLL difference, shown as a perplexity ratio
+            out.append(("perplexity ratio", Difference(math.exp(d.delta), math.exp(d.low), math.exp(d.high),
+                                                       "paired bootstrap over blocks")))
+        else:
+            out.append(("perplexity ratio", Difference(b.perplexity / a.perplexity, math.nan, math.nan,
+                                                       "no per-block data: no interval")))
+    for task, sa in a.tasks.items():
+        sb = b.tasks.get(task)
+        if sb is None:
+            continue
+        metric = sa.primary
+        if sa.per_item and len(sa.per_item) == len(sb.per_item):
+            out.append((f"{task} {metric}", paired_items(sa.per_item, sb.per_item)))
+        elif metric in sa.stderr and metric in sb.stderr:
+            out.append((f"{task} {metric}", unpaired_interval(sa.values[metric], sa.stderr[metric],
+                                                              sb.values[metric], sb.stderr[metric])))
+    return out
+
+
+def verdict(metric: str, d: Difference) -> str:
+    """'not significant at 95%' unless the interval excludes no change; else which way."""
+    if math.isnan(d.low):
+        return "no interval"
+    if metric == "perplexity ratio":
+        if d.low <= 1 <= d.high:
+            return "not significant at 95%"
+        return "lower perplexity" if d.high < 1 else "higher perplexity"
+    if not d.significant:
+        return "not significant at 95%"
+    return "higher" if d.delta > 0 else "lower"
+
+
+def format_difference(metric: str, d: Difference) -> str:
+    if metric == "perplexity ratio":
+        return f"x{d.delta:.3f}" + ("" if math.isnan(d.low) else f" [{d.low:.3f}, {d.high:.3f}]")
+    text = f"{100 * d.delta:+.1f} pts [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
+    return text + (f", p={d.p_value:.3g}" if d.p_value is not None else "")

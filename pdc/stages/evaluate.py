@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import json
 import logging
@@ -104,6 +105,38 @@ def nll_sum(model, blocks: Blocks | torch.Tensor, batch_size: int = 4, progress:
         dist.all_reduce(sums)
         total, count = float(sums[0]), int(sums[1])
     return total, count
+
+
+@torch.no_grad()
+def block_nlls(model, blocks: Blocks | torch.Tensor, batch_size: int = 4, progress: bool = False) -> list[float]:
+    """Mean next-token NLL of each block, in block order (blocks have equal lengths, so their
+    mean is the token-weighted mean): the per-block values paired comparisons resample."""
+    shape = tuple(blocks.shape)
+    if len(shape) != 2 or shape[1] < 2:
+        raise PdcError(f"perplexity needs token blocks [N, L>=2], got shape {shape}", STAGE)
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    rank, world = _rank_world()
+    mine = list(range(rank, len(blocks), world))  # this rank's share of the blocks
+    values = torch.zeros(len(blocks), dtype=torch.float64, device=device)
+    batches = range(0, len(mine), batch_size)
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="perplexity", unit="batch", leave=False)
+    try:
+        for start in batches:
+            rows = mine[start:start + batch_size]
+            ids = _rows(blocks, rows).to(device)
+            logits = model(input_ids=ids, use_cache=False).logits
+            nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+            values[rows] = nll.double().mean(dim=1)
+    finally:
+        model.train(was_training)
+    if world > 1:
+        dist.all_reduce(values)  # each block is filled by exactly one rank
+    return values.tolist()
 
 
 def _rows(blocks: Blocks | torch.Tensor, positions: list[int]) -> torch.Tensor:
@@ -289,7 +322,7 @@ def run_tasks(
                     num_fewshot=shots,
                     task_manager=tm,
                     limit=limit,
-                    log_samples=False,
+                    log_samples=True,  # per-item scores: paired comparisons between models
                     bootstrap_iters=1000 if stderr else 0,
                     random_seed=seed,
                     numpy_random_seed=seed,
@@ -301,7 +334,9 @@ def run_tasks(
                     continue
                 for name in names:
                     items = (res.get("n-samples") or {}).get(name, {}).get("effective")
-                    out[name] = task_score(name, res["results"].get(name, {}), shots, items, _listed_metrics(tm, name))
+                    score = task_score(name, res["results"].get(name, {}), shots, items, _listed_metrics(tm, name))
+                    out[name] = dataclasses.replace(score, per_item=per_item_scores(
+                        (res.get("samples") or {}).get(name, []), score.primary))
     except PdcError:
         raise
     except Exception as exc:  # a broken task file or dataset: one line, naming the task list
@@ -332,6 +367,15 @@ def _listed_metrics(tm, name: str) -> list[str]:
             if isinstance(item, dict) and isinstance(item.get("metric"), str):
                 out.append(item["metric"])
     return out
+
+
+def per_item_scores(samples: Sequence[Mapping], metric: str) -> tuple[float, ...]:
+    """`metric` of each logged sample, in document order (empty when the samples lack it)."""
+    ordered = sorted((s for s in samples if isinstance(s, Mapping)), key=lambda s: s.get("doc_id", 0))
+    values = [s.get(metric) for s in ordered]
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return ()
+    return tuple(float(v) for v in values)
 
 
 def task_score(name: str, raw: Mapping, shots: int, items: int | None = None,
@@ -396,14 +440,16 @@ def evaluate_model(
     batch_size: int | str = 8,
     progress: bool = True,
 ) -> ModelScores:
-    """Held-out perplexity (when `heldout_blocks` is given) and every task of `cfg`."""
-    ppl = None
+    """Held-out perplexity (when `heldout_blocks` is given; with each block's NLL) and every
+    task of `cfg` (with each item's score)."""
+    ppl, per_block = None, ()
     if heldout_blocks is not None:
         ppl_batch = max(1, batch_size // 2) if isinstance(batch_size, int) else 4
-        ppl = perplexity(model, heldout_blocks, batch_size=ppl_batch, progress=progress)
+        per_block = tuple(block_nlls(model, heldout_blocks, batch_size=ppl_batch, progress=progress))
+        ppl = math.exp(sum(per_block) / len(per_block))
     tasks = run_tasks(model, tokenizer, cfg.tasks, tasks_dir, limit=cfg.limit, batch_size=batch_size,
                       allow_code_execution=cfg.allow_code_execution)
-    return ModelScores(path=str(path), perplexity=ppl, tasks=tasks)
+    return ModelScores(path=str(path), perplexity=ppl, tasks=tasks, block_nll=per_block)
 
 
 def evaluate_models(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, tasks_dir: Path | None,

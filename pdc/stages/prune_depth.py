@@ -1,8 +1,15 @@
-"""Depth pruning: score which decoder layers matter least, drop them, emit a checkpoint.
+"""Depth pruning: score which decoder layers matter least, drop them from the exported program,
+emit every output from it.
 
-Saliency kinds (`pdc.lang.settings.Saliency.kind`), each measured on the in-memory model with the
-candidate layers *temporarily removed* (`layers_removed`: the decoder's ModuleList is swapped and
-the KV-cache indices renumbered, no weights are copied):
+The stage loads the checkpoint once as a Hugging Face model and traces it once into a `Program`
+that shares its weights. Saliency is measured on the Hugging Face model (lm-eval's task harness
+needs one) with the candidate layers *temporarily removed* (`layers_removed`: the decoder's
+ModuleList is swapped and the KV-cache indices renumbered, no weights are copied); the choice is
+then applied to the program by `pdc.passes.drop_layers.DropLayers` under the `PassManager`, and
+the checkpoint, `program.pt2`, ONNX and the lock's fingerprints are all emitted from the rewritten
+program (`pdc.emit.pruned`), exactly as for width pruning.
+
+Saliency kinds (`pdc.lang.settings.Saliency.kind`):
 
 - `loss`: token-weighted mean next-token NLL on held-out blocks; lower after removal = less
   important. The paper's Figure 7 (LM loss against the start of the removed block).
@@ -17,13 +24,15 @@ best-scoring run is dropped. With `contiguous=False`, every single layer is scor
 the `drop` least important are dropped together (the non-contiguous choice).
 
 Invariants: the chosen layers are exactly the arg-best candidate of the written saliency table; the
-emitted model equals the source model with those layers' modules removed (same weights, layers
-renumbered 0..depth-1), and its config's `num_hidden_layers` and per-layer lists follow.
+emitted checkpoint computes what the rewritten program computes (the source with those layers'
+residual updates skipped: same weights, layers renumbered 0..depth-1), and its config's
+`num_hidden_layers` and per-layer lists follow.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -32,20 +41,22 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from pdc.arch import Arch
+from pdc.emit.fingerprint import prune_inputs
+from pdc.emit.pruned import emit_pruned
 from pdc.errors import PdcError
 from pdc.files import write_json
+from pdc.graph.export import export_model
+from pdc.graph.manager import PassManager
+from pdc.graph.probe import default_probe
 from pdc.inputs.data import take
 from pdc.inputs.models import load_causal_lm
 from pdc.lang.settings import DepthTarget, Saliency
+from pdc.passes.drop_layers import PER_LAYER_CONFIG_KEYS, DropLayers
 from pdc.plan.results import Candidate, PruneResult, SaliencyResult
 from pdc.plotting import pyplot, save_figure
 from pdc.stages.evaluate import mean_nll, task_accuracy
 
 STAGE = "prune"
-
-# Config entries that hold one value per decoder layer (sliced along with the layers).
-PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
 
 _METRIC = {
     # kind: (metric name in tables, better when "lower"/"higher" for the model after removal)
@@ -55,7 +66,7 @@ _METRIC = {
 }
 
 
-# ---- temporary and permanent layer removal ------------------------------------------------------
+# ---- temporary layer removal (saliency) ------------------------------------------------------
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder's layer list of a Llama/Mistral/Qwen2 causal LM."""
     base = getattr(model, "model", None)
@@ -119,15 +130,6 @@ def layers_removed(model, drop: Sequence[int]) -> Iterator[None]:
         yield
     finally:
         _install(model, layers, saved_n, saved_lists)
-
-
-def drop_layers_in_place(model, drop: Sequence[int]):
-    """Permanently remove decoder layers `drop` (renumbering the rest); returns `model`."""
-    layers = decoder_layers(model)
-    n = len(layers)
-    keep = _keep_list(n, drop)
-    _install(model, [layers[i] for i in keep], len(keep), _per_layer_config(model.config, keep, n))
-    return model
 
 
 # ---- candidates and saliency ---------------------------------------------------------------------
@@ -206,14 +208,8 @@ def score_candidates(
     loss/task: the model with each candidate removed; cosine: the candidate's block influence
     (the full-model baseline is then None: nothing is removed).
     """
+    check_saliency_inputs(saliency, blocks, tokenizer)
     kind = saliency.kind
-    if kind in ("loss", "cosine") and (blocks is None or len(blocks) == 0):
-        raise PdcError(f"depth saliency '{kind}' needs data blocks (saliency data=...)", STAGE)
-    if kind == "task":
-        if not saliency.task:
-            raise PdcError("depth saliency 'task' needs a task name (saliency task=...)", STAGE)
-        if tokenizer is None:
-            raise PdcError("depth saliency 'task' needs the model's tokenizer", STAGE)
     if kind == "cosine":
         return block_influence(model, blocks, cands, batch_size, progress), None
     measure = _measurement(model, saliency, blocks, tokenizer, tasks_dir, batch_size)
@@ -223,6 +219,18 @@ def score_candidates(
         with layers_removed(model, cand):
             values.append(measure())
     return values, baseline
+
+
+def check_saliency_inputs(saliency: Saliency, blocks: torch.Tensor | None, tokenizer) -> None:
+    """A one-line `PdcError` when `saliency` cannot be measured with what it was given."""
+    kind = saliency.kind
+    if kind in ("loss", "cosine") and (blocks is None or len(blocks) == 0):
+        raise PdcError(f"depth saliency '{kind}' needs data blocks (saliency data=...)", STAGE)
+    if kind == "task":
+        if not saliency.task:
+            raise PdcError("depth saliency 'task' needs a task name (saliency task=...)", STAGE)
+        if tokenizer is None:
+            raise PdcError("depth saliency 'task' needs the model's tokenizer", STAGE)
 
 
 def _measurement(model, saliency: Saliency, blocks, tokenizer, tasks_dir, batch_size) -> Callable[[], float]:
@@ -328,19 +336,6 @@ def _load(model_dir: Path):
     return model, tokenizer
 
 
-def _kept_indices(model, dropped: Sequence[int]) -> dict:
-    arch = Arch.from_hf_config(model.config.to_dict())
-    return {
-        "hidden": list(range(arch.hidden)),
-        # keyed by *source* layer index; dropped layers are absent
-        "layers": {
-            str(i): {"mlp": list(range(arch.mlp)), "heads": list(range(arch.heads)), "kv_heads": list(range(arch.kv_heads))}
-            for i in range(arch.layers) if i not in set(dropped)
-        },
-        "dropped_layers": sorted(dropped),
-    }
-
-
 def prune_depth(
     model_dir: Path,
     target: DepthTarget,
@@ -349,30 +344,43 @@ def prune_depth(
     tasks_dir: Path | None = None,
     progress: bool = True,
     batch_size: int = 4,
+    deploy: bool = True,
 ) -> PruneResult:
     """Score, choose and drop layers of the checkpoint in `model_dir`; write into `out_dir` (the
     caller's staging directory): `model/` (HF checkpoint + tokenizer), `kept_indices.json`,
-    `saliency.json`, `saliency.png`."""
-    t0 = time.perf_counter()
+    `saliency.json`, `saliency.png` and, with `deploy`, `program.pt2` and `model.onnx`."""
+    model_dir = Path(model_dir)
+    seconds = {}
+    start = time.perf_counter()
     model, tokenizer = _load(model_dir)
-    arch_before = Arch.from_hf_config(model.config.to_dict())
+    seconds["load_weights"] = time.perf_counter() - start
+    candidates(len(decoder_layers(model)), target.depth, target.contiguous)  # fail before any work
+    check_saliency_inputs(target.saliency, blocks, tokenizer)
+    start = time.perf_counter()
+    config = json.loads((model_dir / "config.json").read_text())
+    program = export_model(model, default_probe(model.config.vocab_size, model_dir), hf_config=config)
+    seconds["export"] = time.perf_counter() - start
+    arch_before = program.arch
+    start = time.perf_counter()
     table = saliency_table(model, target, blocks, tokenizer, tasks_dir, batch_size, progress)
-    saliency_seconds = time.perf_counter() - t0
+    seconds["saliency"] = time.perf_counter() - start
     dropped = table["dropped_layers"]
-    kept = _kept_indices(model, dropped)
-    drop_layers_in_place(model, dropped)
-    arch_after = Arch.from_hf_config(model.config.to_dict())
-    n_params = sum(p.numel() for p in model.parameters())
-    if n_params != arch_after.total_params():
-        raise PdcError(f"pruned model has {n_params} parameters, architecture predicts {arch_after.total_params()}", STAGE)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir / "model")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir / "model")
-    write_json(out_dir / "kept_indices.json", kept, indent=None)
+    start = time.perf_counter()
+    PassManager([DropLayers(dropped)]).run(program)
+    seconds["drop_layers"] = time.perf_counter() - start
+    del model  # the program holds the surviving weights
+    params_after = program.num_params()
+    if params_after != program.arch.total_params():
+        raise PdcError(f"pruned model has {params_after} parameters, architecture predicts "
+                       f"{program.arch.total_params()}", STAGE)
+    emitted = emit_pruned(program, out_dir, model_dir, blocks, deploy=deploy, progress=progress)
+    seconds.update(emitted.seconds)
     write_json(out_dir / "saliency.json", table)
     plot_saliency(table, out_dir / "saliency.png")
+    start = time.perf_counter()
+    inputs = prune_inputs(model_dir, blocks, program.probe,
+                          tasks_dir if target.saliency.kind == "task" else None)
+    seconds["hash_inputs"] = time.perf_counter() - start
     saliency = SaliencyResult(
         kind=table["kind"], metric=table["metric"], better=table["better"], contiguous=table["contiguous"],
         task=table["task"], shots=table["shots"], baseline=table["baseline"], chosen=table["after_drop"],
@@ -380,8 +388,8 @@ def prune_depth(
         dropped_layers=tuple(dropped),
     )
     return PruneResult(
-        kind="depth", params_before=arch_before.total_params(), params_after=n_params,
-        arch_before=arch_before.sizes(), arch_after=arch_after.sizes(), kept=kept,
-        seconds={"saliency": round(saliency_seconds, 3), "total": round(time.perf_counter() - t0, 3)},
-        saliency=saliency,
+        kind="depth", params_before=arch_before.total_params(), params_after=params_after,
+        arch_before=arch_before.sizes(), arch_after=program.arch.sizes(), kept=program.kept,
+        seconds={k: round(v, 3) for k, v in seconds.items()}, inputs=inputs, fingerprint=emitted.fingerprint,
+        saliency=saliency, artifacts=emitted.artifacts,
     )

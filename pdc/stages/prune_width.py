@@ -1,15 +1,12 @@
 """Width pruning end to end: export -> importance (one calibration pass) -> slice -> emit.
 
-In-memory API (for the artifacts engineer and the runner):
-
-    program = export_dir(model_dir)                     # pdc.graph.export, meta weights
+    program = export_dir(model_dir)                    # the one trace of the source (meta weights)
     program, report = prune_program(program, calib, target, importance)
-    program.gm                                          # the rewritten fx GraphModule, real weights
-    ep = program.export()                               # ExportedProgram -> torch.export.save / ONNX
+    emitted = emit_pruned(program, out_dir, ...)       # checkpoint, .pt2, ONNX, fingerprint
 
-`prune_width(...)` does the same and writes the build directory's `prune/` files. Invariants:
-keeping every unit reproduces the source logits exactly; the emitted checkpoint reproduces the
-rewritten graph's logits; its parameter count is `Arch.with_sizes(target).total_params()`.
+`prune_width(...)` does all of it into the stage's directory. Invariants: keeping every unit
+reproduces the source logits exactly; the emitted checkpoint and files reproduce the rewritten
+graph's logits; its parameter count is `Arch.with_sizes(target).total_params()`.
 """
 
 from __future__ import annotations
@@ -22,7 +19,8 @@ from typing import Optional
 import torch
 
 from pdc.arch import Arch
-from pdc.emit.checkpoint import emit_checkpoint
+from pdc.emit.fingerprint import prune_inputs
+from pdc.emit.pruned import emit_pruned
 from pdc.errors import PdcError
 from pdc.files import write_json
 from pdc.graph import importance as imp_mod
@@ -101,11 +99,11 @@ def prune_program(program: Program, calib: Optional[torch.Tensor], target: Width
 
 def prune_width(model_dir: Path, calib: Optional[torch.Tensor], target: WidthTarget, importance: ImportanceConfig,
                 out_dir: Path, progress: bool = True, stream_weights: Optional[bool] = None,
-                batch_size: int = 8) -> PruneResult:
+                batch_size: int = 8, deploy: bool = True) -> PruneResult:
     """Prune the checkpoint in `model_dir` to `target` and write into `out_dir` (the caller's
-    staging directory): model/, kept_indices.json, importance.json, importance.png.
-    `stream_weights` (default: only for checkpoints over 4 GiB) keeps the source weights on disk
-    during calibration and reads each one per use."""
+    staging directory): model/, kept_indices.json, importance.json, importance.png and, with
+    `deploy`, program.pt2 and model.onnx. `stream_weights` (default: only for checkpoints over
+    4 GiB) keeps the source weights on disk during calibration and reads each one per use."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     seconds = {}
     config_path = model_dir / "config.json"
@@ -124,23 +122,24 @@ def prune_width(model_dir: Path, calib: Optional[torch.Tensor], target: WidthTar
         seconds["load_weights"] = time.perf_counter() - start
     program, report = prune_program(program, calib, target, importance, progress, batch_size)
     seconds.update(report["seconds"])
-    start = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    emit_checkpoint(program, out_dir / "model", source_dir=model_dir)
-    write_json(out_dir / "kept_indices.json", program.kept, indent=None)
-    scores = report["importance"]
-    write_json(out_dir / "importance.json", scores.to_json(), indent=None)
-    plot_importance(scores, program.kept, out_dir / "importance.png")
-    seconds["emit"] = time.perf_counter() - start
     params_after = program.num_params()
     expected = program.arch.total_params()
     if params_after != expected:
         raise PdcError(f"pruned model has {params_after} parameters, architecture predicts {expected}", STAGE)
+    emitted = emit_pruned(program, out_dir, model_dir, calib, deploy=deploy, progress=progress)
+    seconds.update(emitted.seconds)
+    scores = report["importance"]
+    write_json(out_dir / "importance.json", scores.to_json(), indent=None)
+    plot_importance(scores, program.kept, out_dir / "importance.png")
+    start = time.perf_counter()
+    inputs = prune_inputs(model_dir, calib, program.probe)
+    seconds["hash_inputs"] = time.perf_counter() - start
     result = PruneResult(
         kind="width", params_before=arch_before.total_params(), params_after=params_after,
         arch_before=arch_before.sizes(), arch_after=program.arch.sizes(), kept=program.kept,
-        seconds={k: round(v, 3) for k, v in seconds.items()}, importance=importance.method,
-        calibration_tokens=scores.tokens, plot="importance.png",
+        seconds={k: round(v, 3) for k, v in seconds.items()}, inputs=inputs, fingerprint=emitted.fingerprint,
+        importance=importance.method, calibration_tokens=scores.tokens, artifacts=emitted.artifacts,
+        plot="importance.png",
     )
     if progress:
         print(format_summary(result))
