@@ -123,6 +123,21 @@ def test_rerun_skips_the_pass_and_another_student_reuses_the_cache(cached_build,
     assert read_record(root / "build" / "narrow" / "distill").result.teacher_placement == "cached"
 
 
+def test_a_cache_that_lost_parts_is_refilled_by_the_next_run(cached_build, capsys):
+    root, build = cached_build
+    cache = Path(read_record(build / "teacher_logits").result.cache_dir)
+    for part in teacher_cache.part_dirs(cache):
+        shutil.rmtree(part)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PDC_CACHE", str(root / "pdc-cache"))
+        capsys.readouterr()
+        assert pdc_main(["run", str(root / "tiny.pds")]) == 0
+        out = capsys.readouterr().out
+    assert "[pdc] teacher_logits: running" in out and "[pdc] distill: up to date, skipped" in out
+    result = read_record(build / "teacher_logits").result
+    assert result.blocks_computed == result.blocks == len(teacher_cache.TeacherLogits(cache))
+
+
 # ---- the stages directly ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

@@ -50,6 +50,7 @@ from pdc.inputs.assets import local_tasks_dir
 from pdc.inputs.data import check_corpus, split_blocks, take, token_blocks
 from pdc.inputs.models import data_identity, materialize_model, source_identity
 from pdc.inputs.shards import Blocks
+from pdc.inputs.teacher_cache import TeacherLogits
 from pdc.inputs.verify import check_same_vocabulary, load_tokenizer, verify_checkpoint
 from pdc.lang.checked import CheckedSpec
 from pdc.plan.dry_run import build_plan
@@ -221,8 +222,8 @@ class Build:
             rec = self.record(name)
         except PdcError:
             return False  # a record of another pdc version: the stage runs again
-        if rec is not None and isinstance(rec.result, TeacherLogitsResult) and not Path(rec.result.cache_dir).is_dir():
-            return False  # its cache was deleted since: the pass runs again
+        if rec is not None and isinstance(rec.result, TeacherLogitsResult) and not cache_holds(rec.result):
+            return False  # its cache (or some of its parts) was deleted since: the pass runs again
         return rec is not None and rec.key == self.stage_key(name)
 
     def require(self, name: str) -> None:
@@ -470,6 +471,14 @@ def _run_prune(build: Build, node: Node, out: Path) -> StageResult:
     blocks = data["saliency"].read() if "saliency" in data else None
     return prune_depth(model_dir, st.depth, blocks, out, tasks_dir=build.tasks_dir(), progress=build.progress,
                        deploy=build.artifacts)
+
+
+def cache_holds(result: TeacherLogitsResult) -> bool:
+    """Whether the teacher logits cache a pass filled still holds as many blocks as it recorded."""
+    try:
+        return len(TeacherLogits(Path(result.cache_dir))) >= result.blocks
+    except PdcError:
+        return False
 
 
 def _run_teacher_logits(build: Build, node: Node, out: Path) -> StageResult:

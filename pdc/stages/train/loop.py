@@ -51,6 +51,7 @@ from pdc.stages.train.logs import JsonlLog, truncate_log
 from pdc.stages.train.schedule import start_scheduler
 
 NORM_MARKERS = ("norm",)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,6 @@ class Cached:
     indices: torch.Tensor
     tail: torch.Tensor
     nll: torch.Tensor
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # ---- helpers ------------------------------------------------------------------------------------
