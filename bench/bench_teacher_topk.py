@@ -88,7 +88,7 @@ def main() -> None:
                 g, = torch.autograd.grad(bucketed, s_logits)
                 per_k[k] = dict(
                     topk_mass=float((-torch.expm1(tail.float())).mean()),
-                    kl_full=float(full), kl_bucketed=float(bucketed),
+                    kl_full=float(full.detach()), kl_bucketed=float(bucketed.detach()),
                     grad_cos=float(torch.nn.functional.cosine_similarity(g.flatten(), g_full.flatten(), dim=0)),
                     grad_rel_err=float((g - g_full).norm() / g_full.norm()),
                 )
