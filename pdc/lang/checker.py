@@ -507,7 +507,8 @@ class _Checker:
         if train.loss == "ce":
             loss_note = Note("loss=ce set here", got["loss"][1].span)
             why = {
-                "teacher_logits": "cross-entropy trains on the text alone and reads no teacher logits",
+                "teacher_logits": "cross-entropy trains on the text alone and reads no teacher logits "
+                              "(in a compare variant, also write distill.teacher_logits=online)",
                 "temperature": "the temperature softens the teacher's distribution, and loss=ce has no teacher",
                 "top_k": "top_k restricts the teacher's distribution, and loss=ce has no teacher",
                 "ce_weight": "ce_weight adds cross-entropy to a KL loss; loss=ce is cross-entropy already",
