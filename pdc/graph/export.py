@@ -92,10 +92,12 @@ def export_model(model: torch.nn.Module, probe: Optional[torch.Tensor] = None,
     return program
 
 
-def export_dir(model_dir: Path, probe: Optional[torch.Tensor] = None, progress: bool = False) -> Program:
+def export_dir(model_dir: Path, probe: Optional[torch.Tensor] = None, progress: bool = False,
+               dtype: torch.dtype = torch.float32) -> Program:
     """Export the checkpoint in `model_dir` on the meta device; `program.weights` reads its
-    tensors on demand (call `materialize(program)` to load them all). The probe defaults to
-    `default_probe` with the checkpoint's tokenizer (its real-text row)."""
+    tensors on demand (call `materialize(program, dtype)` to load them all). The probe defaults to
+    `default_probe` with the checkpoint's tokenizer (its real-text row). `dtype` is the precision
+    the graph is traced in (its casts, e.g. a norm's upcast and cast back, are recorded for it)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -107,7 +109,7 @@ def export_dir(model_dir: Path, probe: Optional[torch.Tensor] = None, progress: 
     config = AutoConfig.from_pretrained(model_dir)
     config._attn_implementation = ATTENTION
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     probe = default_probe(arch.vocab, model_dir) if probe is None else probe
     bar = _bar(progress, "export")
