@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the spec's stages (all, or one with --stage)",
                        description="Run SPEC's stages into the build directory.")
     r.add_argument("spec", metavar="SPEC")
-    r.add_argument("--stage", metavar="NAME", help="run only this stage (correct, prune, distill, evaluate)")
+    r.add_argument("--stage", metavar="NAME", help="run only this stage (correct, prune, teacher_logits, distill, evaluate)")
     r.add_argument("--out", metavar="DIR", help="build directory")
     r.add_argument("--nproc-per-node", "--nproc", dest="nproc_per_node", type=int, default=None,
                    metavar="M", help="processes per node for training, evaluation, importance and depth saliency "

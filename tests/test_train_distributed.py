@@ -18,6 +18,7 @@ from pdc.errors import PdcError
 from pdc.lang.settings import TrainConfig
 from pdc.plan.training import Launch
 from pdc.stages.distill import run_distill
+from pdc.stages.teacher_logits import compute_teacher_logits
 from test_train_common import learnable_blocks, save_tiny, train_val, weights
 
 
@@ -32,19 +33,32 @@ def blocks(tmp_path_factory):
     return train_val(learnable_blocks(36, seed=2), 32, tmp_path_factory.mktemp("shards") / "blocks")
 
 
+CACHE_K = 8
+
+
+def _teacher_cache(models, blocks, cfg: TrainConfig, tmp_path: Path) -> Path:
+    """The teacher logits cache a cached distillation with `cfg` reads, filled by its producer."""
+    return Path(compute_teacher_logits(models[0], *blocks, cfg, tmp_path / "teacher_logits",
+                                       progress=False).cache_dir)
+
+
 def _losses(out: Path) -> list[float]:
     return [json.loads(l)["loss"] for l in (out / "log.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_match_one_with_the_same_global_batch(models, blocks, tmp_path):
+@pytest.mark.parametrize("teacher", ["online", "cached"])
+def test_two_processes_match_one_with_the_same_global_batch(models, blocks, tmp_path, teacher):
     """Global batch 4 = 2 micro x 2 accumulation x 1 rank = 2 micro x 1 accumulation x 2 ranks:
-    the same samples per step, so the loss trajectories and final weights agree to float error."""
+    the same samples per step, so the loss trajectories and final weights agree to float error.
+    Cached: each rank reads its own rows of the teacher cache as it reads its token rows."""
     cfg = TrainConfig(steps=6, lr=5e-3, min_lr=5e-4, warmup=1, global_batch=4, micro_batch=2, seq_len=16,
-                      checkpoint_every=100)
-    one = run_distill(*models, *blocks, cfg, tmp_path / "w1", tmp_path / "o1", progress=False)
+                      checkpoint_every=100, cache_k=CACHE_K if teacher == "cached" else None)
+    cache = _teacher_cache(models, blocks, cfg, tmp_path) if teacher == "cached" else None
+    one = run_distill(*models, *blocks, cfg, tmp_path / "w1", tmp_path / "o1", progress=False, teacher_cache=cache)
     two = run_distill(*models, *blocks, cfg, tmp_path / "w2", tmp_path / "o2", progress=False,
-                      launch=Launch(nproc_per_node=2))
+                      launch=Launch(nproc_per_node=2), teacher_cache=cache)
     assert one.grad_accumulation == 2 and two.grad_accumulation == 1 and two.world_size == 2
+    assert one.teacher_placement == two.teacher_placement == ("cached" if cache else "replicated")
     assert _losses(tmp_path / "o2") == pytest.approx(_losses(tmp_path / "o1"), rel=1e-4, abs=1e-6)
     assert len(set(_losses(tmp_path / "o1"))) > 1  # the trajectory actually moves
     w1, w2 = weights(tmp_path / "o1" / "model"), weights(tmp_path / "o2" / "model")
@@ -111,22 +125,26 @@ RUNNER = textwrap.dedent("""
     teacher, student, work, out = sys.argv[1:5]
     data = json.loads(sys.argv[5])
     cfg = TrainConfig(**eval(sys.argv[6]))
+    cache = sys.argv[7] or None
     run_distill(teacher, student, Blocks.from_json(data["train"]), Blocks.from_json(data["val"]), cfg, work, out,
-                progress=False)
+                progress=False, teacher_cache=cache)
 """)
 
 
-def test_kill_9_and_resume_equals_uninterrupted(models, blocks, tmp_path):
+@pytest.mark.parametrize("teacher", ["online", "cached"])
+def test_kill_9_and_resume_equals_uninterrupted(models, blocks, tmp_path, teacher):
     """SIGKILL a run after >= 2 checkpoints, rerun it: it resumes from the last checkpoint and the
-    final weights equal those of an uninterrupted run with the same seed and data order."""
+    final weights equal those of an uninterrupted run with the same seed and data order (cached:
+    the resumed run reads the cache rows of the batches the data cursor in the checkpoint names)."""
     cfg_kw = dict(steps=16, lr=5e-3, min_lr=5e-4, warmup=3, global_batch=4, micro_batch=2, seq_len=16,
-                  checkpoint_every=2, seed=7)
+                  checkpoint_every=2, seed=7, cache_k=CACHE_K if teacher == "cached" else None)
     cfg = TrainConfig(**cfg_kw)
+    cache = _teacher_cache(models, blocks, cfg, tmp_path) if teacher == "cached" else None
     data = json.dumps({"train": blocks[0].to_json(), "val": blocks[1].to_json()})
     work, out = tmp_path / "work", tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(models[0]), str(models[1]), str(work), str(out),
-                             data, repr(cfg_kw)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             data, repr(cfg_kw), str(cache or "")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     pointer = work / "checkpoints" / "resume.json"
     deadline = time.time() + 120
     killed_after = None
@@ -142,12 +160,13 @@ def test_kill_9_and_resume_equals_uninterrupted(models, blocks, tmp_path):
     assert killed_after is not None, f"run ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
     assert proc.returncode == -signal.SIGKILL and not out.exists()
 
-    resumed = run_distill(*models, *blocks, cfg, work, out, progress=False)
+    resumed = run_distill(*models, *blocks, cfg, work, out, progress=False, teacher_cache=cache)
     assert resumed.resumed_from_step >= killed_after
     steps = [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))  # killed-run steps after the checkpoint were re-logged, not duplicated
 
-    clean = run_distill(*models, *blocks, cfg, tmp_path / "work2", tmp_path / "out2", progress=False)
+    clean = run_distill(*models, *blocks, cfg, tmp_path / "work2", tmp_path / "out2", progress=False,
+                        teacher_cache=cache)
     assert clean.resumed_from_step == 0
     a, b = weights(out / "model"), weights(tmp_path / "out2" / "model")
     assert a.keys() == b.keys()

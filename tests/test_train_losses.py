@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from pdc.lang.settings import TrainConfig
-from pdc.stages.train.losses import distill_loss, kl_divergence, lm_loss
+from pdc.stages.train.losses import cached_kl, distill_loss, kl_divergence, lm_loss
 
 
 def _logits(seed: int, shape=(2, 5, 17), scale=3.0):
@@ -69,3 +69,63 @@ def test_distill_loss_gradient_vanishes_at_the_teacher():
     loss, _ = distill_loss(s, t, torch.zeros(2, 5, dtype=torch.long), TrainConfig())
     loss.backward()
     assert s.grad.abs().max().item() < 1e-6
+
+
+# ---- from a teacher cache: top k + one tail bucket ---------------------------------------------
+def _cached(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0):
+    """What the teacher pass stores for these logits (`teacher_topk`, through a stand-in model)."""
+    from pdc.stages.teacher_logits import teacher_topk
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids):
+            return type("Out", (), {"logits": teacher_logits})()
+
+    ids = torch.zeros(teacher_logits.shape[:-1], dtype=torch.long)
+    lp, ix, tail, _ = teacher_topk(Fixed(), ids, k, temperature)
+    return lp, ix, tail
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), direction=st.sampled_from(["kl_forward", "kl_reverse"]),
+       temperature=st.sampled_from([1.0, 2.0]))
+def test_cached_kl_with_the_whole_vocabulary_is_the_full_kl(seed, direction, temperature):
+    """k = vocabulary: the tail is empty and the bucketed KL is the online one."""
+    s, t = _logits(seed), _logits(seed + 1)
+    full = kl_divergence(s, t, direction, temperature)
+    assert torch.allclose(cached_kl(s, *_cached(t, t.shape[-1], temperature), direction, temperature), full,
+                          atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 16))
+def test_cached_kl_is_a_lower_bound_and_zero_at_the_teacher(seed, k):
+    """Coarse-graining onto top k + tail never raises the KL; student == teacher gives 0."""
+    s, t = _logits(seed), _logits(seed + 1)
+    for direction in ("kl_forward", "kl_reverse"):
+        bucketed = cached_kl(s, *_cached(t, k), direction)
+        assert bucketed <= kl_divergence(s, t, direction) + 1e-6
+        assert abs(cached_kl(t, *_cached(t, k), direction)) < 1e-5
+
+
+def test_cached_forward_kl_gradient_is_exact_on_the_stored_support():
+    """d KL / d z_v = q_v - p_v for every token v in the teacher's top k, as with the full KL;
+    outside it the tail bucket spreads the teacher's remaining mass like the student's."""
+    s, t = _logits(3), _logits(4)
+    k = 5
+    lp, ix, tail = _cached(t, k)
+    s1 = s.clone().requires_grad_(True)
+    g_cached, = torch.autograd.grad(cached_kl(s1, lp, ix, tail), s1)
+    s2 = s.clone().requires_grad_(True)
+    g_full, = torch.autograd.grad(kl_divergence(s2, t), s2)
+    assert torch.allclose(g_cached.gather(-1, ix), g_full.gather(-1, ix), atol=1e-6)
+    assert not torch.allclose(g_cached, g_full, atol=1e-6)  # the tail really is one bucket
+
+
+def test_cached_top_k_renormalised_equals_online_top_k():
+    """`top_k` set: the cache (k = top_k) gives the same renormalised top-k KL as the teacher online."""
+    s, t = _logits(5), _logits(6)
+    cfg = TrainConfig(top_k=4, temperature=2.0)
+    online, _ = distill_loss(s, t, torch.zeros(2, 5, dtype=torch.long), cfg)
+    lp, ix, tail = _cached(t, 4, 2.0)
+    cached = cached_kl(s, lp, ix, tail, "kl_forward", 2.0, renormalise=True)
+    assert torch.allclose(cached, online, atol=1e-5)

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import yaml
 
 from pdc.files import write_text
-from pdc.plan.results import ModelIdentity, PruneResult, StageRecord, TrainResult
+from pdc.plan.results import ModelIdentity, PruneResult, StageRecord, TeacherLogitsResult, TrainResult
 
 CARD_FILE = "README.md"
 AXES = (("hidden", "hidden channels"), ("mlp", "MLP neurons per layer"), ("heads", "query heads per layer"),
@@ -117,8 +117,13 @@ def _summary(record: StageRecord) -> str:
     if isinstance(r, TrainResult):
         what = "teacher correction" if r.kind == "correct" else "distillation"
         detail = r.method if r.kind == "correct" else r.loss
+        if r.kind == "distill" and r.teacher_placement == "cached":
+            detail = f"{detail}, from the teacher's cached top {r.cache_k} logits + tail"
         return (f"{what}" + (f" ({detail})" if detail else "") + f": {r.steps} steps, {_count(r.tokens)} tokens, "
                 f"held-out loss {_num(r.val_loss_start)} -> {_num(r.val_loss_end)}")
+    if isinstance(r, TeacherLogitsResult):
+        return (f"the teacher's top {r.k} log-probabilities (and the mass outside them) cached on {r.blocks:,} blocks "
+                f"of {r.seq_len} tokens, {r.bytes_per_token:.0f} bytes/token")
     return record.kind
 
 

@@ -24,8 +24,10 @@ from pdc.lang.settings import (
 )
 
 _NOSPAN = Span("<none>", 0, 0, 0, 0)
-# Stage kinds in the order they run (the paper's): the one definition of stage order.
-STAGE_KINDS = ("correct", "prune", "distill", "evaluate")
+# Stage kinds in the order they run (the paper's): the one definition of stage order. A
+# `teacher_logits` stage is not written in a spec: the plan adds it before a distillation that
+# reads a teacher cache (`teacher_logits=cached`).
+STAGE_KINDS = ("correct", "prune", "teacher_logits", "distill", "evaluate")
 
 
 @dataclass(frozen=True)

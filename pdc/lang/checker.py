@@ -42,6 +42,7 @@ from pdc.lang.settings import (
     ImportanceConfig,
     ModelSource,
     Saliency,
+    DEFAULT_CACHE_K,
     TrainConfig,
     WidthTarget,
     paper_correction,
@@ -405,13 +406,26 @@ class _Checker:
     def loss(self, v: ast.Value, key: str) -> str:
         if isinstance(v, ast.Name) and v.value == "kl":
             return "kl_forward"
+        if isinstance(v, ast.Name) and v.value == "ce":
+            return "ce"
         if isinstance(v, ast.Call) and v.name.value == "kl":
             pos = v.positional
             if len(pos) == 1 and not v.keywords:
                 direction = _enum("forward", "reverse", what="KL direction")(pos[0], "kl")
                 return f"kl_{direction}"
             raise _Bad("kl(...) takes one argument: forward or reverse", v.span)
-        raise _Bad(f"loss expects kl(forward) or kl(reverse), got {_describe(v)}", v.span)
+        raise _Bad(f"loss expects kl(forward), kl(reverse) or ce, got {_describe(v)}", v.span)
+
+    def teacher_logits(self, v: ast.Value, key: str) -> Optional[int]:
+        """`online` (None) or `cached` / `cached(k=N)`: the cache's k, 0 when not written."""
+        if isinstance(v, ast.Name) and v.value == "online":
+            return None
+        if isinstance(v, ast.Name) and v.value == "cached":
+            return 0
+        if isinstance(v, ast.Call) and v.name.value == "cached":
+            got = self.call_args(v, [], {"k": _int(1)}, "cached(...)")
+            return got["k"][0] if "k" in got else 0
+        raise _Bad(f"teacher_logits expects online, cached or cached(k=N), got {_describe(v)}", v.span)
 
     def train_schema(self, extra: dict[str, Callable]) -> dict[str, Callable]:
         schema = {
@@ -420,7 +434,7 @@ class _Checker:
             "global_batch": _int(1), "micro_batch": _int(1), "seq_len": _int(1),
             "engine": self.engine, "seed": _int(0), "checkpoint_every": _int(1),
             "weight_decay": _float(lo=0), "log_every": _int(1), "val_fraction": _float(lo=0, hi=0.5),
-            "activation_checkpointing": _bool,
+            "val_every": _int(1), "activation_checkpointing": _bool,
         }
         schema.update(extra)
         return schema
@@ -430,7 +444,7 @@ class _Checker:
         for e in block.entries:
             self.error(f"unexpected entry in {where}; settings are written key=value", e.span)
         got = self.settings(block.settings, self.train_schema(extra), where)
-        fields = {k: v for k, (v, _) in got.items() if k not in ("engine", "order")}
+        fields = {k: v for k, (v, _) in got.items() if k not in ("engine", "order", "teacher_logits")}
         if "engine" in got:
             fields.update(got["engine"][0])
         if "tokens" in got and "steps" in got:
@@ -472,15 +486,61 @@ class _Checker:
     def distill(self, st: ast.DistillStmt) -> Optional[DistillStage]:
         teacher = self.model_ref(st.teacher, "teacher")
         data = self.data_ref(st.data)
-        train, _ = self.train_config(
+        train, got = self.train_config(
             st.block,
             {"loss": self.loss, "temperature": _float(positive=True), "ce_weight": _float(lo=0, hi=1),
-             "top_k": _int(1)},
+             "top_k": _int(1), "teacher_logits": self.teacher_logits},
             "distill", _head_span(st),
         )
+        train = replace(train, cache_k=self.check_teacher_settings(train, got))
         if teacher is None or data is None:
             return None
         return DistillStage(teacher, data, train, span=st.span)
+
+    def check_teacher_settings(self, train: TrainConfig, got: dict) -> Optional[int]:
+        """The settings that only mean something with a teacher, checked against `loss`; returns
+        the teacher cache's k (None: the teacher runs online)."""
+        def written(key: str) -> str:
+            node = got[key][1]
+            return f"{key}={self.text_of(node.value)}"
+
+        if train.loss == "ce":
+            loss_note = Note("loss=ce set here", got["loss"][1].span)
+            why = {
+                "teacher_logits": "cross-entropy trains on the text alone and reads no teacher logits "
+                              "(in a compare variant, also write distill.teacher_logits=online)",
+                "temperature": "the temperature softens the teacher's distribution, and loss=ce has no teacher",
+                "top_k": "top_k restricts the teacher's distribution, and loss=ce has no teacher",
+                "ce_weight": "ce_weight adds cross-entropy to a KL loss; loss=ce is cross-entropy already",
+            }
+            for key, reason in why.items():
+                if key in got and (key != "teacher_logits" or got[key][0] is not None):
+                    self.error(f"{written(key)} with loss=ce: {reason}", got[key][1].span, loss_note)
+            return None
+        if "teacher_logits" not in got or got["teacher_logits"][0] is None:
+            return None
+        k, node = got["teacher_logits"]
+        if k and train.top_k is not None and k != train.top_k:
+            self.error(f"{written('teacher_logits')} caches {k} logits per token, but top_k={train.top_k} "
+                       f"distills on the teacher's top {train.top_k}: the cache must hold exactly those "
+                       "(write teacher_logits=cached, which takes top_k's k)",
+                       node.value.span, Note(f"top_k={train.top_k} set here", got["top_k"][1].span))
+            return None
+        k = k or train.top_k or DEFAULT_CACHE_K
+        vocab = self.source_arch.vocab if self.source_arch is not None else None
+        if vocab is not None and k > vocab:
+            self.error(f"{written('teacher_logits')} caches more logits per token than the vocabulary has "
+                       f"({vocab:,})", node.value.span)
+            return None
+        return k
+
+    def text_of(self, v: ast.Value) -> str:
+        """The source text of a value, as written."""
+        s = v.span
+        lines = self.text.splitlines()
+        if s.line == s.end_line and 0 < s.line <= len(lines):
+            return lines[s.line - 1][s.col - 1:s.end_col - 1]
+        return _describe(v)
 
     def evaluate(self, st: ast.EvaluateStmt) -> Optional[EvaluateStage]:
         if st.harness.value != "lm_eval":

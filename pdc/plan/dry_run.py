@@ -24,6 +24,7 @@ from pdc.lang.diagnostics import DiagnosticSink, SpecError
 from pdc.lang.settings import TrainConfig
 from pdc.plan.counts import ConfigError, Counts, count, count_arch, flops_per_token, nearest_valid, representable
 from pdc.plan.memory import memory_plan, render_memory
+from pdc.plan.training import cache_bytes_per_token
 
 DEFAULT_FLOPS_SEQ_LEN = 4096
 MOE_AXES = (("experts", "experts"), ("top_k", "top_k"), ("expert_mlp", "expert_mlp"), ("shared_mlp", "shared_mlp"))
@@ -75,7 +76,9 @@ def _train_dict(train: TrainConfig, kind: str) -> dict[str, Any]:
             out.update(lora_rank=train.lora_rank)
     else:
         out.update(loss=train.loss, temperature=train.temperature, ce_weight=train.ce_weight,
-                   top_k=train.top_k)
+                   top_k=train.top_k, cache_k=train.cache_k)
+    if train.val_every:
+        out.update(val_every=train.val_every)
     return out
 
 
@@ -215,6 +218,18 @@ def render_plan(plan: dict[str, Any]) -> str:
     return text + "\n" + "\n".join(lines)
 
 
+def _teacher_line(st: dict[str, Any], source: dict[str, Any]) -> str:
+    """Where a distillation's teacher logits come from, and what a cache of them costs."""
+    if st["loss"] == "ce":
+        return "no teacher: next-token cross-entropy on the text"
+    if st.get("cache_k") is None:
+        return "teacher online: its forward pass runs in every step"
+    per_token = cache_bytes_per_token(st["cache_k"], source["vocab"], st["seq_len"])
+    return (f"teacher logits cached: top {st['cache_k']} + tail per token ({per_token:.0f} bytes/token, "
+            f"{human_count(per_token * st['tokens'])}B for the training tokens), computed once by stage "
+            "teacher_logits and shared by every student that reads the same blocks")
+
+
 def _render_recipe(plan: dict[str, Any]) -> str:
     src = plan["source"]
     ref = plan["source_ref"]
@@ -251,13 +266,16 @@ def _render_recipe(plan: dict[str, Any]) -> str:
         elif kind in ("correct", "distill"):
             who = f"correct '{st['model']}'" if kind == "correct" else f"distill from '{st['teacher']}'"
             extra = f", method={st['method']}, order={st['order']}" if kind == "correct" else \
-                f", loss={st['loss']}, T={st['temperature']:g}"
+                f", loss={st['loss']}" + ("" if st["loss"] == "ce" else f", T={st['temperature']:g}")
             out.append(f"[{i}] {st['name']}: {who} on '{st['data']}'{extra}")
+            if kind == "distill":
+                out.append("    " + _teacher_line(st, plan["source"]))
             out.append(f"    {human_count(st['tokens'])} tokens ({st['tokens']:,}) = {st['steps']:,} steps x "
                        f"{st['tokens_per_step']:,} tokens/step (global_batch={st['global_batch']} x "
                        f"seq_len={st['seq_len']}, rounded up)")
             out.append(f"    lr={st['lr']:g} -> min_lr={st['min_lr']:g}, {st['schedule']}, warmup={st['warmup']}; "
-                       f"deepspeed zero={st['zero']} {st['precision']}")
+                       f"deepspeed zero={st['zero']} {st['precision']}"
+                       + (f"; validation every {st['val_every']} steps" if st.get("val_every") else ""))
         elif kind == "evaluate":
             tasks = ", ".join(f"{t['name']}({t['shots']}-shot)" for t in st["tasks"])
             if st["perplexity_data"]:

@@ -165,7 +165,7 @@ def memory_plan(spec: CheckedSpec, gpu_mem: int, params_of: ParamsOf) -> list[di
         entry: dict[str, Any] = {"name": st.name, "kind": st.stage_kind, "gpu_mem": gpu_mem}
         if isinstance(st, (CorrectStage, DistillStage)):
             model = arch if isinstance(st, CorrectStage) else spec.final_arch
-            teacher = arch if isinstance(st, DistillStage) else None
+            teacher = arch if isinstance(st, DistillStage) and st.train.online_teacher else None  # a cache or CE loads none
             cfg = st.train
             valid = [n for n in divisors(cfg.global_batch) if n <= MAX_GPUS]
             gpus, mem = _fewest(lambda n: train_memory(model, cfg, st.stage_kind, n, teacher, gpu_mem, params_of),

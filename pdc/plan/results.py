@@ -54,15 +54,40 @@ class TrainResult:
     tokens_per_s: Optional[float]
     wall_s: float
     method: Optional[str] = None  # correction: full | lora | norm
-    loss: Optional[str] = None  # distillation: kl_forward | kl_reverse
+    loss: Optional[str] = None  # distillation: kl_forward | kl_reverse | ce
     teacher_val_loss: Optional[float] = None
     val_kl_start: Optional[float] = None
     val_kl_end: Optional[float] = None
     activation_checkpointing: bool = False
-    teacher_placement: Optional[str] = None  # distillation: replicated | zero3 (partitioned over the ranks)
+    # distillation: replicated | zero3 (partitioned over the ranks) | cached (read from the
+    # teacher_logits stage's cache: the KL is over its top k and a tail bucket) | None (loss=ce)
+    teacher_placement: Optional[str] = None
+    cache_k: Optional[int] = None  # the teacher cache's k when the teacher was cached
+    val_every: int = 0  # validation every N steps as well (log.jsonl's val_loss / val_kl)
     model: str = "model"
     log: str = "log.jsonl"
     plot: str = "loss.png"
+
+
+@dataclass(frozen=True)
+class TeacherLogitsResult:
+    """The teacher pass of a cached distillation: the cache it filled (beside the token shards, shared by
+    every build; `pdc.inputs.teacher_cache`), how many of the blocks the distillation reads were
+    computed by this run (0: all were cached), the size on disk and the share of the teacher's
+    probability inside the top k (mean over those blocks' tokens)."""
+
+    cache_dir: str
+    key: str
+    k: int
+    temperature: float
+    seq_len: int
+    blocks: int
+    blocks_computed: int
+    tokens_per_s: Optional[float]
+    bytes_per_token: float
+    cache_bytes: int
+    topk_mass: float
+    wall_s: float
 
 
 # ---- pruning ---------------------------------------------------------------------------------
@@ -218,8 +243,8 @@ class EvaluateResult:
     perplexity_tokens: Optional[int] = None
 
 
-StageResult = Union[TrainResult, PruneResult, EvaluateResult]
-RESULT_TYPES = {cls.__name__: cls for cls in (TrainResult, PruneResult, EvaluateResult)}
+StageResult = Union[TrainResult, TeacherLogitsResult, PruneResult, EvaluateResult]
+RESULT_TYPES = {cls.__name__: cls for cls in (TrainResult, TeacherLogitsResult, PruneResult, EvaluateResult)}
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,15 @@ alone, so the wiring below is the only place that knows the recipe's data flow:
   or the source (parallel correction, the paper's Figure 4 alternative; or no correction); each
   later prune stage prunes the previous one's output;
 - distillation teaches the last pruned student with the corrected teacher when there is one;
+  when it reads a teacher cache (`teacher_logits=cached`), a `teacher_logits` node before it runs
+  that teacher once over the blocks it reads, and the distillation needs that node;
 - evaluation compares the source, the corrected teacher, the pruned and the distilled model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 from pdc.lang.checked import (
     STAGE_KINDS,
@@ -27,6 +29,8 @@ from pdc.lang.checked import (
     PruneStage,
     Stage,
 )
+from pdc.lang.diagnostics import Span
+from pdc.lang.settings import TrainConfig
 from pdc.plan.results import MODEL_COLUMNS
 
 
@@ -48,15 +52,40 @@ ModelRef = Union[SourceRef, StageRef]
 
 
 @dataclass(frozen=True)
+class TeacherLogitsStage:
+    """The teacher pass of a cached distillation: `teacher`'s top-k log-probabilities on the
+    blocks of `data` the distillation reads. `train` keeps only the distillation settings that
+    decide those blocks and what is cached (budget, batch, seed, split, seq_len, k, temperature),
+    so the stage's key, and its sharing between comparison variants, ignore the rest."""
+
+    stage_kind: ClassVar[str] = "teacher_logits"
+
+    teacher: str
+    data: str
+    train: TrainConfig
+    span: Span
+    name: str = "teacher_logits"
+
+    @classmethod
+    def of(cls, distill: DistillStage) -> "TeacherLogitsStage":
+        t = distill.train
+        kept = TrainConfig(steps=t.total_steps(), global_batch=t.global_batch, micro_batch=t.micro_batch,
+                           seq_len=t.seq_len, seed=t.seed, val_fraction=t.val_fraction, precision=t.precision,
+                           temperature=t.temperature, cache_k=t.cache_k)
+        return cls(distill.teacher, distill.data, kept, distill.span)
+
+
+@dataclass(frozen=True)
 class Node:
     name: str
     kind: str
-    decl: Stage
+    decl: Union[Stage, TeacherLogitsStage]
     inputs: dict[str, ModelRef] = field(default_factory=dict)
     data: tuple[str, ...] = ()  # names of the data declarations the stage reads
+    needs: tuple[str, ...] = ()  # stages whose output (not a model) this one reads: a teacher cache
 
     def upstream(self) -> list[str]:
-        return [r.stage for r in self.inputs.values() if isinstance(r, StageRef)]
+        return [r.stage for r in self.inputs.values() if isinstance(r, StageRef)] + list(self.needs)
 
 
 @dataclass(frozen=True)
@@ -123,7 +152,13 @@ def build_graph(spec: CheckedSpec) -> StageGraph:
         elif isinstance(st, DistillStage):
             teacher = StageRef(correct.name) if correct is not None else SourceRef(st.teacher)
             student = StageRef(previous_prune) if previous_prune else source
-            nodes[st.name] = Node(st.name, "distill", st, {"teacher": teacher, "student": student}, (st.data,))
+            needs: tuple[str, ...] = ()
+            if st.train.uses_teacher and st.train.cache_k is not None:
+                cache = TeacherLogitsStage.of(st)
+                nodes[cache.name] = Node(cache.name, "teacher_logits", cache, {"teacher": teacher}, (st.data,))
+                needs = (cache.name,)
+            nodes[st.name] = Node(st.name, "distill", st, {"teacher": teacher, "student": student}, (st.data,),
+                                  needs)
         elif isinstance(st, EvaluateStage):
             columns: dict[str, ModelRef] = {MODEL_COLUMNS[0]: source}
             if correct is not None:

@@ -187,6 +187,14 @@ def ds_config(cfg: TrainConfig, steps: int, world_size: int, stage: str, bf16: b
     }
 
 
+def cache_bytes_per_token(k: int, vocab_size: int, seq_len: int) -> float:
+    """Bytes on disk per token of a teacher logits cache (`pdc.inputs.teacher_cache`): k float16
+    log-probabilities, k token ids (uint16 up to 65,536 ids, else uint32), a float16 tail, and a
+    block's int64 row number and float32 NLL spread over its tokens."""
+    index = 2 if vocab_size <= 1 << 16 else 4
+    return k * (2 + index) + 2 + 12 / seq_len
+
+
 def teacher_ds_config(micro_batch: int, bf16: bool) -> dict:
     """DeepSpeed config of a frozen teacher run as a ZeRO-3 inference engine: its weights are
     partitioned over the ranks and gathered layer by layer during each forward pass."""

@@ -50,10 +50,19 @@ from pdc.inputs.assets import local_tasks_dir
 from pdc.inputs.data import check_corpus, split_blocks, take, token_blocks
 from pdc.inputs.models import data_identity, materialize_model, source_identity
 from pdc.inputs.shards import Blocks
+from pdc.inputs.teacher_cache import TeacherLogits
 from pdc.inputs.verify import check_same_vocabulary, load_tokenizer, verify_checkpoint
 from pdc.lang.checked import CheckedSpec
 from pdc.plan.dry_run import build_plan
-from pdc.plan.results import EvaluateResult, ModelIdentity, StageRecord, StageResult, read_record, write_record
+from pdc.plan.results import (
+    EvaluateResult,
+    ModelIdentity,
+    StageRecord,
+    StageResult,
+    TeacherLogitsResult,
+    read_record,
+    write_record,
+)
 from pdc.plan.stage_graph import (
     ModelRef,
     Node,
@@ -70,6 +79,7 @@ from pdc.stages.distill import run_distill
 from pdc.stages.evaluate import comparison_rows, comparison_table, evaluate_models, write_results
 from pdc.stages.prune_depth import prune_depth
 from pdc.stages.prune_width import prune_width
+from pdc.stages.teacher_logits import compute_teacher_logits
 
 STAGES_FILE = "stages.json"
 BUILD_LOCK = ".pdc-build.lock"  # held while a run writes into the build directory
@@ -199,6 +209,8 @@ class Build:
                      [data_identity(self.spec.data[d], self.base) for d in node.data]]
             if node.kind == "evaluate":
                 parts.append(str(self.tasks_dir()) if self.tasks_dir() else None)
+            if node.needs:
+                parts.append({up: self.stage_key(up) for up in node.needs})
             self._keys[name] = sha256_json(parts)[:16]
         return self._keys[name]
 
@@ -210,6 +222,8 @@ class Build:
             rec = self.record(name)
         except PdcError:
             return False  # a record of another pdc version: the stage runs again
+        if rec is not None and isinstance(rec.result, TeacherLogitsResult) and not cache_holds(rec.result):
+            return False  # its cache (or some of its parts) was deleted since: the pass runs again
         return rec is not None and rec.key == self.stage_key(name)
 
     def require(self, name: str) -> None:
@@ -420,7 +434,7 @@ def stage_blocks(build: Build, node: Node, model_dir: Path) -> dict[str, Blocks]
     writes anything (too little text is refused with how much there is and how much was asked)
     and the stage reads them: one place decides what each stage reads."""
     st = node.decl
-    if node.kind in ("correct", "distill"):
+    if node.kind in ("correct", "teacher_logits", "distill"):
         blocks = build.blocks(st.data, model_dir, st.train.seq_len, node.name)
         train, val = split_blocks(blocks, st.train.val_fraction, node.name)
         return {"train": train, "val": val}
@@ -460,6 +474,20 @@ def _run_prune(build: Build, node: Node, out: Path) -> StageResult:
                        work_dir=work)
 
 
+def cache_holds(result: TeacherLogitsResult) -> bool:
+    """Whether the teacher logits cache a pass filled still holds as many blocks as it recorded."""
+    try:
+        return len(TeacherLogits(Path(result.cache_dir))) >= result.blocks
+    except PdcError:
+        return False
+
+
+def _run_teacher_logits(build: Build, node: Node, out: Path) -> StageResult:
+    teacher = build.input_model(node.inputs["teacher"], node.name)
+    data = stage_blocks(build, node, teacher)
+    return compute_teacher_logits(teacher, data["train"], data["val"], node.decl.train, out, progress=build.progress)
+
+
 def _run_distill(build: Build, node: Node, out: Path) -> StageResult:
     st = node.decl
     teacher = build.input_model(node.inputs["teacher"], node.name)
@@ -467,8 +495,10 @@ def _run_distill(build: Build, node: Node, out: Path) -> StageResult:
     build.check_vocabularies(teacher, student, node.name)
     data = stage_blocks(build, node, teacher)
     train, val = data["train"], data["val"]
+    cache = next((build.record(up).result.cache_dir for up in node.needs
+                  if build.graph.node(up).kind == "teacher_logits"), None)
     return run_distill(teacher, student, train, val, st.train, build.work_dir(node.name), out,
-                       progress=build.progress, launch=build.launch)
+                       progress=build.progress, launch=build.launch, teacher_cache=cache)
 
 
 def _run_evaluate(build: Build, node: Node, out: Path) -> StageResult:
@@ -496,6 +526,7 @@ def _heldout_blocks(build: Build, cfg) -> Blocks:
 STAGE_RUNNERS: dict[str, Callable[[Build, Node, Path], StageResult]] = {
     "correct": _run_correct,
     "prune": _run_prune,
+    "teacher_logits": _run_teacher_logits,
     "distill": _run_distill,
     "evaluate": _run_evaluate,
 }

@@ -90,6 +90,16 @@ def _task_names(variants: list[Variant]) -> list[str]:
     return names
 
 
+def _val_kl(distill: Optional[TrainResult]) -> str:
+    """The held-out KL at the end; from a teacher cache it is the bucketed KL (top k + tail, a
+    lower bound of the full one), so it says so rather than sit beside full KLs unmarked."""
+    if distill is None or distill.val_kl_end is None:
+        return "-"
+    if distill.teacher_placement == "cached":
+        return f"{format_number(distill.val_kl_end)} (top {distill.cache_k} + tail)"
+    return format_number(distill.val_kl_end)
+
+
 def _summary_table(doc: Doc, variants: list[Variant]) -> None:
     tasks = _task_names(variants)
     header = ["variant", "changes", "params", "distill val loss", "val KL", "final model", "perplexity"]
@@ -102,7 +112,7 @@ def _summary_table(doc: Doc, variants: list[Variant]) -> None:
         row = [v.name, "; ".join(v.changes) or "(as written)",
                f"{prune.params_after:,}" if prune else "-",
                f"{format_number(distill.val_loss_start)} -> {format_number(distill.val_loss_end)}" if distill else "-",
-               format_number(distill.val_kl_end) if distill else "-",
+               _val_kl(distill),
                final[0] if final else "-",
                format_number(final[1].perplexity) if final else "-"]
         for t in tasks:

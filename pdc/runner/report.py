@@ -5,7 +5,8 @@ docs/architecture.md) and never fails because a stage has not run: each missing 
 short "not run" line. The page holds the spec, the architecture before/after with parameter
 counts, time per stage, the pruning plots (importance, depth saliency), the training curves
 (teacher correction and distillation, drawn together into `report_losses.png`) and the
-evaluation table teacher / pruned / distilled.
+evaluation table teacher / pruned / distilled; with validation every N steps, the held-out loss
+as a curve over training; a cached teacher's pass (blocks, bytes per token, top-k mass).
 
 Both files are written next to each other in `build_dir` through temporary files and renamed
 at the end, so a crash never leaves a half-written report. The HTML embeds every image as a
@@ -30,6 +31,7 @@ from pdc.plan.results import (
     EvaluateResult,
     PruneResult,
     StageRecord,
+    TeacherLogitsResult,
     TrainResult,
     read_record,
 )
@@ -340,7 +342,32 @@ def _train_table(correct: TrainResult | None, distill: TrainResult | None) -> tu
         rows.append(["student val KL start -> end", *lead,
                      f"{format_number(distill.val_kl_start)} -> {format_number(distill.val_kl_end)}"])
         rows.append(["teacher val LM loss", *lead, format_number(distill.teacher_val_loss)])
+        rows.append(["loss", *lead, loss_name(distill)])
+    if any(m.val_every for _, m in cols):
+        rows.append(["validation every"] + [f"{m.val_every} steps" if m.val_every else "start and end" for _, m in cols])
     return [""] + [n for n, _ in cols], rows
+
+
+def loss_name(distill: TrainResult) -> str:
+    """What the distillation minimised, in words."""
+    if distill.loss == "ce":
+        return "next-token cross-entropy (no teacher)"
+    kl = {"kl_forward": "forward KL", "kl_reverse": "reverse KL"}.get(distill.loss or "", distill.loss or "?")
+    if distill.teacher_placement == "cached":
+        return f"{kl}, logits only, from the teacher's cached top {distill.cache_k} + tail"
+    return f"{kl}, logits only, teacher online"
+
+
+def _teacher_logits_table(result: TeacherLogitsResult) -> list[list[str]]:
+    computed = f"{result.blocks_computed:,} now" if result.blocks_computed else "none (all cached)"
+    return [["blocks the distillation reads", f"{result.blocks:,} x {result.seq_len} tokens"],
+            ["computed by this run", computed],
+            ["teacher tokens/s", format_number(result.tokens_per_s)],
+            ["k (logits kept per token)", str(result.k)],
+            ["teacher probability inside the top k", f"{result.topk_mass:.1%}"],
+            ["bytes per token on disk", f"{result.bytes_per_token:.0f}"],
+            ["cache on disk (every block it holds)", f"{result.cache_bytes / 2**20:,.1f} MiB"],
+            ["cache", f"`{result.cache_dir}`"]]
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:
@@ -357,8 +384,10 @@ def plot_losses(correct_log: list[dict], correct: TrainResult | None, distill_lo
                 distill: TrainResult | None, png: Path) -> bool:
     """One PNG with a panel per training stage that logged steps. Correction: the teacher's train
     loss with its validation loss before/after (uncorrected vs corrected). Distillation: the
-    student's KL with its validation loss at start/end and the teacher's validation loss.
-    Returns False (and writes nothing) when neither stage logged a step."""
+    student's KL (its LM loss for loss=ce) with its validation loss at start/end and the
+    teacher's validation loss. A stage that validated every N steps (`val_every`) also gets its
+    held-out LM loss (and KL) as curves from step 0. Returns False (and writes nothing) when
+    neither stage logged a step."""
     panels = [p for p in (("correct", correct_log, correct), ("distill", distill_log, distill)) if p[1]]
     if not panels:
         return False
@@ -371,7 +400,7 @@ def plot_losses(correct_log: list[dict], correct: TrainResult | None, distill_lo
         key = "kl" if name == "distill" and all("kl" in r for r in log) else "loss"
         values = [float(r[key]) for r in log]
         label = "student KL (train)" if key == "kl" else ("teacher LM loss (train)" if name == "correct"
-                                                           else "student loss (train)")
+                                                           else "student LM loss (train)")
         window = max(1, len(values) // 20)
         ax.plot(steps, values, color="tab:blue", alpha=0.3 if window > 1 else 1.0, lw=1,
                 label=label if window == 1 else None)
@@ -384,12 +413,22 @@ def plot_losses(correct_log: list[dict], correct: TrainResult | None, distill_lo
                       ("corrected teacher val loss", metrics and metrics.val_loss_end, "tab:green", "--")]
             ax.set_title("teacher correction")
         else:
-            hlines = [("teacher val loss", metrics and metrics.teacher_val_loss, "tab:green", "--"),
-                      ("student val loss, start", metrics and metrics.val_loss_start, "tab:red", ":"),
-                      ("student val loss, end", metrics and metrics.val_loss_end, "tab:purple", ":")]
+            hlines = [("teacher val loss", metrics and metrics.teacher_val_loss, "tab:green", "--")]
+            if not _val_curve(log, "val_loss"):
+                hlines += [("student val loss, start", metrics and metrics.val_loss_start, "tab:red", ":"),
+                           ("student val loss, end", metrics and metrics.val_loss_end, "tab:purple", ":")]
             if correct and correct.val_loss_start is not None:
                 hlines.append(("uncorrected teacher val loss", correct.val_loss_start, "tab:orange", "--"))
-            ax.set_title("distillation (forward KL, logits only)")
+            ax.set_title(f"distillation: {loss_name(metrics)}" if metrics else "distillation", fontsize=9)
+        start = (metrics.val_loss_start, metrics.val_kl_start) if metrics else (None, None)
+        for val_key, first, color, lab in (("val_loss", start[0], "tab:purple", "held-out LM loss"),
+                                           ("val_kl", start[1], "tab:brown", "held-out KL")):
+            curve = _val_curve(log, val_key)
+            if curve:
+                if isinstance(first, (int, float)) and math.isfinite(first):
+                    curve = [(0, first)] + curve
+                ax.plot([c[0] for c in curve], [c[1] for c in curve], color=color, marker="o", ms=3, lw=1.5,
+                        label=f"{lab}: {curve[-1][1]:.3f} at step {curve[-1][0]}")
         for lab, y, color, style in hlines:
             if isinstance(y, (int, float)) and math.isfinite(y):
                 ax.axhline(y, color=color, ls=style, lw=1.3, label=f"{lab}: {y:.3f}")
@@ -401,6 +440,11 @@ def plot_losses(correct_log: list[dict], correct: TrainResult | None, distill_lo
     fig.tight_layout()
     save_figure(fig, png, dpi=110)
     return True
+
+
+def _val_curve(log: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of the steps that logged a validation value `key`."""
+    return [(int(r["step"]), float(r[key])) for r in log if _is_number(r.get(key))]
 
 
 def _training_section(doc: Doc, build: Path, records: dict[str, StageRecord]):
@@ -417,6 +461,10 @@ def _training_section(doc: Doc, build: Path, records: dict[str, StageRecord]):
         doc.muted("distillation " + NOT_RUN)
     header, rows = _train_table(correct, distill)
     doc.table(header, rows)
+    cache = next((r.result for r in records.values() if isinstance(r.result, TeacherLogitsResult)), None)
+    if cache is not None:
+        doc.p("Teacher logits, computed once (the `teacher_logits` stage) and read by the distillation:")
+        doc.table(["", "value"], _teacher_logits_table(cache), align="ll")
     logs = {kind: read_log_records(build / name / result.log) for kind, (name, result) in results.items()}
     png = build / LOSS_PNG
     if plot_losses(logs.get("correct", []), correct, logs.get("distill", []), distill, png):

@@ -75,7 +75,10 @@ def _dir_signature(path: Path) -> list:
 
 
 def execute(kind: str, sources: dict, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, work_dir: Path,
-            out_dir: Path, progress: bool = True, launch: Launch = Launch()) -> TrainResult:
+            out_dir: Path, progress: bool = True, launch: Launch = Launch(),
+            teacher_cache: dict | None = None) -> TrainResult:
+    """Train `kind` ("correct" or "distill") on `sources` (role -> model dir); `teacher_cache`
+    ({"dir", "key"}) names the teacher logits cache a distillation reads instead of a teacher."""
     stage = kind
     t_start = time.perf_counter()
     sources = {role: _check_model_dir(p, role.replace("_dir", ""), stage) for role, p in sources.items()}
@@ -111,6 +114,8 @@ def execute(kind: str, sources: dict, train_blocks: Blocks, val_blocks: Blocks, 
         "steps": steps,
         "data": {"train": train_blocks.to_json(), "val": val_blocks.to_json()},
     }
+    if teacher_cache is not None:
+        spec["teacher_cache"] = teacher_cache  # its key is its content's: teacher, tokens, k, temperature
     fp = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     for p in sources.values():
         fp.update(json.dumps(_dir_signature(p)).encode())
@@ -226,7 +231,8 @@ def _summarise(metrics: dict, records: list[dict], wall_s: float) -> TrainResult
         teacher_val_loss=ve.get("teacher_loss") if distill else None,
         val_kl_start=vs.get("kl") if distill else None, val_kl_end=ve.get("kl") if distill else None,
         activation_checkpointing=bool(metrics.get("activation_checkpointing", False)),
-        teacher_placement=metrics.get("teacher_placement"),
+        teacher_placement=metrics.get("teacher_placement"), cache_k=metrics.get("cache_k"),
+        val_every=int(metrics.get("val_every") or 0),
     )
 
 

@@ -46,7 +46,7 @@ class JsonlLog:
 
 
 def plot_loss(records: list[dict], png: Path, title: str) -> None:
-    """Training loss (and KL, LR) per step as a PNG."""
+    """Training loss (and KL, LR, the held-out loss of `val_every`) per step as a PNG."""
     plt = pyplot()
 
     steps = [r["step"] for r in records]
@@ -54,6 +54,10 @@ def plot_loss(records: list[dict], png: Path, title: str) -> None:
     ax.plot(steps, [r["loss"] for r in records], label="train loss")
     if records and "kl" in records[0] and any(abs(r["kl"] - r["loss"]) > 1e-9 for r in records):
         ax.plot(steps, [r["kl"] for r in records], label="KL term", alpha=0.7)
+    for key, label in (("val_loss", "held-out LM loss"), ("val_kl", "held-out KL")):
+        val = [(r["step"], r[key]) for r in records if key in r]
+        if val:
+            ax.plot([v[0] for v in val], [v[1] for v in val], marker="o", ms=3, label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)

@@ -1,8 +1,10 @@
 """The training loop that every rank runs: DeepSpeed engine, checkpoints, resume, logs, validation.
 
 One loop serves both stages. `distill`: the student is trained on the distillation loss against a
-frozen teacher (eval mode, no grad). `correct`: the model is fine-tuned on next-token loss
-(`method` full | lora | norm). The stage is described by `<work_dir>/stage.json` (written by
+frozen teacher (eval mode, no grad), against the teacher's cached top-k distribution
+(`pdc.inputs.teacher_cache`, read with the same row numbers as the tokens; the teacher is never
+loaded), or on next-token loss alone (`loss=ce`). `correct`: the model is fine-tuned on
+next-token loss (`method` full | lora | norm). The stage is described by `<work_dir>/stage.json` (written by
 `pdc.stages.train.execute`), which names views on the token shards (`pdc.inputs.shards`): every
 rank memory-maps them and reads only the rows of its own micro-batches.
 
@@ -30,15 +32,17 @@ import os
 import random
 import shutil
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pdc.errors import PdcError
 from pdc.inputs.models import load_causal_lm
 from pdc.inputs.order import DataCursor, rank_micro_batch
 from pdc.inputs.shards import Blocks
+from pdc.inputs.teacher_cache import TeacherLogits
 from pdc.lang.settings import TrainConfig
 from pdc.plan.memory import teacher_partitioned
 from pdc.plan.training import teacher_ds_config
@@ -48,6 +52,16 @@ from pdc.stages.train.schedule import start_scheduler
 
 NORM_MARKERS = ("norm",)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Cached:
+    """A micro-batch's cached teacher distribution as tensors (`pdc.inputs.teacher_cache`)."""
+
+    logprobs: torch.Tensor
+    indices: torch.Tensor
+    tail: torch.Tensor
+    nll: torch.Tensor
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -113,16 +127,21 @@ class Stage:
         self.device = device
         self.dtype = torch.bfloat16 if _use_bf16(cfg) else torch.float32
         self.teacher = None
+        self.cache: TeacherLogits | None = None
         self.teacher_placement = None
         if self.kind == "distill":
             self.model = load_causal_lm(spec["student_dir"], self.name)
-            self.teacher = self._load_teacher(spec["teacher_dir"], micro_batch)
-            if self.teacher.config.vocab_size != self.model.config.vocab_size:
-                raise PdcError(
-                    f"teacher vocab {self.teacher.config.vocab_size} != student vocab "
-                    f"{self.model.config.vocab_size}",
-                    self.name,
-                )
+            if cfg.online_teacher:
+                self.teacher = self._load_teacher(spec["teacher_dir"], micro_batch)
+                vocab = self.teacher.config.vocab_size
+            elif cfg.uses_teacher:
+                self.cache = TeacherLogits(Path(spec["teacher_cache"]["dir"]))
+                self.teacher_placement = "cached"
+                vocab = self.cache.meta.get("vocab_size", self.model.config.vocab_size)
+            else:
+                vocab = self.model.config.vocab_size
+            if vocab != self.model.config.vocab_size:
+                raise PdcError(f"teacher vocab {vocab} != student vocab {self.model.config.vocab_size}", self.name)
         else:
             self.model = load_causal_lm(spec["model_dir"], self.name)
         if cfg.activation_checkpointing:
@@ -169,19 +188,40 @@ class Stage:
             return
         raise PdcError(f"unknown correction method {method!r} (full, lora, norm)", self.name)
 
-    def loss(self, engine, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = engine(input_ids=input_ids).logits
+    @property
+    def uses_teacher(self) -> bool:
+        return self.teacher is not None or self.cache is not None
+
+    def batch(self, blocks: Blocks, positions) -> dict:
+        """The blocks at `positions` of `blocks` on this rank's device: token ids, and the cached
+        teacher distribution of the same rows when distilling from a cache."""
+        rows = blocks.rows(positions)
+        out = {"ids": torch.from_numpy(blocks.array.take(rows).astype(np.int64)).to(self.device)}
+        if self.cache is not None:
+            c = self.cache.take(rows)
+            out["cached"] = Cached(torch.from_numpy(c.logprobs).to(self.device),
+                                   torch.from_numpy(c.indices.astype(np.int64)).to(self.device),
+                                   torch.from_numpy(c.tail).to(self.device), torch.from_numpy(c.nll))
+        return out
+
+    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ids = batch["ids"]
+        logits = engine(input_ids=ids).logits
+        if self.cache is not None:
+            return losses.cached_distill_loss(logits, batch["cached"], ids, self.cfg)
         if self.teacher is None:
-            return losses.lm_loss(logits, input_ids), None
+            return losses.lm_loss(logits, ids), None
         with torch.no_grad():
-            t_logits = self.teacher(input_ids=input_ids).logits
-        return losses.distill_loss(logits, t_logits, input_ids, self.cfg)
+            t_logits = self.teacher(input_ids=ids).logits
+        return losses.distill_loss(logits, t_logits, ids, self.cfg)
 
     @torch.no_grad()
     def validate(self, engine, val: Blocks, micro: int, rank: int, world: int) -> dict | None:
         """Mean next-token loss on the held-out blocks (sharded over ranks), and for distillation
-        the teacher's loss and the student-teacher KL. Every rank runs the same number of forward
-        passes (ZeRO-3 gathers weights collectively): a rank out of blocks repeats one with weight 0."""
+        the teacher's loss and the student-teacher KL (full-vocabulary, temperature 1 with an online
+        teacher; from a cache, over its top k and the tail bucket at the cache's temperature). Every
+        rank runs the same number of forward passes (ZeRO-3 gathers weights collectively): a rank out
+        of blocks repeats one with weight 0."""
         import deepspeed.comm as dist
 
         if len(val) == 0:
@@ -195,21 +235,28 @@ class Stage:
         for i in range(passes):
             pos = mine[i * micro:(i + 1) * micro]
             n = len(pos)
-            ids = val.read(pos or [0]).to(self.device)
+            batch = self.batch(val, pos or [0])
+            ids = batch["ids"]
             logits = engine.module(input_ids=ids).logits
             t_logits = self.teacher(input_ids=ids).logits if self.teacher is not None else None
             if n == 0:
                 continue
             sums[0] += losses.lm_loss(logits, ids).item() * n
+            direction = self.cfg.loss
             if t_logits is not None:
                 sums[1] += losses.lm_loss(t_logits, ids).item() * n
-                sums[2] += losses.kl_divergence(logits, t_logits, self.cfg.loss, 1.0, None).item() * n
+                sums[2] += losses.kl_divergence(logits, t_logits, direction, 1.0, None).item() * n
+            elif self.cache is not None:
+                c = batch["cached"]
+                sums[1] += c.nll.double().sum().item()
+                sums[2] += losses.cached_kl(logits, c.logprobs, c.indices, c.tail, direction,
+                                            self.cache.temperature).item() * n
             sums[3] += n
         dist.all_reduce(sums)
         engine.module.train(was_training)
         n = sums[3].item()
         out = {"loss": sums[0].item() / n}
-        if self.teacher is not None:
+        if self.uses_teacher:
             out.update(teacher_loss=sums[1].item() / n, kl=sums[2].item() / n)
         return out
 
@@ -318,7 +365,7 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
     else:
         device = torch.device("cpu")
     train = Blocks.from_json(spec["data"]["train"])
-    val = Blocks.from_json(spec["data"]["val"])
+    val_blocks = Blocks.from_json(spec["data"]["val"])
     steps, G = spec["steps"], cfg.global_batch
     micro, gas = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
     cursor = DataCursor(len(train), G, cfg.seed)
@@ -335,6 +382,10 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
         engine, _, _, scheduler = deepspeed.initialize(model=stage.model, model_parameters=params, config=ds_cfg)
     finally:
         ds_logger.setLevel(logging.WARNING)
+    if world == 1 and cfg.zero == 0:
+        # One rank: the gradient all-reduce averages each gradient with itself, yet flattens,
+        # copies and unflattens them all every step (bench/bench_distill_throughput.py --profile).
+        engine.enable_backward_allreduce = False
 
     ckpt_dir = stage_dir / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
@@ -356,7 +407,7 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
     else:
         start_step = 0
         start_scheduler(scheduler)
-        val_start = stage.validate(engine, val, micro, rank, world)
+        val_start = stage.validate(engine, val_blocks, micro, rank, world)
     if rank == 0:
         if resume is None and log_path.exists():
             log_path.unlink()
@@ -371,6 +422,7 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
 
         bar = tqdm(total=steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True)
     tokens_per_step = G * cfg.seq_len
+    val_end = None
     engine.train()
     try:
         for step in range(start_step, steps):
@@ -379,8 +431,8 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
             indices = cursor.next_batch()
             stats = torch.zeros(2, dtype=torch.float64)
             for a in range(gas):
-                ids = train.read(rank_micro_batch(indices, micro, a, rank, world)).to(device)
-                loss, kl = stage.loss(engine, ids)
+                batch = stage.batch(train, rank_micro_batch(indices, micro, a, rank, world))
+                loss, kl = stage.loss(engine, batch)
                 engine.backward(loss)
                 engine.step()
                 stats[0] += loss.item()
@@ -391,16 +443,24 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
             if not math.isfinite(loss_val):
                 raise PdcError(f"loss is {loss_val} at step {step + 1}; stopped (try a lower lr)", name)
             dt = time.perf_counter() - t0
+            cpu = time.process_time() - c0
+            done = step + 1
+            val = None
+            if cfg.val_every and (done % cfg.val_every == 0 or done == steps):
+                val = stage.validate(engine, val_blocks, micro, rank, world)
+                if done == steps:
+                    val_end = val
             if log is not None:
-                rec = {"step": step + 1, "loss": loss_val, "lr": lr, "tokens_per_s": tokens_per_step / dt,
-                       "step_s": dt, "cpu_s": time.process_time() - c0, "tokens": (step + 1) * tokens_per_step}
-                if stage.teacher is not None:
+                rec = {"step": done, "loss": loss_val, "lr": lr, "tokens_per_s": tokens_per_step / dt,
+                       "step_s": dt, "cpu_s": cpu, "tokens": done * tokens_per_step}
+                if stage.uses_teacher:
                     rec["kl"] = stats[1].item()
+                if val is not None:
+                    rec.update({f"val_{k}": v for k, v in val.items()})
                 log.write(rec)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_val:.4f}")
-            done = step + 1
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
                 _save_checkpoint(engine, ckpt_dir, done, {"val_start": val_start, "data": cursor.state_dict()},
                                  rank, name)
@@ -410,7 +470,8 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
         if log is not None:
             log.close()
 
-    val_end = stage.validate(engine, val, micro, rank, world)
+    if val_end is None:
+        val_end = stage.validate(engine, val_blocks, micro, rank, world)
     final_tmp, final = stage_dir / "final.tmp", stage_dir / "final"
     if rank == 0:
         shutil.rmtree(final_tmp, ignore_errors=True)
@@ -433,6 +494,8 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
                 "zero": cfg.zero,
                 "activation_checkpointing": cfg.activation_checkpointing,
                 "teacher_placement": stage.teacher_placement,
+                "cache_k": stage.cache.k if stage.cache is not None else None,
+                "val_every": cfg.val_every,
                 "trainable_params": trainable,
                 "resumed_from_step": start_step,
                 "val_start": val_start,
