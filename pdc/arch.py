@@ -101,10 +101,15 @@ class Arch:
 
     def to_hf_config(self, base: Mapping[str, Any]) -> dict:
         """`base` with this architecture's sizes written in (each under the key `base` uses),
-        head_dim always explicit and per-layer lists cut to the layer count."""
+        head_dim explicit unless `base` has no such key and it equals hidden // heads (a config
+        without the key derives it; GPT-NeoX even ignores the key, so there the emitted config can
+        only hold hidden = heads x head_dim: the stage's count check reports a mismatch),
+        and per-layer lists cut to the layer count."""
         out = dict(base)
         for axis in AXES + (MOE_AXES if self.experts else ()):
             key = next((k for k in CONFIG_KEYS[axis] if k in base), None if axis in MOE_AXES else CONFIG_KEYS[axis][0])
+            if axis == "head_dim" and key not in base and self.head_dim == self.hidden // self.heads:
+                continue  # configs without the key derive it (GPT-NeoX ignores the key altogether)
             if key is not None and not (axis == "mlp" and self.mlp == 0):
                 out[key] = getattr(self, axis)
         out["tie_word_embeddings"] = self.tied
