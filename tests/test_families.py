@@ -51,7 +51,18 @@ FAMILIES = {
     "olmo2": (dict(GQA), WidthTarget(hidden=48, mlp=64, heads=2, kv_heads=1)),
     "granite": (dict(GQA, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
                      logits_scaling=4.0), WidthTarget(hidden=48, mlp=64, heads=2)),
+    # More of the same patterns (slow: run with -m slow): Gemma 3 (q/k norms + post norms),
+    # Cohere (parallel residual, LayerNorm without bias), StableLM (parallel residual with
+    # LayerNorm bias; head_dim derived from hidden / heads), Phi-2 (parallel, biases everywhere,
+    # a biased output head).
+    "gemma3_text": (dict(GQA, query_pre_attn_scalar=16, sliding_window=4, tie_word_embeddings=True),
+                    WidthTarget(hidden=48, mlp=64, heads=2)),
+    "cohere": (dict(GQA, use_qk_norm=False), WidthTarget(hidden=48, mlp=64, heads=2)),
+    "stablelm": (dict(num_key_value_heads=2, use_parallel_residual=True), WidthTarget(hidden=32, mlp=64, heads=2)),
+    "phi": (dict(), WidthTarget(hidden=48, mlp=64, heads=3, kv_heads=3)),
 }
+SLOW = {"gemma3_text", "cohere", "stablelm", "phi"}
+PARAMS = [pytest.param(f, marks=pytest.mark.slow) if f in SLOW else f for f in FAMILIES]
 DROP = [1, 2]
 
 
@@ -97,7 +108,7 @@ def _assert_counts(model, program, source_cfg):
     assert built == program.num_params() == count_arch(source_cfg, program.arch).total
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PARAMS)
 def test_keep_all_reproduces_source_logits(family, source_dirs, programs):
     """The exported program computes the source checkpoint's logits, and passes that keep every
     unit leave them bit-identical."""
@@ -114,7 +125,7 @@ def test_keep_all_reproduces_source_logits(family, source_dirs, programs):
     assert torch.equal(program.forward(IDS), before)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PARAMS)
 def test_width_prune_checkpoint_equals_program(family, source_dirs, programs, tmp_path):
     """Activation importance, slicing and emission as the width stage runs them: the emitted
     checkpoint loads, computes the rewritten program's logits and has the dry run's count."""
@@ -131,7 +142,7 @@ def test_width_prune_checkpoint_equals_program(family, source_dirs, programs, tm
     _assert_counts(model, program, source_cfg)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PARAMS)
 def test_depth_prune_checkpoint_equals_program(family, source_dirs, programs, tmp_path):
     """Dropping layers 1 and 2: the emitted checkpoint (per-layer config lists cut with the
     layers) computes the rewritten program's logits and has the dry run's count."""
@@ -147,3 +158,76 @@ def test_depth_prune_checkpoint_equals_program(family, source_dirs, programs, tm
     model = _hf(tmp_path / "model")
     _assert_same_logits(model, program)
     _assert_counts(model, program, source_cfg)
+
+
+class _GatedConfig(__import__("transformers").LlamaConfig):
+    model_type = "pdc_toy_gated_attention"
+
+
+def _gated_model_class():
+    """A Llama whose attention output is scaled per channel by a learned gate before o_proj:
+    a parameter inside the attention that is neither a q/k/v norm nor one over head_dim."""
+    import types
+
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+    class GatedForCausalLM(LlamaForCausalLM):
+        config_class = _GatedConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            for layer in self.model.layers:
+                o = layer.self_attn.o_proj
+                o.head_gate = torch.nn.Parameter(torch.ones(o.in_features))
+                o.forward = types.MethodType(
+                    lambda self, x: torch.nn.functional.linear(x * self.head_gate, self.weight, self.bias), o)
+
+    try:
+        AutoConfig.register(_GatedConfig.model_type, _GatedConfig)
+        AutoModelForCausalLM.register(_GatedConfig, GatedForCausalLM)
+    except ValueError:  # registered by an earlier test in this process
+        pass
+    return AutoModelForCausalLM
+
+
+def test_unsupported_pattern_is_one_error_naming_node_and_module(tmp_path, monkeypatch):
+    """A pattern pdc cannot classify stops the width stage right after the export, before any
+    weight is read or importance computed, with one error naming the node, its module and why."""
+    from pdc.errors import PdcError
+    from pdc.stages import prune_width as stage
+
+    auto = _gated_model_class()
+    config = _GatedConfig(**SIZES, **GQA)
+    auto.from_config(config).save_pretrained(tmp_path / "gated")
+    monkeypatch.setattr(stage, "materialize", lambda *a, **k: pytest.fail("weights were read"))
+    monkeypatch.setattr(stage.imp_mod, "compute", lambda *a, **k: pytest.fail("importance ran"))
+    with pytest.raises(PdcError) as err:
+        stage.prune_width(tmp_path / "gated", CALIB, WidthTarget(hidden=48), ImportanceConfig(), tmp_path / "out",
+                          progress=False)
+    message = err.value.message
+    assert message.startswith("cannot classify node mul")
+    assert "from model.layers.0.self_attn.o_proj" in message
+    assert "parameter model.layers.0.self_attn.o_proj.head_gate inside the attention" in message
+    assert "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt_neox", "olmo2"])
+def test_correction_targets_come_from_the_structure(family, source_dirs):
+    """LoRA adapts every linear of the decoder layers and norm-only correction trains every
+    norm, whatever the family calls them (fused qkv_proj, query_key_value, dense_h_to_4h, q/k
+    norms, LayerNorm biases); peft accepts the module names as they are."""
+    from peft import LoraConfig, get_peft_model
+
+    from pdc.stages.correct import correction_targets
+
+    model = _hf(source_dirs(family))
+    head = model.get_output_embeddings()
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    norms = {f"{n}.{p}" for n, m in model.named_modules() if "Norm" in type(m).__name__
+             for p, _ in m.named_parameters(recurse=False)}
+    lora = correction_targets(source_dirs(family), "lora")["lora_modules"]
+    assert set(lora) == linears and len(lora) == len(linears)
+    assert set(correction_targets(source_dirs(family), "norm")["norm_params"]) == norms
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=lora))
+    assert sum(1 for _, m in adapted.named_modules() if hasattr(m, "lora_A")) == len(linears)

@@ -186,6 +186,23 @@ class Structure:
             yield from (layer.attn.q, layer.attn.k, layer.attn.v)
             yield from layer.mlp.spans
 
+    def projections(self) -> list[str]:
+        """Every linear weight of the decoder layers (q/k/v or fused qkv, o, gate/up or fused,
+        down), in layer order: what LoRA adapts."""
+        out = []
+        for layer in self.layers:
+            out += layer.attn.projections() + layer.mlp.rows + [layer.mlp.down]
+        return list(dict.fromkeys(out))
+
+    def norms(self) -> list[str]:
+        """Every norm weight and bias: on the hidden channels (in the layers and the final one)
+        and inside attention (q/k norms): what norm-only correction trains."""
+        out = []
+        for layer in self.layers:
+            out += layer.norms + list(layer.attn.row_norms) + layer.attn.head_norms
+        out += self.hidden.final_norms
+        return list(dict.fromkeys(out))
+
     def resize(self, program: Program) -> None:
         """Re-read every size from the current parameter shapes and re-find every span's rows
         from the graph (after a pass that sliced parameters and edited constants but kept nodes
@@ -485,7 +502,7 @@ def discover(program: Program) -> Structure:
     updates = _residual_updates(embed_node, in_hidden, hidden_size, order)
     stream_nodes = {u[0] for u in updates} | {u[1] for u in updates}
     layers: list[LayerBlock] = []
-    used: set[str] = {embed_name, head_name}
+    used: set[str] = {embed_name, head_name} | ({readers[head_linear][1]} if readers[head_linear][1] else set())
     pending_attn, layer_in = None, None
     for stream_in, merge, branch in updates:
         found = sorted(_linear_ancestors_stop(branch, set(writers), stream_nodes), key=lambda n: order[n])
@@ -980,8 +997,7 @@ def _shape_consts(splits, o_in, heads, kv_heads, head_dim) -> list[ShapeConst]:
         elif t is SDPA:  # the query's layout; the value's head_dim
             q_roles, v_roles = roles.get(node.args[0]), roles.get(node.args[2])
             if q_roles is None or v_roles is None:
-                raise PdcError(f"cannot classify node {_describe_node(node)}: attention operands are not "
-                               "derived from the q/v projections", STAGE)
+                raise _fail(node, "cannot follow the head layout from the q/v projections to its operands")
             out = q_roles[:-1] + [v_roles[-1]]
         else:  # elementwise, softmax, slice/cat on the head dim, casts: same layout as the first input
             out = list(src) if len(src) == len(shape) else [(f"z{i}",) for i in range(len(shape))]

@@ -121,7 +121,13 @@ def representable(source_cfg: dict, arch: Arch) -> Optional[str]:
     if lost:
         return "it has no separate key for " + ", ".join(f"{a} (it would read {a}={back.sizes().get(a)})" for a in lost)
     try:
-        count(emitted)
+        built = count(emitted)
+        if arch.heads and arch.head_dim != arch.hidden // arch.heads:
+            # Does this config read head_dim at all? Ask transformers: one more head_dim must
+            # change the count. GPT-NeoX style configs derive it from hidden // heads.
+            if count(dict(emitted, head_dim=arch.head_dim + 1)).total == built.total:
+                return (f"its config derives head_dim from hidden_size // heads = {arch.hidden // arch.heads}, "
+                        f"not the source's {arch.head_dim}")
     except ConfigError as exc:
         return exc.message
     return None

@@ -116,6 +116,7 @@ def prune_width(model_dir: Path, calib: Optional[torch.Tensor], target: WidthTar
     check_target(source_arch(json.loads(config_path.read_text())), target)  # fail before exporting
     start = time.perf_counter()
     program = export_dir(model_dir, progress=progress)
+    structure_of(program)  # a graph pdc cannot classify fails here, before any weight is read
     seconds["export"] = time.perf_counter() - start
     arch_before = program.arch
     if stream_weights is None:

@@ -75,7 +75,7 @@ def _dir_signature(path: Path) -> list:
 
 
 def execute(kind: str, sources: dict, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, work_dir: Path,
-            out_dir: Path, progress: bool = True, launch: Launch = Launch()) -> TrainResult:
+            out_dir: Path, progress: bool = True, launch: Launch = Launch(), targets: dict | None = None) -> TrainResult:
     stage = kind
     t_start = time.perf_counter()
     sources = {role: _check_model_dir(p, role.replace("_dir", ""), stage) for role, p in sources.items()}
@@ -110,6 +110,7 @@ def execute(kind: str, sources: dict, train_blocks: Blocks, val_blocks: Blocks, 
         "world_size": world_size,
         "steps": steps,
         "data": {"train": train_blocks.to_json(), "val": val_blocks.to_json()},
+        **(targets or {}),  # correction: the modules LoRA adapts / the norms that train
     }
     fp = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     for p in sources.values():
