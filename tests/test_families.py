@@ -41,7 +41,7 @@ GQA = dict(num_key_value_heads=2, head_dim=16)
 # family -> (config overrides, width target): targets the family's config can represent.
 FAMILIES = {
     "llama": (dict(GQA), WidthTarget(hidden=48, mlp=64, heads=2)),
-    "mistral": (dict(GQA, sliding_window=None), WidthTarget(hidden=40, kv_heads=1)),
+    "mistral": (dict(GQA, sliding_window=None), WidthTarget(hidden=40, heads=2, kv_heads=1)),
     "qwen2": (dict(GQA, tie_word_embeddings=True), WidthTarget(hidden=48, mlp=64, heads=2)),
     "qwen3": (dict(GQA), WidthTarget(hidden=48, mlp=64, heads=2, kv_heads=1)),
     "gemma2": (dict(GQA, query_pre_attn_scalar=16, attn_logit_softcapping=20.0, final_logit_softcapping=10.0,
@@ -125,10 +125,27 @@ def test_keep_all_reproduces_source_logits(family, source_dirs, programs):
     assert torch.equal(program.forward(IDS), before)
 
 
+def _dry_run_total(source_dir, target: WidthTarget, tmp_path, capsys) -> int:
+    """`pdc compile --dry-run --json` of a width spec on a directory holding only config.json."""
+    from pdc.cli import main
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text((source_dir / "config.json").read_text())
+    sizes = " ".join(f"{a}={getattr(target, a)}" for a in ("hidden", "mlp", "heads", "kv_heads")
+                     if getattr(target, a) is not None)
+    spec = tmp_path / "w.pds"
+    spec.write_text(f'model m = dir("cfg")\nprune width {{ {sizes} importance=magnitude }}\n')
+    capsys.readouterr()
+    assert main(["compile", str(spec), "--dry-run", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["final"]["params_total"]
+
+
 @pytest.mark.parametrize("family", PARAMS)
-def test_width_prune_checkpoint_equals_program(family, source_dirs, programs, tmp_path):
+def test_width_prune_checkpoint_equals_program(family, source_dirs, programs, tmp_path, capsys):
     """Activation importance, slicing and emission as the width stage runs them: the emitted
-    checkpoint loads, computes the rewritten program's logits and has the dry run's count."""
+    checkpoint loads, computes the rewritten program's logits and has the count that
+    `pdc compile --dry-run` predicts from the source's config.json alone."""
+    predicted = _dry_run_total(source_dirs(family), FAMILIES[family][1], tmp_path, capsys)
     program = programs(family)
     source_cfg = dict(program.hf_config)
     target = FAMILIES[family][1]
@@ -140,6 +157,7 @@ def test_width_prune_checkpoint_equals_program(family, source_dirs, programs, tm
     model = _hf(tmp_path / "model")
     _assert_same_logits(model, program)
     _assert_counts(model, program, source_cfg)
+    assert sum(p.numel() for p in model.parameters()) == predicted
 
 
 @pytest.mark.parametrize("family", PARAMS)
