@@ -42,7 +42,8 @@ class Program:
     - `gm(probe)` returns logits of shape [*probe.shape, arch.vocab];
     - get_attr target == `prefix + hf_name` for every parameter, where `hf_name` is the key the
       parameter has in the Hugging Face state dict (so `emit` can write a checkpoint directly);
-    - `sum(numel)` over the parameters equals `arch.total_params()` once passes have run.
+    - `num_params()` equals the count of `arch.to_hf_config(hf_config)` built by transformers
+      (`pdc.plan.counts`) once passes have run (the stages check it).
     """
 
     gm: torch.fx.GraphModule

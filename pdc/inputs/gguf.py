@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from pdc.arch import Arch
 from pdc.errors import PdcError
+from pdc.plan.counts import count
 
 STAGE = "setup"
 VERIFY_PROMPT = "The capital of France is"
@@ -34,7 +34,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, verify: bool = True) -> dict:
     """Dequantize `gguf_path` and save it to `out_dir` as a plain fp32 HF checkpoint.
 
     Invariants: the saved config has no `quantization_config`; reloading `out_dir` gives the
-    same tensors as the dequantized GGUF model; `sum(numel)` equals `Arch.total_params()`.
+    same tensors as the dequantized GGUF model; `sum(numel)` equals the count of its config
+    (`pdc.plan.counts.count`).
     With `verify`, the reloaded model must answer "Paris" to "The capital of France is".
     Returns {"params", "answer"}.
     """
@@ -60,7 +61,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, verify: bool = True) -> dict:
     tokenizer.save_pretrained(out_dir)
 
     n_params = sum(p.numel() for p in model.parameters())
-    expected = Arch.from_hf_config(json.loads((out_dir / "config.json").read_text())).total_params()
+    expected = count(json.loads((out_dir / "config.json").read_text())).total
     if n_params != expected:
         raise PdcError(f"converted model has {n_params} parameters, the config says {expected}", STAGE)
     answer = ""
