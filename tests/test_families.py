@@ -249,3 +249,37 @@ def test_correction_targets_come_from_the_structure(family, source_dirs):
     assert set(correction_targets(source_dirs(family), "norm")["norm_params"]) == norms
     adapted = get_peft_model(model, LoraConfig(r=2, target_modules=lora))
     assert sum(1 for _, m in adapted.named_modules() if hasattr(m, "lora_A")) == len(linears)
+
+
+def test_per_head_modules_are_refused_naming_the_split():
+    """StableLM's qk_layernorm runs one LayerNorm module per head (the heads split apart, each
+    normalised by its own weights): not a pattern pdc slices, so discovery names the split."""
+    from conftest import make_tiny_model
+    from pdc.errors import PdcError
+    from pdc.graph.export import export_model
+    from pdc.graph.structure import structure_of
+
+    model = make_tiny_model("custom", model_type="stablelm", **dict(SIZES, num_hidden_layers=2),
+                            num_key_value_heads=2, qk_layernorm=True)
+    with pytest.raises(PdcError, match=r"cannot classify node split \(call_function split.Tensor\) from "
+                                       r"model.layers.0.self_attn.q_layernorm: it splits the attention heads apart"):
+        structure_of(export_model(model))
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt_neox", "olmo2"])
+def test_sliced_spans_equal_rediscovery(family, programs):
+    """After slicing fused and interleaved projections (and q/k norms), the structure the passes
+    kept up to date (spans re-traced through the recounted slice/split/view constants) equals a
+    rediscovery of the rewritten graph: the manager's check="full" compares them after every pass."""
+    program = programs(family)
+    a = program.arch
+    layers = range(a.layers)
+    rep = a.heads // a.kv_heads
+    keep_kv = torch.tensor([0, a.kv_heads - 1]) if a.kv_heads > 2 else torch.tensor([a.kv_heads - 1])
+    keep_heads = torch.cat([g * rep + torch.arange(rep)[-1:] for g in keep_kv.tolist()])
+    PassManager([
+        SliceHidden(torch.arange(0, a.hidden, 2)),
+        SliceMlp({i: torch.arange(5, 5 + a.mlp // 2) for i in layers}),
+        SliceHeads({i: keep_heads for i in layers}, {i: keep_kv for i in layers}),
+    ], check="full").run(program)
+    assert program.arch.heads == len(keep_heads) and program.arch.kv_heads == len(keep_kv)

@@ -973,6 +973,14 @@ def _shape_consts(splits, o_in, heads, kv_heads, head_dim) -> list[ShapeConst]:
         if node not in region or node in roles or node.op != "call_function":
             continue
         ins = [a for a in node.all_input_nodes if a in roles]
+        if ins and node.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
+                                   aten.unbind.int):
+            src = roles[ins[0]]
+            dim = node.args[1 if node.target is aten.unbind.int else 2] if len(node.args) > (
+                1 if node.target is aten.unbind.int else 2) else 0
+            if any(r in ("head", "kv", "rep") for r in src[dim % len(src)]):
+                raise _fail(node, "it splits the attention heads apart (a computation per head, e.g. one "
+                                  "norm module per head): pdc cannot slice per-head modules")
         shape = _shape(node)
         if not ins or shape is None:
             continue
