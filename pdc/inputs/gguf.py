@@ -48,8 +48,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, verify: bool = True) -> dict:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
-    # lm_head is tied to the embedding: it may be reported missing, nothing else may be.
-    missing = [k for k in missing if k != "lm_head.weight"]
+    # A head tied to the embedding may be reported missing, nothing else may be.
+    head = model.get_output_embeddings()
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False)
+            if head is not None and p is head.weight and p is model.get_input_embeddings().weight}
+    missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise PdcError(f"GGUF tensors do not match the config: missing {missing[:3]}, "
                        f"unexpected {unexpected[:3]}", STAGE)
