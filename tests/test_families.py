@@ -283,3 +283,26 @@ def test_sliced_spans_equal_rediscovery(family, programs):
         SliceHeads({i: keep_heads for i in layers}, {i: keep_kv for i in layers}),
     ], check="full").run(program)
     assert program.arch.heads == len(keep_heads) and program.arch.kv_heads == len(keep_kv)
+
+
+@pytest.mark.parametrize("family, kind", [("gemma2", "loss"), ("gpt_neox", "cosine")])
+def test_depth_stage_on_any_family(family, kind, source_dirs, tmp_path):
+    """The depth stage end to end (saliency with layers temporarily removed from the Hugging Face
+    model, whatever holds its layer list; the drop applied to the program; emission): the
+    emitted config keeps per-layer lists in step with the kept layers (Gemma 2 alternates
+    sliding and global attention), and the checkpoint has the count the stage recorded."""
+    from pdc.lang.settings import DepthTarget, Saliency
+    from pdc.stages.prune_depth import prune_depth
+
+    src = source_dirs(family)
+    result = prune_depth(src, DepthTarget(2, Saliency(kind), contiguous=kind == "loss"), CALIB, tmp_path / "out",
+                         progress=False, deploy=False)
+    dropped = list(result.saliency.dropped_layers)
+    assert len(dropped) == 2 and result.arch_after["layers"] == 2
+    source_cfg = json.loads((src / "config.json").read_text())
+    config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    if isinstance(source_cfg.get("layer_types"), list):
+        kept = [i for i in range(SIZES["num_hidden_layers"]) if i not in dropped]
+        assert config["layer_types"] == [source_cfg["layer_types"][i] for i in kept]
+    model = _hf(tmp_path / "out" / "model")
+    assert sum(p.numel() for p in model.parameters()) == result.params_after
