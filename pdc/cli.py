@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stage", metavar="NAME", help="run only this stage (correct, prune, distill, evaluate)")
     r.add_argument("--out", metavar="DIR", help="build directory")
     r.add_argument("--nproc-per-node", "--nproc", dest="nproc_per_node", type=int, default=None,
-                   metavar="M", help="processes per node for training and evaluation (one per GPU; gloo on CPU); "
+                   metavar="M", help="processes per node for training, evaluation, importance and depth saliency "
+                   "(one per GPU; gloo on CPU); "
                    "the global batch stays as the spec says")
     r.add_argument("--nnodes", type=int, default=1, metavar="N",
                    help="nodes; with torchrun each node runs the stage's launch.sh (pdc prints the command)")

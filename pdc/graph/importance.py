@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.fx
 
 from pdc.errors import PdcError
@@ -56,12 +57,26 @@ class Importance:
             },
         }
 
+    @classmethod
+    def from_json(cls, data: dict, tokens: int = 0) -> "Importance":
+        """The scores `to_json` wrote (float32 values survive the JSON round trip exactly)."""
+        def t(values):
+            return torch.tensor(values, dtype=torch.float32)
+
+        layers = {int(i): v for i, v in data["layers"].items()}
+        return cls(method=data["method"], hidden=t(data["hidden"]), mlp={i: t(v["mlp"]) for i, v in layers.items()},
+                   heads={i: t(v["heads"]) for i, v in layers.items()},
+                   kv_heads={i: t(v["kv_heads"]) for i, v in layers.items()}, tokens=tokens)
+
 
 def compute(program: Program, calib: torch.Tensor, config: ImportanceConfig, batch_size: int = 8,
-            progress: bool = False) -> Importance:
+            progress: bool = False, ranks: tuple[int, int] = (0, 1)) -> Importance:
+    """Scores of every unit. `ranks` = (rank, world): with world > 1 (torch.distributed
+    initialized), this rank runs batches rank, rank + world, ... and the sums are all-reduced, so
+    every rank returns the scores of the whole calibration set."""
     start = time.perf_counter()
     if config.method == "activation":
-        imp = _activation(program, calib, config, batch_size, progress)
+        imp = _activation(program, calib, config, batch_size, progress, ranks)
         imp.tokens = int(calib.numel())
     elif config.method == "magnitude":
         imp = _magnitude(program)
@@ -75,7 +90,8 @@ def compute(program: Program, calib: torch.Tensor, config: ImportanceConfig, bat
 
 # ---- activation -------------------------------------------------------------------------
 class _Accumulator:
-    """Per-unit sums over blocks of the per-block sequence aggregate (or of its square)."""
+    """Per-unit sums over blocks of the per-block sequence aggregate (or of its square), in
+    float64: the sum then hardly depends on its order, so 1 and N ranks rank units alike."""
 
     def __init__(self, seq_agg: str, batch_agg: str):
         self.seq_agg, self.batch_agg = seq_agg, batch_agg
@@ -91,16 +107,26 @@ class _Accumulator:
             per_block = per_token.abs().sum(1) / per_token.shape[1]
         else:  # l2 norm over the sequence
             per_block = per_token.square().sum(1).sqrt()
+        per_block = per_block.double()
         part = per_block.pow(2).sum(0) if self.batch_agg == "l2" else per_block.sum(0)
         self.total = part if self.total is None else self.total + part
         self.count += per_token.shape[0]
 
+    def all_reduce(self, template: torch.Tensor) -> None:
+        """Sum this rank's totals with the other ranks' (a rank without blocks adds zeros)."""
+        total = self.total if self.total is not None else torch.zeros_like(template)
+        both = torch.cat([total, torch.tensor([float(self.count)], dtype=torch.float64)])
+        dist.all_reduce(both)
+        self.total, self.count = both[:-1], int(both[-1])
+
     def result(self) -> torch.Tensor:
-        return self.total.sqrt() if self.batch_agg == "l2" else self.total / max(1, self.count)
+        total = self.total.sqrt() if self.batch_agg == "l2" else self.total / max(1, self.count)
+        return total.float()
 
 
 @torch.no_grad()
-def _activation(program: Program, calib: torch.Tensor, config: ImportanceConfig, batch_size: int, progress: bool) -> Importance:
+def _activation(program: Program, calib: torch.Tensor, config: ImportanceConfig, batch_size: int, progress: bool,
+                ranks: tuple[int, int]) -> Importance:
     from tqdm import tqdm
 
     if calib.dim() != 2 or calib.dtype != torch.long:
@@ -122,8 +148,13 @@ def _activation(program: Program, calib: torch.Tensor, config: ImportanceConfig,
         accs[name].add(value)
 
     tapped = _TapProgram(program, set(taps), record)
-    for start in tqdm(range(0, calib.shape[0], batch_size), desc="calibration", unit="batch", disable=not progress):
+    rank, world = ranks
+    starts = list(range(0, calib.shape[0], batch_size))[rank::world]  # whole batches: as one process runs them
+    for start in tqdm(starts, desc="calibration", unit="batch", disable=not progress or rank != 0):
         tapped.run(calib[start:start + batch_size])
+    if world > 1:
+        for name, (kind, index, head_dim) in taps.items():
+            accs[name].all_reduce(torch.zeros(_tap_width(structure, kind, index, head_dim), dtype=torch.float64))
     hidden = None
     imp = Importance(method="activation", hidden=torch.zeros(0))
     for name, (kind, index, _) in taps.items():
@@ -138,6 +169,14 @@ def _activation(program: Program, calib: torch.Tensor, config: ImportanceConfig,
     for layer in structure.layers:
         imp.kv_heads[layer.index] = _group_sum(imp.heads[layer.index], layer.attn.kv_heads)
     return imp
+
+
+def _tap_width(structure, kind: str, index: int, head_dim: int) -> int:
+    """Units a tap scores: hidden channels, the layer's MLP neurons or its query heads."""
+    if kind == "hidden":
+        return structure.hidden.size
+    layer = next(l for l in structure.layers if l.index == index)
+    return layer.mlp.size if kind == "mlp" else layer.attn.heads
 
 
 def _group_sum(head_scores: torch.Tensor, kv_heads: int) -> torch.Tensor:

@@ -258,6 +258,10 @@ def decode(cls: Any, data: Any, where: str = "result") -> Any:
     origin = typing.get_origin(cls)
     if cls is Any:
         return data
+    if origin is typing.Literal:
+        if data not in typing.get_args(cls):
+            raise ResultError(f"{where}: {data!r} is not one of {', '.join(map(repr, typing.get_args(cls)))}")
+        return data
     if origin in (Union, types.UnionType):
         args = typing.get_args(cls)
         if data is None and type(None) in args:

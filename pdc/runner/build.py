@@ -450,13 +450,14 @@ def _run_prune(build: Build, node: Node, out: Path) -> StageResult:
     st = node.decl
     model_dir = build.input_model(node.inputs["model"], node.name)
     data = stage_blocks(build, node, model_dir)
+    work = build.out / f"{node.name}.work"  # job files when importance or saliency runs on several ranks
     if st.kind == "width":
-        calib = data["calibration"].read() if "calibration" in data else None  # magnitude/random read no data
-        return prune_width(model_dir, calib, st.width, st.importance, out, progress=build.progress,
-                           deploy=build.artifacts)
-    blocks = data["saliency"].read() if "saliency" in data else None
-    return prune_depth(model_dir, st.depth, blocks, out, tasks_dir=build.tasks_dir(), progress=build.progress,
-                       deploy=build.artifacts)
+        # magnitude/random importance reads no data
+        return prune_width(model_dir, data.get("calibration"), st.width, st.importance, out, progress=build.progress,
+                           deploy=build.artifacts, nproc=build.launch.nproc_per_node, work_dir=work)
+    return prune_depth(model_dir, st.depth, data.get("saliency"), out, tasks_dir=build.tasks_dir(),
+                       progress=build.progress, deploy=build.artifacts, nproc=build.launch.nproc_per_node,
+                       work_dir=work)
 
 
 def _run_distill(build: Build, node: Node, out: Path) -> StageResult:

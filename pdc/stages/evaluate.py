@@ -24,7 +24,6 @@ Conventions:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import difflib
@@ -32,9 +31,7 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
-import traceback
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -60,7 +57,7 @@ from pdc.plan.results import (
     encode,
 )
 from pdc.plan.training import Launch
-from pdc.stages.train.worker import write_error
+from pdc.stages.ranks import rank_device, rank_world, run_in_ranks, worker_main
 
 STAGE = "evaluate"
 
@@ -79,7 +76,7 @@ def nll_sum(model, blocks: Blocks | torch.Tensor, batch_size: int = 4, progress:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    rank, world = _rank_world()
+    rank, world = rank_world()
     mine = list(range(rank, len(blocks), world))  # this rank's share of the blocks
     batches = range(0, len(mine), batch_size)
     if progress and rank == 0:
@@ -117,7 +114,7 @@ def block_nlls(model, blocks: Blocks | torch.Tensor, batch_size: int = 4, progre
     device = _model_device(model)
     was_training = model.training
     model.eval()
-    rank, world = _rank_world()
+    rank, world = rank_world()
     mine = list(range(rank, len(blocks), world))  # this rank's share of the blocks
     values = torch.zeros(len(blocks), dtype=torch.float64, device=device)
     batches = range(0, len(mine), batch_size)
@@ -142,12 +139,6 @@ def block_nlls(model, blocks: Blocks | torch.Tensor, batch_size: int = 4, progre
 def _rows(blocks: Blocks | torch.Tensor, positions: list[int]) -> torch.Tensor:
     """The blocks at `positions` as a LongTensor: a small read from the shards, or a tensor index."""
     return blocks.read(positions) if isinstance(blocks, Blocks) else blocks[positions]
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def mean_nll(model, blocks: Blocks | torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
@@ -258,9 +249,11 @@ def _make_lm(model, tokenizer, batch_size: int | str):
         tokenizer.pad_token = tokenizer.eos_token
     with _quiet_lm_eval():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(_model_device(model)))
-    rank, world = _rank_world()
+    rank, world = rank_world()
+    # Set even for a world of one: under torchrun lm-eval reads RANK itself, and a rank scoring
+    # alone (`local_only`, one saliency candidate each) must get its own results back.
+    lm._rank, lm._world_size = rank, world
     if world > 1:
-        lm._rank, lm._world_size = rank, world
         lm.all_gather = _all_gather
         lm.barrier = dist.barrier
     return lm
@@ -415,13 +408,6 @@ def task_accuracy(
 
 
 # ---- the stage ----------------------------------------------------------------------------------
-def eval_device() -> torch.device:
-    """This rank's GPU (LOCAL_RANK) when there is one, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 def load_for_eval(path: Path, device: torch.device):
     """A checkpoint ready to score: bf16 with SDPA attention on a GPU with bf16, fp32 otherwise."""
     if device.type == "cuda":
@@ -459,9 +445,9 @@ def evaluate_models(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, t
     `launch` of several processes per node, in that many data-parallel ranks on this node."""
     if launch.nproc_per_node > 1:
         return _evaluate_in_ranks(models, cfg, tasks_dir, heldout_blocks, launch.nproc_per_node, work_dir, progress)
-    device = eval_device()
+    device = rank_device()
     batch_size: int | str = "auto" if device.type == "cuda" else 8
-    rank, _ = _rank_world()
+    rank, _ = rank_world()
     scores: dict[str, ModelScores] = {}
     for label, path in models.items():
         if not (Path(path) / "config.json").exists():
@@ -478,76 +464,35 @@ def evaluate_models(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, t
 
 def _evaluate_in_ranks(models: Mapping[str, Path], cfg: EvalConfig, tasks_dir: Path | None, heldout,
                        nproc: int, work_dir: Path | None, progress: bool) -> EvaluateResult:
-    """Run `python -m pdc.stages.evaluate --job FILE` on `nproc` ranks (torchrun, this node) and
-    read rank 0's result."""
+    """Evaluate on `nproc` ranks of this node (`pdc.stages.ranks`) and read rank 0's result."""
     if work_dir is None:
         raise PdcError("evaluation on several processes needs a work directory", STAGE)
     if heldout is not None and not isinstance(heldout, Blocks):
         raise PdcError("evaluation on several processes reads held-out blocks from token shards", STAGE)
-    work_dir = Path(work_dir).resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("result.json", "error.json"):
-        (work_dir / stale).unlink(missing_ok=True)
     job = {"models": {k: str(Path(v).resolve()) for k, v in models.items()}, "cfg": encode(cfg),
            "tasks_dir": str(Path(tasks_dir).resolve()) if tasks_dir else None,
            "heldout": heldout.to_json() if heldout is not None else None, "progress": progress}
-    write_json(work_dir / "job.json", job)
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "-m", "pdc.stages.evaluate", "--job", str(work_dir / "job.json")]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    print(f"[pdc] evaluate: {nproc} processes (log: {work_dir / 'launch.log'})", flush=True)
-    with open(work_dir / "launch.log", "w") as log:
-        code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if code != 0 or not (work_dir / "result.json").exists():
-        err = work_dir / "error.json"
-        if err.exists():
-            raise PdcError(json.loads(err.read_text())["message"], STAGE)
-        raise PdcError(f"evaluation processes failed (exit {code}); see {work_dir / 'launch.log'}", STAGE)
-    return decode(EvaluateResult, json.loads((work_dir / "result.json").read_text()))
+    result = run_in_ranks("pdc.stages.evaluate", job, nproc, work_dir, STAGE, "evaluation")
+    return decode(EvaluateResult, result)
 
 
-def _worker(job_file: Path) -> None:
-    """One rank of a data-parallel evaluation: every rank scores its share, rank 0 writes the result."""
-    job = json.loads(Path(job_file).read_text())
-    device = eval_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        cfg = decode(EvalConfig, job["cfg"])
-        heldout = Blocks.from_json(job["heldout"]) if job["heldout"] else None
-        tokenizers: dict[str, object] = {}
+def _rank_job(job: dict) -> dict:
+    """One rank of a data-parallel evaluation: every rank scores its share."""
+    cfg = decode(EvalConfig, job["cfg"])
+    heldout = Blocks.from_json(job["heldout"]) if job["heldout"] else None
+    tokenizers: dict[str, object] = {}
 
-        def tokenizer_of(path):
-            if str(path) not in tokenizers:
-                tokenizers[str(path)] = AutoTokenizer.from_pretrained(path)
-            return tokenizers[str(path)]
+    def tokenizer_of(path):
+        if str(path) not in tokenizers:
+            tokenizers[str(path)] = AutoTokenizer.from_pretrained(path)
+        return tokenizers[str(path)]
 
-        tasks_dir = Path(job["tasks_dir"]) if job["tasks_dir"] else None
-        result = evaluate_models(job["models"], tokenizer_of, cfg, tasks_dir, heldout, job["progress"])
-        if dist.get_rank() == 0:
-            write_json(Path(job_file).parent / "result.json", encode(result))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    tasks_dir = Path(job["tasks_dir"]) if job["tasks_dir"] else None
+    return encode(evaluate_models(job["models"], tokenizer_of, cfg, tasks_dir, heldout, job["progress"]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pdc.stages.evaluate")
-    parser.add_argument("--job", required=True, type=Path)
-    args = parser.parse_args(argv)
-    try:
-        _worker(args.job)
-    except PdcError as exc:
-        write_error(args.job.parent, exc.message)
-        print(f"pdc: error: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # unexpected: the traceback stays in the log, one line upstream
-        traceback.print_exc()
-        write_error(args.job.parent, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
-        return 1
-    return 0
+    return worker_main(argv, "pdc.stages.evaluate", _rank_job)
 
 
 def ordered_columns(labels) -> list[str]:

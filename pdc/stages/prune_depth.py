@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
@@ -50,12 +51,14 @@ from pdc.graph.manager import PassManager
 from pdc.graph.probe import default_probe
 from pdc.inputs.data import take
 from pdc.inputs.models import load_causal_lm
+from pdc.inputs.shards import Blocks
 from pdc.lang.settings import DepthTarget, Saliency
 from pdc.passes.drop_layers import PER_LAYER_CONFIG_KEYS, DropLayers
 from pdc.plan.counts import count_arch
-from pdc.plan.results import Candidate, PruneResult, SaliencyResult
+from pdc.plan.results import Candidate, PruneResult, SaliencyResult, encode
 from pdc.plotting import pyplot, save_figure
 from pdc.stages.evaluate import mean_nll, task_accuracy
+from pdc.stages.ranks import local_only, rank_world, run_in_ranks
 
 STAGE = "prune"
 
@@ -160,7 +163,9 @@ def candidates(n_layers: int, depth: int, contiguous: bool) -> list[list[int]]:
 def block_influence(model, blocks: torch.Tensor, runs: Sequence[Sequence[int]], batch_size: int = 4,
                     progress: bool = False) -> list[float]:
     """1 - cos(h entering run[0], h leaving run[-1]) averaged over all tokens, for each run of
-    consecutive layers, from forward passes of the full model (hooks on the decoder layers)."""
+    consecutive layers, from forward passes of the full model (hooks on the decoder layers).
+    Split over ranks (`rank_world`): each rank runs every world-th batch; the float64 sums are
+    all-reduced."""
     layers = decoder_layers(model)
     inputs: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
@@ -182,8 +187,9 @@ def block_influence(model, blocks: torch.Tensor, runs: Sequence[Sequence[int]], 
     sums = torch.zeros(len(runs), dtype=torch.float64)
     count = 0
     device = next(model.parameters()).device
-    starts = range(0, len(blocks), batch_size)
-    if progress:
+    rank, world = rank_world()
+    starts = list(range(0, len(blocks), batch_size))[rank::world]
+    if progress and rank == 0:
         starts = tqdm(starts, desc="block influence", unit="batch", leave=False)
     was_training = model.training
     model.eval()
@@ -201,6 +207,10 @@ def block_influence(model, blocks: torch.Tensor, runs: Sequence[Sequence[int]], 
         for h in handles:
             h.remove()
         model.train(was_training)
+    if world > 1:
+        both = torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64)])
+        dist.all_reduce(both)
+        sums, count = both[:-1], int(both[-1])
     return (sums / max(count, 1)).tolist()
 
 
@@ -224,12 +234,20 @@ def score_candidates(
     if kind == "cosine":
         return block_influence(model, blocks, cands, batch_size, progress), None
     measure = _measurement(model, saliency, blocks, tokenizer, tasks_dir, batch_size)
-    baseline = measure()
-    values = []
-    for cand in tqdm(cands, desc=f"depth saliency ({kind})", unit="cand", disable=not progress):
-        with layers_removed(model, cand):
-            values.append(measure())
-    return values, baseline
+    # Split over ranks by candidate: rank r measures the full model (r = 0) and candidates r,
+    # r + world, ... alone, exactly as one process would; the values are then summed.
+    rank, world = rank_world()
+    values = torch.zeros(len(cands) + 1, dtype=torch.float64)
+    with local_only():
+        if rank == 0:
+            values[-1] = measure()
+        mine = list(range(rank, len(cands), world))
+        for c in tqdm(mine, desc=f"depth saliency ({kind})", unit="cand", disable=not progress or rank != 0):
+            with layers_removed(model, cands[c]):
+                values[c] = measure()
+    if world > 1:
+        dist.all_reduce(values)  # each entry was filled by exactly one rank
+    return values[:-1].tolist(), float(values[-1])
 
 
 def check_saliency_inputs(saliency: Saliency, blocks: torch.Tensor | None, tokenizer) -> None:
@@ -265,8 +283,10 @@ def choose(cands: Sequence[Sequence[int]], values: Sequence[float], kind: str, n
 
 
 def saliency_table(model, target: DepthTarget, blocks=None, tokenizer=None, tasks_dir=None,
-                   batch_size: int = 4, progress: bool = True) -> dict:
-    """Score all candidates and choose; the JSON-able table written to `saliency.json`."""
+                   batch_size: int = 4, progress: bool = True, scorer: Callable | None = None) -> dict:
+    """Score all candidates and choose; the JSON-able table written to `saliency.json`.
+    `scorer(cands) -> (values, baseline)` replaces `score_candidates` in this process (the
+    scores of several ranks)."""
     n_layers = len(decoder_layers(model))
     cands = candidates(n_layers, target.depth, target.contiguous)
     n_drop = n_layers - target.depth
@@ -275,7 +295,12 @@ def saliency_table(model, target: DepthTarget, blocks=None, tokenizer=None, task
         raise PdcError(f"unknown depth saliency {sal.kind!r} (expected loss, task or cosine)", STAGE)
     if blocks is not None and sal.samples and len(blocks) > sal.samples:
         blocks = take(blocks, sal.samples)
-    values, baseline = score_candidates(model, cands, sal, blocks, tokenizer, tasks_dir, batch_size, progress) if cands else ([], None)
+    if not cands:
+        values, baseline = [], None
+    elif scorer is not None:
+        values, baseline = scorer(cands)
+    else:
+        values, baseline = score_candidates(model, cands, sal, blocks, tokenizer, tasks_dir, batch_size, progress)
     chosen = choose(cands, values, sal.kind, n_drop, target.contiguous) if cands else []
     if not cands or sal.kind == "cosine":
         after = None
@@ -356,11 +381,18 @@ def prune_depth(
     progress: bool = True,
     batch_size: int = 4,
     deploy: bool = True,
+    nproc: int = 1,
+    work_dir: Path | None = None,
 ) -> PruneResult:
     """Score, choose and drop layers of the checkpoint in `model_dir`; write into `out_dir` (the
     caller's staging directory): `model/` (HF checkpoint + tokenizer), `kept_indices.json`,
-    `saliency.json`, `saliency.png` and, with `deploy`, `program.pt2` and `model.onnx`."""
+    `saliency.json`, `saliency.png` and, with `deploy`, `program.pt2` and `model.onnx`. With
+    `nproc` > 1 the candidates are scored on that many ranks of this node (`pdc.stages.ranks`,
+    job files in `work_dir`)."""
     model_dir = Path(model_dir)
+    shards = blocks if isinstance(blocks, Blocks) else None
+    if shards is not None:
+        blocks = shards.read()
     seconds = {}
     start = time.perf_counter()
     model, tokenizer = _load(model_dir)
@@ -373,7 +405,18 @@ def prune_depth(
     seconds["export"] = time.perf_counter() - start
     arch_before = program.arch
     start = time.perf_counter()
-    table = saliency_table(model, target, blocks, tokenizer, tasks_dir, batch_size, progress)
+    scorer = None
+    if nproc > 1:
+        if work_dir is None or (blocks is not None and shards is None):
+            raise PdcError("depth saliency on several processes needs a work directory and token shards", STAGE)
+        job = {"kind": "saliency", "model": str(model_dir.resolve()), "target": encode(target),
+               "blocks": shards.to_json() if shards is not None else None,
+               "tasks_dir": str(Path(tasks_dir).resolve()) if tasks_dir else None, "batch_size": batch_size}
+
+        def scorer(cands):
+            got = run_in_ranks("pdc.stages.prune_ranks", job, nproc, work_dir, STAGE, "depth saliency")
+            return got["values"], got["baseline"]
+    table = saliency_table(model, target, blocks, tokenizer, tasks_dir, batch_size, progress, scorer)
     seconds["saliency"] = time.perf_counter() - start
     dropped = table["dropped_layers"]
     start = time.perf_counter()

@@ -29,14 +29,16 @@ from pdc.graph.manager import PassManager
 from pdc.graph.program import STAGE, Program
 from pdc.graph.rewrite import materialize_sliced
 from pdc.graph.structure import structure_of
+from pdc.inputs.shards import Blocks
 from pdc.lang.settings import ImportanceConfig, WidthTarget
 from pdc.passes.recompute_buffers import RecomputeBuffers
 from pdc.passes.slice_heads import SliceHeads
 from pdc.passes.slice_hidden import SliceHidden
 from pdc.passes.slice_mlp import SliceMlp
 from pdc.plan.counts import count_arch
-from pdc.plan.results import PruneResult
+from pdc.plan.results import PruneResult, encode
 from pdc.plotting import pyplot, save_figure
+from pdc.stages.ranks import run_in_ranks
 
 
 def check_target(arch: Arch, target: WidthTarget) -> tuple[int, int]:
@@ -81,13 +83,16 @@ def plan_passes(program: Program, scores: "imp_mod.Importance", target: WidthTar
 
 
 def prune_program(program: Program, calib: Optional[torch.Tensor], target: WidthTarget,
-                  importance: ImportanceConfig, progress: bool = True, batch_size: int = 8) -> tuple[Program, dict]:
-    """Rank, slice and (for meta sources) read the kept weights. Returns the program (rewritten
-    in place) and a report {"importance": Importance, "passes": [...], "seconds": {...}}."""
+                  importance: ImportanceConfig, progress: bool = True, batch_size: int = 8,
+                  scores: Optional["imp_mod.Importance"] = None) -> tuple[Program, dict]:
+    """Rank (unless `scores` were computed elsewhere: several ranks), slice and (for meta
+    sources) read the kept weights. Returns the program (rewritten in place) and a report
+    {"importance": Importance, "passes": [...], "seconds": {...}}."""
     seconds = {}
     if importance.method == "activation" and calib is None:
         raise PdcError("activation importance needs calibration blocks", STAGE)
-    scores = imp_mod.compute(program, calib, importance, batch_size=batch_size, progress=progress)
+    if scores is None:
+        scores = imp_mod.compute(program, calib, importance, batch_size=batch_size, progress=progress)
     seconds["importance"] = scores.seconds
     start = time.perf_counter()
     passes = plan_passes(program, scores, target)
@@ -101,14 +106,23 @@ def prune_program(program: Program, calib: Optional[torch.Tensor], target: Width
     return program, {"importance": scores, "passes": results, "seconds": seconds}
 
 
-def prune_width(model_dir: Path, calib: Optional[torch.Tensor], target: WidthTarget, importance: ImportanceConfig,
-                out_dir: Path, progress: bool = True, stream_weights: Optional[bool] = None,
-                batch_size: int = 8, deploy: bool = True) -> PruneResult:
+def prune_width(model_dir: Path, calib: Optional[Blocks | torch.Tensor], target: WidthTarget,
+                importance: ImportanceConfig, out_dir: Path, progress: bool = True,
+                stream_weights: Optional[bool] = None, batch_size: int = 8, deploy: bool = True,
+                nproc: int = 1, work_dir: Optional[Path] = None) -> PruneResult:
     """Prune the checkpoint in `model_dir` to `target` and write into `out_dir` (the caller's
     staging directory): model/, kept_indices.json, importance.json, importance.png and, with
     `deploy`, program.pt2 and model.onnx. `stream_weights` (default: only for checkpoints over
-    4 GiB) keeps the source weights on disk during calibration and reads each one per use."""
+    4 GiB) keeps the source weights on disk during calibration and reads each one per use. With
+    `nproc` > 1, activation importance runs on that many ranks of this node
+    (`pdc.stages.prune_ranks`, job files in `work_dir`)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    shards = calib if isinstance(calib, Blocks) else None
+    if shards is not None:
+        calib = shards.read()
+    in_ranks = nproc > 1 and importance.method == "activation"
+    if in_ranks and (shards is None or work_dir is None):
+        raise PdcError("importance on several processes needs a work directory and token shards", STAGE)
     seconds = {}
     config_path = model_dir / "config.json"
     if not config_path.exists():
@@ -121,11 +135,19 @@ def prune_width(model_dir: Path, calib: Optional[torch.Tensor], target: WidthTar
     arch_before = program.arch
     if stream_weights is None:
         stream_weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) > 4 * 2**30
-    if not stream_weights and importance.method == "activation":
+    scores = None
+    if in_ranks:
+        start = time.perf_counter()
+        job = {"kind": "importance", "model": str(model_dir.resolve()), "calibration": shards.to_json(),
+               "config": encode(importance), "batch_size": batch_size}
+        got = run_in_ranks("pdc.stages.prune_ranks", job, nproc, work_dir, STAGE, "activation importance")
+        scores = imp_mod.Importance.from_json(got["scores"], got["tokens"])
+        scores.seconds = time.perf_counter() - start
+    elif not stream_weights and importance.method == "activation":
         start = time.perf_counter()
         materialize(program, progress=progress)
         seconds["load_weights"] = time.perf_counter() - start
-    program, report = prune_program(program, calib, target, importance, progress, batch_size)
+    program, report = prune_program(program, calib, target, importance, progress, batch_size, scores)
     seconds.update(report["seconds"])
     params_after = program.num_params()
     expected = count_arch(program.hf_config, program.arch).total
