@@ -349,6 +349,12 @@ def _shape(node) -> Optional[tuple]:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
+def _same_shape(a, b) -> bool:
+    """Equal shapes, symbolic sizes compared by name (no symbolic guard is evaluated)."""
+    sa, sb = _shape(a), _shape(b)
+    return sa is not None and sb is not None and tuple(map(str, sa)) == tuple(map(str, sb))
+
+
 def _last(node) -> Optional[int]:
     s = _shape(node)
     if not s:
@@ -486,6 +492,7 @@ def discover(program: Program) -> Structure:
                 raise _fail(node, "it reads the hidden channels through an op pdc does not know how to slice")
 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    nodes = {n.name: n for n in gm.graph.nodes}
     readers = {n: (w, b) for n, w, b in linears if uf.find((w, 1)) == hidden_root}
     writers = {n: (w, b) for n, w, b in linears if uf.find((w, 0)) == hidden_root}
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
@@ -516,12 +523,12 @@ def discover(program: Program) -> Structure:
             if pending_attn is not None:
                 raise _fail(attn_nodes[0], "attention block without an MLP before the next attention")
             pending_attn, layer_in = _attention(program, attn_nodes[0], writers[attn_nodes[0]], readers, order,
-                                                param_of, uf, label), stream_in
+                                                param_of, uf, nodes), stream_in
         if mlp_nodes:
             if pending_attn is None:
                 raise _fail(mlp_nodes[0], "MLP without a preceding attention block")
             down = mlp_nodes[0]
-            mlp = _mlp(program, down, writers[down], readers)
+            mlp = _mlp(program, down, writers[down], readers, nodes)
             attn, pending_attn = pending_attn, None
             params = attn.params() + mlp.params()
             norms = [n for n in _norms_between(gm, order, layer_in, merge, param_of, uf, hidden_root, program)
@@ -550,7 +557,7 @@ def discover(program: Program) -> Structure:
             if any(isinstance(a, torch.fx.Node) and a in param_of for a in node.args[2:4]):
                 norm_outputs.append(node.name)
         elif node.target in (aten.mul.Tensor, operator.mul) and _last(node) == hidden_size and any(
-                isinstance(a, torch.fx.Node) and _shape(a) == (hidden_size,) and in_hidden(a) and _from_param(a, param_of)
+                isinstance(a, torch.fx.Node) and len(_shape(a) or ()) == 1 and _last(a) == hidden_size and in_hidden(a) and _from_param(a, param_of)
                 for a in node.args):
             norm_outputs.append(node.name)
     final_norms = [param_of[a] for a in param_of if a.users and program.param(param_of[a]).dim() == 1
@@ -590,7 +597,7 @@ def _stream_aliases(node: torch.fx.Node) -> list:
     while stack:
         n = stack.pop()
         for u in n.users:
-            if u.op != "call_function" or u in out or _shape(u) != _shape(n):
+            if u.op != "call_function" or u in out or not _same_shape(u, n):
                 continue
             if all(a is n or _is_scalar_like(a) for a in u.all_input_nodes) and u.target not in REDUCTIONS:
                 out.append(u)
@@ -608,7 +615,7 @@ def _residual_updates(embed_node, in_hidden, hidden_size: int, order: dict) -> l
                 if u.target not in (aten.add.Tensor, operator.add) or not in_hidden(u) or _last(u) != hidden_size:
                     continue
                 others = [a for a in u.args if isinstance(a, torch.fx.Node) and a is not alias]
-                if len(others) == 1 and _shape(others[0]) == _shape(u):
+                if len(others) == 1 and _same_shape(others[0], u):
                     adds.append((u, others[0]))
         adds = list(dict.fromkeys(adds))
         if not adds:
@@ -653,7 +660,7 @@ def _feeds_output_only(node, output_node) -> bool:
             if u is output_node:
                 return True
             if u.op == "call_function" and u not in seen and all(
-                    a is n or _is_scalar_like(a) for a in u.all_input_nodes) and _shape(u) == _shape(n):
+                    a is n or _is_scalar_like(a) for a in u.all_input_nodes) and _same_shape(u, n):
                 seen.add(u)
                 stack.append(u)
     return False
@@ -734,7 +741,7 @@ def _run_path(program: Program, nodes: dict, path: list[str], rows: int):
                 y = node.target(*_concrete(node.args, prev, x), **_concrete(node.kwargs, prev, x))
             except Exception as exc:
                 raise _fail(node, f"cannot follow the rows of {path[0]} through it: {one_line(exc)}") from None
-        elif isinstance(x, torch.Tensor) and _shape(node) == _shape(prev):
+        elif isinstance(x, torch.Tensor) and _same_shape(node, prev):
             y = x  # elementwise, casts, norms: rows stay where they are
         else:
             raise _fail(node, f"cannot follow the rows of {path[0]} through it (it changes the shape)")
@@ -809,7 +816,7 @@ def row_constants(program: Program, span: Span, kept: torch.Tensor) -> dict:
     return out
 
 
-def _attention(program, o_node, o_wb, readers, order, param_of, uf, label) -> AttentionGroup:
+def _attention(program, o_node, o_wb, readers, order, param_of, uf, nodes) -> AttentionGroup:
     o_w, o_b = o_wb
     o_in = o_node.args[0]
     reader_set = set(readers)
@@ -817,7 +824,6 @@ def _attention(program, o_node, o_wb, readers, order, param_of, uf, label) -> At
     if not 1 <= len(projections) <= 3:
         raise _fail(o_node, f"expected the q/k/v projections before it, found {len(projections)} linears")
     operands = _attention_operands(o_node, o_in, projections, order)
-    nodes = {n.name: n for n in program.gm.graph.nodes}
     head_dim = _last(operands[0])
     if head_dim is None:
         raise _fail(operands[0], "the query's head size is not a constant")
@@ -875,17 +881,16 @@ def _head_split(path: list, head_dim: int) -> tuple:
     raise _fail(path[0], "its output is never split into heads")
 
 
-def _mlp(program, down_node, down_wb, readers) -> MlpGroup:
+def _mlp(program, down_node, down_wb, readers, nodes) -> MlpGroup:
     down_w, down_b = down_wb
     x = down_node.args[0]
     sources = _linear_ancestors_stop(x, set(readers), set())
     if not sources:
         raise _fail(down_node, "MLP output projection without an input projection on the hidden channels")
-    nodes = {n.name: n for n in program.gm.graph.nodes}
     spans = []
     for src in sorted(sources, key=lambda n: n.name):
         # every way the rows of this projection reach the neurons (gate and up of one fused weight)
-        for path in _paths_from(x, src):
+        for path in _paths_from(x, src, set(readers)):
             w, b = readers[src]
             spans.append(_span_of(program, nodes, [n.name for n in path], -1, w, b, 1, "MLP"))
     spans.sort(key=lambda s: (s.param, s.offset))
@@ -896,10 +901,10 @@ def _mlp(program, down_node, down_wb, readers) -> MlpGroup:
     return MlpGroup(spans=spans, down=down_w, down_bias=down_b, size=size, down_input=x.name)
 
 
-def _paths_from(target, source) -> list:
+def _paths_from(target, source, linears: set) -> list:
     """One path from `source` to `target` per distinct output of a splitting node (getitem index)
     that leads there: a fused gate|up weight reaches the neurons twice."""
-    region = set(_ancestors(target, stop={source})) | {source}
+    region = set(_ancestors(target, stop=linears)) | {source}
     paths = []
     for branch in _getitem_branches(source, region):
         if branch is None:
