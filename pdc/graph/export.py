@@ -100,10 +100,12 @@ def export_model(model: torch.nn.Module, probe: Optional[torch.Tensor] = None,
     return program
 
 
-def export_dir(model_dir: Path, probe: Optional[torch.Tensor] = None, progress: bool = False) -> Program:
+def export_dir(model_dir: Path, probe: Optional[torch.Tensor] = None, progress: bool = False,
+               dtype: torch.dtype = torch.float32) -> Program:
     """Export the checkpoint in `model_dir` on the meta device; `program.weights` reads its
-    tensors on demand (call `materialize(program)` to load them all). The probe defaults to
-    `default_probe` with the checkpoint's tokenizer (its real-text row)."""
+    tensors on demand (call `materialize(program, dtype)` to load them all). The probe defaults to
+    `default_probe` with the checkpoint's tokenizer (its real-text row). `dtype` is the precision
+    the graph is traced in (its casts, e.g. a norm's upcast and cast back, are recorded for it)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -114,7 +116,7 @@ def export_dir(model_dir: Path, probe: Optional[torch.Tensor] = None, progress: 
     arch = source_arch(cfg_dict)
     config = AutoConfig.from_pretrained(model_dir)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config._attn_implementation = attention_for(type(model))
     model.eval()
     probe = default_probe(arch.vocab, model_dir) if probe is None else probe
