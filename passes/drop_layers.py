@@ -1,8 +1,9 @@
 """Drop decoder layers from the exported graph and renumber the layers that follow.
 
 Before: `structure_of(program).layers` lists the current decoder layers 0..n-1, each a `LayerBlock`
-whose `output` node (its second residual add) is the residual stream leaving it and whose `input`
-node is the residual stream entering it; parameters are named `model.layers.<i>.*` (current index)
+whose `output` node (its last residual add) is the residual stream leaving it and whose `input`
+node is the residual stream entering it; parameters are named `<base><i>.*` (current index; the
+base, e.g. `model.layers.` or `gpt_neox.layers.`, is the layers' common prefix)
 and hold real values (the depth stage exports the model it measured saliency on, weights shared).
 `program.kept["layers"]` is keyed by *source* layer index (one key per current layer).
 
@@ -10,7 +11,7 @@ After (for `drop` = a set of current indices, not all of them):
 - every user of a dropped layer's `output` reads that layer's `input` instead, so the graph computes
   exactly the source model with those layers' residual updates skipped (what a checkpoint without
   them computes); the dropped layers' nodes and parameters are gone;
-- the remaining layers are renamed `model.layers.0..n-len(drop)-1` in order (parameters and their
+- the remaining layers are renamed `<base>0..n-len(drop)-1` in order (parameters and their
   `get_attr` targets), so `program.state_dict()` is a valid HF state dict of the shorter model;
 - `program.arch.layers`, `program.hf_config` (`num_hidden_layers`, per-layer lists such as
   `layer_types`), `program.kept["layers"]` (dropped source keys removed) and
@@ -34,8 +35,7 @@ from pdc.graph.manager import PassResult
 from pdc.graph.program import STAGE, Program
 from pdc.graph.structure import structure_of
 
-LAYER_PREFIX = "model.layers."
-PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
+from pdc.arch import PER_LAYER_KEYS as PER_LAYER_CONFIG_KEYS
 
 
 class DropLayers:
@@ -63,10 +63,7 @@ class DropLayers:
         source_keys = sorted(program.kept.get("layers", {str(i): None for i in range(n)}), key=int)
         if len(source_keys) != n:
             raise PdcError(f"drop_layers: kept_indices lists {len(source_keys)} layers, the graph has {n}", STAGE)
-        for layer in layers:
-            if layer.prefix != f"{LAYER_PREFIX}{layer.index}.":
-                raise PdcError(f"drop_layers: layer {layer.index} has parameter prefix {layer.prefix!r}, expected "
-                               f"'{LAYER_PREFIX}{layer.index}.'", STAGE)
+        base = layer_base(layers)
         nodes = {node.name: node for node in program.gm.graph.nodes}
 
         # 1. Skip each dropped layer. Last first: when consecutive layers go, the later one's
@@ -79,7 +76,7 @@ class DropLayers:
         # 2. Delete the parameters that nothing reads any more.
         read = {node.target for node in program.gm.graph.nodes if node.op == "get_attr"}
         for i in self.drop:
-            for name in _layer_param_names(program, i):
+            for name in _layer_param_names(program, i, base):
                 if program.prefix + name in read:
                     raise PdcError(f"drop_layers: {name} is still read after skipping layer {i}", STAGE)
                 program.del_param(name)
@@ -89,8 +86,8 @@ class DropLayers:
         for new, old in enumerate(keep):
             if new == old:
                 continue
-            for name in _layer_param_names(program, old):
-                program.rename_param(name, f"{LAYER_PREFIX}{new}." + name[len(f"{LAYER_PREFIX}{old}."):])
+            for name in _layer_param_names(program, old, base):
+                program.rename_param(name, f"{base}{new}." + name[len(f"{base}{old}."):])
         # Runnable when called directly; the PassManager then refreshes shapes and structure.
         program.gm.recompile()
         program._structure = None
@@ -108,8 +105,8 @@ class DropLayers:
             if isinstance(value, (list, tuple)) and len(value) == n:
                 cfg[key] = [value[i] for i in keep]
         program.hf_config = cfg
-        numbers = {int(name[len(LAYER_PREFIX):].split(".")[0]) for name in program.param_nodes()
-                   if name.startswith(LAYER_PREFIX)}
+        numbers = {int(name[len(base):].split(".")[0]) for name in program.param_nodes()
+                   if name.startswith(base)}
         if numbers != set(range(len(keep))):
             raise PdcError(f"drop_layers: the graph reads layers {sorted(numbers)}, expected 0..{len(keep) - 1}", STAGE)
         return PassResult(self.name, {"layers": [n, len(keep)], "dropped_layers": dropped_src})
@@ -146,17 +143,27 @@ def _eliminate_dead(program: Program) -> int:
     return erased
 
 
-def _layer_param_names(program: Program, index: int) -> list[str]:
+def layer_base(layers) -> str:
+    """The HF-name prefix every layer's parameters share before its index (`model.layers.`)."""
+    base = layers[0].prefix[: -len(f"{layers[0].index}.")] if layers[0].prefix.endswith(f"{layers[0].index}.") else None
+    for layer in layers:
+        if base is None or layer.prefix != f"{base}{layer.index}.":
+            raise PdcError(f"drop_layers: layer {layer.index} has parameter prefix {layer.prefix!r}, not "
+                           f"'<base>{layer.index}.' like the other layers", STAGE)
+    return base
+
+
+def _layer_param_names(program: Program, index: int, base: str) -> list[str]:
     """HF names of every parameter/buffer attribute of current layer `index` (whether or not the
     graph still reads it), found on the module tree itself."""
     root = program.gm
-    for part in (program.prefix + LAYER_PREFIX).strip(".").split("."):
+    for part in (program.prefix + base).strip(".").split("."):
         root = getattr(root, part, None)
         if root is None:
             return []
     layer = getattr(root, str(index), None)
     if layer is None:
         return []
-    names = [f"{LAYER_PREFIX}{index}.{n}" for n, _ in layer.named_parameters(remove_duplicate=False)]
-    names += [f"{LAYER_PREFIX}{index}.{n}" for n, _ in layer.named_buffers(remove_duplicate=False)]
+    names = [f"{base}{index}.{n}" for n, _ in layer.named_parameters(remove_duplicate=False)]
+    names += [f"{base}{index}.{n}" for n, _ in layer.named_buffers(remove_duplicate=False)]
     return names

@@ -1,13 +1,16 @@
-"""Slice attention heads, aware of grouped-query attention.
+"""Slice attention heads, aware of grouped-query attention and fused projections.
 
 Before: each layer's attention group has `heads` query heads laid out group-major over `kv_heads`
-key/value groups (query head h reads kv group h // (heads // kv_heads)), head_dim-sized blocks
-of q rows (+bias) and o columns, and of k/v rows (+biases) per kv group; the graph's shape
-constants for kv count, repeat count and head count are recorded in the group.
+key/value groups (query head h reads kv group h // (heads // kv_heads)); the rows of each head
+in its projection weight are a span (`Span`: separate q/k/v weights, or one fused weight with
+q|k|v stacked or interleaved per head), o's input columns are head_dim blocks per query head,
+and the graph's shape constants for kv count, repeat count and head count (and the slice/split
+bounds of a fused projection) are recorded in the group.
 After: layer i keeps the kv groups `keep_kv[i]` and, inside each kept group, the same number of
 query heads (`keep_heads[i]`, source-relative ids of the current heads, all inside kept groups):
-q/o blocks of kept heads, k/v blocks of kept groups, and every recorded shape constant is
-recomputed from the new counts. Keeping everything is the identity.
+the rows of kept heads in every span (with biases and norms over the projection's rows), o
+columns of kept heads, and every recorded constant recomputed from the new counts. Norms over
+head_dim are shared by all heads and stay as they are. Keeping everything is the identity.
 """
 
 from __future__ import annotations
@@ -17,15 +20,12 @@ import torch
 from pdc.errors import PdcError
 from pdc.graph.manager import PassResult
 from pdc.graph.program import STAGE, Program
-from pdc.graph.rewrite import Rule, apply_rules, source_layer
+from pdc.graph.rewrite import Rule, apply_rules, slice_spans, source_layer
 from pdc.graph.structure import structure_of
 
-QUERY_RULES = [
-    Rule("query rows, one head_dim block per query head", lambda a: [a.q, a.q_bias], dim=0, unit="head"),
+# The q, k and v rows follow their spans (`slice_spans`); the one plain rule left:
+OUTPUT_RULES = [
     Rule("output projection columns read the query heads", lambda a: [a.o], dim=1, unit="head"),
-]
-KV_RULES = [
-    Rule("key/value rows, one head_dim block per kv group", lambda a: [a.k, a.v, a.k_bias, a.v_bias], dim=0, unit="head"),
 ]
 
 
@@ -61,8 +61,8 @@ class SliceHeads:
             keep_h = torch.as_tensor(self.keep_heads[layer.index], dtype=torch.long).sort().values
             keep_kv = torch.as_tensor(self.keep_kv.get(layer.index, range(attn.kv_heads)), dtype=torch.long).sort().values
             per_group = check_even(keep_h, keep_kv, attn.heads, attn.kv_heads)
-            apply_rules(program, QUERY_RULES, attn, keep_h, attn.head_dim)
-            apply_rules(program, KV_RULES, attn, keep_kv, attn.head_dim)
+            slice_spans(program, [(attn.q, keep_h), (attn.k, keep_kv), (attn.v, keep_kv)], attn.row_norms)
+            apply_rules(program, OUTPUT_RULES, attn, keep_h, attn.head_dim)
             sizes = {"head": len(keep_h), "kv": len(keep_kv), "rep": per_group, "hd": attn.head_dim}
             for const in attn.shape_consts:  # the graph's view/expand/reshape sizes follow the counts
                 node = nodes[const.node]

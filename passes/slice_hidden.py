@@ -4,7 +4,7 @@ Before: the hidden group (discovered from the graph by channel coupling) lists e
 dim) tied to the residual stream: embedding columns, q/k/v/gate/up input columns, o/down output
 rows (and o bias), every norm weight, the output head's columns, tied or not.
 After: every member keeps exactly the channels `keep` (ascending, into the current channels), in
-the same order, so residual adds stay aligned; `program.arch.hidden` and `program.kept["hidden"]`
+the same order, so residual adds stay aligned; every layer norm's normalized_shape is the new size; `program.arch.hidden` and `program.kept["hidden"]`
 follow. Keeping every channel is the identity. (RMSNorm then averages over fewer channels: that
 is the intended effect of hidden pruning, not a graph edit.)
 """
@@ -31,6 +31,11 @@ class SliceHidden:
         # Rule (data): every coupled (param, dim) keeps the same channels.
         for name, dim in group.members:
             slice_param(program, name, dim, self.keep)
+        # Rule (data): a layer norm's normalized_shape is the hidden size.
+        nodes = {n.name: n for n in program.gm.graph.nodes}
+        for name in group.size_args:
+            node = nodes[name]
+            node.args = (node.args[0], [len(self.keep)], *node.args[2:])
         program.kept["hidden"] = [program.kept["hidden"][i] for i in self.keep.tolist()]
         program.arch = program.arch.with_sizes(hidden=len(self.keep))
         return PassResult(self.name, {"hidden": [group.size, len(self.keep)], "members": len(group.members)})

@@ -1,10 +1,12 @@
 """Slice MLP neurons: keep some intermediate channels of each decoder layer's MLP.
 
-Before: each layer's MLP group (discovered from the graph) has `size` neurons: rows of the gate/up
-projections (and their biases) and columns of the down projection.
+Before: each layer's MLP group (discovered from the graph) has `size` neurons: one row per neuron
+in each of its spans (gate and up projections, or the two halves of one fused gate|up weight,
+with their biases) and one column of the down projection.
 After: layer i keeps exactly `keep[i]` (ascending source-relative indices into the current
-neurons); the same neurons are kept in every matrix of the group, so the layer computes the
-source MLP restricted to those neurons (keeping all of them is the identity).
+neurons); the same neurons are kept in every span and in the down projection (a fused weight
+keeps gate then up rows, and its split size follows), so the layer computes the source MLP
+restricted to those neurons (keeping all of them is the identity).
 `program.arch.mlp` and `program.kept["layers"][*]["mlp"]` follow.
 """
 
@@ -14,12 +16,11 @@ import torch
 
 from pdc.graph.manager import PassResult
 from pdc.graph.program import Program
-from pdc.graph.rewrite import Rule, apply_rules, source_layer
+from pdc.graph.rewrite import Rule, apply_rules, slice_spans, source_layer
 from pdc.graph.structure import structure_of
 
+# The neuron rows follow the group's spans (`slice_spans`); the one plain rule left:
 RULES = [
-    Rule("gate/up output rows are the neurons", lambda g: g.rows, dim=0),
-    Rule("gate/up biases follow their rows", lambda g: g.row_biases, dim=0),
     Rule("down projection reads the neurons through its columns", lambda g: [g.down], dim=1),
 ]
 
@@ -37,6 +38,7 @@ class SliceMlp:
             if layer.index not in self.keep:
                 continue
             keep = torch.as_tensor(self.keep[layer.index], dtype=torch.long).sort().values
+            slice_spans(program, [(span, keep) for span in layer.mlp.spans])
             apply_rules(program, RULES, layer.mlp, keep)
             key = source_layer(program, layer.index)
             entry = program.kept["layers"][key]

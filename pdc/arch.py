@@ -60,9 +60,6 @@ class Arch:
     top_k: int = 0
     expert_mlp: int = 0
     shared_mlp: int = 0
-    attention_bias: bool = False  # q/k/v biases (Qwen2 has them, o_proj has none)
-    o_bias: bool = False  # Llama's attention_bias=True also puts a bias on o_proj
-    mlp_bias: bool = False
 
     # ---- conversions -------------------------------------------------------------------
     @classmethod
@@ -74,7 +71,6 @@ class Arch:
                 raise KeyError(f"{axis} (none of {', '.join(CONFIG_KEYS[axis])})")
             return int(value)
 
-        mt = cfg.get("model_type", "llama")
         hidden, heads = need("hidden"), need("heads")
         mlp = _read(cfg, "mlp")
         experts = int(_read(cfg, "experts") or 0)
@@ -82,7 +78,6 @@ class Arch:
                    shared_mlp=int(_read(cfg, "shared_mlp") or 0)) if experts else {}
         if experts and _key(cfg, "expert_mlp") == _key(cfg, "mlp"):
             mlp = 0  # the experts use the dense key: there is no dense MLP to prune separately
-        qkv_bias = bool(cfg.get("attention_bias", False)) or mt == "qwen2"
         return cls(
             model_type=str(cfg.get("model_type", "")),
             vocab=need("vocab"),
@@ -93,18 +88,20 @@ class Arch:
             kv_heads=int(_read(cfg, "kv_heads") or heads),
             head_dim=int(_read(cfg, "head_dim") or hidden // heads),
             tied=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=qkv_bias,
-            o_bias=bool(cfg.get("attention_bias", False)) and mt != "qwen2",
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
             **moe,
         )
 
     def to_hf_config(self, base: Mapping[str, Any]) -> dict:
         """`base` with this architecture's sizes written in (each under the key `base` uses),
-        head_dim always explicit and per-layer lists cut to the layer count."""
+        head_dim explicit unless `base` has no such key and it equals hidden // heads (a config
+        without the key derives it; GPT-NeoX even ignores the key, so there the emitted config can
+        only hold hidden = heads x head_dim: the stage's count check reports a mismatch),
+        and per-layer lists cut to the layer count."""
         out = dict(base)
         for axis in AXES + (MOE_AXES if self.experts else ()):
             key = next((k for k in CONFIG_KEYS[axis] if k in base), None if axis in MOE_AXES else CONFIG_KEYS[axis][0])
+            if axis == "head_dim" and key not in base and self.head_dim == self.hidden // self.heads:
+                continue  # configs without the key derive it (GPT-NeoX ignores the key altogether)
             if key is not None and not (axis == "mlp" and self.mlp == 0):
                 out[key] = getattr(self, axis)
         out["tie_word_embeddings"] = self.tied
@@ -121,32 +118,3 @@ class Arch:
 
     def with_sizes(self, **sizes: int | None) -> "Arch":
         return replace(self, **{k: v for k, v in sizes.items() if v is not None})
-
-    # ---- counts --------------------------------------------------------------------------
-    def layer_params(self) -> int:
-        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        attn = h * q + 2 * h * kv + q * h
-        if self.attention_bias:
-            attn += q + 2 * kv
-        if self.o_bias:
-            attn += h
-        mlp = 3 * h * self.mlp + ((2 * self.mlp + h) if self.mlp_bias else 0)
-        norms = 2 * h
-        return attn + mlp + norms
-
-    def embedding_params(self) -> int:
-        """Input embedding plus output head (counted once when tied)."""
-        return self.vocab * self.hidden * (1 if self.tied else 2)
-
-    def non_embedding_params(self) -> int:
-        return self.layers * self.layer_params() + self.hidden  # + final norm
-
-    def total_params(self) -> int:
-        return self.non_embedding_params() + self.embedding_params()
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token: 2 per weight multiply (all linears and the output head)
-        plus the attention score and value products at context `seq_len` (averaged, causal)."""
-        linear = self.layers * (self.layer_params() - 2 * self.hidden) + self.vocab * self.hidden
-        attn = self.layers * 2 * self.heads * self.head_dim * seq_len  # QK^T and AV, causal half
-        return 2.0 * linear + 2.0 * attn

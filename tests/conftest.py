@@ -39,7 +39,7 @@ def make_tiny_model(family: str = "llama", seed: int = 0, **overrides):
     """A randomly initialised tiny causal LM of `family` (eval mode, fp32)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = dict(FAMILY_CONFIGS[family])
+    cfg = dict(FAMILY_CONFIGS.get(family, {}))  # other families: model_type and sizes in `overrides`
     cfg.update(overrides)
     model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)

@@ -14,6 +14,7 @@ from pdc.graph.export import export_dir, export_model
 from pdc.graph.manager import PassManager
 from pdc.graph.structure import structure_of
 from pdc.passes.drop_layers import DropLayers
+from pdc.plan.counts import count_arch
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -51,7 +52,7 @@ def test_graph_without_layers_equals_hand_built_model(exported, family, drop):
     assert program.kept["dropped_layers"] == drop
     assert sorted(map(int, program.kept["layers"])) == kept
     assert program.arch.layers == len(kept) == program.hf_config["num_hidden_layers"]
-    assert program.num_params() == program.arch.total_params()
+    assert program.num_params() == count_arch(program.hf_config, program.arch).total
     state = program.state_dict()
     reference = hand_built(model, drop).state_dict()
     if program.arch.tied:  # the graph reads the shared tensor under one name; HF stores both

@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from pdc.plan.counts import count
+
 pytestmark = pytest.mark.slow
 
 
@@ -17,7 +19,6 @@ def test_smollm2_depth_prune_loads_and_generates(tmp_path, real_assets):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pdc.arch import Arch
     from pdc.stages.prune_depth import prune_depth
     from pdc.stages.evaluate import builtin_heldout_blocks
     from pdc.lang.settings import DepthTarget, Saliency
@@ -31,7 +32,7 @@ def test_smollm2_depth_prune_loads_and_generates(tmp_path, real_assets):
     table = json.loads((tmp_path / "prune" / "saliency.json").read_text())
     assert len(table["candidates"]) == 28
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "prune" / "model", dtype=torch.float32).eval()
-    assert sum(p.numel() for p in model.parameters()) == Arch.from_hf_config(model.config.to_dict()).total_params()
+    assert sum(p.numel() for p in model.parameters()) == count(json.loads((tmp_path / "prune" / "model" / "config.json").read_text())).total
     prompt = AutoTokenizer.from_pretrained(tmp_path / "prune" / "model")("The capital of France is", return_tensors="pt")
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
     with torch.no_grad():

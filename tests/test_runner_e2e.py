@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from pdc.arch import Arch
 from pdc.cli import main as pdc_main
 from pdc.plan.results import read_record
 from tiny_builds import WIDTH_SPEC
@@ -55,7 +54,6 @@ def test_pruned_checkpoint_matches_the_plan(project):
     plan = json.loads((build / "plan.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(build / "prune" / "model")
     assert sum(p.numel() for p in model.parameters()) == plan["final"]["params_total"]
-    assert Arch.from_hf_config(model.config.to_dict()).total_params() == plan["final"]["params_total"]
 
 
 def test_distillation_lowered_the_validation_kl(project):

@@ -14,10 +14,10 @@ from pdc.lang.settings import ModelSource
 from pdc.plan.dry_run import build_plan
 
 
-def _write_gguf(path, tied: bool, vocab: int = 11):
+def _write_gguf(path, tied: bool, vocab: int = 11, arch: str = "llama"):
     import gguf
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_embedding_length(64)
     w.add_block_count(3)
     w.add_feed_forward_length(96)
@@ -46,6 +46,27 @@ def test_gguf_header_gives_config(tmp_path, tied):
     assert (arch.hidden, arch.mlp, arch.layers, arch.heads, arch.kv_heads, arch.head_dim) == (64, 96, 3, 4, 2, 16)
     assert arch.vocab == 11 and arch.tied is tied
     assert cfg["rms_norm_eps"] == pytest.approx(1e-6)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2", "phi3", "stablelm"])
+def test_gguf_header_of_any_architecture_transformers_reads(tmp_path, arch):
+    """Any architecture transformers can load from GGUF: its model type, and the sizes through
+    transformers' own GGUF key map; the dry run counts it."""
+    path = tmp_path / "m.gguf"
+    _write_gguf(path, tied=True, vocab=32064 if arch == "phi3" else 128, arch=arch)  # phi3 pads with id 32000
+    cfg = gguf_config(path)
+    arch_ = Arch.from_hf_config(cfg)
+    assert cfg["model_type"] == arch
+    assert (arch_.hidden, arch_.mlp, arch_.layers, arch_.heads, arch_.kv_heads) == (64, 96, 3, 4, 2)
+    spec = check_text('model m = gguf("m.gguf")\nprune width { mlp=48 importance=magnitude }\n', tmp_path / "s.pds")
+    assert build_plan(spec)["final"]["params_total"] > 0
+
+
+def test_gguf_architecture_transformers_cannot_read_is_refused(tmp_path):
+    path = tmp_path / "m.gguf"
+    _write_gguf(path, tied=True, arch="rwkv6")
+    with pytest.raises(SourceError, match="has architecture 'rwkv6', which transformers cannot load from GGUF"):
+        gguf_config(path)
 
 
 def test_gguf_spec_relative_path(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import FAMILY_CONFIGS, make_tiny_model
+from conftest import make_tiny_model
 from graph_exports import exported
 from pdc.arch import Arch
 from pdc.emit.checkpoint import emit_checkpoint
@@ -22,6 +22,7 @@ from pdc.graph.importance import select_heads
 from pdc.passes.slice_heads import SliceHeads
 from pdc.passes.slice_hidden import SliceHidden
 from pdc.passes.slice_mlp import SliceMlp
+from pdc.plan.counts import count_arch
 from pdc.stages.prune_width import prune_program, prune_width
 from pdc.lang.settings import ImportanceConfig, WidthTarget
 
@@ -45,14 +46,14 @@ def test_keep_everything_reproduces_source_logits(family):
         SliceHeads({i: torch.arange(a.heads) for i in layers}, {i: torch.arange(a.kv_heads) for i in layers}),
     ]).run(program)
     assert torch.equal(program.forward(IDS), before)
-    assert program.num_params() == a.total_params()
+    assert program.num_params() == count_arch(program.hf_config, a).total
 
 
 @pytest.mark.parametrize("target", [WidthTarget(hidden=48, mlp=64, heads=2), WidthTarget(hidden=40, kv_heads=1)],
                          ids=["hidden-mlp-heads", "hidden-kv"])
 def test_rewritten_graph_matches_emitted_checkpoint(family, target, tmp_path):
     """The rewritten graph and the emitted HF checkpoint give the same logits (fp32, 1e-5), and
-    both have exactly Arch.with_sizes(target).total_params() parameters."""
+    both have exactly the parameter count of the emitted config (`pdc.plan.counts`)."""
     from transformers import AutoModelForCausalLM
 
     program = exported(family)
@@ -63,10 +64,10 @@ def test_rewritten_graph_matches_emitted_checkpoint(family, target, tmp_path):
     if target.kv_heads is not None and target.heads is None:
         want = want.with_sizes(heads=target.kv_heads * source_arch.heads // source_arch.kv_heads)
     assert program.arch == want
-    assert program.num_params() == want.total_params()
+    assert program.num_params() == count_arch(program.hf_config, want).total
     emit_checkpoint(program, tmp_path / "model")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
-    assert sum(p.numel() for p in hf.parameters()) == want.total_params()
+    assert sum(p.numel() for p in hf.parameters()) == count_arch(program.hf_config, want).total
     with torch.no_grad():
         torch.testing.assert_close(hf(IDS).logits, program.forward(IDS), atol=1e-5, rtol=0)
 
@@ -96,7 +97,7 @@ def test_meta_export_with_streamed_weights_matches_in_memory(tmp_path):
     in_memory = exported("qwen2")
     prune_program(in_memory, None, target, config, progress=False)
     assert streamed.kept == in_memory.kept
-    assert streamed.num_params() == in_memory.num_params() == in_memory.arch.total_params()
+    assert streamed.num_params() == in_memory.num_params() == count_arch(in_memory.hf_config, in_memory.arch).total
     torch.testing.assert_close(streamed.forward(IDS), in_memory.forward(IDS), atol=1e-6, rtol=0)
 
 
@@ -220,7 +221,8 @@ def test_prune_width_writes_its_outputs(tmp_path):
     kept = json.loads((out / "kept_indices.json").read_text())
     assert kept == result.kept
     assert len(kept["hidden"]) == 48 and all(len(v["mlp"]) == 64 for v in kept["layers"].values())
-    want = Arch.from_hf_config(FAMILY_CONFIGS["qwen2"]).with_sizes(hidden=48, mlp=64).total_params()
+    source_cfg = json.loads((src / "config.json").read_text())
+    want = count_arch(source_cfg, Arch.from_hf_config(source_cfg).with_sizes(hidden=48, mlp=64)).total
     assert result.params_after == want and result.arch_after["hidden"] == 48
     assert json.loads((out / "model" / "config.json").read_text())["head_dim"] == 16
     assert result.inputs.model == model_identity(src) and result.inputs.calibration == tokens_identity(CALIB)

@@ -1,7 +1,7 @@
 """Slow: SmolLM2-135M pruned to hidden=432, mlp=1024 (heads and 30 layers kept).
 
 Invariant checked: activation importance leaves a far better model (held-out perplexity) than
-weight magnitude or random ranking, and the pruned size is exactly `Arch.total_params()`.
+weight magnitude or random ranking, and the pruned size is exactly the count of its emitted config.
 Run: HF_HUB_OFFLINE=1 pytest -m slow -s tests/test_width_smollm2.py
 """
 
@@ -12,6 +12,8 @@ import os
 
 import pytest
 import torch
+
+from pdc.plan.counts import count_arch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -33,7 +35,7 @@ def test_activation_importance_beats_magnitude_and_random(tmp_path):
     heldout = builtin_heldout_blocks(tok, 256, n_blocks=32)
     target = WidthTarget(hidden=432, mlp=1024)
     base_arch = Arch.from_hf_config(json.loads((src / "config.json").read_text()))
-    want = base_arch.with_sizes(hidden=432, mlp=1024).total_params()
+    want = count_arch(json.loads((src / "config.json").read_text()), base_arch.with_sizes(hidden=432, mlp=1024)).total
     assert want == 80_979_696
     ppl = {}
     base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)

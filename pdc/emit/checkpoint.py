@@ -1,9 +1,10 @@
 """Write a rewritten `Program` as a Hugging Face checkpoint directory.
 
 Invariant: `AutoModelForCausalLM.from_pretrained(dir)` (fp32) gives the logits of
-`program.forward` on the same ids, and its parameter count is `program.arch.total_params()`.
+`program.forward` on the same ids, and its parameter count is that of the emitted config
+instantiated by transformers (`pdc.plan.counts.count`).
 The config is the source config with the new sizes from `Arch.to_hf_config` (explicit head_dim).
-Tied checkpoints store only `model.embed_tokens.weight`, as Hugging Face does.
+Tied checkpoints store only the input embedding, as Hugging Face does.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ def source_dtype(hf_config: dict) -> torch.dtype:
 
 def checkpoint_tensors(program: Program, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """The program's parameters as the checkpoint stores them: Hugging Face names, a tied
-    embedding/head matrix once (as `model.embed_tokens.weight`), cast to `dtype` when given."""
+    embedding/head matrix once (under the embedding's name), cast to `dtype` when given."""
     tensors = {}
-    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    head, embed = program.head, program.embedding
     params = program.state_dict()
     for name, tensor in params.items():
         if program.arch.tied and name == head:

@@ -3,7 +3,9 @@
 
 Export settings (transformers 5.x): SDPA attention (`ATTENTION`), the implementation a deployed
 checkpoint runs, so importance, every emitted file and the lock all see the one graph that is
-deployed. The attention core is one `aten.scaled_dot_product_attention` node; grouped-query
+deployed. A model class that declares it cannot run SDPA (`_supports_sdpa = False`, e.g. for
+attention logit soft-capping) is traced with its eager attention (`attention_for`), which is
+also what Hugging Face runs for it: explicit matmuls, which structure discovery also reads. The attention core is one `aten.scaled_dot_product_attention` node; grouped-query
 attention appears before it as `repeat_kv`'s explicit `expand`/`reshape` nodes (or as SDPA's
 `enable_gqa`), whose shape constants the head pass rewrites (`pdc.graph.structure`).
 `use_cache=False`, and the wrapper (`LogitsOnly`) returns only the logits tensor. Batch and
@@ -49,6 +51,12 @@ class LogitsOnly(torch.nn.Module):
         return self.m(input_ids=input_ids, use_cache=False).logits
 
 
+def attention_for(model_class) -> str:
+    """The attention implementation traced for `model_class`: SDPA unless the class says it
+    cannot run it (then its eager attention, as Hugging Face itself falls back)."""
+    return ATTENTION if getattr(model_class, "_supports_sdpa", True) else "eager"
+
+
 def dynamic_shapes():
     """Batch and sequence dynamic (sequence from 2: torch.export specialises sizes 0 and 1)."""
     from torch.export import Dim
@@ -81,12 +89,12 @@ def export_model(model: torch.nn.Module, probe: Optional[torch.Tensor] = None,
     arch = source_arch(hf_config)
     probe = default_probe(arch.vocab) if probe is None else probe
     previous = getattr(config, "_attn_implementation", None)
-    config._attn_implementation = ATTENTION
+    config._attn_implementation = attention_for(type(model))
     try:
         ep = _export(LogitsOnly(model).eval(), probe, "trace")
     finally:
         config._attn_implementation = previous
-    program = Program(gm=ep.module(), arch=arch, hf_config=hf_config, probe=probe)
+    program = Program(gm=ep.module(), arch=arch, hf_config=hf_config, probe=probe, **embedding_names(model))
     program.kept = full_kept(arch)
     _drop_dead_nodes(program.gm)
     return program
@@ -107,9 +115,9 @@ def export_dir(model_dir: Path, probe: Optional[torch.Tensor] = None, progress: 
     cfg_dict = json.loads((model_dir / "config.json").read_text())
     arch = source_arch(cfg_dict)
     config = AutoConfig.from_pretrained(model_dir)
-    config._attn_implementation = ATTENTION
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.config._attn_implementation = attention_for(type(model))
     model.eval()
     probe = default_probe(arch.vocab, model_dir) if probe is None else probe
     bar = _bar(progress, "export")
@@ -118,11 +126,48 @@ def export_dir(model_dir: Path, probe: Optional[torch.Tensor] = None, progress: 
     bar.close()
     gm = ep.module()
     _retarget_devices(gm, torch.device("meta"), torch.device("cpu"))
-    program = Program(gm=gm, arch=arch, hf_config=cfg_dict, probe=probe)
-    program.weights = WeightStore(model_dir, tied=arch.tied)
+    names = embedding_names(model)
+    program = Program(gm=gm, arch=arch, hf_config=cfg_dict, probe=probe, **names)
+    program.weights = WeightStore(model_dir, tied=arch.tied, aliases=(names["embedding"], names["head"]))
+    program.weights.renames = checkpoint_renames(model, program.weights.names())
     program.kept = full_kept(arch)
     _drop_dead_nodes(gm)
     return program
+
+
+def embedding_names(model: torch.nn.Module) -> dict:
+    """HF names of the input embedding and output head weights (Hugging Face's own accessors,
+    whatever the family calls them)."""
+    def name_of(module) -> str:
+        return next(n for n, p in model.named_parameters(remove_duplicate=False) if p is module.weight)
+
+    out = {"embedding": name_of(model.get_input_embeddings())}
+    head = model.get_output_embeddings()
+    out["head"] = name_of(head) if head is not None else out["embedding"]
+    if out["head"] == out["embedding"]:  # tied: named_parameters lists the head under its own name too
+        out["head"] = next((n for n, p in model.named_parameters(remove_duplicate=False)
+                            if p is head.weight and n != out["embedding"]), out["head"]) if head is not None else out["head"]
+    return out
+
+
+def checkpoint_renames(model: torch.nn.Module, keys: list[str]) -> dict[str, str]:
+    """{module name: checkpoint key} for the keys that transformers renames when it loads this
+    model (its own load-time renaming rules, e.g. GPT-NeoX's `embed_out.` -> `lm_head.`)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # an older transformers without conversion rules: keys are module names
+        return {}
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    out = {}
+    for key in keys:
+        new, _ = rename_source_key(key, renamings, converters)
+        if new != key:
+            out[new] = key
+    return out
 
 
 def materialize(program: Program, dtype: torch.dtype = torch.float32, progress: bool = False) -> None:

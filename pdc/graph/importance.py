@@ -256,12 +256,13 @@ def _magnitude(program: Program) -> Importance:
     imp = Importance(method="magnitude", hidden=hidden.sqrt())
     for layer in structure.layers:
         m, a = layer.mlp, layer.attn
-        mlp = sum(_slice_norms(_weight(program, n), 0) for n in m.rows) + _slice_norms(_weight(program, m.down), 1)
-        imp.mlp[layer.index] = mlp.sqrt()
-        q = _slice_norms(_weight(program, a.q), 0).reshape(a.heads, a.head_dim).sum(1)
+        mlp = sum(_slice_norms(_weight(program, s.param), 0)[s.rows()] for s in m.spans)
+        imp.mlp[layer.index] = (mlp + _slice_norms(_weight(program, m.down), 1)).sqrt()
+        q = _slice_norms(_weight(program, a.q.param), 0)[a.q.rows()].reshape(a.heads, a.head_dim).sum(1)
         o = _slice_norms(_weight(program, a.o), 1).reshape(a.heads, a.head_dim).sum(1)
         imp.heads[layer.index] = (q + o).sqrt()
-        kv = sum(_slice_norms(_weight(program, n), 0).reshape(a.kv_heads, a.head_dim).sum(1) for n in (a.k, a.v))
+        kv = sum(_slice_norms(_weight(program, s.param), 0)[s.rows()].reshape(a.kv_heads, a.head_dim).sum(1)
+                 for s in (a.k, a.v))
         imp.kv_heads[layer.index] = kv.sqrt() + _group_sum(imp.heads[layer.index], a.kv_heads)
     return imp
 

@@ -42,7 +42,8 @@ class Program:
     - `gm(probe)` returns logits of shape [*probe.shape, arch.vocab];
     - get_attr target == `prefix + hf_name` for every parameter, where `hf_name` is the key the
       parameter has in the Hugging Face state dict (so `emit` can write a checkpoint directly);
-    - `sum(numel)` over the parameters equals `arch.total_params()` once passes have run.
+    - `num_params()` equals the count of `arch.to_hf_config(hf_config)` built by transformers
+      (`pdc.plan.counts`) once passes have run (the stages check it).
     """
 
     gm: torch.fx.GraphModule
@@ -53,6 +54,8 @@ class Program:
     kept: dict = field(default_factory=dict)  # {"hidden": [...], "layers": {"0": {...}}, ...}
     weights: Any = None  # pdc.graph.export.WeightStore or None (weights already in gm)
     meta: dict = field(default_factory=dict)  # free-form: importance, timings, notes
+    embedding: str = "model.embed_tokens.weight"  # HF names of the input embedding and output head
+    head: str = "lm_head.weight"  # (the same tensor under two names when tied)
     _structure: Any = None
     _shapes_stale: bool = False  # node.meta["val"] predates the last graph edit
 
@@ -100,8 +103,8 @@ class Program:
         the same tensor in the emitted checkpoint and is counted once."""
         seen, total = set(), 0
         params = self.state_dict()
-        if self.arch.tied and "model.embed_tokens.weight" in params:
-            params.pop("lm_head.weight", None)
+        if self.arch.tied and self.embedding in params:
+            params.pop(self.head, None)
         for tensor in params.values():
             if id(tensor) not in seen:
                 seen.add(id(tensor))
@@ -151,6 +154,7 @@ class Program:
             gm=copy.deepcopy(self.gm), arch=self.arch, hf_config=dict(self.hf_config),
             probe=self.probe, prefix=self.prefix, kept=copy.deepcopy(self.kept),
             weights=self.weights, meta=copy.deepcopy(self.meta), _shapes_stale=self._shapes_stale,
+            embedding=self.embedding, head=self.head,
             _structure=copy.deepcopy(self._structure),
         )
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from pdc.graph.program import Program
+from pdc.graph.structure import Span, row_constants
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,34 @@ def apply_rules(program: Program, rules: list[Rule], group: Any, keep: torch.Ten
         for name in rule.match(group):
             if name is not None and name not in changed:
                 changed[name] = list(slice_param(program, name, rule.dim, index))
+    return changed
+
+
+def slice_spans(program: Program, spans_keep: list[tuple[Span, torch.Tensor]],
+                coupled: Optional[dict[str, str]] = None) -> dict:
+    """Keep units `keep` of each span (ascending ids into its current units). A weight read by
+    several spans (fused q|k|v, gate|up) keeps the union of their kept rows in ascending order,
+    so its layout stays the one the graph reads; its bias and every parameter `coupled` to its
+    rows (norm -> weight: a norm over the projection's output) keep the same rows. Size constants
+    on the spans' paths (slice bounds, split sizes, view sizes) are recomputed first, while the
+    graph still runs on the current rows. Returns {param: [before, after]}."""
+    kept: dict[str, list[torch.Tensor]] = {}
+    for span, keep in spans_keep:
+        kept.setdefault(span.param, []).append(span.rows(keep))
+    rows = {name: torch.cat(parts).sort().values for name, parts in kept.items()}
+    new_args: dict = {}
+    for span, _ in spans_keep:
+        mask = torch.zeros(int(program.param(span.param).shape[0]), dtype=torch.bool)
+        mask[rows[span.param]] = True
+        new_args.update(row_constants(program, span, mask))
+    nodes = {n.name: n for n in program.gm.graph.nodes}
+    for name, args in new_args.items():
+        nodes[name].args = args
+    changed = {}
+    biases = {span.bias: span.param for span, _ in spans_keep if span.bias}
+    for name, weight in [(w, w) for w in rows] + list(biases.items()) + list((coupled or {}).items()):
+        if weight in rows and name not in changed:
+            changed[name] = list(slice_param(program, name, 0, rows[weight]))
     return changed
 
 

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 import torch.fx
 
-from pdc.errors import PdcError
+from pdc.errors import PdcError, one_line
 from pdc.graph.program import STAGE, Program, refresh_shapes
 
 aten = torch.ops.aten
@@ -63,6 +63,7 @@ IGNORED = {aten._assert_tensor_metadata.default, aten.sym_size.int}
 SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 MATMULS = {aten.matmul.default, aten.bmm.default}
 SDPA = aten.scaled_dot_product_attention.default  # (query, key, value, attn_mask, ...)
+LAYER_NORM = aten.layer_norm.default  # (x, normalized_shape, weight, bias, eps)
 
 
 @dataclass
@@ -76,30 +77,77 @@ class ShapeConst:
 
 
 @dataclass
+class Span:
+    """The rows of weight `param` (and of `bias`, when its linear has one) that one role reads:
+    unit u (a head, or an MLP neuron) owns rows `offset + u * stride + d` for d < `block`. A
+    separate projection is one span with offset 0 and stride = block; a fused one (q|k|v or
+    gate|up stacked in one weight, or heads interleaved as [q k v] per head) is several spans of
+    one weight. `path` lists the nodes from the linear to where the unit axis appears (the head
+    split, or the down projection's input); `axis` is that axis there. Rows are found, and
+    re-found after every slice, by running those nodes on a tensor of row numbers."""
+
+    param: str
+    bias: Optional[str]
+    offset: int
+    stride: int
+    block: int
+    units: int
+    path: list[str] = field(default_factory=list)
+    axis: int = -1
+
+    def rows(self, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Row ids of units `keep` (default all), unit-major: [len(keep) * block]."""
+        units = torch.arange(self.units) if keep is None else torch.as_tensor(keep, dtype=torch.long)
+        return (self.offset + units[:, None] * self.stride + torch.arange(self.block)[None, :]).reshape(-1)
+
+    def describe(self) -> str:
+        return f"{self.param}[{self.offset}+u*{self.stride}, {self.units}x{self.block}]"
+
+
+@dataclass
 class AttentionGroup:
-    q: str
-    k: str
-    v: str
+    q: Span
+    k: Span
+    v: Span
     o: str
-    q_bias: Optional[str]
-    k_bias: Optional[str]
-    v_bias: Optional[str]
     o_bias: Optional[str]
     heads: int
     kv_heads: int
     head_dim: int
     o_input: str  # node feeding the output projection: [B, L, heads*head_dim]
     shape_consts: list[ShapeConst] = field(default_factory=list)
+    row_norms: dict[str, str] = field(default_factory=dict)  # norm over a projection's rows -> that weight
+    head_norms: list[str] = field(default_factory=list)  # norms over head_dim, shared by all heads
+
+    def params(self) -> list[str]:
+        spans = [self.q, self.k, self.v]
+        names = [n for s in spans for n in (s.param, s.bias)] + [self.o, self.o_bias]
+        names += list(self.row_norms) + self.head_norms
+        return list(dict.fromkeys(n for n in names if n))
+
+    def projections(self) -> list[str]:
+        """The weights of the linears the attention multiplies (LoRA targets)."""
+        return list(dict.fromkeys([self.q.param, self.k.param, self.v.param, self.o]))
 
 
 @dataclass
 class MlpGroup:
-    rows: list[str]  # weights whose output rows are the neurons (gate, up)
-    row_biases: list[str]
+    spans: list[Span]  # rows that are the neurons (gate, up; or one fused gate|up weight)
     down: str
     down_bias: Optional[str]
     size: int
     down_input: str  # node feeding the down projection: [B, L, mlp]
+
+    @property
+    def rows(self) -> list[str]:
+        return list(dict.fromkeys(s.param for s in self.spans))
+
+    @property
+    def row_biases(self) -> list[str]:
+        return list(dict.fromkeys(s.bias for s in self.spans if s.bias))
+
+    def params(self) -> list[str]:
+        return self.rows + self.row_biases + [self.down] + ([self.down_bias] if self.down_bias else [])
 
 
 @dataclass
@@ -109,20 +157,23 @@ class LayerBlock:
     index: int
     prefix: str  # common HF-name prefix of its parameters, e.g. "model.layers.3."
     input: str  # residual-stream node entering the layer
-    output: str  # residual-stream node leaving it (the second residual add)
+    output: str  # residual-stream node leaving it (the last residual add of the layer)
     attn: AttentionGroup
     mlp: MlpGroup
-    norms: list[str]
+    norms: list[str]  # norm weights/biases on the hidden channels (pre-, post- or parallel)
     params: list[str]
+    parallel: bool = False  # attention and MLP read the same stream and add in one update
 
 
 @dataclass
 class HiddenGroup:
     size: int
     members: list[tuple[str, int]]  # (hf_name, dim) sliced together
-    norm_outputs: list[str]  # nodes: output of each norm (x * rsqrt(...) * weight)
+    norm_outputs: list[str]  # nodes: output of each norm on the hidden channels
     embedding: str
     head: str  # output projection weight (may equal `embedding` when tied)
+    final_norms: list[str] = field(default_factory=list)
+    size_args: list[str] = field(default_factory=list)  # layer_norm nodes whose normalized_shape is [size]
 
 
 @dataclass
@@ -130,20 +181,46 @@ class Structure:
     hidden: HiddenGroup
     layers: list[LayerBlock]
 
+    def spans(self):
+        for layer in self.layers:
+            yield from (layer.attn.q, layer.attn.k, layer.attn.v)
+            yield from layer.mlp.spans
+
+    def projections(self) -> list[str]:
+        """Every linear weight of the decoder layers (q/k/v or fused qkv, o, gate/up or fused,
+        down), in layer order: what LoRA adapts."""
+        out = []
+        for layer in self.layers:
+            out += layer.attn.projections() + layer.mlp.rows + [layer.mlp.down]
+        return list(dict.fromkeys(out))
+
+    def norms(self) -> list[str]:
+        """Every norm weight and bias: on the hidden channels (in the layers and the final one)
+        and inside attention (q/k norms): what norm-only correction trains."""
+        out = []
+        for layer in self.layers:
+            out += layer.norms + list(layer.attn.row_norms) + layer.attn.head_norms
+        out += self.hidden.final_norms
+        return list(dict.fromkeys(out))
+
     def resize(self, program: Program) -> None:
-        """Re-read every size from the current parameter shapes (after a pass that sliced
-        parameters but kept nodes and names: `keeps_topology`). Roles of shape constants do
-        not depend on sizes, so the result equals rediscovery on the sliced graph."""
+        """Re-read every size from the current parameter shapes and re-find every span's rows
+        from the graph (after a pass that sliced parameters and edited constants but kept nodes
+        and names: `keeps_topology`). Roles of shape constants do not depend on sizes, so the
+        result equals rediscovery on the sliced graph."""
         self.hidden.size = int(program.param(self.hidden.embedding).shape[1])
+        nodes = {n.name: n for n in program.gm.graph.nodes}
         for layer in self.layers:
             a, m = layer.attn, layer.mlp
             m.size = int(program.param(m.down).shape[1])
-            a.heads = int(program.param(a.q).shape[0]) // a.head_dim
-            a.kv_heads = int(program.param(a.k).shape[0]) // a.head_dim
+            for span in (a.q, a.k, a.v, *m.spans):
+                retrace(program, nodes, span)
+            a.heads, a.kv_heads = a.q.units, a.k.units
 
     def check_shapes(self, program: Program) -> Optional[str]:
         """None when every coupled dimension agrees with the (resized) sizes: each hidden member
-        has `hidden.size` along its coupled dimension; each MLP's rows, row biases and down
+        has `hidden.size` along its coupled dimension; the spans of every projection weight
+        cover its rows exactly once (biases and row norms alike); each MLP's spans and down
         columns have its size; q/o have heads*head_dim, k/v kv_heads*head_dim, heads divide
         evenly over kv groups; every recorded shape constant holds the product of its roles'
         counts. Otherwise one line naming the first parameter or constant that disagrees. From
@@ -156,19 +233,37 @@ class Structure:
             if size(name, dim) != self.hidden.size:
                 return f"{name} has {size(name, dim)} hidden channels along dim {dim}, not {self.hidden.size}"
         nodes = {n.name: n for n in program.gm.graph.nodes}
+        for name in self.hidden.size_args:
+            if list(nodes[name].args[1]) != [self.hidden.size]:
+                return f"{name} normalizes over {list(nodes[name].args[1])}, not [{self.hidden.size}]"
+        covered: dict[str, list] = {}
+        for span in self.spans():
+            covered.setdefault(span.param, []).append(span)
+        for name, spans in covered.items():
+            rows = torch.cat([s.rows() for s in spans]).sort().values
+            if not torch.equal(rows, torch.arange(size(name, 0))):
+                return f"{name}: its {size(name, 0)} rows are not covered exactly once by {', '.join(s.describe() for s in spans)}"
+            for bias in {s.bias for s in spans if s.bias}:
+                if size(bias, 0) != size(name, 0):
+                    return f"{bias} has {size(bias, 0)} rows, its weight {name} {size(name, 0)}"
+        nodes = {n.name: n for n in program.gm.graph.nodes}
         for layer in self.layers:
             m, a = layer.mlp, layer.attn
-            for name, dim in [(r, 0) for r in m.rows + m.row_biases] + [(m.down, 1)]:
-                if size(name, dim) != m.size:
-                    return f"layer {layer.index}: {name} has {size(name, dim)} MLP neurons, not {m.size}"
+            for name, units in [(s.param, s.units) for s in m.spans] + [(m.down, size(m.down, 1))]:
+                if units != m.size:
+                    return f"layer {layer.index}: {name} has {units} MLP neurons, not {m.size}"
             if a.kv_heads < 1 or a.heads % a.kv_heads:
                 return f"layer {layer.index}: {a.heads} query heads do not split evenly over {a.kv_heads} kv groups"
-            want = {(a.q, 0): a.heads, (a.q_bias, 0): a.heads, (a.o, 1): a.heads,
-                    (a.k, 0): a.kv_heads, (a.v, 0): a.kv_heads, (a.k_bias, 0): a.kv_heads, (a.v_bias, 0): a.kv_heads}
-            for (name, dim), count in want.items():
-                if name is not None and size(name, dim) != count * a.head_dim:
-                    return (f"layer {layer.index}: {name} has {size(name, dim)} rows/columns along dim {dim}, "
-                            f"not {count} heads x {a.head_dim}")
+            if a.q.units != a.heads or a.k.units != a.kv_heads or a.v.units != a.kv_heads:
+                return f"layer {layer.index}: q/k/v spans have {a.q.units}/{a.k.units}/{a.v.units} heads, not {a.heads}/{a.kv_heads}"
+            if size(a.o, 1) != a.heads * a.head_dim:
+                return f"layer {layer.index}: {a.o} has {size(a.o, 1)} columns, not {a.heads} heads x {a.head_dim}"
+            for norm, weight in a.row_norms.items():
+                if size(norm, 0) != size(weight, 0):
+                    return f"layer {layer.index}: {norm} has {size(norm, 0)} channels, {weight} {size(weight, 0)} rows"
+            for norm in a.head_norms:
+                if size(norm, 0) != a.head_dim:
+                    return f"layer {layer.index}: {norm} has {size(norm, 0)} channels, not head_dim {a.head_dim}"
             counts = {"head": a.heads, "kv": a.kv_heads, "rep": a.heads // a.kv_heads, "hd": a.head_dim}
             for c in a.shape_consts:
                 value, expected = nodes[c.node].args[1][c.index], 1
@@ -213,15 +308,19 @@ class Structure:
         lines.append(f"  norm outputs: {len(h.norm_outputs)}")
         for layer in self.layers:
             a, m = layer.attn, layer.mlp
-            lines.append(f"layer {layer.index} prefix={layer.prefix}")
+            lines.append(f"layer {layer.index} prefix={layer.prefix}{' parallel' if layer.parallel else ''}")
             lines.append(f"  norms {', '.join(layer.norms)}")
             lines.append(
                 f"  attn heads={a.heads} kv_heads={a.kv_heads} head_dim={a.head_dim} "
-                f"q={a.q} k={a.k} v={a.v} o={a.o} biases={[b for b in (a.q_bias, a.k_bias, a.v_bias, a.o_bias) if b]}"
+                f"q={a.q.describe()} k={a.k.describe()} v={a.v.describe()} o={a.o} "
+                f"biases={[b for b in (a.q.bias, a.k.bias, a.v.bias, a.o_bias) if b]}"
             )
+            if a.row_norms or a.head_norms:
+                lines.append(f"  attn norms rows={sorted(a.row_norms)} per-head={a.head_norms}")
             for c in a.shape_consts:
                 lines.append(f"    shape const arg{c.index} roles={'*'.join(c.roles)}")
-            lines.append(f"  mlp size={m.size} rows={m.rows} down={m.down} biases={m.row_biases + ([m.down_bias] if m.down_bias else [])}")
+            lines.append(f"  mlp size={m.size} rows={[s.describe() for s in m.spans]} down={m.down} "
+                         f"biases={m.row_biases + ([m.down_bias] if m.down_bias else [])}")
         return "\n".join(lines) + "\n"
 
 
@@ -250,6 +349,12 @@ def _shape(node) -> Optional[tuple]:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
+def _same_shape(a, b) -> bool:
+    """Equal shapes, symbolic sizes compared by name (no symbolic guard is evaluated)."""
+    sa, sb = _shape(a), _shape(b)
+    return sa is not None and sb is not None and tuple(map(str, sa)) == tuple(map(str, sb))
+
+
 def _last(node) -> Optional[int]:
     s = _shape(node)
     if not s:
@@ -275,6 +380,22 @@ def discover_fresh(program: Program) -> Structure:
     """Rediscover from scratch (shapes re-propagated), without touching the cached structure."""
     refresh_shapes(program)
     return discover(program)
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The Hugging Face module a node was traced from (`model.layers.3.self_attn.q_norm`), from
+    export's `nn_module_stack`; '' when unknown."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = path[2:] if path.startswith("m.") else path
+    return "" if path == "m" else path
+
+
+def _fail(node: torch.fx.Node, why: str) -> PdcError:
+    where = module_path(node)
+    return PdcError(f"cannot classify node {_describe_node(node)}{f' from {where}' if where else ''}: {why}", STAGE)
 
 
 def discover(program: Program) -> Structure:
@@ -317,7 +438,7 @@ def discover(program: Program) -> Structure:
             x, w = node.args[0], node.args[1]
             b = node.args[2] if len(node.args) > 2 else None
             if w not in param_of:
-                raise PdcError(f"cannot classify node {_describe_node(node)}: linear weight is not a parameter", STAGE)
+                raise _fail(node, "linear weight is not a parameter")
             wname = param_of[w]
             uf.union(label[x], (wname, 1))
             label[node] = (wname, 0)
@@ -325,9 +446,14 @@ def discover(program: Program) -> Structure:
             if isinstance(b, torch.fx.Node):
                 bname = param_of.get(b)
                 if bname is None:
-                    raise PdcError(f"cannot classify node {_describe_node(node)}: bias is not a parameter", STAGE)
+                    raise _fail(node, "bias is not a parameter")
                 uf.union((bname, 0), (wname, 0))
             linears.append((node, wname, bname))
+        elif t is LAYER_NORM:  # (x, normalized_shape, weight, bias, eps): elementwise affine on x's channels
+            for a in node.args[2:4]:
+                if isinstance(a, torch.fx.Node) and a in label:
+                    uf.union(label[node.args[0]], label[a])
+            label[node] = label[node.args[0]]
         elif t in PASSTHROUGH and tensor_args:
             label[node] = label[tensor_args[0]]
         elif t in ELEMENTWISE and tensor_args:
@@ -346,6 +472,7 @@ def discover(program: Program) -> Structure:
         raise PdcError("cannot find the token embedding (aten.embedding on a parameter) in the graph", STAGE)
     embed_name = param_of[embed_node.args[0]]
     hidden_root = uf.find((embed_name, 1))
+    hidden_size = int(program.param(embed_name).shape[1])
 
     def in_hidden(node) -> bool:
         return node in label and uf.find(label[node]) == hidden_root
@@ -355,94 +482,187 @@ def discover(program: Program) -> Structure:
         if node.op != "call_function" or node.target in IGNORED:
             continue
         known = node.target in PASSTHROUGH or node.target in ELEMENTWISE or node.target in (
-            aten.linear.default, aten.embedding.default)
+            aten.linear.default, aten.embedding.default, LAYER_NORM)
         if known:
             continue
         for a in node.args:
             if isinstance(a, torch.fx.Node) and in_hidden(a):
                 if node.target in REDUCTIONS and _last(node) == 1:
                     continue
-                raise PdcError(
-                    f"cannot classify node {_describe_node(node)}: it reads the hidden channels "
-                    f"through an op pdc does not know how to slice", STAGE)
+                raise _fail(node, "it reads the hidden channels through an op pdc does not know how to slice")
 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    readers = [(n, w, b) for n, w, b in linears if uf.find((w, 1)) == hidden_root]
-    writers = [(n, w, b) for n, w, b in linears if uf.find((w, 0)) == hidden_root]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    readers = {n: (w, b) for n, w, b in linears if uf.find((w, 1)) == hidden_root}
+    writers = {n: (w, b) for n, w, b in linears if uf.find((w, 0)) == hidden_root}
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     head_linear = None
-    for n, w, b in readers:
-        if any(u is output_node for u in n.users) or _feeds_output_only(n, output_node):
-            head_linear = (n, w, b)
+    for n in readers:
+        if _feeds_output_only(n, output_node):
+            head_linear = n
     if head_linear is None:
         raise PdcError("cannot find the output head: no linear on the hidden channels reaches the graph output", STAGE)
-    hidden_size = int(program.param(embed_name).shape[1])
+    head_name = readers[head_linear][0]
 
+    # The residual stream: from the embedding, each step is the one full-width add that merges
+    # a branch (attention, MLP, or both in parallel) into the stream.
+    updates = _residual_updates(embed_node, in_hidden, hidden_size, order)
+    stream_nodes = {u[0] for u in updates} | {u[1] for u in updates}
     layers: list[LayerBlock] = []
-    attn_pending: Optional[tuple] = None
-    used: set[str] = {embed_name, head_linear[1]}
-    for n, w, b in sorted(writers, key=lambda e: order[e[0]]):
-        x = n.args[0]
-        x_root = uf.find(label[x])
-        residual_add = next((u for u in n.users if u.target in (aten.add.Tensor, operator.add)), None)
-        if residual_add is None:
-            raise PdcError(f"cannot classify node {_describe_node(n)}: writes the hidden channels without a residual add", STAGE)
-        stream_in = next(a for a in residual_add.args if isinstance(a, torch.fx.Node) and a is not n)
-        row_readers = [(rn, rw, rb) for rn, rw, rb in readers if uf.find((rw, 0)) == x_root]
-        if row_readers:  # an MLP: its input class holds gate/up rows
-            if attn_pending is None:
-                raise PdcError(f"cannot classify node {_describe_node(n)}: MLP without a preceding attention block", STAGE)
-            mlp = MlpGroup(
-                rows=[rw for _, rw, _ in row_readers], row_biases=[rb for _, _, rb in row_readers if rb],
-                down=w, down_bias=b, size=int(program.param(w).shape[1]), down_input=x.name,
-            )
-            attn, attn_in, attn_params = attn_pending
-            attn_pending = None
-            params = attn_params + mlp.rows + mlp.row_biases + [mlp.down] + ([b] if b else [])
-            norms = _norms_between(gm, order, attn_in, residual_add, param_of, uf, hidden_root, program)
+    used: set[str] = {embed_name, head_name} | ({readers[head_linear][1]} if readers[head_linear][1] else set())
+    pending_attn, layer_in = None, None
+    for stream_in, merge, branch in updates:
+        found = sorted(_linear_ancestors_stop(branch, set(writers), stream_nodes), key=lambda n: order[n])
+        if not found:
+            raise _fail(merge, "a residual add whose branch has no projection onto the hidden channels")
+        attn_nodes = [n for n in found if _has_attention_core(n.args[0], set(readers))]
+        mlp_nodes = [n for n in found if n not in attn_nodes]
+        if len(attn_nodes) > 1 or len(mlp_nodes) > 1:
+            raise _fail(merge, f"{len(attn_nodes)} attention and {len(mlp_nodes)} MLP outputs merge in one residual add")
+        if attn_nodes:
+            if pending_attn is not None:
+                raise _fail(attn_nodes[0], "attention block without an MLP before the next attention")
+            pending_attn, layer_in = _attention(program, attn_nodes[0], writers[attn_nodes[0]], readers, order,
+                                                param_of, uf, nodes), stream_in
+        if mlp_nodes:
+            if pending_attn is None:
+                raise _fail(mlp_nodes[0], "MLP without a preceding attention block")
+            down = mlp_nodes[0]
+            mlp = _mlp(program, down, writers[down], readers, nodes)
+            attn, pending_attn = pending_attn, None
+            params = attn.params() + mlp.params()
+            norms = [n for n in _norms_between(gm, order, layer_in, merge, param_of, uf, hidden_root, program)
+                     if n not in params]
             params += norms
             used.update(params)
             layers.append(LayerBlock(
-                index=len(layers), prefix=_common_prefix(params), input=attn_in.name,
-                output=residual_add.name, attn=attn, mlp=mlp, norms=norms, params=params,
+                index=len(layers), prefix=_common_prefix(params), input=layer_in.name, output=merge.name,
+                attn=attn, mlp=mlp, norms=norms, params=params, parallel=bool(attn_nodes),
             ))
-        else:
-            attn = _attention(program, n, w, b, readers, order, param_of, label)
-            params = [p for p in (attn.q, attn.k, attn.v, attn.o, attn.q_bias, attn.k_bias, attn.v_bias, attn.o_bias) if p]
-            attn_pending = (attn, stream_in, params)
-    if attn_pending is not None:
-        raise PdcError(f"cannot classify node {attn_pending[1].name}: attention block without an MLP", STAGE)
+    if pending_attn is not None:
+        raise PdcError(f"cannot classify the attention at {pending_attn.o}: attention block without an MLP", STAGE)
+    if not layers:
+        raise PdcError("cannot find any decoder layer (attention + MLP merged into the residual stream)", STAGE)
 
     members = sorted({e for e in uf.parent if isinstance(e, tuple) and len(e) == 2
                       and isinstance(e[0], str) and uf.find(e) == hidden_root and e[0] in set(param_of.values())})
-    norm_outputs = []
+    norm_outputs, size_args = [], []
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in (aten.mul.Tensor, operator.mul):
-            if any(a in param_of and program.param(param_of[a]).dim() == 1 and in_hidden(a) for a in node.args if isinstance(a, torch.fx.Node)):
+        if node.op != "call_function" or not in_hidden(node):
+            continue
+        if node.target is LAYER_NORM:
+            if list(node.args[1]) != [hidden_size]:
+                raise _fail(node, f"a layer norm over {list(node.args[1])} on the hidden channels")
+            size_args.append(node.name)
+            if any(isinstance(a, torch.fx.Node) and a in param_of for a in node.args[2:4]):
                 norm_outputs.append(node.name)
+        elif node.target in (aten.mul.Tensor, operator.mul) and _last(node) == hidden_size and any(
+                isinstance(a, torch.fx.Node) and len(_shape(a) or ()) == 1 and _last(a) == hidden_size and in_hidden(a) and _from_param(a, param_of)
+                for a in node.args):
+            norm_outputs.append(node.name)
     final_norms = [param_of[a] for a in param_of if a.users and program.param(param_of[a]).dim() == 1
                    and in_hidden(a) and param_of[a] not in used]
     used.update(final_norms)
     for node, name in param_of.items():
         if not node.users or name in used or not isinstance(program.param(name), torch.nn.Parameter):
             continue
-        raise PdcError(f"cannot classify node {_describe_node(node)}: parameter {name} is in no prunable group", STAGE)
+        user = next(iter(node.users))
+        raise _fail(user, f"parameter {name} is in no prunable group (not a projection, a norm on the hidden "
+                          "channels or a norm inside attention that pdc can slice)")
     hidden = HiddenGroup(size=hidden_size, members=members, norm_outputs=norm_outputs,
-                         embedding=embed_name, head=head_linear[1])
+                         embedding=embed_name, head=head_name, final_norms=final_norms, size_args=size_args)
     return Structure(hidden=hidden, layers=layers)
 
 
+def _from_param(node: torch.fx.Node, param_of: dict) -> bool:
+    """`node` is a parameter, or computed from one parameter by casts and scalar arithmetic
+    (Gemma's `1 + weight`)."""
+    while node not in param_of:
+        inputs = node.all_input_nodes
+        if node.op != "call_function" or len(inputs) != 1:
+            return False
+        node = inputs[0]
+    return True
+
+
+def _is_scalar_like(node) -> bool:
+    shape = _shape(node)
+    return shape is not None and all(isinstance(d, int) and d == 1 for d in shape)
+
+
+def _stream_aliases(node: torch.fx.Node) -> list:
+    """`node` and the nodes computing the same stream value up to casts, dropout and scaling by
+    scalars (Granite's multipliers, Gemma's embedding scale)."""
+    out, stack = [node], [node]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u.op != "call_function" or u in out or not _same_shape(u, n):
+                continue
+            if all(a is n or _is_scalar_like(a) for a in u.all_input_nodes) and u.target not in REDUCTIONS:
+                out.append(u)
+                stack.append(u)
+    return out
+
+
+def _residual_updates(embed_node, in_hidden, hidden_size: int, order: dict) -> list:
+    """[(stream before, merging add, branch operand)] along the residual stream, in order."""
+    updates, current = [], embed_node
+    while True:
+        adds = []
+        for alias in _stream_aliases(current):
+            for u in alias.users:
+                if u.target not in (aten.add.Tensor, operator.add) or not in_hidden(u) or _last(u) != hidden_size:
+                    continue
+                others = [a for a in u.args if isinstance(a, torch.fx.Node) and a is not alias]
+                if len(others) == 1 and _same_shape(others[0], u):
+                    adds.append((u, others[0]))
+        adds = list(dict.fromkeys(adds))
+        if not adds:
+            return updates
+        if len(adds) > 1:
+            raise _fail(adds[0][0], f"the residual stream {current.name} feeds {len(adds)} residual adds")
+        merge, branch = adds[0]
+        updates.append((current, merge, branch))
+        current = merge
+
+
+def _linear_ancestors_stop(start, linear_nodes: set, stop: set) -> set:
+    """Linear nodes reached walking backwards from `start`, not past a linear or a `stop` node."""
+    seen, found, stack = set(), set(), [start]
+    if start in linear_nodes:
+        return {start}
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a in seen or a in stop:
+                continue
+            seen.add(a)
+            if a in linear_nodes:
+                found.add(a)
+            else:
+                stack.append(a)
+    return found
+
+
+def _has_attention_core(start, readers: set) -> bool:
+    region = _ancestors(start, stop=readers)
+    return any(n.target is SDPA or n.target in MATMULS for n in region)
+
+
 def _feeds_output_only(node, output_node) -> bool:
+    """`node` reaches the graph output through ops with no other tensor input (casts, logit
+    scaling and soft-capping by constants)."""
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
         for u in n.users:
             if u is output_node:
                 return True
-            if u.target in PASSTHROUGH or u.target in IGNORED or u.target in (aten.alias.default,):
-                if u not in seen:
-                    seen.add(u)
-                    stack.append(u)
+            if u.op == "call_function" and u not in seen and all(
+                    a is n or _is_scalar_like(a) for a in u.all_input_nodes) and _same_shape(u, n):
+                seen.add(u)
+                stack.append(u)
     return False
 
 
@@ -451,7 +671,7 @@ def _norms_between(gm, order, start, end, param_of, uf, root, program) -> list[s
     out = []
     for node in gm.graph.nodes:
         if lo <= order[node] <= hi and node.op == "call_function":
-            for a in node.args:
+            for a in node.all_input_nodes:
                 if a in param_of and program.param(param_of[a]).dim() == 1 and uf.find((param_of[a], 0)) == root:
                     out.append(param_of[a])
     return list(dict.fromkeys(out))
@@ -467,46 +687,249 @@ def _common_prefix(names: list[str]) -> str:
     return ".".join(common) + "." if common else ""
 
 
-def _linear_ancestors(start: torch.fx.Node, linear_nodes: set) -> set:
-    """Linear nodes reached walking backwards from `start`, not walking past a linear."""
-    seen, found, stack = set(), set(), [start]
+def _path_back(target: torch.fx.Node, sources: set) -> list:
+    """The shortest chain of nodes from one of `sources` to `target` (inclusive), found walking
+    backwards; [] when none reaches it."""
+    parent = {target: None}
+    queue = [target]
+    while queue:
+        n = queue.pop(0)
+        if n in sources:
+            path = [n]
+            while parent[path[-1]] is not None:
+                path.append(parent[path[-1]])
+            return path
+        for a in n.all_input_nodes:
+            if a not in parent:
+                parent[a] = n
+                queue.append(a)
+    return []
+
+
+# ---- rows of a projection, by running its path on row numbers ---------------------------
+# Ops run on the row-number tensor as they are (batch and sequence are 1 there).
+FOLLOW = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+          aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.slice.Tensor, aten.split.Tensor,
+          aten.split_with_sizes.default, aten.chunk.default, aten.expand.default, aten.select.int}
+
+
+def _concrete(value, prev, x):
+    if value is prev:
+        return x
+    if isinstance(value, torch.fx.Node):
+        if value.target is aten.sym_size.int or isinstance(value.meta.get("val"), torch.SymInt):
+            return 1  # batch and sequence
+        raise ValueError(f"it depends on {value.name}")
+    if isinstance(value, (list, tuple)):
+        return type(value)(_concrete(v, prev, x) for v in value)
+    return value
+
+
+def _run_path(program: Program, nodes: dict, path: list[str], rows: int):
+    """Run the path's ops on row numbers: [(node, input, output)] per step after the linear."""
+    first = nodes[path[0]]
+    shape = [d if isinstance(d, int) else 1 for d in (_shape(first) or (1, 1, rows))]
+    shape[-1] = rows
+    x = torch.arange(rows).reshape(shape)
+    steps, prev = [], first
+    for name in path[1:]:
+        node = nodes[name]
+        if node.target is operator.getitem:
+            y = x[node.args[1]]
+        elif node.target in FOLLOW:
+            try:
+                y = node.target(*_concrete(node.args, prev, x), **_concrete(node.kwargs, prev, x))
+            except Exception as exc:
+                raise _fail(node, f"cannot follow the rows of {path[0]} through it: {one_line(exc)}") from None
+        elif isinstance(x, torch.Tensor) and _same_shape(node, prev):
+            y = x  # elementwise, casts, norms: rows stay where they are
+        else:
+            raise _fail(node, f"cannot follow the rows of {path[0]} through it (it changes the shape)")
+        steps.append((node, x, y))
+        x, prev = y, node
+    return steps, x
+
+
+def _span_of(program, nodes, path, axis, param, bias, block, what) -> Span:
+    """The span of `param` read along `path`, whose end holds units along `axis` and `block`
+    contiguous elements in its last dim (block 1: one element per unit)."""
+    rows = int(program.param(param).shape[0])
+    _, x = _run_path(program, nodes, path, rows)
+    end = nodes[path[-1]]
+    if block > 1:
+        mat = x.movedim(axis, 0).movedim(-1, 1).reshape(x.shape[axis], x.shape[-1], -1)[:, :, 0]
+    else:
+        mat = x.reshape(-1, 1)
+    units = mat.shape[0]
+    offset = int(mat[0, 0])
+    stride = int(mat[1, 0] - mat[0, 0]) if units > 1 else block
+    want = offset + torch.arange(units)[:, None] * stride + torch.arange(mat.shape[1])[None, :]
+    if not torch.equal(mat, want) or mat.shape[1] != block:
+        raise _fail(end, f"the {what} rows of {param} are not laid out as evenly strided blocks")
+    return Span(param=param, bias=bias, offset=offset, stride=stride, block=block, units=units, path=list(path),
+                axis=axis)
+
+
+def retrace(program: Program, nodes: dict, span: Span) -> None:
+    """Re-find `span`'s rows after its weight and the constants on its path were sliced."""
+    fresh = _span_of(program, nodes, span.path, span.axis, span.param, span.bias, span.block, "")
+    span.offset, span.stride, span.units = fresh.offset, fresh.stride, fresh.units
+
+
+def row_constants(program: Program, span: Span, kept: torch.Tensor) -> dict:
+    """New size arguments for the nodes on `span`'s path once its weight keeps rows `kept`
+    (a bool mask over the current rows): {node name: new args}. Slices and splits count the
+    kept rows before each bound; view/reshape/expand sizes count the kept positions per dim."""
+    nodes = {n.name: n for n in program.gm.graph.nodes}
+    steps, _ = _run_path(program, nodes, span.path, int(kept.numel()))
+    out = {}
+    for node, x, y in steps:
+        t = node.target
+        if t not in (aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default, aten.view.default,
+                     aten.reshape.default, aten._unsafe_view.default, aten.expand.default):
+            continue
+        args = list(node.args)
+        if t in (aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default):
+            dim = args[1] if t is aten.slice.Tensor else (args[2] if len(args) > 2 else 0)
+            present = kept[x].movedim(dim, 0).reshape(x.shape[dim], -1).any(1)
+            before = torch.cat([torch.zeros(1, dtype=torch.long), present.long().cumsum(0)])
+            if t is aten.slice.Tensor:
+                for i in (2, 3):
+                    if i < len(args) and isinstance(args[i], int) and 0 <= args[i] < x.shape[dim]:
+                        args[i] = int(before[args[i]])
+            elif t is aten.split.Tensor:
+                counts = [int(c.sum()) for c in present.split(args[1])]
+                if len(set(counts[:-1])) > 1 or counts[-1] > counts[0]:
+                    raise _fail(node, f"a split into equal chunks would keep {counts} rows per chunk")
+                args[1] = counts[0]
+            else:
+                args[1] = [int(c.sum()) for c in present.split(list(args[1]))]
+        else:
+            mask = kept[y]
+            sizes = list(args[1])
+            for i, v in enumerate(sizes):
+                if isinstance(v, int) and v > 1:
+                    sizes[i] = int(mask.movedim(i, 0).reshape(mask.shape[i], -1).any(1).sum())
+            args[1] = sizes
+        if tuple(args) != tuple(node.args):
+            out[node.name] = tuple(args)
+    return out
+
+
+def _attention(program, o_node, o_wb, readers, order, param_of, uf, nodes) -> AttentionGroup:
+    o_w, o_b = o_wb
+    o_in = o_node.args[0]
+    reader_set = set(readers)
+    projections = _linear_ancestors_stop(o_in, reader_set, set())
+    if not 1 <= len(projections) <= 3:
+        raise _fail(o_node, f"expected the q/k/v projections before it, found {len(projections)} linears")
+    operands = _attention_operands(o_node, o_in, projections, order)
+    head_dim = _last(operands[0])
+    if head_dim is None:
+        raise _fail(operands[0], "the query's head size is not a constant")
+    spans, splits = [], []
+    for what, operand in zip(("query", "key", "value"), operands):
+        path = _path_back(operand, projections)
+        if not path:
+            raise _fail(operand, f"the attention {what} is not computed from a projection")
+        split, axis = _head_split(path, head_dim)
+        path = path[:path.index(split) + 1]
+        w, b = readers[path[0]]
+        spans.append(_span_of(program, nodes, [n.name for n in path], axis, w, b, head_dim, what))
+        splits.append((split, axis))
+    q, k, v = spans
+    attn = AttentionGroup(q=q, k=k, v=v, o=o_w, o_bias=o_b, heads=q.units, kv_heads=k.units, head_dim=head_dim,
+                          o_input=o_in.name)
+    if v.units != k.units or (k.units and q.units % k.units):
+        raise _fail(o_node, f"{q.units} query heads over {k.units} key and {v.units} value heads")
+    attn.shape_consts = _shape_consts(splits, o_in, q.units, k.units, head_dim)
+    # Norms inside the attention: over a projection's rows (sliced with them) or over head_dim.
+    region = _ancestors(o_in, stop=projections)
+    own = {n for s in spans for n in (s.param, s.bias)} | {o_w, o_b}
+    weights = {s.param for s in spans}
+    for node in sorted(region, key=lambda n: order[n]):
+        if node not in param_of or param_of[node] in own or not isinstance(program.param(param_of[node]), torch.nn.Parameter):
+            continue
+        name = param_of[node]
+        if name in attn.row_norms or name in attn.head_norms:
+            continue
+        coupled = [w for w in weights if uf.find((name, 0)) == uf.find((w, 0))]
+        size = int(program.param(name).shape[0]) if program.param(name).dim() == 1 else None
+        if program.param(name).dim() == 1 and len(coupled) == 1 and size == program.param(coupled[0]).shape[0]:
+            attn.row_norms[name] = coupled[0]
+        elif size == head_dim and not coupled:
+            attn.head_norms.append(name)
+        else:
+            user = next(iter(node.users))
+            raise _fail(user, f"parameter {name} inside the attention is neither a norm over a q/k/v "
+                              f"projection's rows nor one over head_dim ({head_dim})")
+    return attn
+
+
+def _head_split(path: list, head_dim: int) -> tuple:
+    """The first node on `path` (after a view/reshape) whose last dim is head_dim, and its head
+    axis: the one other dim of constant size."""
+    viewed = False
+    for node in path[1:]:
+        viewed = viewed or node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+        shape = _shape(node)
+        if viewed and shape and shape[-1] == head_dim:
+            axes = [i for i, d in enumerate(shape[:-1]) if isinstance(d, int)]
+            if len(axes) != 1:
+                raise _fail(node, f"cannot tell the head axis of shape {tuple(shape)}")
+            return node, axes[0]
+    raise _fail(path[0], "its output is never split into heads")
+
+
+def _mlp(program, down_node, down_wb, readers, nodes) -> MlpGroup:
+    down_w, down_b = down_wb
+    x = down_node.args[0]
+    sources = _linear_ancestors_stop(x, set(readers), set())
+    if not sources:
+        raise _fail(down_node, "MLP output projection without an input projection on the hidden channels")
+    spans = []
+    for src in sorted(sources, key=lambda n: n.name):
+        # every way the rows of this projection reach the neurons (gate and up of one fused weight)
+        for path in _paths_from(x, src, set(readers)):
+            w, b = readers[src]
+            spans.append(_span_of(program, nodes, [n.name for n in path], -1, w, b, 1, "MLP"))
+    spans.sort(key=lambda s: (s.param, s.offset))
+    size = int(program.param(down_w).shape[1])
+    bad = [s for s in spans if s.units != size]
+    if bad:
+        raise _fail(down_node, f"{bad[0].describe()} does not have one row per MLP neuron ({size})")
+    return MlpGroup(spans=spans, down=down_w, down_bias=down_b, size=size, down_input=x.name)
+
+
+def _paths_from(target, source, linears: set) -> list:
+    """One path from `source` to `target` per distinct output of a splitting node (getitem index)
+    that leads there: a fused gate|up weight reaches the neurons twice."""
+    region = set(_ancestors(target, stop=linears)) | {source}
+    paths = []
+    for branch in _getitem_branches(source, region):
+        if branch is None:
+            paths.append(_path_back(target, {source}))
+        else:
+            paths.append(_path_back(branch, {source})[:-1] + _path_back(target, {branch}))
+    return paths
+
+
+def _getitem_branches(source, region) -> list:
+    """The getitem nodes right after the first split of `source`'s output inside `region`, or
+    [None] when its rows reach the target unsplit."""
+    stack, seen = [source], set()
     while stack:
         n = stack.pop()
-        for a in n.all_input_nodes:
-            if a in seen:
+        for u in n.users:
+            if u not in region or u in seen:
                 continue
-            seen.add(a)
-            if a in linear_nodes:
-                found.add(a)
-            else:
-                stack.append(a)
-    return found
-
-
-def _attention(program, o_node, o_w, o_b, readers, order, param_of, label) -> AttentionGroup:
-    reader_nodes = {n: (w, b) for n, w, b in readers}
-    o_in = o_node.args[0]
-    qkv = _linear_ancestors(o_in, set(reader_nodes))
-    if len(qkv) != 3:
-        raise PdcError(f"cannot classify node {_describe_node(o_node)}: expected q/k/v projections, found {len(qkv)}", STAGE)
-    q_in, k_in, v_in = _attention_operands(o_node, o_in, qkv, order)
-    v = _linear_ancestors(v_in, set(qkv))
-    q = _linear_ancestors(q_in, set(qkv))
-    k = _linear_ancestors(k_in, set(qkv))
-    if len(v) != 1 or len(q) != 1 or len(k) != 1:
-        raise PdcError(f"cannot classify node {_describe_node(o_node)}: q/k/v roles are ambiguous", STAGE)
-    (qn,), (kn,), (vn,) = q, k, v
-    head_dim = _head_dim(qn)
-    q_out = int(program.param(reader_nodes[qn][0]).shape[0])
-    kv_out = int(program.param(reader_nodes[kn][0]).shape[0])
-    heads, kv_heads = q_out // head_dim, kv_out // head_dim
-    attn = AttentionGroup(
-        q=reader_nodes[qn][0], k=reader_nodes[kn][0], v=reader_nodes[vn][0], o=o_w,
-        q_bias=reader_nodes[qn][1], k_bias=reader_nodes[kn][1], v_bias=reader_nodes[vn][1], o_bias=o_b,
-        heads=heads, kv_heads=kv_heads, head_dim=head_dim, o_input=o_in.name,
-    )
-    attn.shape_consts = _shape_consts(qn, kn, vn, o_in, heads, kv_heads, head_dim)
-    return attn
+            seen.add(u)
+            if u.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
+                items = sorted((g for g in u.users if g.target is operator.getitem and g in region),
+                               key=lambda g: g.args[1])
+                return items
+            stack.append(u)
+    return [None]
 
 
 def _attention_operands(o_node, o_in, qkv: set, order: dict) -> tuple:
@@ -516,12 +939,11 @@ def _attention_operands(o_node, o_in, qkv: set, order: dict) -> tuple:
     if len(cores) == 1:
         return tuple(cores[0].args[:3])
     if cores:
-        raise PdcError(f"cannot classify node {_describe_node(o_node)}: {len(cores)} attention cores feed it", STAGE)
+        raise _fail(o_node, f"{len(cores)} attention cores feed it")
     # Explicit matmuls: the last one before o is probs @ V, the one before the softmax Q @ K^T.
     matmuls = sorted((n for n in region if n.target in MATMULS), key=lambda n: order[n])
     if len(matmuls) < 2:
-        raise PdcError(f"cannot classify node {_describe_node(o_node)}: attention without "
-                       "scaled_dot_product_attention or two matmuls", STAGE)
+        raise _fail(o_node, "attention without scaled_dot_product_attention or two matmuls")
     qk, av = matmuls[-2], matmuls[-1]
     return qk.args[0], qk.args[1], av.args[1]
 
@@ -537,40 +959,33 @@ def _ancestors(start, stop: set) -> list:
     return list(seen) + [start]
 
 
-def _head_dim(q_linear: torch.fx.Node) -> int:
-    for u in q_linear.users:
-        if u.target in SHAPE_OPS:
-            shape = _shape(u)
-            if shape and isinstance(shape[-1], int):
-                return int(shape[-1])
-    raise PdcError(f"cannot classify node {_describe_node(q_linear)}: its output is never split into heads", STAGE)
-
-
-def _atoms(roles_dim, sizes):
-    """Expand one dim's roles into (role, size) atoms."""
-    return [(r, sizes.get(r)) for r in roles_dim]
-
-
-def _shape_consts(qn, kn, vn, o_in, heads, kv_heads, head_dim) -> list[ShapeConst]:
-    """Propagate per-dimension roles from q/k/v outputs to the output projection's input and
-    collect the explicit head-related integers in size lists along the way."""
+def _shape_consts(splits, o_in, heads, kv_heads, head_dim) -> list[ShapeConst]:
+    """Propagate per-dimension roles from the head splits of q, k and v (`splits`: [(node, head
+    axis)]) to the output projection's input and collect the explicit head-related integers in
+    size lists along the way."""
     sizes = {"head": heads, "kv": kv_heads, "rep": heads // max(1, kv_heads), "hd": head_dim}
-    region = set(_ancestors(o_in, stop={qn, kn, vn}))
+    starts = [n for n, _ in splits]
+    region = set(_ancestors(o_in, stop=set(starts)))
     roles: dict = {}
-
-    def base(node, flat):
+    for (node, axis), role in zip(splits, ("head", "kv", "kv")):
         shape = _shape(node)
-        return [(f"x{i}",) for i in range(len(shape) - 1)] + [flat]
-
-    roles[qn] = base(qn, ("head", "hd"))
-    roles[kn] = base(kn, ("kv", "hd"))
-    roles[vn] = base(vn, ("kv", "hd"))
+        roles[node] = [(f"x{i}",) for i in range(len(shape))]
+        roles[node][axis] = (role,)
+        roles[node][-1] = ("hd",)
     consts: list[ShapeConst] = []
-    graph_nodes = list(qn.graph.nodes)
+    graph_nodes = list(o_in.graph.nodes)
     for node in graph_nodes:
         if node not in region or node in roles or node.op != "call_function":
             continue
         ins = [a for a in node.all_input_nodes if a in roles]
+        if ins and node.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
+                                   aten.unbind.int):
+            src = roles[ins[0]]
+            dim = node.args[1 if node.target is aten.unbind.int else 2] if len(node.args) > (
+                1 if node.target is aten.unbind.int else 2) else 0
+            if any(r in ("head", "kv", "rep") for r in src[dim % len(src)]):
+                raise _fail(node, "it splits the attention heads apart (a computation per head, e.g. one "
+                                  "norm module per head): pdc cannot slice per-head modules")
         shape = _shape(node)
         if not ins or shape is None:
             continue
@@ -595,8 +1010,7 @@ def _shape_consts(qn, kn, vn, o_in, heads, kv_heads, head_dim) -> list[ShapeCons
         elif t is SDPA:  # the query's layout; the value's head_dim
             q_roles, v_roles = roles.get(node.args[0]), roles.get(node.args[2])
             if q_roles is None or v_roles is None:
-                raise PdcError(f"cannot classify node {_describe_node(node)}: attention operands are not "
-                               "derived from the q/v projections", STAGE)
+                raise _fail(node, "cannot follow the head layout from the q/v projections to its operands")
             out = q_roles[:-1] + [v_roles[-1]]
         else:  # elementwise, softmax, slice/cat on the head dim, casts: same layout as the first input
             out = list(src) if len(src) == len(shape) else [(f"z{i}",) for i in range(len(shape))]

@@ -21,12 +21,17 @@ from pdc.inputs.verify import ST_DTYPES, TensorEntry, read_exact, weight_entries
 
 class WeightStore:
     """Reads single tensors by HF name from a checkpoint directory (`model.safetensors`, or the
-    shards its index names). For tied checkpoints `lm_head.weight` is served from
-    `model.embed_tokens.weight` (and vice versa)."""
+    shards its index names). For tied checkpoints the head is served from the embedding (and vice
+    versa): `aliases` names the two. `renames` maps module names to older checkpoint keys
+    (GPT-NeoX checkpoints store the head as `embed_out.weight`)."""
 
-    def __init__(self, model_dir: Path, tied: bool = False):
+    def __init__(self, model_dir: Path, tied: bool = False,
+                 aliases: tuple[str, str] = ("model.embed_tokens.weight", "lm_head.weight"),
+                 renames: Optional[dict[str, str]] = None):
         self.model_dir = Path(model_dir)
+        self.renames = dict(renames or {})  # module name -> the key the checkpoint stores it under
         self.tied = tied
+        self.aliases = {aliases[0]: aliases[1], aliases[1]: aliases[0]}
         self.index: dict[str, TensorEntry] = weight_entries(self.model_dir, STAGE)
 
     def names(self) -> list[str]:
@@ -35,9 +40,10 @@ class WeightStore:
     def resolve(self, name: str) -> str:
         if name in self.index:
             return name
-        aliases = {"lm_head.weight": "model.embed_tokens.weight", "model.embed_tokens.weight": "lm_head.weight"}
-        if self.tied and aliases.get(name) in self.index:
-            return aliases[name]
+        if self.renames.get(name) in self.index:
+            return self.renames[name]
+        if self.tied and self.aliases.get(name) in self.index:
+            return self.aliases[name]
         raise PdcError(f"weight {name!r} not found in the safetensors files of {self.model_dir}", STAGE)
 
     def shape(self, name: str) -> list[int]:

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from pdc.arch import Arch
 from pdc.errors import PdcError
+from pdc.plan.counts import count
 
 STAGE = "setup"
 VERIFY_PROMPT = "The capital of France is"
@@ -34,7 +34,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, verify: bool = True) -> dict:
     """Dequantize `gguf_path` and save it to `out_dir` as a plain fp32 HF checkpoint.
 
     Invariants: the saved config has no `quantization_config`; reloading `out_dir` gives the
-    same tensors as the dequantized GGUF model; `sum(numel)` equals `Arch.total_params()`.
+    same tensors as the dequantized GGUF model; `sum(numel)` equals the count of its config
+    (`pdc.plan.counts.count`).
     With `verify`, the reloaded model must answer "Paris" to "The capital of France is".
     Returns {"params", "answer"}.
     """
@@ -47,8 +48,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, verify: bool = True) -> dict:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
-    # lm_head is tied to the embedding: it may be reported missing, nothing else may be.
-    missing = [k for k in missing if k != "lm_head.weight"]
+    # A head tied to the embedding may be reported missing, nothing else may be.
+    head = model.get_output_embeddings()
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False)
+            if head is not None and p is head.weight and p is model.get_input_embeddings().weight}
+    missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise PdcError(f"GGUF tensors do not match the config: missing {missing[:3]}, "
                        f"unexpected {unexpected[:3]}", STAGE)
@@ -60,7 +64,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, verify: bool = True) -> dict:
     tokenizer.save_pretrained(out_dir)
 
     n_params = sum(p.numel() for p in model.parameters())
-    expected = Arch.from_hf_config(json.loads((out_dir / "config.json").read_text())).total_params()
+    expected = count(json.loads((out_dir / "config.json").read_text())).total
     if n_params != expected:
         raise PdcError(f"converted model has {n_params} parameters, the config says {expected}", STAGE)
     answer = ""

@@ -122,6 +122,14 @@ def _gguf_value(field) -> Any:
     return part.tolist()[0]
 
 
+def gguf_key_mapping() -> dict:
+    """transformers' map from GGUF metadata keys to config keys, per architecture it can load
+    from GGUF (a plain dict in a module that does not import torch)."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    return GGUF_CONFIG_MAPPING
+
+
 def gguf_config(path: Path) -> dict:
     """An HF-style config dict from a GGUF file's header (no tensor data is read)."""
     try:
@@ -136,39 +144,27 @@ def gguf_config(path: Path) -> dict:
         return _gguf_value(fields[key]) if key in fields else default
 
     arch = get("general.architecture")
-    if arch not in ("llama", "mistral", "qwen2"):
-        raise SourceError(f"GGUF file {path} has architecture {arch!r}; pdc supports llama, mistral, qwen2")
-
-    def need(suffix: str) -> Any:
-        value = get(f"{arch}.{suffix}")
-        if value is None:
-            raise SourceError(f"GGUF file {path} lacks metadata '{arch}.{suffix}'")
-        return value
-
-    hidden = int(need("embedding_length"))
-    heads = int(need("attention.head_count"))
-    kv = get(f"{arch}.attention.head_count_kv", heads)
+    mapping = gguf_key_mapping()
+    model_type = next((m for m in (arch, str(arch).replace("-", "_"), str(arch).replace("moe", "_moe"))
+                       if m in mapping and m not in ("general", "tokenizer")), None)
+    if model_type is None:
+        known = sorted(k for k in mapping if k not in ("general", "tokenizer"))
+        raise SourceError(f"GGUF file {path} has architecture {arch!r}, which transformers cannot load from GGUF "
+                          f"(it reads {', '.join(known)})")
+    cfg: dict[str, Any] = {"model_type": model_type}
+    for key, target in mapping[model_type].items():  # transformers' own GGUF -> config key map
+        value = get(f"{arch}.{key}")
+        if target is not None and value is not None and not isinstance(value, (list, dict)):
+            cfg[target] = value
+    for key, name in (("embedding_length", "hidden_size"), ("block_count", "num_hidden_layers"),
+                      ("attention.head_count", "num_attention_heads"), ("feed_forward_length", "intermediate_size")):
+        if not isinstance(cfg.get(name), (int, float)):
+            raise SourceError(f"GGUF file {path} lacks metadata '{arch}.{key}'")
     if "tokenizer.ggml.tokens" in fields:
-        vocab = len(fields["tokenizer.ggml.tokens"].data)
-    else:
-        vocab = get(f"{arch}.vocab_size")
-        if vocab is None:
-            raise SourceError(f"GGUF file {path} has neither a tokenizer nor '{arch}.vocab_size'")
-    tensor_names = {t.name for t in reader.tensors}
-    cfg = {
-        "model_type": arch,
-        "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_hidden_layers": int(need("block_count")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(kv),
-        "head_dim": int(get(f"{arch}.attention.key_length", hidden // heads)),
-        "vocab_size": int(vocab),
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "rms_norm_eps": float(get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(get(f"{arch}.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(get(f"{arch}.context_length", 2048)),
-    }
+        cfg["vocab_size"] = len(fields["tokenizer.ggml.tokens"].data)
+    elif cfg.get("vocab_size") is None:
+        raise SourceError(f"GGUF file {path} has neither a tokenizer nor '{arch}.vocab_size'")
+    cfg["tie_word_embeddings"] = "output.weight" not in {t.name for t in reader.tensors}
     return cfg
 
 

@@ -121,10 +121,23 @@ def representable(source_cfg: dict, arch: Arch) -> Optional[str]:
     if lost:
         return "it has no separate key for " + ", ".join(f"{a} (it would read {a}={back.sizes().get(a)})" for a in lost)
     try:
-        count(emitted)
+        built = count(emitted)
     except ConfigError as exc:
         return exc.message
+    if arch.heads and arch.head_dim != arch.hidden // arch.heads and not _reads_head_dim(emitted, arch, built):
+        return (f"its config derives head_dim from hidden_size // heads = {arch.hidden // arch.heads}, "
+                f"not the source's {arch.head_dim}")
     return None
+
+
+def _reads_head_dim(emitted: dict, arch: Arch, built: Counts) -> bool:
+    """Whether transformers builds this config with its `head_dim` key (GPT-NeoX style configs
+    ignore it and derive hidden // heads): two more per head must change the count or be
+    refused."""
+    try:
+        return count(dict(emitted, head_dim=arch.head_dim + 2)).total != built.total
+    except ConfigError:
+        return True
 
 
 def nearest_valid(source_cfg: dict, arch: Arch, axis: str, upper: int) -> list[int]:
@@ -142,6 +155,8 @@ def nearest_valid(source_cfg: dict, arch: Arch, axis: str, upper: int) -> list[i
                 hf_config(candidate.to_hf_config(source_cfg))
             except ConfigError:
                 continue
+            if candidate.head_dim != candidate.hidden // max(1, candidate.heads) and representable(source_cfg, candidate):
+                continue  # a config that derives head_dim cannot hold this size
             found.append(value)
             break
     return found

@@ -46,7 +46,7 @@ from pdc.emit.fingerprint import prune_inputs
 from pdc.emit.pruned import emit_pruned
 from pdc.errors import PdcError
 from pdc.files import write_json
-from pdc.graph.export import export_model
+from pdc.graph.export import export_model, source_arch
 from pdc.graph.manager import PassManager
 from pdc.graph.probe import default_probe
 from pdc.inputs.data import take
@@ -54,6 +54,7 @@ from pdc.inputs.models import load_causal_lm
 from pdc.inputs.shards import Blocks
 from pdc.lang.settings import DepthTarget, Saliency
 from pdc.passes.drop_layers import PER_LAYER_CONFIG_KEYS, DropLayers
+from pdc.plan.counts import count_arch
 from pdc.plan.results import Candidate, PruneResult, SaliencyResult, encode
 from pdc.plotting import pyplot, save_figure
 from pdc.stages.evaluate import mean_nll, task_accuracy
@@ -70,13 +71,22 @@ _METRIC = {
 
 
 # ---- temporary layer removal (saliency) ------------------------------------------------------
+def _layer_list_owner(model) -> tuple[torch.nn.Module, str]:
+    """(module, attribute) holding the decoder's layers: the one ModuleList with one entry per
+    decoder layer of the config (`model.layers`, `gpt_neox.layers`, ...)."""
+    n = source_arch(model.config.to_dict()).layers
+    found = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, torch.nn.ModuleList) and len(child) == n]
+    if len(found) != 1:
+        raise PdcError(f"{type(model).__name__}: found {len(found)} module lists of {n} layers, need exactly one "
+                       "(the decoder layers) for depth pruning", STAGE)
+    return found[0]
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder's layer list of a Llama/Mistral/Qwen2 causal LM."""
-    base = getattr(model, "model", None)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise PdcError(f"{type(model).__name__} has no model.layers: depth pruning needs a Llama-style decoder", STAGE)
-    return layers
+    """The decoder's layer list of a causal LM."""
+    parent, name = _layer_list_owner(model)
+    return getattr(parent, name)
 
 
 def _set_layer_indices(layers: Sequence[torch.nn.Module], indices: Sequence[int]) -> None:
@@ -109,11 +119,12 @@ def _keep_list(n: int, drop: Sequence[int]) -> list[int]:
 
 def _install(model, layers: Sequence[torch.nn.Module], n_layers: int, lists: dict) -> None:
     """Make `layers` the decoder's layers, with config and KV-cache indices to match."""
-    model.model.layers = layers if isinstance(layers, torch.nn.ModuleList) else torch.nn.ModuleList(layers)
+    parent, name = _layer_list_owner(model)
+    setattr(parent, name, layers if isinstance(layers, torch.nn.ModuleList) else torch.nn.ModuleList(layers))
     model.config.num_hidden_layers = n_layers
     for key, value in lists.items():
         setattr(model.config, key, value)
-    _set_layer_indices(model.model.layers, range(n_layers))
+    _set_layer_indices(getattr(parent, name), range(n_layers))
 
 
 @contextlib.contextmanager
@@ -413,9 +424,9 @@ def prune_depth(
     seconds["drop_layers"] = time.perf_counter() - start
     del model  # the program holds the surviving weights
     params_after = program.num_params()
-    if params_after != program.arch.total_params():
-        raise PdcError(f"pruned model has {params_after} parameters, architecture predicts "
-                       f"{program.arch.total_params()}", STAGE)
+    expected = count_arch(program.hf_config, program.arch).total
+    if params_after != expected:
+        raise PdcError(f"pruned model has {params_after} parameters, its emitted config builds {expected}", STAGE)
     emitted = emit_pruned(program, out_dir, model_dir, blocks, deploy=deploy, progress=progress)
     seconds.update(emitted.seconds)
     write_json(out_dir / "saliency.json", table)
@@ -431,7 +442,7 @@ def prune_depth(
         dropped_layers=tuple(dropped),
     )
     return PruneResult(
-        kind="depth", params_before=arch_before.total_params(), params_after=params_after,
+        kind="depth", params_before=count_arch(config, arch_before).total, params_after=params_after,
         arch_before=arch_before.sizes(), arch_after=program.arch.sizes(), kept=program.kept,
         seconds={k: round(v, 3) for k, v in seconds.items()}, inputs=inputs, fingerprint=emitted.fingerprint,
         saliency=saliency, artifacts=emitted.artifacts,

@@ -6,7 +6,7 @@
 
 `prune_width(...)` does all of it into the stage's directory. Invariants: keeping every unit
 reproduces the source logits exactly; the emitted checkpoint and files reproduce the rewritten
-graph's logits; its parameter count is `Arch.with_sizes(target).total_params()`.
+graph's logits; its parameter count is that of its emitted config (`pdc.plan.counts`).
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ from pdc.graph.rewrite import materialize_sliced
 from pdc.graph.structure import structure_of
 from pdc.inputs.shards import Blocks
 from pdc.lang.settings import ImportanceConfig, WidthTarget
+from pdc.passes.recompute_buffers import RecomputeBuffers
 from pdc.passes.slice_heads import SliceHeads
 from pdc.passes.slice_hidden import SliceHidden
 from pdc.passes.slice_mlp import SliceMlp
+from pdc.plan.counts import count_arch
 from pdc.plan.results import PruneResult, encode
 from pdc.plotting import pyplot, save_figure
 from pdc.stages.ranks import run_in_ranks
@@ -75,6 +77,8 @@ def plan_passes(program: Program, scores: "imp_mod.Importance", target: WidthTar
             keep_h[layer.index], keep_kv[layer.index] = imp_mod.select_heads(
                 scores.heads[layer.index], scores.kv_heads[layer.index], a.heads, a.kv_heads, new_heads, new_kv)
         passes.append(SliceHeads(keep_h, keep_kv))
+    if passes:  # buffers derived from the config (Gemma's sqrt(hidden) scale) follow the new sizes
+        passes.append(RecomputeBuffers())
     return passes
 
 
@@ -126,6 +130,7 @@ def prune_width(model_dir: Path, calib: Optional[Blocks | torch.Tensor], target:
     check_target(source_arch(json.loads(config_path.read_text())), target)  # fail before exporting
     start = time.perf_counter()
     program = export_dir(model_dir, progress=progress)
+    structure_of(program)  # a graph pdc cannot classify fails here, before any weight is read
     seconds["export"] = time.perf_counter() - start
     arch_before = program.arch
     if stream_weights is None:
@@ -145,9 +150,9 @@ def prune_width(model_dir: Path, calib: Optional[Blocks | torch.Tensor], target:
     program, report = prune_program(program, calib, target, importance, progress, batch_size, scores)
     seconds.update(report["seconds"])
     params_after = program.num_params()
-    expected = program.arch.total_params()
+    expected = count_arch(program.hf_config, program.arch).total
     if params_after != expected:
-        raise PdcError(f"pruned model has {params_after} parameters, architecture predicts {expected}", STAGE)
+        raise PdcError(f"pruned model has {params_after} parameters, its emitted config builds {expected}", STAGE)
     emitted = emit_pruned(program, out_dir, model_dir, calib, deploy=deploy, progress=progress)
     seconds.update(emitted.seconds)
     scores = report["importance"]
@@ -157,7 +162,7 @@ def prune_width(model_dir: Path, calib: Optional[Blocks | torch.Tensor], target:
     inputs = prune_inputs(model_dir, calib, program.probe)
     seconds["hash_inputs"] = time.perf_counter() - start
     result = PruneResult(
-        kind="width", params_before=arch_before.total_params(), params_after=params_after,
+        kind="width", params_before=count_arch(program.hf_config, arch_before).total, params_after=params_after,
         arch_before=arch_before.sizes(), arch_after=program.arch.sizes(), kept=program.kept,
         seconds={k: round(v, 3) for k, v in seconds.items()}, inputs=inputs, fingerprint=emitted.fingerprint,
         importance=importance.method, calibration_tokens=scores.tokens, artifacts=emitted.artifacts,

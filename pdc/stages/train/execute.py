@@ -76,9 +76,10 @@ def _dir_signature(path: Path) -> list:
 
 def execute(kind: str, sources: dict, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, work_dir: Path,
             out_dir: Path, progress: bool = True, launch: Launch = Launch(),
-            teacher_cache: dict | None = None) -> TrainResult:
+            teacher_cache: dict | None = None, targets: dict | None = None) -> TrainResult:
     """Train `kind` ("correct" or "distill") on `sources` (role -> model dir); `teacher_cache`
-    ({"dir", "key"}) names the teacher logits cache a distillation reads instead of a teacher."""
+    ({"dir", "key"}) names the teacher logits cache a distillation reads instead of a teacher;
+    `targets` are the correction's LoRA / norm-only targets found by the graph's structure."""
     stage = kind
     t_start = time.perf_counter()
     sources = {role: _check_model_dir(p, role.replace("_dir", ""), stage) for role, p in sources.items()}
@@ -113,6 +114,7 @@ def execute(kind: str, sources: dict, train_blocks: Blocks, val_blocks: Blocks, 
         "world_size": world_size,
         "steps": steps,
         "data": {"train": train_blocks.to_json(), "val": val_blocks.to_json()},
+        **(targets or {}),  # correction: the modules LoRA adapts / the norms that train
     }
     if teacher_cache is not None:
         spec["teacher_cache"] = teacher_cache  # its key is its content's: teacher, tokens, k, temperature

@@ -50,8 +50,6 @@ from pdc.stages.train import losses
 from pdc.stages.train.logs import JsonlLog, truncate_log
 from pdc.stages.train.schedule import start_scheduler
 
-NORM_MARKERS = ("norm",)
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +120,7 @@ class Stage:
 
     def __init__(self, spec: dict, cfg: TrainConfig, device: torch.device, micro_batch: int):
         self.kind = spec["kind"]
+        self.spec = spec
         self.name = spec["stage"]
         self.cfg = cfg
         self.device = device
@@ -171,15 +170,16 @@ class Stage:
         method = self.cfg.method
         if method == "full":
             return
+        # Targets come from the structure of the model's graph (`pdc.stages.correct.correction_targets`).
         if method == "norm":
+            norms = set(self.spec["norm_params"])
             for name, p in self.model.named_parameters():
-                p.requires_grad_(any(m in name.lower() for m in NORM_MARKERS))
+                p.requires_grad_(name in norms)
             return
         if method == "lora":
             from peft import LoraConfig, get_peft_model
 
-            present = {n.rsplit(".", 1)[-1] for n, _ in self.model.named_modules()}
-            targets = [t for t in LORA_TARGETS if t in present]
+            targets = list(self.spec["lora_modules"])
             lcfg = LoraConfig(
                 r=self.cfg.lora_rank, lora_alpha=2 * self.cfg.lora_rank, lora_dropout=0.0,
                 target_modules=targets, bias="none", task_type="CAUSAL_LM",
