@@ -23,9 +23,11 @@ import torch
 from pdc.emit.artifacts import write_artifacts
 from pdc.emit.checkpoint import emit_checkpoint
 from pdc.emit.fingerprint import program_fingerprint
+from pdc.errors import PdcError
 from pdc.files import write_json
 from pdc.graph.export import seal
-from pdc.graph.program import Program
+from pdc.graph.program import STAGE, Program
+from pdc.plan.counts import count_arch
 from pdc.plan.results import ArtifactResult, ProgramFingerprint
 
 
@@ -40,7 +42,12 @@ def emit_pruned(program: Program, out_dir: Path, source_dir: Optional[Path], cal
                 deploy: bool = True, progress: bool = False) -> Emitted:
     """Write `model/` and `kept_indices.json` into `out_dir` (the stage's staging directory),
     seal the program once, fingerprint it and (with `deploy`) write and verify `program.pt2` and
-    `model.onnx`. `source_dir` provides the tokenizer files copied beside the weights."""
+    `model.onnx`. `source_dir` provides the tokenizer files copied beside the weights.
+    Precondition, checked before anything is written: the program has exactly the parameter
+    count of the config it emits (built by transformers on the meta device)."""
+    params, expected = program.num_params(), count_arch(program.hf_config, program.arch).total
+    if params != expected:
+        raise PdcError(f"pruned model has {params} parameters, its emitted config builds {expected}", STAGE)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds = {}

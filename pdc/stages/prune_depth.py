@@ -423,10 +423,7 @@ def prune_depth(
     PassManager([DropLayers(dropped)]).run(program)
     seconds["drop_layers"] = time.perf_counter() - start
     del model  # the program holds the surviving weights
-    params_after = program.num_params()
-    expected = count_arch(program.hf_config, program.arch).total
-    if params_after != expected:
-        raise PdcError(f"pruned model has {params_after} parameters, its emitted config builds {expected}", STAGE)
+    params_after = program.num_params()  # emit_pruned checks it against the emitted config
     emitted = emit_pruned(program, out_dir, model_dir, blocks, deploy=deploy, progress=progress)
     seconds.update(emitted.seconds)
     write_json(out_dir / "saliency.json", table)
