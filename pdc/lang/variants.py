@@ -60,12 +60,13 @@ def apply_variant(statements: tuple, variant: ast.Variant) -> tuple[tuple, list[
     for item in variant.items:
         names = named_stages(stmts)
         available = Note(f"stages of this recipe: {', '.join(names) or 'none'}")
+        verb = {ast.Override: "overrides", ast.Without: "leaves out"}.get(type(item))
+        target = names.get(item.stage.value) if verb else None
+        if verb and target is None:
+            errors.append(Diagnostic(f"variant '{variant.name.value}' {verb} '{item.stage.value}', "
+                                     f"which is not a stage of the recipe", item.stage.span, notes=(available,)))
+            continue
         if isinstance(item, ast.Override):
-            target = names.get(item.stage.value)
-            if target is None:
-                errors.append(Diagnostic(f"variant '{variant.name.value}' overrides '{item.stage.value}', "
-                                         f"which is not a stage of the recipe", item.stage.span, notes=(available,)))
-                continue
             setting = ast.Setting(item.key, item.value, item.span)
             items = list(target.block.items)
             at = next((i for i, it in enumerate(items)
@@ -76,11 +77,6 @@ def apply_variant(statements: tuple, variant: ast.Variant) -> tuple[tuple, list[
                 items[at] = setting
             stmts[stmts.index(target)] = replace(target, block=replace(target.block, items=tuple(items)))
         elif isinstance(item, ast.Without):
-            target = names.get(item.stage.value)
-            if target is None:
-                errors.append(Diagnostic(f"variant '{variant.name.value}' leaves out '{item.stage.value}', "
-                                         f"which is not a stage of the recipe", item.stage.span, notes=(available,)))
-                continue
             stmts.remove(target)
         else:
             kind = KIND_OF[type(item)]

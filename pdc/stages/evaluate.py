@@ -63,19 +63,13 @@ STAGE = "evaluate"
 
 
 # ---- perplexity ---------------------------------------------------------------------------------
-@torch.no_grad()
-def nll_sum(model, blocks: Blocks | torch.Tensor, batch_size: int = 4, progress: bool = False) -> tuple[float, int]:
-    """(sum of next-token NLL, number of predicted tokens) over `blocks` [N, L].
-
-    Every block predicts tokens 1..L-1 from their prefixes; no padding, so all predictions count.
-    """
+def _my_batches(model, blocks: Blocks | torch.Tensor, batch_size: int, progress: bool):
+    """Yield (rows, ids on the model's device) for this rank's share of `blocks` [N, L>=2],
+    batch by batch, with the model in eval mode (its mode is restored afterwards)."""
     shape = tuple(blocks.shape)
     if len(shape) != 2 or shape[1] < 2:
         raise PdcError(f"perplexity needs token blocks [N, L>=2], got shape {shape}", STAGE)
     device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
     rank, world = rank_world()
     mine = list(range(rank, len(blocks), world))  # this rank's share of the blocks
     batches = range(0, len(mine), batch_size)
@@ -83,22 +77,35 @@ def nll_sum(model, blocks: Blocks | torch.Tensor, batch_size: int = 4, progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="perplexity", unit="batch", leave=False)
+    was_training = model.training
+    model.eval()
     try:
         for start in batches:
-            ids = _rows(blocks, mine[start:start + batch_size]).to(device)
-            logits = model(input_ids=ids, use_cache=False).logits
-            # Sum in float64: thousands of blocks of fp32 NLLs otherwise lose digits.
-            nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                ids[:, 1:].reshape(-1),
-                reduction="sum",
-            )
-            total += float(nll.double())
-            count += ids[:, 1:].numel()
+            rows = mine[start:start + batch_size]
+            yield rows, _rows(blocks, rows).to(device)
     finally:
         model.train(was_training)
-    if world > 1:
-        sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+
+
+@torch.no_grad()
+def nll_sum(model, blocks: Blocks | torch.Tensor, batch_size: int = 4, progress: bool = False) -> tuple[float, int]:
+    """(sum of next-token NLL, number of predicted tokens) over `blocks` [N, L].
+
+    Every block predicts tokens 1..L-1 from their prefixes; no padding, so all predictions count.
+    """
+    total, count = 0.0, 0
+    for _, ids in _my_batches(model, blocks, batch_size, progress):
+        logits = model(input_ids=ids, use_cache=False).logits
+        # Sum in float64: thousands of blocks of fp32 NLLs otherwise lose digits.
+        nll = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+            ids[:, 1:].reshape(-1),
+            reduction="sum",
+        )
+        total += float(nll.double())
+        count += ids[:, 1:].numel()
+    if rank_world()[1] > 1:
+        sums = torch.tensor([total, float(count)], dtype=torch.float64, device=_model_device(model))
         dist.all_reduce(sums)
         total, count = float(sums[0]), int(sums[1])
     return total, count
@@ -108,30 +115,12 @@ def nll_sum(model, blocks: Blocks | torch.Tensor, batch_size: int = 4, progress:
 def block_nlls(model, blocks: Blocks | torch.Tensor, batch_size: int = 4, progress: bool = False) -> list[float]:
     """Mean next-token NLL of each block, in block order (blocks have equal lengths, so their
     mean is the token-weighted mean): the per-block values paired comparisons resample."""
-    shape = tuple(blocks.shape)
-    if len(shape) != 2 or shape[1] < 2:
-        raise PdcError(f"perplexity needs token blocks [N, L>=2], got shape {shape}", STAGE)
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    rank, world = rank_world()
-    mine = list(range(rank, len(blocks), world))  # this rank's share of the blocks
-    values = torch.zeros(len(blocks), dtype=torch.float64, device=device)
-    batches = range(0, len(mine), batch_size)
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="perplexity", unit="batch", leave=False)
-    try:
-        for start in batches:
-            rows = mine[start:start + batch_size]
-            ids = _rows(blocks, rows).to(device)
-            logits = model(input_ids=ids, use_cache=False).logits
-            nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
-            values[rows] = nll.double().mean(dim=1)
-    finally:
-        model.train(was_training)
-    if world > 1:
+    values = torch.zeros(len(blocks), dtype=torch.float64, device=_model_device(model))
+    for rows, ids in _my_batches(model, blocks, batch_size, progress):
+        logits = model(input_ids=ids, use_cache=False).logits
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+        values[rows] = nll.double().mean(dim=1)
+    if rank_world()[1] > 1:
         dist.all_reduce(values)  # each block is filled by exactly one rank
     return values.tolist()
 
