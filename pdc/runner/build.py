@@ -506,7 +506,7 @@ def _run_evaluate(build: Build, node: Node, out: Path) -> StageResult:
     models = {label: build.input_model(ref, node.name) for label, ref in node.inputs.items()}
     heldout = stage_blocks(build, node, build.source_dir(build.spec.source_model)).get("heldout")
     result = evaluate_models(models, build.tokenizer, cfg, build.tasks_dir(), heldout, build.progress,
-                             launch=build.launch, work_dir=build.out / f"{node.name}.work")
+                             launch=build.launch, work_dir=build.out / f"{node.name}.work", reuse_scores=True)
     write_results(result, out)  # results.json and table.md
     print(comparison_table(result))
     return result

@@ -33,6 +33,7 @@ import math
 import os
 import sys
 from functools import lru_cache
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -42,11 +43,12 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from pdc.errors import PdcError, one_line
-from pdc.files import write_json, write_text
+from pdc.files import sha256_bytes, sha256_file, sha256_json, write_json, write_text
 from pdc.inputs.cache import cache_root
 from pdc.inputs.data import token_blocks
 from pdc.inputs.models import load_causal_lm
 from pdc.inputs.shards import Blocks
+from pdc.inputs.verify import content_hashes
 from pdc.lang.settings import DataSource, EvalConfig, EvalTask
 from pdc.plan.results import (
     MODEL_COLUMNS,
@@ -427,20 +429,76 @@ def evaluate_model(
     return ModelScores(path=str(path), perplexity=ppl, tasks=tasks, block_nll=per_block)
 
 
+# ---- scores computed once per model -------------------------------------------------------------
+def score_key(path: Path, cfg: EvalConfig, tasks_dir: Path | None, heldout: Blocks | torch.Tensor | None,
+              device: torch.device) -> str:
+    """What a model's scores depend on: its weights and config (by content, not by the stage that
+    wrote them), the evaluation settings, the task files, the held-out blocks, the device kind
+    (bf16 on a GPU), the scoring code and the versions of lm-eval and torch."""
+    tasks = None
+    if tasks_dir is not None and Path(tasks_dir).is_dir():
+        tasks = {p.name: sha256_file(p) for p in sorted(Path(tasks_dir).iterdir()) if p.is_file()}
+    if heldout is None:
+        blocks = None
+    elif isinstance(heldout, Blocks):
+        blocks = heldout.to_json()
+    else:
+        blocks = sha256_bytes(heldout.contiguous().numpy().tobytes())
+    return sha256_json([content_hashes(path, STAGE), encode(cfg), tasks, blocks, device.type,
+                        sha256_file(Path(__file__)), package_version("lm_eval"),
+                        torch.__version__])[:24]
+
+
+def scores_dir() -> Path:
+    """Where models' scores are kept: shared by every build of this machine, so a teacher is scored
+    once for all the specs and variants that evaluate it the same way."""
+    return cache_root() / "scores"
+
+
+def _cached_scores(key: str, path: Path) -> ModelScores | None:
+    file = scores_dir() / f"{key}.json"
+    try:
+        scores = decode(ModelScores, json.loads(file.read_text()))
+    except (OSError, ValueError, TypeError, KeyError, PdcError):
+        return None  # absent or unreadable: scored again
+    return dataclasses.replace(scores, path=str(path))
+
+
 def evaluate_models(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, tasks_dir: Path | None,
                     heldout_blocks: Blocks | torch.Tensor | None, progress: bool = True,
-                    launch: Launch = Launch(), work_dir: Path | None = None) -> EvaluateResult:
+                    launch: Launch = Launch(), work_dir: Path | None = None,
+                    reuse_scores: bool = False) -> EvaluateResult:
     """Evaluate each model directory (label -> path, absent ones skipped) one at a time; with a
-    `launch` of several processes per node, in that many data-parallel ranks on this node."""
-    if launch.nproc_per_node > 1:
+    `launch` of several processes per node, in that many data-parallel ranks on this node. With
+    `reuse_scores`, a model scored before with the same weights and settings is not scored again
+    (`score_key`), and every new score is kept for the next run."""
+    present = {k: v for k, v in models.items() if (Path(v) / "config.json").exists()}
+    if not reuse_scores:
+        return _evaluate(present, tokenizer_of, cfg, tasks_dir, heldout_blocks, progress, launch, work_dir)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    keys = {label: score_key(path, cfg, tasks_dir, heldout_blocks, device) for label, path in present.items()}
+    reused = {label: s for label in present if (s := _cached_scores(keys[label], present[label])) is not None}
+    for label in reused:
+        print(f"[pdc] evaluate: {label}: scored before with the same weights and settings, reused", flush=True)
+    todo = {label: path for label, path in present.items() if label not in reused}
+    result = _evaluate(todo, tokenizer_of, cfg, tasks_dir, heldout_blocks, progress, launch, work_dir)
+    for label, scores in result.models.items():
+        write_json(scores_dir() / f"{keys[label]}.json", encode(scores))
+    merged = {label: reused.get(label) or result.models[label] for label in present}
+    tokens = None if heldout_blocks is None else int(heldout_blocks.shape[0] * heldout_blocks.shape[1])
+    return EvaluateResult(models=merged, limit=cfg.limit, perplexity_tokens=tokens)
+
+
+def _evaluate(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, tasks_dir: Path | None,
+              heldout_blocks: Blocks | torch.Tensor | None, progress: bool, launch: Launch,
+              work_dir: Path | None) -> EvaluateResult:
+    if launch.nproc_per_node > 1 and models:
         return _evaluate_in_ranks(models, cfg, tasks_dir, heldout_blocks, launch.nproc_per_node, work_dir, progress)
     device = rank_device()
     batch_size: int | str = "auto" if device.type == "cuda" else 8
     rank, _ = rank_world()
     scores: dict[str, ModelScores] = {}
     for label, path in models.items():
-        if not (Path(path) / "config.json").exists():
-            continue
         if rank == 0:
             print(f"[pdc] evaluate: {label}", flush=True)
         model = load_for_eval(path, device)
