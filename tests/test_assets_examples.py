@@ -10,7 +10,7 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.mark.parametrize("name", ["quickstart", "depth"])
+@pytest.mark.parametrize("name", ["quickstart", "cut60", "depth"])
 def test_example_checks_and_plans_without_assets(name, tmp_path, monkeypatch):
     from pdc.plan.dry_run import build_plan
     from pdc.lang import load_spec
@@ -24,6 +24,9 @@ def test_example_checks_and_plans_without_assets(name, tmp_path, monkeypatch):
     kinds = [s["kind"] for s in plan["stages"]]
     final = plan["final"]
     if name == "quickstart":
+        assert kinds == ["correct", "prune", "distill", "evaluate"]
+        assert (final["hidden"], final["mlp"], final["depth"], final["heads"]) == (576, 1152, 30, 9)
+    elif name == "cut60":
         assert kinds == ["correct", "prune", "distill", "evaluate"]
         assert (final["hidden"], final["mlp"], final["depth"], final["heads"]) == (432, 1024, 30, 9)
     else:
