@@ -34,7 +34,10 @@ from pdc.lang.settings import ImportanceConfig, WidthTarget
 from pdc.passes.recompute_buffers import RecomputeBuffers
 from pdc.passes.slice_heads import SliceHeads
 from pdc.passes.slice_hidden import SliceHidden
+from pdc.passes.slice_expert_mlp import SliceExpertMlp
+from pdc.passes.slice_experts import SliceExperts
 from pdc.passes.slice_mlp import SliceMlp
+from pdc.passes.slice_shared_mlp import SliceSharedMlp
 from pdc.plan.counts import count_arch
 from pdc.plan.results import PruneResult, encode
 from pdc.plotting import pyplot, save_figure
@@ -44,11 +47,15 @@ from pdc.stages.ranks import run_in_ranks
 def check_target(arch: Arch, target: WidthTarget) -> tuple[int, int]:
     """Raise a one-line `PdcError` if `target` cannot be cut from `arch` (checked before any
     expensive work). Returns the (heads, kv_heads) the pruned model will have."""
-    units = {"hidden": "hidden channels", "mlp": "MLP neurons", "heads": "query heads", "kv_heads": "kv heads"}
+    units = {"hidden": "hidden channels", "mlp": "MLP neurons", "heads": "query heads", "kv_heads": "kv heads",
+             "experts": "experts per layer", "expert_mlp": "neurons per expert",
+             "shared_mlp": "shared-expert neurons"}
     for axis, unit in units.items():
         want, have = getattr(target, axis), getattr(arch, axis)
         if want is not None and not 1 <= want <= have:
             raise PdcError(f"cannot keep {want} {unit}: the source has {have}", STAGE)
+    if target.experts is not None and target.experts < arch.top_k:
+        raise PdcError(f"cannot keep {target.experts} experts: the router picks {arch.top_k} per token", STAGE)
     new_kv = target.kv_heads if target.kv_heads is not None else arch.kv_heads
     rep = arch.heads // arch.kv_heads
     new_heads = target.heads if target.heads is not None else (
@@ -68,7 +75,8 @@ def plan_passes(program: Program, scores: "imp_mod.Importance", target: WidthTar
     if target.hidden is not None and target.hidden != arch.hidden:
         passes.append(SliceHidden(imp_mod.top_k(scores.hidden, target.hidden)))
     if target.mlp is not None and target.mlp != arch.mlp:
-        passes.append(SliceMlp({l.index: imp_mod.top_k(scores.mlp[l.index], target.mlp) for l in structure.layers}))
+        passes.append(SliceMlp({l.index: imp_mod.top_k(scores.mlp[l.index], target.mlp) for l in structure.layers
+                                if l.mlp is not None}))
     new_heads, new_kv = check_target(arch, target)
     if (new_heads, new_kv) != (arch.heads, arch.kv_heads):
         keep_h, keep_kv = {}, {}
@@ -77,8 +85,29 @@ def plan_passes(program: Program, scores: "imp_mod.Importance", target: WidthTar
             keep_h[layer.index], keep_kv[layer.index] = imp_mod.select_heads(
                 scores.heads[layer.index], scores.kv_heads[layer.index], a.heads, a.kv_heads, new_heads, new_kv)
         passes.append(SliceHeads(keep_h, keep_kv))
+    passes += _expert_passes(structure, scores, target)
     if passes:  # buffers derived from the config (Gemma's sqrt(hidden) scale) follow the new sizes
         passes.append(RecomputeBuffers())
+    return passes
+
+
+def _expert_passes(structure, scores: "imp_mod.Importance", target: WidthTarget) -> list:
+    """Experts first (each layer keeps its best `experts`), then each kept expert's own best
+    `expert_mlp` neurons, then the shared experts' neurons."""
+    moe = structure.moe_layers()
+    passes = []
+    kept = {l.index: torch.arange(l.moe.experts) for l in moe}
+    if target.experts is not None and any(l.moe.experts != target.experts for l in moe):
+        kept = {l.index: imp_mod.top_k(scores.experts[l.index], target.experts) for l in moe}
+        passes.append(SliceExperts(kept))
+    if target.expert_mlp is not None and any(l.moe.size != target.expert_mlp for l in moe):
+        passes.append(SliceExpertMlp({
+            l.index: torch.stack([imp_mod.top_k(row, target.expert_mlp) for row in scores.expert_mlp[l.index][kept[l.index]]])
+            for l in moe}))
+    shared = [l for l in moe if l.moe.shared is not None]
+    if target.shared_mlp is not None and any(l.moe.shared.size != target.shared_mlp for l in shared):
+        passes.append(SliceSharedMlp({l.index: imp_mod.top_k(scores.shared_mlp[l.index], target.shared_mlp)
+                                      for l in shared}))
     return passes
 
 
