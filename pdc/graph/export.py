@@ -42,6 +42,7 @@ from pdc.errors import PdcError
 from pdc.graph.probe import default_probe
 from pdc.graph.program import STAGE, Program
 from pdc.graph.weights import ConvertedWeights, WeightStore
+from pdc.inputs.verify import module_names
 
 # Counts every `torch.export.export` call pdc makes (tests assert how many a compile needs).
 EXPORT_CALLS = {"trace": 0, "seal": 0}
@@ -176,21 +177,9 @@ def embedding_names(model: torch.nn.Module) -> dict:
 
 def checkpoint_renames(model: torch.nn.Module, keys: list[str]) -> dict[str, str]:
     """{module name: checkpoint key} for the keys that transformers renames when it loads this
-    model (its own load-time renaming rules, e.g. GPT-NeoX's `embed_out.` -> `lm_head.`)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, rename_source_key
-
-        transforms = get_model_conversion_mapping(model)
-    except Exception:  # an older transformers without conversion rules: keys are module names
-        return {}
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    out = {}
-    for key in keys:  # renamings only: a converter merges several keys into one tensor (not a rename)
-        new, _ = rename_source_key(key, renamings, [])
-        if new != key:
-            out[new] = key
-    return out
+    model (its own load-time renaming rules, e.g. GPT-NeoX's `embed_out.` -> `lm_head.`); keys it
+    merges into one tensor are not renames (`ConvertedWeights` serves those)."""
+    return {name: key for key, (name, merged) in module_names(model, keys).items() if name != key and not merged}
 
 
 def materialize(program: Program, dtype: torch.dtype = torch.float32, progress: bool = False) -> None:

@@ -232,17 +232,22 @@ class Structure:
                 yield from m.spans
 
     def projections(self) -> list[str]:
-        """Every linear weight of the decoder layers (q/k/v or fused qkv, o, gate/up or fused,
-        down; a mixture's router and shared expert), in layer order: what LoRA adapts. Routed
-        experts' 3-D weights are not linear modules and are left out."""
+        """Every linear-layer weight of the decoder layers (q/k/v or fused qkv, o, gate/up or
+        fused, down; a mixture's shared expert and its gate), in layer order: the modules LoRA
+        adapts."""
         out = []
         for layer in self.layers:
             out += layer.attn.projections()
-            if layer.moe:
-                out += [layer.moe.router] + ([layer.moe.shared_gate] if layer.moe.shared_gate else [])
+            if layer.moe and layer.moe.shared_gate:
+                out.append(layer.moe.shared_gate)
             for m in layer.mlps():
                 out += m.rows + [m.down]
         return list(dict.fromkeys(out))
+
+    def expert_parameters(self) -> list[str]:
+        """The mixtures' routers and stacked expert weights ([experts, out, in]): parameters of
+        modules that are not linear layers, which LoRA adapts as parameters (per expert)."""
+        return [n for layer in self.moe_layers() for n in [layer.moe.router, *layer.moe.rows, layer.moe.down]]
 
     def moe_layers(self) -> list[LayerBlock]:
         return [layer for layer in self.layers if layer.moe is not None]
