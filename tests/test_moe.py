@@ -270,3 +270,32 @@ def test_correction_targets_come_from_the_structure(family, source_dirs):
                                                target_parameters=targets["lora_parameters"]))
     trained = {n for n, p in adapted.named_parameters() if p.requires_grad}
     assert any(".experts." in n for n in trained) and any(".self_attn." in n for n in trained)
+
+
+@pytest.mark.parametrize("family", REQUIRED)
+def test_active_count_is_what_one_token_uses(family, source_dirs, programs, tmp_path):
+    """The dry run's active count, measured: a backward pass from one token's logits reaches
+    exactly the expert slices that token ran (its top-k per layer); every other parameter counts
+    whole (the router scores every expert; the embedding is a table, counted whole by
+    convention). Before and after pruning experts."""
+    def used(model) -> int:
+        model.zero_grad()
+        model(input_ids=IDS[:1, :1]).logits.sum().backward()
+        total = 0
+        for p in model.parameters():
+            if p.dim() == 3:
+                hit = p.grad is not None and p.grad.flatten(1).abs().sum(1).gt(0)
+                assert int(hit.sum()) == model.config.num_experts_per_tok
+                total += int(hit.sum()) * p[0].numel()
+            else:
+                total += p.numel()
+        return total
+
+    source = _hf(source_dirs(family))
+    assert used(source) == count_arch(programs(family).hf_config, programs(family).arch).active
+    program = programs(family)
+    source_cfg = dict(program.hf_config)
+    prune_program(program, None, WidthTarget(experts=3, expert_mlp=16), ImportanceConfig(method="magnitude"),
+                  progress=False)
+    emit_pruned(program, tmp_path, source_dirs(family), None, deploy=False)
+    assert used(_hf(tmp_path / "model")) == count_arch(source_cfg, program.arch).active

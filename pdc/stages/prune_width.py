@@ -210,7 +210,7 @@ def plot_importance(scores: "imp_mod.Importance", kept: dict, path: Path) -> Non
     """Hidden channels sorted with the cut line; per-layer sorted MLP neuron scores with the cut;
     per-layer head scores (kept heads filled)."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4 if scores.experts else 3, figsize=(20 if scores.experts else 15, 4))
     h = scores.hidden.sort(descending=True).values
     axes[0].plot(h.numpy())
     axes[0].axvline(len(kept["hidden"]) - 0.5, color="red", ls="--", label=f"keep {len(kept['hidden'])}")
@@ -233,6 +233,16 @@ def plot_importance(scores: "imp_mod.Importance", kept: dict, path: Path) -> Non
                 for hd in kept["layers"][key]["heads"]:
                     axes[2].plot(hd, li, "c.", ms=3)
         axes[2].set(title="head importance (dots = kept)", xlabel="head", ylabel="layer")
+    if scores.experts:
+        grid = torch.stack([scores.experts[i] for i in sorted(scores.experts)])
+        im = axes[3].imshow(grid.numpy(), aspect="auto", cmap="magma")
+        fig.colorbar(im, ax=axes[3])
+        keys = [k for k in sorted(kept["layers"], key=int) if "experts" in kept["layers"][k]]
+        for li, key in enumerate(keys[: grid.shape[0]]):
+            for e in kept["layers"][key]["experts"]:
+                axes[3].plot(e, li, "c.", ms=5)
+        axes[3].set(title=f"expert importance ({scores.expert_score or scores.method}; dots = kept)",
+                    xlabel="expert", ylabel="layer")
     fig.suptitle(f"{scores.method} importance")
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
