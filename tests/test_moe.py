@@ -299,3 +299,22 @@ def test_active_count_is_what_one_token_uses(family, source_dirs, programs, tmp_
                   progress=False)
     emit_pruned(program, tmp_path, source_dirs(family), None, deploy=False)
     assert used(_hf(tmp_path / "model")) == count_arch(source_cfg, program.arch).active
+
+
+def test_dense_and_expert_layers_mixed():
+    """Qwen3-MoE's `mlp_only_layers`: a dense MLP in layer 1 between mixtures; `mlp=` slices the
+    dense layer, `experts=`/`expert_mlp=` the mixtures, and the count is the emitted config's."""
+    from conftest import make_tiny_model
+    from pdc.graph.export import export_model
+
+    model = make_tiny_model("custom", model_type="qwen3_moe", **SIZES, num_experts=8, num_experts_per_tok=2,
+                            moe_intermediate_size=32, mlp_only_layers=[1])
+    program = export_model(model)
+    assert [(l.mlp is not None, l.moe is not None) for l in structure_of(program).layers] == [
+        (False, True), (True, False), (False, True)]
+    source_cfg = dict(program.hf_config)
+    prune_program(program, CALIB, WidthTarget(hidden=48, mlp=48, experts=4, expert_mlp=16), ImportanceConfig(),
+                  progress=False)
+    assert (program.arch.mlp, program.arch.experts, program.arch.expert_mlp) == (48, 4, 16)
+    assert program.num_params() == count_arch(source_cfg, program.arch).total
+    assert "experts" in program.kept["layers"]["0"] and len(program.kept["layers"]["1"]["mlp"]) == 48
