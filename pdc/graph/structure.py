@@ -25,8 +25,15 @@ No per-model name tables: the groups come from how tensors flow.
    integer in a view/reshape/expand size list whose dimension has a head-related role is recorded
    as a `ShapeConst`; the head pass recomputes it from the new counts.
 
+4. Mixtures of experts: a per-expert projection `squeeze(bmm(index(W, [ids]), unsqueeze(x, -1)))`
+   with W [experts, out, in] couples like a linear; the expert ids come from a `topk` over a
+   router linear; the layer's MLP is then a `MoeGroup` (router, top-k, stacked gate|up and down,
+   per-expert neuron spans along dim 1, an optional shared expert). Views that flatten the
+   tokens (`[..., hidden]`) keep the channels in place and their trailing size is recorded.
+
 Invariant: every parameter the graph reads belongs to exactly one group (the hidden group, one
-MLP group, one attention group); otherwise `discover` raises `PdcError` naming the node.
+MLP or mixture-of-experts group, one attention group); otherwise `discover` raises `PdcError`
+naming the node.
 """
 
 from __future__ import annotations
