@@ -50,4 +50,4 @@ def test_moe_example_checks_and_plans_from_its_config(tmp_path, monkeypatch):
     assert plan["source"]["params_total"] == 8_066_176
     assert final["params_active"] < final["params_total"] < plan["source"]["params_total"]
     assert final["params_active"] < plan["source"]["params_active"]
-    assert [v.name for v in spec.comparison.variants] == ["output", "mass", "random"]
+    assert [v.name for v in spec.comparison.variants] == ["mass", "output", "random"]

@@ -207,8 +207,8 @@ def test_depth_prune_checkpoint_equals_program(family, source_dirs, programs, tm
 def test_expert_scores_rank_what_the_model_relies_on(source_dirs, tmp_path):
     """Both expert measures on calibration data: with Mixtral's renormalised top-k the routed
     mass of all experts sums to the number of tokens; an expert whose output is zeroed (its down
-    projection) scores 0 by output norm and is the one dropped, while the mass, which only sees
-    the router, still ranks it."""
+    projection) scores 0 by output norm and is the one `experts=output` drops, while the mass,
+    which only sees the router, still ranks it."""
     from safetensors.torch import load_file, save_file
 
     src = source_dirs("mixtral")
@@ -227,11 +227,11 @@ def test_expert_scores_rank_what_the_model_relies_on(source_dirs, tmp_path):
     for i in range(program.arch.layers):
         assert scores.expert_mass[i].sum().item() == pytest.approx(CALIB.numel(), rel=1e-5)
         assert scores.expert_output[i][5] == 0 and (scores.expert_output[i] > 0).sum() >= 6
-        assert torch.equal(scores.experts[i], scores.expert_output[i])  # the default measure
-    kept = imp_mod.top_k(scores.experts[0], 7).tolist()
-    assert 5 not in kept
+        assert torch.equal(scores.experts[i], scores.expert_mass[i])  # the default measure
+        assert scores.expert_mass[i][5] > 0
+    assert 5 not in imp_mod.top_k(scores.expert_output[0], 7).tolist()
     data = scores.to_json()
-    assert data["expert_score"] == "output" and set(data["layers"]["0"]) >= {"expert_mass", "expert_output",
+    assert data["expert_score"] == "mass" and set(data["layers"]["0"]) >= {"expert_mass", "expert_output",
                                                                               "expert_mlp"}
     assert imp_mod.Importance.from_json(data).expert_mlp[0].shape == (8, 96)
 

@@ -41,7 +41,7 @@ def test_compile_and_check_a_mixture_of_experts(tmp_path, capsys):
         assert len(layer["experts"]) == 4 and sorted(layer["expert_mlp"]) == sorted(map(str, layer["experts"]))
         assert {len(v) for v in layer["expert_mlp"].values()} == {48}
     scores = json.loads((build / "prune" / "importance.json").read_text())
-    assert scores["expert_score"] == "output"
+    assert scores["expert_score"] == "mass"
     assert {len(scores["layers"]["0"][k]) for k in ("experts", "expert_mass", "expert_output")} == {8}
     result = read_record(build / "prune").result
     assert result.arch_after["experts"] == 4 and result.params_after == plan["final"]["params_total"]
@@ -53,14 +53,14 @@ def test_compile_and_check_a_mixture_of_experts(tmp_path, capsys):
 @pytest.mark.slow
 def test_run_a_mixture_of_experts_end_to_end(tmp_path):
     """`pdc run`: LoRA correction (routers and stacked experts adapted as parameters), width
-    pruning with the routed-mass expert score, distillation of the MoE student and evaluation;
+    pruning with the output-norm expert score, distillation of the MoE student and evaluation;
     then depth pruning of the same model, distilled and evaluated."""
     build = run_project(tmp_path / "width", MOE_RUN_SPEC, **MOE_MODEL)
     correct = read_record(build / "correct").result
     assert correct.method == "lora" and correct.trainable_params > 0
     scores = json.loads((build / "prune" / "importance.json").read_text())
-    assert scores["expert_score"] == "mass"
-    assert scores["layers"]["0"]["experts"] == scores["layers"]["0"]["expert_mass"]
+    assert scores["expert_score"] == "output"
+    assert scores["layers"]["0"]["experts"] == scores["layers"]["0"]["expert_output"]
     distilled = AutoModelForCausalLM.from_pretrained(build / "distill" / "model")
     assert distilled.config.num_local_experts == 4
     table = (build / "evaluate" / "table.md").read_text()

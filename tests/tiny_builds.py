@@ -87,7 +87,7 @@ model teacher = dir("tiny")
 data corpus = jsonl("corpus.jsonl")
 
 correct teacher on corpus { method=lora lora_rank=2 steps=2 lr=1e-3 warmup=1 global_batch=4 micro_batch=2 seq_len=32 }
-prune width { hidden=48 experts=4 expert_mlp=48 importance=activation(samples=8, seq_len=32, experts=mass) }
+prune width { hidden=48 experts=4 expert_mlp=48 importance=activation(samples=8, seq_len=32, experts=output) }
 distill from teacher on corpus { steps=3 lr=1e-3 min_lr=1e-4 warmup=1 global_batch=4 micro_batch=2 seq_len=32 }
 evaluate with lm_eval { tasks_dir="tasks" perplexity(corpus) tiny_mc(0) }
 """

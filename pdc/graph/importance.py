@@ -6,10 +6,10 @@ recording at the nodes the structure names:
 - attention head h: the input of the output projection, the L2 norm of head h's head_dim block;
   a kv group scores the sum of its query heads;
 - hidden channel c: the output of every norm (all layers and the final one), channel c, summed;
-- mixture of experts (per layer): expert e scores by `expert_score`: "mass", the routing weight
-  the router gave e summed over the (token, slot) pairs routed to it, or "output", the L2 norm of
-  e's weighted output (routing weight x expert output) summed over those pairs; both are
-  reported. Neuron i of expert e: the input of e's down projection, channel i, L2 over the
+- mixture of experts (per layer): expert e scores by `expert_score`: "mass" (default), the
+  routing weight the router gave e summed over the (token, slot) pairs routed to it, or
+  "output", the L2 norm of e's weighted output (routing weight x expert output) summed over
+  those pairs; both are reported. Neuron i of expert e: the input of e's down projection, channel i, L2 over the
   tokens routed to e (each expert ranks its own neurons). A shared expert's neurons: as a dense
   MLP's.
 Per block the values are aggregated over the sequence (`seq_agg`: "mean" of |x|, or "l2" norm),

@@ -607,7 +607,7 @@ class _Checker:
                 samples=_int(1), seq_len=_int(1), data=self.data_reader(),
                 batch=_enum("l2", "mean", what="batch aggregation"),
                 seq=_enum("mean", "l2", what="sequence aggregation"),
-                experts=_enum("output", "mass", what="expert score"),
+                experts=_enum("mass", "output", what="expert score"),
             )
         got = self.call_args(v, [], schema, f"{method}(...)")
         names = {"batch": "batch_agg", "seq": "seq_agg", "experts": "expert_score"}
