@@ -116,22 +116,33 @@ def _eliminate_dead(program: Program) -> int:
     """Erase every node the output no longer depends on. fx's own dead-code elimination keeps
     the skipped layers alive: export leaves side-effecting `_assert_tensor_metadata` checks on
     their tensors, and ops that fx calls impure only because they may draw random numbers
-    (eval-mode dropout, scaled_dot_product_attention with its dropout_p). Here a check lives only
-    as long as the tensor it checks, and a random op only if something reads it."""
+    (eval-mode dropout, scaled_dot_product_attention with its dropout_p), and in-place ops (a
+    router's `div_` renormalising its top-k weights). Here a check lives only as long as the
+    tensor it checks, a random op only if something reads it, an in-place op as long as
+    something reads it or the tensor it writes into."""
     assert_op = torch.ops.aten._assert_tensor_metadata.default
     random_ops = {torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default,
                   torch.ops.aten.scaled_dot_product_attention.default}
     nodes = list(program.gm.graph.nodes)
     live: set = set()
-    for node in reversed(nodes):
-        if node.op in ("output", "placeholder"):
-            live.add(node)
-        elif node.target is assert_op:
-            continue  # decided below, from the tensor it checks
-        elif any(user in live for user in node.users):
-            live.add(node)
-        elif node.is_impure() and node.target not in random_ops:
-            live.add(node)
+    while True:  # to a fixed point: an in-place op lives while the tensor it writes into does
+        before = len(live)
+        for node in reversed(nodes):
+            if node in live:
+                continue
+            if node.op in ("output", "placeholder"):
+                live.add(node)
+            elif node.target is assert_op:
+                continue  # decided below, from the tensor it checks
+            elif any(user in live for user in node.users):
+                live.add(node)
+            elif _in_place(node):
+                if node.args and node.args[0] in live:
+                    live.add(node)
+            elif node.is_impure() and node.target not in random_ops:
+                live.add(node)
+        if len(live) == before:
+            break
     for node in nodes:
         if node.target is assert_op and node.args and node.args[0] in live:
             live.add(node)
@@ -141,6 +152,11 @@ def _eliminate_dead(program: Program) -> int:
             program.gm.graph.erase_node(node)
             erased += 1
     return erased
+
+
+def _in_place(node: torch.fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
 
 
 def layer_base(layers) -> str:

@@ -17,12 +17,18 @@ import torch
 from pdc.graph.manager import PassResult
 from pdc.graph.program import Program
 from pdc.graph.rewrite import Rule, apply_rules, slice_spans, source_layer
-from pdc.graph.structure import structure_of
+from pdc.graph.structure import MlpGroup, structure_of
 
 # The neuron rows follow the group's spans (`slice_spans`); the one plain rule left:
 RULES = [
     Rule("down projection reads the neurons through its columns", lambda g: [g.down], dim=1),
 ]
+
+
+def slice_mlp_group(program: Program, group: MlpGroup, keep: torch.Tensor) -> None:
+    """Keep neurons `keep` of one dense MLP (a layer's, or a mixture's shared expert)."""
+    slice_spans(program, [(span, keep) for span in group.spans])
+    apply_rules(program, RULES, group, keep)
 
 
 class SliceMlp:
@@ -35,11 +41,10 @@ class SliceMlp:
     def __call__(self, program: Program) -> PassResult:
         changed, sizes = {}, set()
         for layer in structure_of(program).layers:
-            if layer.index not in self.keep:
+            if layer.index not in self.keep or layer.mlp is None:  # a mixture of experts has no dense MLP
                 continue
             keep = torch.as_tensor(self.keep[layer.index], dtype=torch.long).sort().values
-            slice_spans(program, [(span, keep) for span in layer.mlp.spans])
-            apply_rules(program, RULES, layer.mlp, keep)
+            slice_mlp_group(program, layer.mlp, keep)
             key = source_layer(program, layer.index)
             entry = program.kept["layers"][key]
             entry["mlp"] = [entry["mlp"][i] for i in keep.tolist()]

@@ -33,3 +33,24 @@ def test_example_checks_and_plans_without_assets(name, tmp_path, monkeypatch):
         assert kinds == ["prune", "evaluate"]
         assert final["depth"] == 25 and plan["stages"][0]["saliency"]["task"] == "social_iqa_local"
         assert plan["stages"][0]["contiguous"] is True
+
+
+def test_moe_example_checks_and_plans_from_its_config(tmp_path, monkeypatch):
+    """examples/moe.pds checks and plans from the tracked examples/tiny-moe/config.json alone
+    (no weights, no assets): 8 -> 4 experts per layer, 128 -> 64 neurons per expert, total and
+    active parameters per token, and three variants sharing the trained model."""
+    from pdc.lang import load_spec
+    from pdc.plan.dry_run import build_plan
+
+    monkeypatch.setenv("PDC_CACHE", str(tmp_path))
+    path = EXAMPLES / "moe.pds"
+    header = path.read_text().split("\nmodel ")[0]
+    assert "python examples/tiny_moe.py" in header and "pdc compile examples/moe.pds" in header
+    spec = load_spec(path)
+    plan = build_plan(spec)
+    final = plan["final"]
+    assert (final["experts"], final["expert_mlp"], final["top_k"]) == (4, 64, 2)
+    assert plan["source"]["params_total"] == 8_066_176
+    assert final["params_active"] < final["params_total"] < plan["source"]["params_total"]
+    assert final["params_active"] < plan["source"]["params_active"]
+    assert [v.name for v in spec.comparison.variants] == ["mass", "output", "random"]

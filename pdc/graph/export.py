@@ -8,6 +8,16 @@ attention logit soft-capping) is traced with its eager attention (`attention_for
 also what Hugging Face runs for it: explicit matmuls, which structure discovery also reads. The attention core is one `aten.scaled_dot_product_attention` node; grouped-query
 attention appears before it as `repeat_kv`'s explicit `expand`/`reshape` nodes (or as SDPA's
 `enable_gqa`), whose shape constants the head pass rewrites (`pdc.graph.structure`).
+Mixtures of experts are traced with transformers' `batched_mm` experts implementation
+(`EXPERTS`): each (token, chosen expert) pair gathers its expert's weight slices
+(`index(gate_up_proj, expert_ids)`) and multiplies them with `bmm`, so the graph is plain aten
+ops of static rank whatever the routing decides. The other implementations do not fit: `eager`
+loops over the experts a batch happens to hit (a data-dependent loop that export specialises
+on the probe), and `grouped_mm` traces (on fp32 and on CPU) to transformers' own
+`grouped_mm_fallback` custom op, which the ONNX exporter cannot lower and whose expert count is
+baked into a `histc` node. `batched_mm` computes the same logits as the deployed default to
+fp32 rounding (about 1e-7), at the cost of gathering one weight slice per token and chosen expert
+(memory grows with tokens x top_k x expert size during calibration).
 `use_cache=False`, and the wrapper (`LogitsOnly`) returns only the logits tensor. Batch and
 sequence are dynamic dimensions, so one graph serves the probe, the calibration batches and every
 output.
@@ -31,11 +41,13 @@ from pdc.arch import Arch
 from pdc.errors import PdcError
 from pdc.graph.probe import default_probe
 from pdc.graph.program import STAGE, Program
-from pdc.graph.weights import WeightStore
+from pdc.graph.weights import ConvertedWeights, WeightStore
+from pdc.inputs.verify import module_names
 
 # Counts every `torch.export.export` call pdc makes (tests assert how many a compile needs).
 EXPORT_CALLS = {"trace": 0, "seal": 0}
 ATTENTION = "sdpa"  # the attention implementation traced (see the module docstring)
+EXPERTS = "batched_mm"  # the experts implementation traced (see the module docstring)
 
 
 class LogitsOnly(torch.nn.Module):
@@ -88,12 +100,13 @@ def export_model(model: torch.nn.Module, probe: Optional[torch.Tensor] = None,
     hf_config = config.to_dict() if hf_config is None else dict(hf_config)
     arch = source_arch(hf_config)
     probe = default_probe(arch.vocab) if probe is None else probe
-    previous = getattr(config, "_attn_implementation", None)
+    previous = getattr(config, "_attn_implementation", None), getattr(config, "_experts_implementation", None)
     config._attn_implementation = attention_for(type(model))
+    config._experts_implementation = EXPERTS
     try:
         ep = _export(LogitsOnly(model).eval(), probe, "trace")
     finally:
-        config._attn_implementation = previous
+        config._attn_implementation, config._experts_implementation = previous
     program = Program(gm=ep.module(), arch=arch, hf_config=hf_config, probe=probe, **embedding_names(model))
     program.kept = full_kept(arch)
     _drop_dead_nodes(program.gm)
@@ -118,6 +131,7 @@ def export_dir(model_dir: Path, probe: Optional[torch.Tensor] = None, progress: 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config._attn_implementation = attention_for(type(model))
+    model.config._experts_implementation = EXPERTS
     model.eval()
     probe = default_probe(arch.vocab, model_dir) if probe is None else probe
     bar = _bar(progress, "export")
@@ -128,11 +142,22 @@ def export_dir(model_dir: Path, probe: Optional[torch.Tensor] = None, progress: 
     _retarget_devices(gm, torch.device("meta"), torch.device("cpu"))
     names = embedding_names(model)
     program = Program(gm=gm, arch=arch, hf_config=cfg_dict, probe=probe, **names)
-    program.weights = WeightStore(model_dir, tied=arch.tied, aliases=(names["embedding"], names["head"]))
-    program.weights.renames = checkpoint_renames(model, program.weights.names())
+    store = WeightStore(model_dir, tied=arch.tied, aliases=(names["embedding"], names["head"]))
+    store.renames = checkpoint_renames(model, store.names())
+    if not all(_resolves(store, n, program.param(n).shape) for n in program.param_nodes() if program.param(n).is_meta):
+        store = ConvertedWeights(model_dir, dtype)  # a stored layout transformers converts (per-expert weights)
+    program.weights = store
     program.kept = full_kept(arch)
     _drop_dead_nodes(gm)
     return program
+
+
+def _resolves(store: WeightStore, name: str, shape: torch.Size) -> bool:
+    """The store holds `name` (directly or renamed) with the module's shape."""
+    try:
+        return store.shape(name) == list(shape)
+    except PdcError:
+        return False
 
 
 def embedding_names(model: torch.nn.Module) -> dict:
@@ -152,22 +177,9 @@ def embedding_names(model: torch.nn.Module) -> dict:
 
 def checkpoint_renames(model: torch.nn.Module, keys: list[str]) -> dict[str, str]:
     """{module name: checkpoint key} for the keys that transformers renames when it loads this
-    model (its own load-time renaming rules, e.g. GPT-NeoX's `embed_out.` -> `lm_head.`)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, rename_source_key
-
-        transforms = get_model_conversion_mapping(model)
-    except Exception:  # an older transformers without conversion rules: keys are module names
-        return {}
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
-    out = {}
-    for key in keys:
-        new, _ = rename_source_key(key, renamings, converters)
-        if new != key:
-            out[new] = key
-    return out
+    model (its own load-time renaming rules, e.g. GPT-NeoX's `embed_out.` -> `lm_head.`); keys it
+    merges into one tensor are not renames (`ConvertedWeights` serves those)."""
+    return {name: key for key, (name, merged) in module_names(model, keys).items() if name != key and not merged}
 
 
 def materialize(program: Program, dtype: torch.dtype = torch.float32, progress: bool = False) -> None:
@@ -202,18 +214,19 @@ def _retarget_devices(gm: torch.fx.GraphModule, old: torch.device, new: torch.de
 
 
 def full_kept(arch: Arch) -> dict:
-    """kept_indices for the unpruned source (everything kept)."""
-    return {
-        "hidden": list(range(arch.hidden)),
-        "layers": {
-            str(i): {
-                "mlp": list(range(arch.mlp)),
-                "heads": list(range(arch.heads)),
-                "kv_heads": list(range(arch.kv_heads)),
-            }
-            for i in range(arch.layers)
-        },
-    }
+    """kept_indices for the unpruned source (everything kept); a mixture of experts also lists
+    its experts, each expert's neurons (by source expert id) and its shared expert's neurons."""
+    def layer() -> dict:
+        entry = {"mlp": list(range(arch.mlp)), "heads": list(range(arch.heads)),
+                 "kv_heads": list(range(arch.kv_heads))}
+        if arch.experts:
+            entry["experts"] = list(range(arch.experts))
+            entry["expert_mlp"] = {str(e): list(range(arch.expert_mlp)) for e in range(arch.experts)}
+            if arch.shared_mlp:
+                entry["shared_mlp"] = list(range(arch.shared_mlp))
+        return entry
+
+    return {"hidden": list(range(arch.hidden)), "layers": {str(i): layer() for i in range(arch.layers)}}
 
 
 def source_arch(cfg: dict) -> Arch:

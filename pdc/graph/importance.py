@@ -5,7 +5,13 @@ recording at the nodes the structure names:
 - MLP neuron i of layer l: the input of the down projection, channel i;
 - attention head h: the input of the output projection, the L2 norm of head h's head_dim block;
   a kv group scores the sum of its query heads;
-- hidden channel c: the output of every norm (all layers and the final one), channel c, summed.
+- hidden channel c: the output of every norm (all layers and the final one), channel c, summed;
+- mixture of experts (per layer): expert e scores by `expert_score`: "mass" (default), the
+  routing weight the router gave e summed over the (token, slot) pairs routed to it, or
+  "output", the L2 norm of e's weighted output (routing weight x expert output) summed over
+  those pairs; both are reported. Neuron i of expert e: the input of e's down projection, channel i, L2 over the
+  tokens routed to e (each expert ranks its own neurons). A shared expert's neurons: as a dense
+  MLP's.
 Per block the values are aggregated over the sequence (`seq_agg`: "mean" of |x|, or "l2" norm),
 then over blocks (`batch_agg`: "l2" norm, or "mean"). The output head is never evaluated: the
 recorded nodes all come before it, so the pass stops there.
@@ -31,6 +37,7 @@ import torch.fx
 
 from pdc.errors import PdcError
 from pdc.graph.program import STAGE, Program
+from pdc.graph.rewrite import take
 from pdc.graph.structure import structure_of
 from pdc.lang.settings import ImportanceConfig
 
@@ -44,18 +51,26 @@ class Importance:
     mlp: dict[int, torch.Tensor] = field(default_factory=dict)
     heads: dict[int, torch.Tensor] = field(default_factory=dict)
     kv_heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    # mixtures of experts, per layer: the experts' scores by the method's `expert_score`, both
+    # activation measures, each expert's neuron scores [experts, neurons], the shared expert's
+    experts: dict[int, torch.Tensor] = field(default_factory=dict)
+    expert_mass: dict[int, torch.Tensor] = field(default_factory=dict)
+    expert_output: dict[int, torch.Tensor] = field(default_factory=dict)
+    expert_mlp: dict[int, torch.Tensor] = field(default_factory=dict)
+    shared_mlp: dict[int, torch.Tensor] = field(default_factory=dict)
+    expert_score: str = ""
     seconds: float = 0.0
     tokens: int = 0
 
+    FIELDS = ("mlp", "heads", "kv_heads", "experts", "expert_mass", "expert_output", "expert_mlp", "shared_mlp")
+
     def to_json(self) -> dict:
-        return {
-            "method": self.method,
-            "hidden": self.hidden.tolist(),
-            "layers": {
-                str(i): {"mlp": self.mlp[i].tolist(), "heads": self.heads[i].tolist(), "kv_heads": self.kv_heads[i].tolist()}
-                for i in sorted(self.mlp)
-            },
-        }
+        out = {"method": self.method, "hidden": self.hidden.tolist(), "layers": {}}
+        if self.experts:
+            out["expert_score"] = self.expert_score
+        for i in sorted(self.heads):
+            out["layers"][str(i)] = {k: getattr(self, k)[i].tolist() for k in self.FIELDS if i in getattr(self, k)}
+        return out
 
     @classmethod
     def from_json(cls, data: dict, tokens: int = 0) -> "Importance":
@@ -64,9 +79,9 @@ class Importance:
             return torch.tensor(values, dtype=torch.float32)
 
         layers = {int(i): v for i, v in data["layers"].items()}
-        return cls(method=data["method"], hidden=t(data["hidden"]), mlp={i: t(v["mlp"]) for i, v in layers.items()},
-                   heads={i: t(v["heads"]) for i, v in layers.items()},
-                   kv_heads={i: t(v["kv_heads"]) for i, v in layers.items()}, tokens=tokens)
+        fields = {k: {i: t(v[k]) for i, v in layers.items() if k in v} for k in cls.FIELDS}
+        return cls(method=data["method"], hidden=t(data["hidden"]), expert_score=data.get("expert_score", ""),
+                   tokens=tokens, **fields)
 
 
 def compute(program: Program, calib: torch.Tensor, config: ImportanceConfig, batch_size: int = 8,
@@ -133,49 +148,111 @@ def _activation(program: Program, calib: torch.Tensor, config: ImportanceConfig,
         raise PdcError(f"calibration blocks must be a LongTensor [N, L], got {calib.dtype} {tuple(calib.shape)}", STAGE)
     structure = structure_of(program)
     taps: dict[str, tuple] = {}  # node name -> (kind, layer, head_dim)
+    routed: dict[int, _ExpertAccumulator] = {}
     for layer in structure.layers:
-        taps[layer.mlp.down_input] = ("mlp", layer.index, 0)
+        if layer.mlp is not None:
+            taps[layer.mlp.down_input] = ("mlp", layer.index, 0)
         taps[layer.attn.o_input] = ("heads", layer.index, layer.attn.head_dim)
+        if layer.moe is not None:
+            e = layer.moe
+            routed[layer.index] = _ExpertAccumulator(e.experts, e.size)
+            for node, kind in ((e.expert_ids, "ids"), (e.weights, "routing"), (e.down_input, "expert_mlp"),
+                               (e.weighted_output, "expert_output")):
+                taps[node] = (kind, layer.index, 0)
+            if e.shared is not None:
+                taps[e.shared.down_input] = ("shared_mlp", layer.index, 0)
     for name in structure.hidden.norm_outputs:
         taps[name] = ("hidden", -1, 0)
-    accs = {key: _Accumulator(config.seq_agg, config.batch_agg) for key in taps}
+    accs = {key: _Accumulator(config.seq_agg, config.batch_agg) for key, (kind, _, _) in taps.items()
+            if kind in ("mlp", "heads", "hidden", "shared_mlp")}
+    batch_shape: list = [None]
 
     def record(name: str, value: torch.Tensor) -> None:
-        kind, _, head_dim = taps[name]
+        kind, index, head_dim = taps[name]
         if kind == "heads":
             b, l, width = value.shape
             value = torch.linalg.vector_norm(value.reshape(b, l, width // head_dim, head_dim), dim=-1)
+        elif kind in ("ids", "routing", "expert_mlp", "expert_output"):
+            routed[index].add(kind, value)
+            return
+        elif kind == "shared_mlp":  # tokens flattened in front of the mixture: [B * L, neurons]
+            value = value.reshape(*batch_shape[0], -1)
         accs[name].add(value)
 
     tapped = _TapProgram(program, set(taps), record)
     rank, world = ranks
     starts = list(range(0, calib.shape[0], batch_size))[rank::world]  # whole batches: as one process runs them
     for start in tqdm(starts, desc="calibration", unit="batch", disable=not progress or rank != 0):
-        tapped.run(calib[start:start + batch_size])
+        batch = calib[start:start + batch_size]
+        batch_shape[0] = tuple(batch.shape)
+        tapped.run(batch)
     if world > 1:
         for name, (kind, index, head_dim) in taps.items():
-            accs[name].all_reduce(torch.zeros(_tap_width(structure, kind, index, head_dim), dtype=torch.float64))
+            if name in accs:
+                accs[name].all_reduce(torch.zeros(_tap_width(structure, kind, index, head_dim), dtype=torch.float64))
+        for index in sorted(routed):
+            routed[index].all_reduce()
     hidden = None
-    imp = Importance(method="activation", hidden=torch.zeros(0))
+    imp = Importance(method="activation", hidden=torch.zeros(0), expert_score=config.expert_score if routed else "")
     for name, (kind, index, _) in taps.items():
+        if name not in accs:
+            continue
         score = accs[name].result()
         if kind == "hidden":
             hidden = score if hidden is None else hidden + score
-        elif kind == "mlp":
-            imp.mlp[index] = score
+        elif kind in ("mlp", "shared_mlp"):
+            getattr(imp, kind)[index] = score
         else:
             imp.heads[index] = score
     imp.hidden = hidden
     for layer in structure.layers:
         imp.kv_heads[layer.index] = _group_sum(imp.heads[layer.index], layer.attn.kv_heads)
+    for index, acc in routed.items():
+        imp.expert_mass[index], imp.expert_output[index], imp.expert_mlp[index] = acc.result()
+        imp.experts[index] = (imp.expert_mass if config.expert_score == "mass" else imp.expert_output)[index]
     return imp
 
 
+class _ExpertAccumulator:
+    """Per-expert float64 sums over the (token, slot) pairs routed to each expert: routing
+    weight, norm of the weighted output, squared neuron inputs. The ids and routing weights of a
+    batch are recorded before the expert values that use them (graph order)."""
+
+    def __init__(self, experts: int, neurons: int):
+        self.mass = torch.zeros(experts, dtype=torch.float64)
+        self.output = torch.zeros(experts, dtype=torch.float64)
+        self.neurons = torch.zeros(experts, neurons, dtype=torch.float64)
+        self.ids = self.routing = None
+
+    def add(self, kind: str, value: torch.Tensor) -> None:
+        if kind == "ids":
+            self.ids = value.reshape(-1).long()
+        elif kind == "routing":
+            self.routing = value.reshape(-1).double()
+        elif kind == "expert_mlp":
+            self.neurons.index_add_(0, self.ids, value.double().square())
+        else:
+            self.mass.index_add_(0, self.ids, self.routing)
+            self.output.index_add_(0, self.ids, torch.linalg.vector_norm(value.double(), dim=-1))
+
+    def all_reduce(self) -> None:
+        both = torch.cat([self.mass, self.output, self.neurons.reshape(-1)])
+        dist.all_reduce(both)
+        n = self.mass.numel()
+        self.mass, self.output, self.neurons = both[:n], both[n:2 * n], both[2 * n:].reshape(self.neurons.shape)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.mass.float(), self.output.float(), self.neurons.sqrt().float()
+
+
 def _tap_width(structure, kind: str, index: int, head_dim: int) -> int:
-    """Units a tap scores: hidden channels, the layer's MLP neurons or its query heads."""
+    """Units a tap scores: hidden channels, the layer's MLP (or shared expert's) neurons or its
+    query heads."""
     if kind == "hidden":
         return structure.hidden.size
     layer = next(l for l in structure.layers if l.index == index)
+    if kind == "shared_mlp":
+        return layer.moe.shared.size
     return layer.mlp.size if kind == "mlp" else layer.attn.heads
 
 
@@ -231,7 +308,7 @@ def _weight(program: Program, name: str) -> torch.Tensor:
         index = program.meta.get("source_index", {}).get(name)
         for dim, idx in enumerate(index or []):
             if idx is not None:
-                tensor = tensor.index_select(dim, idx)
+                tensor = take(tensor, dim, idx)
     return tensor.float()
 
 
@@ -255,9 +332,17 @@ def _magnitude(program: Program) -> Importance:
             hidden += _slice_norms(_weight(program, name), dim)
     imp = Importance(method="magnitude", hidden=hidden.sqrt())
     for layer in structure.layers:
-        m, a = layer.mlp, layer.attn
-        mlp = sum(_slice_norms(_weight(program, s.param), 0)[s.rows()] for s in m.spans)
-        imp.mlp[layer.index] = (mlp + _slice_norms(_weight(program, m.down), 1)).sqrt()
+        a = layer.attn
+        for m, scores in ((layer.mlp, imp.mlp), (layer.moe.shared if layer.moe else None, imp.shared_mlp)):
+            if m is not None:
+                mlp = sum(_slice_norms(_weight(program, s.param), 0)[s.rows()] for s in m.spans)
+                scores[layer.index] = (mlp + _slice_norms(_weight(program, m.down), 1)).sqrt()
+        if layer.moe is not None:
+            e = layer.moe
+            rows = sum(_weight(program, s.param)[:, s.rows()].pow(2).sum(-1) for s in e.spans)  # [experts, neurons]
+            neurons = rows + _weight(program, e.down).pow(2).sum(1)
+            imp.expert_mlp[layer.index] = neurons.sqrt()
+            imp.experts[layer.index] = neurons.sum(1).sqrt()
         q = _slice_norms(_weight(program, a.q.param), 0)[a.q.rows()].reshape(a.heads, a.head_dim).sum(1)
         o = _slice_norms(_weight(program, a.o), 1).reshape(a.heads, a.head_dim).sum(1)
         imp.heads[layer.index] = (q + o).sqrt()
@@ -272,9 +357,16 @@ def _random(program: Program, seed: int) -> Importance:
     g = torch.Generator().manual_seed(seed)
     imp = Importance(method="random", hidden=torch.rand(structure.hidden.size, generator=g))
     for layer in structure.layers:
-        imp.mlp[layer.index] = torch.rand(layer.mlp.size, generator=g)
+        if layer.mlp is not None:
+            imp.mlp[layer.index] = torch.rand(layer.mlp.size, generator=g)
         imp.heads[layer.index] = torch.rand(layer.attn.heads, generator=g)
         imp.kv_heads[layer.index] = torch.rand(layer.attn.kv_heads, generator=g)
+        if layer.moe is not None:
+            e = layer.moe
+            imp.experts[layer.index] = torch.rand(e.experts, generator=g)
+            imp.expert_mlp[layer.index] = torch.rand(e.experts, e.size, generator=g)
+            if e.shared is not None:
+                imp.shared_mlp[layer.index] = torch.rand(e.shared.size, generator=g)
     return imp
 
 

@@ -41,7 +41,12 @@ def slice_param(program: Program, name: str, dim: int, keep: torch.Tensor) -> tu
     before = tensor.shape[dim]
     if tensor.is_meta:
         index = program.meta.setdefault("source_index", {}).setdefault(name, [None] * tensor.dim())
-        index[dim] = keep.clone() if index[dim] is None else index[dim][keep]
+        if index[dim] is None:
+            index[dim] = keep.clone()
+        else:
+            index[dim] = index[dim][:, keep] if index[dim].dim() == 2 else index[dim][keep]
+        if dim == 0:  # per-expert indices of the other dims (one row per expert) follow the kept experts
+            index[1:] = [idx[keep] if idx is not None and idx.dim() == 2 else idx for idx in index[1:]]
         shape = list(tensor.shape)
         shape[dim] = len(keep)
         new = torch.empty(shape, dtype=tensor.dtype, device="meta")
@@ -49,6 +54,40 @@ def slice_param(program: Program, name: str, dim: int, keep: torch.Tensor) -> tu
         new = tensor.index_select(dim, keep).contiguous()
     program.set_param(name, new)
     return before, len(keep)
+
+
+def take(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """`tensor` keeping `index` along `dim`: a 1-D index is the same for every slice; a 2-D
+    index [experts, n] keeps its own row of indices in each slice along dim 0 (each expert its
+    own neurons)."""
+    if index.dim() == 1:
+        return tensor.index_select(dim, index)
+    shape = [1] * tensor.dim()
+    shape[0], shape[dim] = index.shape
+    expand = list(tensor.shape)
+    expand[dim] = index.shape[1]
+    return tensor.gather(dim, index.reshape(shape).expand(expand))
+
+
+def slice_param_per_expert(program: Program, name: str, dim: int, keep: torch.Tensor) -> tuple[int, int]:
+    """Keep, in each slice e along dim 0 of parameter `name`, the indices `keep[e]` (ascending)
+    along `dim`. Returns (size before, size after) along `dim`."""
+    tensor = program.param(name)
+    before = tensor.shape[dim]
+    if tensor.is_meta:
+        index = program.meta.setdefault("source_index", {}).setdefault(name, [None] * tensor.dim())
+        old = index[dim]
+        if old is None:
+            index[dim] = keep.clone()
+        else:
+            index[dim] = old.gather(1, keep) if old.dim() == 2 else old[keep]
+        shape = list(tensor.shape)
+        shape[dim] = keep.shape[1]
+        new = torch.empty(shape, dtype=tensor.dtype, device="meta")
+    else:
+        new = take(tensor, dim, keep).contiguous()
+    program.set_param(name, new)
+    return before, int(keep.shape[1])
 
 
 def apply_rules(program: Program, rules: list[Rule], group: Any, keep: torch.Tensor, head_dim: int = 1) -> dict:
@@ -101,7 +140,7 @@ def materialize_sliced(program: Program, dtype: torch.dtype = torch.float32, pro
         tensor = program.weights.load(name)
         for dim, idx in enumerate(indices.get(name, [])):
             if idx is not None:
-                tensor = tensor.index_select(dim, idx)
+                tensor = take(tensor, dim, idx)
         program.set_param(name, tensor.to(dtype).contiguous())
         del tensor
 

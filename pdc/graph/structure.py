@@ -25,8 +25,15 @@ No per-model name tables: the groups come from how tensors flow.
    integer in a view/reshape/expand size list whose dimension has a head-related role is recorded
    as a `ShapeConst`; the head pass recomputes it from the new counts.
 
+4. Mixtures of experts: a per-expert projection `squeeze(bmm(index(W, [ids]), unsqueeze(x, -1)))`
+   with W [experts, out, in] couples like a linear; the expert ids come from a `topk` over a
+   router linear; the layer's MLP is then a `MoeGroup` (router, top-k, stacked gate|up and down,
+   per-expert neuron spans along dim 1, an optional shared expert). Views that flatten the
+   tokens (`[..., hidden]`) keep the channels in place and their trailing size is recorded.
+
 Invariant: every parameter the graph reads belongs to exactly one group (the hidden group, one
-MLP group, one attention group); otherwise `discover` raises `PdcError` naming the node.
+MLP or mixture-of-experts group, one attention group); otherwise `discover` raises `PdcError`
+naming the node.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.var.correction, aten.ama
 # Ops that carry no data.
 IGNORED = {aten._assert_tensor_metadata.default, aten.sym_size.int}
 SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 MATMULS = {aten.matmul.default, aten.bmm.default}
 SDPA = aten.scaled_dot_product_attention.default  # (query, key, value, attn_mask, ...)
 LAYER_NORM = aten.layer_norm.default  # (x, normalized_shape, weight, bias, eps)
@@ -151,18 +159,59 @@ class MlpGroup:
 
 
 @dataclass
+class MoeGroup:
+    """A mixture of experts: a router scores the experts per token, the top_k of them run and
+    their outputs are summed weighted by the routing weights. Found from the graph: an expert
+    projection is a weight [experts, out, in] indexed by the chosen expert ids and multiplied
+    per (token, slot) pair (`index` + `bmm`); the ids come from a `topk` over the router's
+    output; the router is the linear on the hidden channels before it. `spans` are the expert
+    neurons' rows along dim 1 of the gate|up weight (the same layout in every expert);
+    `down` [experts, hidden, size] reads them through its last dim. `shared` is an expert every
+    token runs (a dense MLP beside the routed ones), `shared_gate` its [1, hidden] gate."""
+
+    router: str  # [experts, hidden]
+    router_bias: Optional[str]
+    top_k: int
+    experts: int
+    spans: list[Span]
+    down: str
+    size: int  # neurons per expert
+    down_input: str  # node [tokens * top_k, size]: every (token, slot)'s expert neurons
+    expert_ids: str  # node [tokens * top_k]: the expert of each (token, slot)
+    weights: str  # node [tokens * top_k]: the routing weight of each (token, slot)
+    weighted_output: str  # node [tokens * top_k, hidden]: routing weight x expert output
+    shared: Optional["MlpGroup"] = None
+    shared_gate: Optional[str] = None
+
+    @property
+    def rows(self) -> list[str]:
+        return list(dict.fromkeys(s.param for s in self.spans))
+
+    def params(self) -> list[str]:
+        names = [self.router, self.router_bias, *self.rows, self.down, self.shared_gate]
+        names += self.shared.params() if self.shared else []
+        return list(dict.fromkeys(n for n in names if n))
+
+
+@dataclass
 class LayerBlock:
-    """One decoder layer. Dropping it = redirect the users of `output` to `input`."""
+    """One decoder layer. Dropping it = redirect the users of `output` to `input`. A layer has a
+    dense MLP (`mlp`) or a mixture of experts (`moe`), never both."""
 
     index: int
     prefix: str  # common HF-name prefix of its parameters, e.g. "model.layers.3."
     input: str  # residual-stream node entering the layer
     output: str  # residual-stream node leaving it (the last residual add of the layer)
     attn: AttentionGroup
-    mlp: MlpGroup
+    mlp: Optional[MlpGroup]
     norms: list[str]  # norm weights/biases on the hidden channels (pre-, post- or parallel)
     params: list[str]
     parallel: bool = False  # attention and MLP read the same stream and add in one update
+    moe: Optional[MoeGroup] = None
+
+    def mlps(self) -> list[MlpGroup]:
+        """The dense MLPs of the layer: its MLP, or its mixture's shared expert."""
+        return [m for m in (self.mlp, self.moe.shared if self.moe else None) if m is not None]
 
 
 @dataclass
@@ -174,6 +223,7 @@ class HiddenGroup:
     head: str  # output projection weight (may equal `embedding` when tied)
     final_norms: list[str] = field(default_factory=list)
     size_args: list[str] = field(default_factory=list)  # layer_norm nodes whose normalized_shape is [size]
+    view_args: list[str] = field(default_factory=list)  # view/reshape nodes whose last size is the hidden size
 
 
 @dataclass
@@ -182,17 +232,32 @@ class Structure:
     layers: list[LayerBlock]
 
     def spans(self):
+        """The spans of 2-D projection weights (rows along dim 0)."""
         for layer in self.layers:
             yield from (layer.attn.q, layer.attn.k, layer.attn.v)
-            yield from layer.mlp.spans
+            for m in layer.mlps():
+                yield from m.spans
 
     def projections(self) -> list[str]:
-        """Every linear weight of the decoder layers (q/k/v or fused qkv, o, gate/up or fused,
-        down), in layer order: what LoRA adapts."""
+        """Every linear-layer weight of the decoder layers (q/k/v or fused qkv, o, gate/up or
+        fused, down; a mixture's shared expert and its gate), in layer order: the modules LoRA
+        adapts."""
         out = []
         for layer in self.layers:
-            out += layer.attn.projections() + layer.mlp.rows + [layer.mlp.down]
+            out += layer.attn.projections()
+            if layer.moe and layer.moe.shared_gate:
+                out.append(layer.moe.shared_gate)
+            for m in layer.mlps():
+                out += m.rows + [m.down]
         return list(dict.fromkeys(out))
+
+    def expert_parameters(self) -> list[str]:
+        """The mixtures' routers and stacked expert weights ([experts, out, in]): parameters of
+        modules that are not linear layers, which LoRA adapts as parameters (per expert)."""
+        return [n for layer in self.moe_layers() for n in [layer.moe.router, *layer.moe.rows, layer.moe.down]]
+
+    def moe_layers(self) -> list[LayerBlock]:
+        return [layer for layer in self.layers if layer.moe is not None]
 
     def norms(self) -> list[str]:
         """Every norm weight and bias: on the hidden channels (in the layers and the final one)
@@ -211,11 +276,17 @@ class Structure:
         self.hidden.size = int(program.param(self.hidden.embedding).shape[1])
         nodes = {n.name: n for n in program.gm.graph.nodes}
         for layer in self.layers:
-            a, m = layer.attn, layer.mlp
-            m.size = int(program.param(m.down).shape[1])
-            for span in (a.q, a.k, a.v, *m.spans):
+            a = layer.attn
+            for m in layer.mlps():
+                m.size = int(program.param(m.down).shape[1])
+            for span in (a.q, a.k, a.v, *(s for m in layer.mlps() for s in m.spans)):
                 retrace(program, nodes, span)
             a.heads, a.kv_heads = a.q.units, a.k.units
+            if layer.moe:
+                e = layer.moe
+                e.experts, e.size = int(program.param(e.router).shape[0]), int(program.param(e.down).shape[2])
+                for span in e.spans:
+                    retrace(program, nodes, span)
 
     def check_shapes(self, program: Program) -> Optional[str]:
         """None when every coupled dimension agrees with the (resized) sizes: each hidden member
@@ -236,6 +307,9 @@ class Structure:
         for name in self.hidden.size_args:
             if list(nodes[name].args[1]) != [self.hidden.size]:
                 return f"{name} normalizes over {list(nodes[name].args[1])}, not [{self.hidden.size}]"
+        for name in self.hidden.view_args:
+            if nodes[name].args[1][-1] != self.hidden.size:
+                return f"{name} views its input as {list(nodes[name].args[1])}, not [..., {self.hidden.size}]"
         covered: dict[str, list] = {}
         for span in self.spans():
             covered.setdefault(span.param, []).append(span)
@@ -248,10 +322,15 @@ class Structure:
                     return f"{bias} has {size(bias, 0)} rows, its weight {name} {size(name, 0)}"
         nodes = {n.name: n for n in program.gm.graph.nodes}
         for layer in self.layers:
-            m, a = layer.mlp, layer.attn
-            for name, units in [(s.param, s.units) for s in m.spans] + [(m.down, size(m.down, 1))]:
-                if units != m.size:
-                    return f"layer {layer.index}: {name} has {units} MLP neurons, not {m.size}"
+            a = layer.attn
+            for m in layer.mlps():
+                for name, units in [(s.param, s.units) for s in m.spans] + [(m.down, size(m.down, 1))]:
+                    if units != m.size:
+                        return f"layer {layer.index}: {name} has {units} MLP neurons, not {m.size}"
+            if layer.moe:
+                problem = _check_moe(program, layer.moe)
+                if problem:
+                    return f"layer {layer.index}: {problem}"
             if a.kv_heads < 1 or a.heads % a.kv_heads:
                 return f"layer {layer.index}: {a.heads} query heads do not split evenly over {a.kv_heads} kv groups"
             if a.q.units != a.heads or a.k.units != a.kv_heads or a.v.units != a.kv_heads:
@@ -319,8 +398,16 @@ class Structure:
                 lines.append(f"  attn norms rows={sorted(a.row_norms)} per-head={a.head_norms}")
             for c in a.shape_consts:
                 lines.append(f"    shape const arg{c.index} roles={'*'.join(c.roles)}")
-            lines.append(f"  mlp size={m.size} rows={[s.describe() for s in m.spans]} down={m.down} "
-                         f"biases={m.row_biases + ([m.down_bias] if m.down_bias else [])}")
+            if m is not None:
+                lines.append(f"  mlp size={m.size} rows={[s.describe() for s in m.spans]} down={m.down} "
+                             f"biases={m.row_biases + ([m.down_bias] if m.down_bias else [])}")
+            if layer.moe:
+                e = layer.moe
+                lines.append(f"  moe experts={e.experts} top_k={e.top_k} size={e.size} router={e.router} "
+                             f"rows={[s.describe() for s in e.spans]} down={e.down}")
+                if e.shared:
+                    lines.append(f"  shared expert size={e.shared.size} rows={[s.describe() for s in e.shared.spans]} "
+                                 f"down={e.shared.down} gate={e.shared_gate}")
         return "\n".join(lines) + "\n"
 
 
@@ -413,6 +500,10 @@ def discover(program: Program) -> Structure:
         fresh += 1
         return ("opaque", node.name, fresh)
 
+    experts = _expert_linears(gm, prefix)  # squeeze node -> (weight, input node, ids node, inner nodes)
+    inner = {n for e in experts.values() for n in e[3]}
+    carried: set = set()  # nodes that keep their input's channels in the last dim (read as known)
+
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             if isinstance(node.target, str) and node.target.startswith(prefix):
@@ -427,6 +518,18 @@ def discover(program: Program) -> Structure:
             continue
         t = node.target
         tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and a in label]
+        if node in experts:  # a per-expert projection: couples like a linear with weight [E, out, in]
+            wname, x, _, _ = experts[node]
+            uf.union(label[x], (wname, 2))
+            label[node] = (wname, 1)
+            continue
+        if node in inner:
+            label[node] = new_label(node)
+            continue
+        if tensor_args and node.args[0] in label and node.args[0] not in param_of and _keeps_last_dim(node):
+            label[node] = label[node.args[0]]
+            carried.add(node)
+            continue
         if t is aten.embedding.default:
             weight = node.args[0]
             if weight in param_of:
@@ -479,7 +582,7 @@ def discover(program: Program) -> Structure:
 
     # Every op that reads the hidden channels must be one whose coupling we understand.
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target in IGNORED:
+        if node.op != "call_function" or node.target in IGNORED or node in carried or node in inner or node in experts:
             continue
         known = node.target in PASSTHROUGH or node.target in ELEMENTWISE or node.target in (
             aten.linear.default, aten.embedding.default, LAYER_NORM)
@@ -495,6 +598,8 @@ def discover(program: Program) -> Structure:
     nodes = {n.name: n for n in gm.graph.nodes}
     readers = {n: (w, b) for n, w, b in linears if uf.find((w, 1)) == hidden_root}
     writers = {n: (w, b) for n, w, b in linears if uf.find((w, 0)) == hidden_root}
+    readers.update({n: (e[0], None) for n, e in experts.items() if uf.find((e[0], 2)) == hidden_root})
+    writers.update({n: (e[0], None) for n, e in experts.items() if uf.find((e[0], 1)) == hidden_root})
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     head_linear = None
     for n in readers:
@@ -515,8 +620,11 @@ def discover(program: Program) -> Structure:
         found = sorted(_linear_ancestors_stop(branch, set(writers), stream_nodes), key=lambda n: order[n])
         if not found:
             raise _fail(merge, "a residual add whose branch has no projection onto the hidden channels")
-        attn_nodes = [n for n in found if _has_attention_core(n.args[0], set(readers))]
-        mlp_nodes = [n for n in found if n not in attn_nodes]
+        expert_nodes = [n for n in found if n in experts]
+        attn_nodes = [n for n in found if n not in experts and _has_attention_core(n.args[0], set(readers))]
+        mlp_nodes = [n for n in found if n not in attn_nodes and n not in experts]
+        if len(expert_nodes) > 1:
+            raise _fail(merge, f"{len(expert_nodes)} routed expert outputs merge in one residual add")
         if len(attn_nodes) > 1 or len(mlp_nodes) > 1:
             raise _fail(merge, f"{len(attn_nodes)} attention and {len(mlp_nodes)} MLP outputs merge in one residual add")
         if attn_nodes:
@@ -524,20 +632,23 @@ def discover(program: Program) -> Structure:
                 raise _fail(attn_nodes[0], "attention block without an MLP before the next attention")
             pending_attn, layer_in = _attention(program, attn_nodes[0], writers[attn_nodes[0]], readers, order,
                                                 param_of, uf, nodes), stream_in
-        if mlp_nodes:
+        if mlp_nodes or expert_nodes:
             if pending_attn is None:
-                raise _fail(mlp_nodes[0], "MLP without a preceding attention block")
-            down = mlp_nodes[0]
-            mlp = _mlp(program, down, writers[down], readers, nodes)
+                raise _fail((expert_nodes or mlp_nodes)[0], "MLP without a preceding attention block")
+            moe, mlp = None, None
+            if expert_nodes:
+                moe = _moe(program, expert_nodes[0], experts, mlp_nodes, readers, writers, nodes)
+            else:
+                mlp = _mlp(program, mlp_nodes[0], writers[mlp_nodes[0]], readers, nodes)
             attn, pending_attn = pending_attn, None
-            params = attn.params() + mlp.params()
+            params = attn.params() + (moe.params() if moe else mlp.params())
             norms = [n for n in _norms_between(gm, order, layer_in, merge, param_of, uf, hidden_root, program)
                      if n not in params]
             params += norms
             used.update(params)
             layers.append(LayerBlock(
                 index=len(layers), prefix=_common_prefix(params), input=layer_in.name, output=merge.name,
-                attn=attn, mlp=mlp, norms=norms, params=params, parallel=bool(attn_nodes),
+                attn=attn, mlp=mlp, norms=norms, params=params, parallel=bool(attn_nodes), moe=moe,
             ))
     if pending_attn is not None:
         raise PdcError(f"cannot classify the attention at {pending_attn.o}: attention block without an MLP", STAGE)
@@ -546,10 +657,12 @@ def discover(program: Program) -> Structure:
 
     members = sorted({e for e in uf.parent if isinstance(e, tuple) and len(e) == 2
                       and isinstance(e[0], str) and uf.find(e) == hidden_root and e[0] in set(param_of.values())})
-    norm_outputs, size_args = [], []
+    norm_outputs, size_args, view_args = [], [], []
     for node in gm.graph.nodes:
         if node.op != "call_function" or not in_hidden(node):
             continue
+        if node.target in RESHAPES and node.args[1][-1] == hidden_size:
+            view_args.append(node.name)  # [..., hidden]: flattening tokens in front of a mixture of experts
         if node.target is LAYER_NORM:
             if list(node.args[1]) != [hidden_size]:
                 raise _fail(node, f"a layer norm over {list(node.args[1])} on the hidden channels")
@@ -570,7 +683,8 @@ def discover(program: Program) -> Structure:
         raise _fail(user, f"parameter {name} is in no prunable group (not a projection, a norm on the hidden "
                           "channels or a norm inside attention that pdc can slice)")
     hidden = HiddenGroup(size=hidden_size, members=members, norm_outputs=norm_outputs,
-                         embedding=embed_name, head=head_name, final_norms=final_norms, size_args=size_args)
+                         embedding=embed_name, head=head_name, final_norms=final_norms, size_args=size_args,
+                         view_args=view_args)
     return Structure(hidden=hidden, layers=layers)
 
 
@@ -753,7 +867,7 @@ def _run_path(program: Program, nodes: dict, path: list[str], rows: int):
 def _span_of(program, nodes, path, axis, param, bias, block, what) -> Span:
     """The span of `param` read along `path`, whose end holds units along `axis` and `block`
     contiguous elements in its last dim (block 1: one element per unit)."""
-    rows = int(program.param(param).shape[0])
+    rows = int(program.param(param).shape[-2])  # output rows: dim 0 of a linear, dim 1 of an expert weight
     _, x = _run_path(program, nodes, path, rows)
     end = nodes[path[-1]]
     if block > 1:
@@ -1049,3 +1163,116 @@ def _regroup(src_roles, src_shape, out_shape, sizes):
                 break
         out.append(tuple(group) if group else ("?",))
     return out
+
+
+# ---- mixtures of experts -------------------------------------------------------------------
+def _keeps_last_dim(node: torch.fx.Node) -> bool:
+    """Ops that move whole rows and keep each row's channels in place: a view/reshape that
+    keeps the last size (tokens flattened), `repeat_interleave` and a reduction over other dims,
+    and indexing rows by a tensor of row numbers."""
+    t, shape, src = node.target, _shape(node), _shape(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+    if not shape or not src or _last(node) is None or _last(node) != _last(node.args[0]):
+        return False
+    if t in RESHAPES:
+        return True
+    if t is aten.repeat_interleave.self_int:
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        return dim is not None and dim % len(src) != len(src) - 1
+    if t is aten.sum.dim_IntList:
+        return all(d % len(src) != len(src) - 1 for d in node.args[1]) and len(shape) < len(src)
+    if t is aten.index.Tensor:
+        index = node.args[1]
+        return len(index) == 1 and index[0] is not None and len(src) >= 2
+    return False
+
+
+def _expert_linears(gm: torch.fx.GraphModule, prefix: str) -> dict:
+    """Per-expert projections: `squeeze(bmm(index(W, [ids]), unsqueeze(x, -1)), -1)` with W a
+    parameter [experts, out, in]: each (token, slot) row of x multiplied by its expert's slice.
+    {squeeze node: (W's name, x, ids, {index, unsqueeze, bmm nodes})}."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.target is not aten.squeeze.dim or node.args[1] != -1:
+            continue
+        bmm = node.args[0]
+        if not isinstance(bmm, torch.fx.Node) or bmm.target is not aten.bmm.default:
+            continue
+        sel, col = bmm.args
+        if sel.target is not aten.index.Tensor or col.target is not aten.unsqueeze.default or col.args[1] != -1:
+            continue
+        w, index = sel.args
+        if w.op != "get_attr" or not str(w.target).startswith(prefix) or len(index) != 1 or len(_shape(w) or ()) != 3:
+            continue
+        out[node] = (w.target[len(prefix):], col.args[0], index[0], {sel, col, bmm})
+    return out
+
+
+def _skip_reshapes(node: torch.fx.Node) -> torch.fx.Node:
+    while node.target in RESHAPES or node.target in (aten.to.dtype, aten._to_copy.default):
+        node = node.args[0]
+    return node
+
+
+def _moe(program, down_node, experts: dict, shared_nodes: list, readers: dict, writers: dict, nodes: dict) -> MoeGroup:
+    """The mixture of experts whose down projection is the expert projection `down_node`."""
+    down_w, x, ids, _ = experts[down_node]
+    sources = _linear_ancestors_stop(x, set(readers), set())
+    if not sources or any(src not in experts for src in sources):
+        raise _fail(down_node, "the experts' down projection is not fed by per-expert input projections")
+    spans = []
+    for src in sorted(sources, key=lambda n: n.name):
+        if experts[src][2] is not ids:
+            raise _fail(src, "its experts are chosen by other expert ids than the down projection's")
+        for path in _paths_from(x, src, set(readers)):
+            spans.append(_span_of(program, nodes, [n.name for n in path], -1, experts[src][0], None, 1, "expert MLP"))
+    spans.sort(key=lambda s: (s.param, s.offset))
+    size = int(program.param(down_w).shape[2])
+    if any(s.units != size for s in spans):
+        raise _fail(down_node, f"{spans[0].describe()} does not have one row per expert neuron ({size})")
+    pick = _skip_reshapes(ids)
+    topk = pick.args[0] if pick.target is operator.getitem and pick.args[1] == 1 else None
+    if topk is None or topk.target is not aten.topk.default:
+        raise _fail(down_node, "its expert ids do not come from a top-k over router scores")
+    routers = [n for n in _linear_ancestors_stop(topk.args[0], set(readers), set()) if n not in experts]
+    n_experts = int(program.param(down_w).shape[0])
+    if len(routers) != 1 or int(program.param(readers[routers[0]][0]).shape[0]) != n_experts:
+        raise _fail(topk, f"expected one router (a linear with {n_experts} outputs) before the top-k, found {len(routers)}")
+    router_w, router_b = readers[routers[0]]
+    scaled = [u for u in down_node.users if u.target in (aten.mul.Tensor, operator.mul)]
+    if len(scaled) != 1:
+        raise _fail(down_node, "the experts' outputs are not scaled by routing weights")
+    other = next(a for a in scaled[0].args if isinstance(a, torch.fx.Node) and a is not down_node)
+    weights = other.args[0] if other.target is aten.unsqueeze.default else other
+    moe = MoeGroup(router=router_w, router_bias=router_b, top_k=int(topk.args[1]), experts=n_experts, spans=spans,
+                   down=down_w, size=size, down_input=x.name, expert_ids=ids.name, weights=weights.name,
+                   weighted_output=scaled[0].name)
+    if len(shared_nodes) == 1:
+        shared = shared_nodes[0]
+        moe.shared = _mlp(program, shared, writers[shared], readers, nodes)
+        for user in shared.users:
+            if user.target in (aten.mul.Tensor, operator.mul):
+                gate_in = next(a for a in user.args if isinstance(a, torch.fx.Node) and a is not shared)
+                gates = [n for n in _linear_ancestors_stop(gate_in, set(readers), set())
+                         if int(program.param(readers[n][0]).shape[0]) == 1]
+                if len(gates) == 1:
+                    moe.shared_gate = readers[gates[0]][0]
+    return moe
+
+
+def _check_moe(program: Program, e: MoeGroup) -> Optional[str]:
+    """None when the mixture's parameters agree with its sizes, else what disagrees."""
+    shape = lambda name: tuple(program.param(name).shape)  # noqa: E731
+    if shape(e.router)[0] != e.experts or (e.router_bias and shape(e.router_bias)[0] != e.experts):
+        return f"router {e.router} scores {shape(e.router)[0]} experts, not {e.experts}"
+    if e.experts < e.top_k:
+        return f"{e.experts} experts are fewer than the router's top-k ({e.top_k})"
+    for name in e.rows + [e.down]:
+        if shape(name)[0] != e.experts:
+            return f"{name} holds {shape(name)[0]} experts, not {e.experts}"
+    if shape(e.down)[2] != e.size:
+        return f"{e.down} reads {shape(e.down)[2]} neurons per expert, not {e.size}"
+    for name in e.rows:
+        rows = torch.cat([s.rows() for s in e.spans if s.param == name]).sort().values
+        if not torch.equal(rows, torch.arange(shape(name)[1])) or any(s.units != e.size for s in e.spans):
+            return f"{name}: its {shape(name)[1]} rows per expert are not {e.size} neurons in each of its spans"
+    return None

@@ -63,3 +63,34 @@ class WeightStore:
 
     def largest_shard_bytes(self) -> int:
         return max(p.stat().st_size for p in {e.file for e in self.index.values()})
+
+
+class ConvertedWeights:
+    """The tensors of a checkpoint whose stored layout is not the module layout (transformers
+    converts it while loading: Mixtral-style checkpoints store each expert's w1/w2/w3, the module
+    holds one fused `experts.gate_up_proj [E, 2I, H]`). Loaded once by transformers itself (its
+    conversion rules are the authority) and served by module name; no streaming."""
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForCausalLM
+
+        self.model_dir = Path(model_dir)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
+        except Exception as exc:  # transformers raises many types for a checkpoint it cannot load
+            raise PdcError(f"transformers cannot load {self.model_dir}: {type(exc).__name__}: {exc}".splitlines()[0],
+                           STAGE) from exc
+        self.tensors = {n: t.detach() for n, t in model.state_dict().items()}
+        self.renames: dict[str, str] = {}
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.load(name).shape)
+
+    def load(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        if name not in self.tensors:
+            raise PdcError(f"weight {name!r} not found in the model transformers loads from {self.model_dir}", STAGE)
+        tensor = self.tensors[name]
+        return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)

@@ -272,6 +272,29 @@ def expected_tensors(model_dir: Path, stage: Optional[str] = None):
     return list(groups.values()), model
 
 
+def module_names(model, keys: Iterable[str]) -> dict[str, tuple[str, bool]]:
+    """{stored key: (the module tensor transformers loads it into, merged)} by transformers' own
+    load-time rules for `model`'s class: a renaming (GPT-NeoX's `embed_out.` -> `lm_head.`) or a
+    conversion that merges several stored tensors into one (Mixtral-style checkpoints store each
+    expert's w1/w3/w2; the module holds one `experts.gate_up_proj`), then `merged` is True. Keys
+    no rule touches map to themselves."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # an older transformers without conversion rules: keys are module names
+        return {k: (k, False) for k in keys}
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    out = {}
+    for key in keys:
+        renamed, _ = rename_source_key(key, renamings, [])
+        converted, _ = rename_source_key(key, renamings, converters)
+        out[key] = (converted, converted != renamed)
+    return out
+
+
 def check_against_config(model_dir: Path, entries: dict[str, TensorEntry], cfg: dict,
                          stage: Optional[str] = None) -> None:
     """Every tensor the config expects is stored with its shape and a fitting dtype, and nothing
@@ -286,9 +309,24 @@ def check_against_config(model_dir: Path, entries: dict[str, TensorEntry], cfg: 
     ignore_unexpected = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
     expected_names = set()
     cfg_path = Path(model_dir) / "config.json"
+    stored_as = module_names(model, entries)
+    merged = {}  # module tensor -> the stored tensors transformers merges into it (shapes change)
+    renamed = {}  # module tensor -> the one stored tensor loaded into it under another name
+    for key, (name, is_merged) in stored_as.items():
+        if is_merged:
+            merged.setdefault(name, []).append(entries[key])
+        elif name != key and name not in entries:
+            renamed[name] = entries[key]
     for names, tensor in groups:
         expected_names.update(names)
-        stored = next((entries[n] for n in names if n in entries), None)
+        parts = next((merged[n] for n in names if n in merged), None)
+        if parts is not None:
+            for part in parts:
+                if tensor.is_floating_point() and part.dtype not in FLOAT_ST_DTYPES:
+                    raise _fail(f"{part.file}: tensor {part.name!r} is stored as {part.dtype}, a floating "
+                                f"weight is expected", stage)
+            continue
+        stored = next((entries[n] if n in entries else renamed[n] for n in names if n in entries or n in renamed), None)
         if stored is None:
             if any(p.search(n) for p in ignore_missing for n in names):
                 continue
@@ -309,7 +347,8 @@ def check_against_config(model_dir: Path, entries: dict[str, TensorEntry], cfg: 
                 raise _fail(f"{stored.file}: tensor {stored.name!r} is stored as {stored.dtype}, {cfg_path.name} "
                             f"says dtype {cfg.get('dtype') or cfg.get('torch_dtype')}: the weights and the "
                             "config do not belong together", stage)
-    extra = [n for n in entries if n not in expected_names and not any(p.search(n) for p in ignore_unexpected)]
+    extra = [n for n in entries if n not in expected_names and stored_as[n][0] not in expected_names
+             and not any(p.search(n) for p in ignore_unexpected)]
     if extra:
         raise _fail(f"{entries[extra[0]].file}: holds {len(extra)} tensor(s) {cfg_path.name} has no place for "
                     f"(first: {extra[0]!r}): the weights and the config do not belong together", stage)

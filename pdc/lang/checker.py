@@ -607,9 +607,10 @@ class _Checker:
                 samples=_int(1), seq_len=_int(1), data=self.data_reader(),
                 batch=_enum("l2", "mean", what="batch aggregation"),
                 seq=_enum("mean", "l2", what="sequence aggregation"),
+                experts=_enum("mass", "output", what="expert score"),
             )
         got = self.call_args(v, [], schema, f"{method}(...)")
-        names = {"batch": "batch_agg", "seq": "seq_agg"}
+        names = {"batch": "batch_agg", "seq": "seq_agg", "experts": "expert_score"}
         fields = {names.get(k, k): val for k, (val, _) in got.items() if k != "data"}
         return ImportanceConfig(method=method, **fields), got.get("data", (None,))[0]
 

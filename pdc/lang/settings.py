@@ -45,6 +45,9 @@ class ImportanceConfig:
     seq_agg: Literal["mean", "l2"] = "mean"  # over the sequence first
     batch_agg: Literal["l2", "mean"] = "l2"  # then over the batch
     seed: int = 0
+    # routed experts ranked by the routing weight they receive ("mass") or by the norm of their
+    # weighted output ("output"); both are reported in importance.json (bench/bench_expert_score.py)
+    expert_score: Literal["mass", "output"] = "mass"
 
 
 @dataclass(frozen=True)

@@ -257,8 +257,9 @@ def _render_recipe(plan: dict[str, Any]) -> str:
             out.extend("    " + line for line in _table(rows, ["axis", "source", "target", "ratio"]))
             if st["prune"] == "width":
                 imp = st["importance"]
+                experts = f", experts={imp['expert_score']}" if st["axes"].get("experts") and imp.get("expert_score") else ""
                 out.append(f"    importance: {imp['method']} (samples={imp['samples']}, seq_len={imp['seq_len']}, "
-                           f"batch={imp['batch_agg']}, seq={imp['seq_agg']})")
+                           f"batch={imp['batch_agg']}, seq={imp['seq_agg']}{experts})")
             else:
                 sal = st["saliency"]
                 what = f"task {sal['task']} ({sal['shots']}-shot)" if sal["kind"] == "task" else f"{sal['kind']} on '{sal['data']}'"

@@ -32,7 +32,8 @@ def run_correct(model_dir: Path, train_blocks: Blocks, val_blocks: Blocks, cfg: 
 
 def correction_targets(model_dir: Path, method: str) -> dict:
     """What `lora` adapts and `norm` trains, from the structure of the model's graph (exported
-    on the meta device, no weights read): {"lora_modules": [module names of every projection]}
+    on the meta device, no weights read): {"lora_modules": [module names of every projection],
+    "lora_parameters": [a mixture's router and stacked expert weights]}
     or {"norm_params": [every norm weight and bias]}; {} for `full`. A graph pdc cannot
     classify is the same one-line error pruning gives."""
     if method not in ("lora", "norm"):
@@ -42,5 +43,6 @@ def correction_targets(model_dir: Path, method: str) -> dict:
     except PdcError as exc:
         raise PdcError(f"cannot find the {method} correction targets: {exc.message}", "correct") from None
     if method == "lora":
-        return {"lora_modules": [name.rsplit(".", 1)[0] for name in structure.projections()]}
+        return {"lora_modules": [name.rsplit(".", 1)[0] for name in structure.projections()],
+                "lora_parameters": structure.expert_parameters()}
     return {"norm_params": structure.norms()}

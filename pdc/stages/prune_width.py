@@ -34,7 +34,10 @@ from pdc.lang.settings import ImportanceConfig, WidthTarget
 from pdc.passes.recompute_buffers import RecomputeBuffers
 from pdc.passes.slice_heads import SliceHeads
 from pdc.passes.slice_hidden import SliceHidden
+from pdc.passes.slice_expert_mlp import SliceExpertMlp
+from pdc.passes.slice_experts import SliceExperts
 from pdc.passes.slice_mlp import SliceMlp
+from pdc.passes.slice_shared_mlp import SliceSharedMlp
 from pdc.plan.counts import count_arch
 from pdc.plan.results import PruneResult, encode
 from pdc.plotting import pyplot, save_figure
@@ -44,11 +47,15 @@ from pdc.stages.ranks import run_in_ranks
 def check_target(arch: Arch, target: WidthTarget) -> tuple[int, int]:
     """Raise a one-line `PdcError` if `target` cannot be cut from `arch` (checked before any
     expensive work). Returns the (heads, kv_heads) the pruned model will have."""
-    units = {"hidden": "hidden channels", "mlp": "MLP neurons", "heads": "query heads", "kv_heads": "kv heads"}
+    units = {"hidden": "hidden channels", "mlp": "MLP neurons", "heads": "query heads", "kv_heads": "kv heads",
+             "experts": "experts per layer", "expert_mlp": "neurons per expert",
+             "shared_mlp": "shared-expert neurons"}
     for axis, unit in units.items():
         want, have = getattr(target, axis), getattr(arch, axis)
         if want is not None and not 1 <= want <= have:
             raise PdcError(f"cannot keep {want} {unit}: the source has {have}", STAGE)
+    if target.experts is not None and target.experts < arch.top_k:
+        raise PdcError(f"cannot keep {target.experts} experts: the router picks {arch.top_k} per token", STAGE)
     new_kv = target.kv_heads if target.kv_heads is not None else arch.kv_heads
     rep = arch.heads // arch.kv_heads
     new_heads = target.heads if target.heads is not None else (
@@ -68,7 +75,8 @@ def plan_passes(program: Program, scores: "imp_mod.Importance", target: WidthTar
     if target.hidden is not None and target.hidden != arch.hidden:
         passes.append(SliceHidden(imp_mod.top_k(scores.hidden, target.hidden)))
     if target.mlp is not None and target.mlp != arch.mlp:
-        passes.append(SliceMlp({l.index: imp_mod.top_k(scores.mlp[l.index], target.mlp) for l in structure.layers}))
+        passes.append(SliceMlp({l.index: imp_mod.top_k(scores.mlp[l.index], target.mlp) for l in structure.layers
+                                if l.mlp is not None}))
     new_heads, new_kv = check_target(arch, target)
     if (new_heads, new_kv) != (arch.heads, arch.kv_heads):
         keep_h, keep_kv = {}, {}
@@ -77,8 +85,29 @@ def plan_passes(program: Program, scores: "imp_mod.Importance", target: WidthTar
             keep_h[layer.index], keep_kv[layer.index] = imp_mod.select_heads(
                 scores.heads[layer.index], scores.kv_heads[layer.index], a.heads, a.kv_heads, new_heads, new_kv)
         passes.append(SliceHeads(keep_h, keep_kv))
+    passes += _expert_passes(structure, scores, target)
     if passes:  # buffers derived from the config (Gemma's sqrt(hidden) scale) follow the new sizes
         passes.append(RecomputeBuffers())
+    return passes
+
+
+def _expert_passes(structure, scores: "imp_mod.Importance", target: WidthTarget) -> list:
+    """Experts first (each layer keeps its best `experts`), then each kept expert's own best
+    `expert_mlp` neurons, then the shared experts' neurons."""
+    moe = structure.moe_layers()
+    passes = []
+    kept = {l.index: torch.arange(l.moe.experts) for l in moe}
+    if target.experts is not None and any(l.moe.experts != target.experts for l in moe):
+        kept = {l.index: imp_mod.top_k(scores.experts[l.index], target.experts) for l in moe}
+        passes.append(SliceExperts(kept))
+    if target.expert_mlp is not None and any(l.moe.size != target.expert_mlp for l in moe):
+        passes.append(SliceExpertMlp({
+            l.index: torch.stack([imp_mod.top_k(row, target.expert_mlp) for row in scores.expert_mlp[l.index][kept[l.index]]])
+            for l in moe}))
+    shared = [l for l in moe if l.moe.shared is not None]
+    if target.shared_mlp is not None and any(l.moe.shared.size != target.shared_mlp for l in shared):
+        passes.append(SliceSharedMlp({l.index: imp_mod.top_k(scores.shared_mlp[l.index], target.shared_mlp)
+                                      for l in shared}))
     return passes
 
 
@@ -181,7 +210,7 @@ def plot_importance(scores: "imp_mod.Importance", kept: dict, path: Path) -> Non
     """Hidden channels sorted with the cut line; per-layer sorted MLP neuron scores with the cut;
     per-layer head scores (kept heads filled)."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4 if scores.experts else 3, figsize=(20 if scores.experts else 15, 4))
     h = scores.hidden.sort(descending=True).values
     axes[0].plot(h.numpy())
     axes[0].axvline(len(kept["hidden"]) - 0.5, color="red", ls="--", label=f"keep {len(kept['hidden'])}")
@@ -204,6 +233,16 @@ def plot_importance(scores: "imp_mod.Importance", kept: dict, path: Path) -> Non
                 for hd in kept["layers"][key]["heads"]:
                     axes[2].plot(hd, li, "c.", ms=3)
         axes[2].set(title="head importance (dots = kept)", xlabel="head", ylabel="layer")
+    if scores.experts:
+        grid = torch.stack([scores.experts[i] for i in sorted(scores.experts)])
+        im = axes[3].imshow(grid.numpy(), aspect="auto", cmap="magma")
+        fig.colorbar(im, ax=axes[3])
+        keys = [k for k in sorted(kept["layers"], key=int) if "experts" in kept["layers"][k]]
+        for li, key in enumerate(keys[: grid.shape[0]]):
+            for e in kept["layers"][key]["experts"]:
+                axes[3].plot(e, li, "c.", ms=5)
+        axes[3].set(title=f"expert importance ({scores.expert_score or scores.method}; dots = kept)",
+                    xlabel="expert", ylabel="layer")
     fig.suptitle(f"{scores.method} importance")
     fig.tight_layout()
     save_figure(fig, path, dpi=100)

@@ -183,6 +183,7 @@ class Stage:
             lcfg = LoraConfig(
                 r=self.cfg.lora_rank, lora_alpha=2 * self.cfg.lora_rank, lora_dropout=0.0,
                 target_modules=targets, bias="none", task_type="CAUSAL_LM",
+                target_parameters=list(self.spec.get("lora_parameters") or []) or None,
             )
             self.model = get_peft_model(self.model, lcfg)
             return
