@@ -171,6 +171,8 @@ def _recipe_plan(spec: CheckedSpec, gpu_mem: int | None) -> dict[str, Any]:
         elif isinstance(st, DistillStage):
             stages.append({"name": st.name, "kind": "distill", "teacher": st.teacher, "data": st.data,
                            **_train_dict(st.train, "distill")})
+            if st.teacher_correction is not None:
+                stages[-1]["teacher_correction"] = _train_dict(st.teacher_correction, "correct")
         elif isinstance(st, EvaluateStage):
             stages.append({
                 "name": st.name, "kind": "evaluate", "harness": st.harness,
@@ -270,6 +272,11 @@ def _render_recipe(plan: dict[str, Any]) -> str:
             out.append(f"[{i}] {st['name']}: {who} on '{st['data']}'{extra}")
             if kind == "distill":
                 out.append("    " + _teacher_line(st, plan["source"]))
+                tc = st.get("teacher_correction")
+                if tc:
+                    out.append(f"    teacher corrected concurrently (order=concurrent): {tc['method']}, its first "
+                               f"{tc['steps']:,} steps on the same batches, lr={tc['lr']:g} -> min_lr={tc['min_lr']:g}, "
+                               f"{tc['schedule']}, warmup={tc['warmup']}; deepspeed zero={tc['zero']} {tc['precision']}")
             out.append(f"    {human_count(st['tokens'])} tokens ({st['tokens']:,}) = {st['steps']:,} steps x "
                        f"{st['tokens_per_step']:,} tokens/step (global_batch={st['global_batch']} x "
                        f"seq_len={st['seq_len']}, rounded up)")

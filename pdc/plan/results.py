@@ -31,6 +31,16 @@ MODEL_COLUMNS = ("teacher", "corrected teacher", "pruned", "distilled")
 
 # ---- training stages ----------------------------------------------------------------------
 @dataclass(frozen=True)
+class TeacherCorrection:
+    """The teacher correction a distillation ran in its own loop (`order=concurrent`)."""
+
+    steps: int
+    method: str
+    trainable_params: int
+    model: str = "teacher"
+
+
+@dataclass(frozen=True)
 class TrainResult:
     """Teacher correction or distillation (`kind`). Losses are mean next-token NLL in nats on the
     stage's held-out blocks; KL is the student-teacher forward KL per token."""
@@ -64,6 +74,11 @@ class TrainResult:
     teacher_placement: Optional[str] = None
     cache_k: Optional[int] = None  # the teacher cache's k when the teacher was cached
     val_every: int = 0  # validation every N steps as well (log.jsonl's val_loss / val_kl)
+    # distillation with a concurrent teacher correction (`order=concurrent`): what trained
+    # (steps, method, trainable_params), and the teacher's validation loss before it; the
+    # corrected teacher is in `teacher/` beside `model/`
+    teacher_correction: Optional[TeacherCorrection] = None
+    teacher_val_loss_start: Optional[float] = None
     model: str = "model"
     log: str = "log.jsonl"
     plot: str = "loss.png"

@@ -149,7 +149,7 @@ class Build:
             return self.source_dir(ref.model)
         if ref.stage in self._overrides:
             return self._overrides[ref.stage]
-        return self.out / ref.stage / "model"
+        return self.out / ref.stage / ref.output
 
     def use_model(self, ref: ModelRef, model_dir: Path) -> None:
         """Read `model_dir` wherever the graph reads `ref` (`pdc check --prune-input/--build`)."""
@@ -498,7 +498,8 @@ def _run_distill(build: Build, node: Node, out: Path) -> StageResult:
     cache = next((build.record(up).result.cache_dir for up in node.needs
                   if build.graph.node(up).kind == "teacher_logits"), None)
     return run_distill(teacher, student, train, val, st.train, build.work_dir(node.name), out,
-                       progress=build.progress, launch=build.launch, teacher_cache=cache)
+                       progress=build.progress, launch=build.launch, teacher_cache=cache,
+                       teacher_correction=st.teacher_correction)
 
 
 def _run_evaluate(build: Build, node: Node, out: Path) -> StageResult:
