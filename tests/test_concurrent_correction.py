@@ -4,7 +4,8 @@ paper's Figure 4), through `pdc run` on a tiny llama.
 The invariant: the concurrent correction sees exactly the batches a sequential correction with
 the same settings sees (same seed, batch geometry and split), so after the same number of steps
 its teacher has the same weights, while the student learned from the teacher as it moved. A run
-interrupted after a checkpoint resumes both models to the same result."""
+interrupted after a checkpoint resumes both models to the same result. The evaluation measures
+held-out perplexity on two corpora, each compared between variants over the same blocks."""
 
 from __future__ import annotations
 
@@ -17,17 +18,18 @@ import torch
 from pdc.cli import main as pdc_main
 from pdc.plan.results import read_record
 from test_train_common import weights
-from tiny_builds import make_project
+from tiny_builds import make_project, write_corpus
 
 TRAIN = "global_batch=4 micro_batch=2 seq_len=32"
 SPEC = f"""\
 model teacher = dir("tiny")
 data corpus = jsonl("corpus.jsonl")
+data other  = jsonl("other.jsonl")
 
 correct teacher on corpus {{ steps=3 lr=2e-3 min_lr=2e-4 warmup=1 {TRAIN} }}
 prune width {{ hidden=48 mlp=64 importance=activation(samples=8, seq_len=32) }}
 distill from teacher on corpus {{ steps=4 lr=1e-3 min_lr=1e-4 warmup=1 {TRAIN} checkpoint_every=2 val_every=1 }}
-evaluate with lm_eval {{ perplexity(corpus) }}
+evaluate with lm_eval {{ perplexity(corpus, other) }}
 
 compare fig4 {{
   variant sequential {{ correct.order=parallel }}
@@ -40,6 +42,7 @@ compare fig4 {{
 def build(tmp_path_factory):
     root = tmp_path_factory.mktemp("concurrent")
     spec = make_project(root, SPEC)
+    write_corpus(root / "other.jsonl", n=60, seed=7)
     assert pdc_main(["run", str(spec)]) == 0
     return spec, root / "build" / "tiny"
 
@@ -95,3 +98,19 @@ def test_an_interrupted_run_resumes_teacher_and_student(build, tmp_path):
         got = weights(stage / name)
         for k in expected:
             torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_perplexity_on_several_corpora_is_compared_per_corpus(build):
+    """`perplexity(corpus, other)`: every model has both, the second by name; the evaluation
+    table and the comparison report show each, with a paired interval per corpus."""
+    _, out = build
+    result = read_record(out / "concurrent" / "evaluate").result
+    assert result.perplexity_data == ("corpus", "other")
+    for scores in result.models.values():
+        other = scores.more_perplexity["other"]
+        assert set(scores.more_perplexity) == {"other"} and other.perplexity > 1
+        assert other.perplexity != scores.perplexity and len(other.block_nll) > 1
+    assert "perplexity (held-out 'other')" in (out / "concurrent" / "evaluate" / "table.md").read_text()
+    report = (out / "comparison.md").read_text()
+    assert "perplexity (corpus)" in report and "perplexity (other)" in report
+    assert "perplexity ratio (other)" in report and "paired bootstrap over blocks" in report

@@ -559,7 +559,7 @@ class _Checker:
         )
         tasks: list[EvalTask] = []
         seen: dict[str, ast.Entry] = {}
-        perplexity: Optional[str] = None
+        perplexity: list[str] = []
         for e in st.block.entries:
             v = e.value
             name = v.value if isinstance(v, ast.Name) else v.name.value
@@ -569,10 +569,20 @@ class _Checker:
             seen[name] = e
             if name == "perplexity":
                 args = v.positional if isinstance(v, ast.Call) else ()
-                if len(args) != 1 or not isinstance(args[0], ast.Name) or (isinstance(v, ast.Call) and v.keywords):
-                    self.error("perplexity(...) takes one argument, the name of a data declaration", e.span)
+                if not args or not all(isinstance(a, ast.Name) for a in args) or (isinstance(v, ast.Call) and v.keywords):
+                    self.error("perplexity(...) takes the names of data declarations, e.g. perplexity(heldout, news)",
+                               e.span)
                     continue
-                perplexity = self.data_ref(args[0])
+                named: dict[str, ast.Name] = {}
+                for arg in args:
+                    if arg.value in named:
+                        self.error(f"perplexity on '{arg.value}' listed twice", arg.span,
+                                   Note("first listed here", named[arg.value].span))
+                        continue
+                    named[arg.value] = arg
+                    ref = self.data_ref(arg)
+                    if ref is not None:
+                        perplexity.append(ref)
                 continue
             shots = 0
             if isinstance(v, ast.Call):
@@ -582,7 +592,7 @@ class _Checker:
         if not st.block.entries:
             self.error("evaluate lists no tasks (e.g. winogrande(5) or perplexity(DATA))", _head_span(st))
         cfg = EvalConfig(
-            tasks=tuple(tasks), perplexity_data=perplexity,
+            tasks=tuple(tasks), perplexity_data=tuple(perplexity),
             **{k: got[k][0] for k in ("limit", "seq_len", "allow_code_execution") if k in got},
         )
         return EvaluateStage(cfg, got.get("tasks_dir", (None,))[0], st.harness.value, span=st.span)
@@ -953,7 +963,7 @@ class _Checker:
             elif isinstance(s, DistillStage):
                 used |= {s.teacher, s.data}
             elif isinstance(s, EvaluateStage):
-                used |= {s.eval.perplexity_data}
+                used |= set(s.eval.perplexity_data)
         models = [d for d in self.decl.values() if isinstance(d, ast.ModelDecl)]
         for name, decl in self.decl.items():
             if name in used or (isinstance(decl, ast.ModelDecl) and decl is models[0]):

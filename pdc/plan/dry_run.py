@@ -177,7 +177,7 @@ def _recipe_plan(spec: CheckedSpec, gpu_mem: int | None) -> dict[str, Any]:
             stages.append({
                 "name": st.name, "kind": "evaluate", "harness": st.harness,
                 "tasks": [{"name": t.name, "shots": t.shots} for t in st.eval.tasks],
-                "perplexity_data": st.eval.perplexity_data, "limit": st.eval.limit,
+                "perplexity_data": list(st.eval.perplexity_data), "limit": st.eval.limit,
                 "seq_len": st.eval.seq_len, "tasks_dir": st.tasks_dir,
             })
     final = spec.final_arch
@@ -286,7 +286,8 @@ def _render_recipe(plan: dict[str, Any]) -> str:
         elif kind == "evaluate":
             tasks = ", ".join(f"{t['name']}({t['shots']}-shot)" for t in st["tasks"])
             if st["perplexity_data"]:
-                tasks = ", ".join(x for x in (tasks, f"perplexity on '{st['perplexity_data']}'") if x)
+                on = ", ".join(f"'{d}'" for d in st["perplexity_data"])
+                tasks = ", ".join(x for x in (tasks, f"perplexity on {on}") if x)
             out.append(f"[{i}] {st['name']}: {st['harness']}: {tasks}"
                        + (f", limit={st['limit']}" if st["limit"] else ""))
     fin = plan["final"]

@@ -127,6 +127,7 @@ class SaliencyResult:
     chosen: Optional[float]  # the metric with every dropped layer removed together
     candidates: tuple[Candidate, ...]
     dropped_layers: tuple[int, ...]
+    items: Optional[int] = None  # task saliency: the items each candidate was scored on
     table: str = "saliency.json"
     plot: str = "saliency.png"
 
@@ -240,13 +241,24 @@ class TaskScore:
 
 
 @dataclass(frozen=True)
+class HeldoutScore:
+    """Held-out perplexity on one corpus, with each block's mean next-token NLL (paired
+    bootstrap intervals between models on the same blocks)."""
+
+    perplexity: float
+    block_nll: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelScores:
     path: str
-    perplexity: Optional[float]
+    perplexity: Optional[float]  # on the first data `perplexity(...)` names (the headline)
     tasks: dict[str, TaskScore]
     # Mean next-token NLL of each held-out block (equal lengths), in block order: paired
     # bootstrap intervals of perplexity differences between models.
     block_nll: tuple[float, ...] = ()
+    # perplexity on each further data `perplexity(...)` names, by data name (other text domains)
+    more_perplexity: dict[str, HeldoutScore] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -256,6 +268,7 @@ class EvaluateResult:
     models: dict[str, ModelScores]
     limit: Optional[int]
     perplexity_tokens: Optional[int] = None
+    perplexity_data: tuple[str, ...] = ()  # the data names measured, in order (the first is `perplexity`)
 
 
 StageResult = Union[TrainResult, TeacherLogitsResult, PruneResult, EvaluateResult]

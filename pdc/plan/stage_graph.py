@@ -179,6 +179,6 @@ def build_graph(spec: CheckedSpec) -> StageGraph:
             if distill is not None:
                 columns[MODEL_COLUMNS[3]] = StageRef(distill.name)
             columns = {c: columns[c] for c in MODEL_COLUMNS if c in columns}
-            data = tuple(d for d in (st.eval.perplexity_data,) if d)
+            data = tuple(dict.fromkeys(st.eval.perplexity_data))
             nodes[st.name] = Node(st.name, "evaluate", st, columns, data)
     return StageGraph(spec, nodes)

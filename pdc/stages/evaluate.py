@@ -49,6 +49,7 @@ from pdc.inputs.models import load_causal_lm
 from pdc.inputs.shards import Blocks
 from pdc.lang.settings import DataSource, EvalConfig, EvalTask
 from pdc.plan.results import (
+    HeldoutScore,
     MODEL_COLUMNS,
     EvaluateResult,
     ModelScores,
@@ -389,10 +390,17 @@ def task_accuracy(
     length-normalised `acc_norm` when the task reports it (answers of different lengths make raw
     log-likelihood favour short ones: on social_iqa SmolLM2 scores acc 0.355, acc_norm 0.45,
     chance 0.33), else `acc`."""
+    return task_accuracy_items(model, tokenizer, task, shots, tasks_dir, limit)[0]
+
+
+def task_accuracy_items(
+    model, tokenizer, task: str, shots: int, tasks_dir: Path | None = None, limit: int | None = None
+) -> tuple[float, int | None]:
+    """`task_accuracy` and the number of items it scored (for its standard error)."""
     score = run_tasks(model, tokenizer, [EvalTask(task, shots)], tasks_dir, limit=limit, stderr=False)[task]
     for metric in ("acc_norm", "acc"):
         if metric in score.values:
-            return score.values[metric]
+            return score.values[metric], score.items
     raise PdcError(f"task {task!r} reports no accuracy (it reports: {', '.join(score.values)})", STAGE)
 
 
@@ -414,26 +422,36 @@ def evaluate_model(
     heldout_blocks: Blocks | torch.Tensor | None = None,
     batch_size: int | str = 8,
     progress: bool = True,
+    more_heldout: Mapping[str, Blocks | torch.Tensor] | None = None,
 ) -> ModelScores:
-    """Held-out perplexity (when `heldout_blocks` is given; with each block's NLL) and every
-    task of `cfg` (with each item's score)."""
-    ppl, per_block = None, ()
-    if heldout_blocks is not None:
-        ppl_batch = max(1, batch_size // 2) if isinstance(batch_size, int) else 4
-        per_block = tuple(block_nlls(model, heldout_blocks, batch_size=ppl_batch, progress=progress))
-        ppl = math.exp(sum(per_block) / len(per_block))
+    """Held-out perplexity (when `heldout_blocks` is given; with each block's NLL), the same on
+    each corpus of `more_heldout` (name -> blocks) and every task of `cfg` (with each item's
+    score)."""
+    ppl_batch = max(1, batch_size // 2) if isinstance(batch_size, int) else 4
+
+    def heldout(blocks) -> HeldoutScore:
+        per_block = tuple(block_nlls(model, blocks, batch_size=ppl_batch, progress=progress))
+        return HeldoutScore(math.exp(sum(per_block) / len(per_block)), per_block)
+
+    first = heldout(heldout_blocks) if heldout_blocks is not None else None
+    more = {name: heldout(blocks) for name, blocks in (more_heldout or {}).items()}
     tasks = run_tasks(model, tokenizer, cfg.tasks, tasks_dir, limit=cfg.limit, batch_size=batch_size,
                       allow_code_execution=cfg.allow_code_execution)
-    return ModelScores(path=str(path), perplexity=ppl, tasks=tasks, block_nll=per_block)
+    return ModelScores(path=str(path), perplexity=first.perplexity if first else None, tasks=tasks,
+                       block_nll=first.block_nll if first else (), more_perplexity=more)
 
 
 def evaluate_models(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, tasks_dir: Path | None,
                     heldout_blocks: Blocks | torch.Tensor | None, progress: bool = True,
-                    launch: Launch = Launch(), work_dir: Path | None = None) -> EvaluateResult:
+                    launch: Launch = Launch(), work_dir: Path | None = None,
+                    more_heldout: Mapping[str, Blocks] | None = None) -> EvaluateResult:
     """Evaluate each model directory (label -> path, absent ones skipped) one at a time; with a
-    `launch` of several processes per node, in that many data-parallel ranks on this node."""
+    `launch` of several processes per node, in that many data-parallel ranks on this node.
+    `heldout_blocks` are the blocks of the first data `cfg.perplexity_data` names, `more_heldout`
+    those of the others (by name)."""
     if launch.nproc_per_node > 1:
-        return _evaluate_in_ranks(models, cfg, tasks_dir, heldout_blocks, launch.nproc_per_node, work_dir, progress)
+        return _evaluate_in_ranks(models, cfg, tasks_dir, heldout_blocks, launch.nproc_per_node, work_dir, progress,
+                                  more_heldout)
     device = rank_device()
     batch_size: int | str = "auto" if device.type == "cuda" else 8
     rank, _ = rank_world()
@@ -445,22 +463,26 @@ def evaluate_models(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, t
             print(f"[pdc] evaluate: {label}", flush=True)
         model = load_for_eval(path, device)
         scores[label] = evaluate_model(model, tokenizer_of(path), cfg, path, tasks_dir, heldout_blocks,
-                                       batch_size=batch_size, progress=progress)
+                                       batch_size=batch_size, progress=progress, more_heldout=more_heldout)
         del model
     tokens = None if heldout_blocks is None else int(heldout_blocks.shape[0] * heldout_blocks.shape[1])
-    return EvaluateResult(models=scores, limit=cfg.limit, perplexity_tokens=tokens)
+    return EvaluateResult(models=scores, limit=cfg.limit, perplexity_tokens=tokens,
+                          perplexity_data=tuple(cfg.perplexity_data))
 
 
 def _evaluate_in_ranks(models: Mapping[str, Path], cfg: EvalConfig, tasks_dir: Path | None, heldout,
-                       nproc: int, work_dir: Path | None, progress: bool) -> EvaluateResult:
+                       nproc: int, work_dir: Path | None, progress: bool,
+                       more_heldout: Mapping[str, Blocks] | None = None) -> EvaluateResult:
     """Evaluate on `nproc` ranks of this node (`pdc.stages.ranks`) and read rank 0's result."""
     if work_dir is None:
         raise PdcError("evaluation on several processes needs a work directory", STAGE)
-    if heldout is not None and not isinstance(heldout, Blocks):
+    more_heldout = dict(more_heldout or {})
+    if any(b is not None and not isinstance(b, Blocks) for b in [heldout, *more_heldout.values()]):
         raise PdcError("evaluation on several processes reads held-out blocks from token shards", STAGE)
     job = {"models": {k: str(Path(v).resolve()) for k, v in models.items()}, "cfg": encode(cfg),
            "tasks_dir": str(Path(tasks_dir).resolve()) if tasks_dir else None,
-           "heldout": heldout.to_json() if heldout is not None else None, "progress": progress}
+           "heldout": heldout.to_json() if heldout is not None else None,
+           "more_heldout": {name: b.to_json() for name, b in more_heldout.items()}, "progress": progress}
     result = run_in_ranks("pdc.stages.evaluate", job, nproc, work_dir, STAGE, "evaluation")
     return decode(EvaluateResult, result)
 
@@ -477,7 +499,9 @@ def _rank_job(job: dict) -> dict:
         return tokenizers[str(path)]
 
     tasks_dir = Path(job["tasks_dir"]) if job["tasks_dir"] else None
-    return encode(evaluate_models(job["models"], tokenizer_of, cfg, tasks_dir, heldout, job["progress"]))
+    more = {name: Blocks.from_json(b) for name, b in job["more_heldout"].items()}
+    return encode(evaluate_models(job["models"], tokenizer_of, cfg, tasks_dir, heldout, job["progress"],
+                                  more_heldout=more))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -503,9 +527,13 @@ def comparison_rows(result: EvaluateResult) -> tuple[list[str], list[list[str]]]
     columns = ordered_columns(result.models)
     rows: list[list[str]] = []
     if any(result.models[c].perplexity is not None for c in columns):
-        rows.append(["perplexity (held-out)"] + [
+        first = f" '{result.perplexity_data[0]}'" if len(result.perplexity_data) > 1 else ""
+        rows.append([f"perplexity (held-out{first})"] + [
             f"{result.models[c].perplexity:.3f}" if result.models[c].perplexity is not None else "-"
             for c in columns])
+    for name in result.perplexity_data[1:]:
+        scores = [result.models[c].more_perplexity.get(name) for c in columns]
+        rows.append([f"perplexity (held-out '{name}')"] + [f"{h.perplexity:.3f}" if h else "-" for h in scores])
     tasks: list[str] = []
     for c in columns:
         tasks += [t for t in result.models[c].tasks if t not in tasks]
