@@ -263,7 +263,7 @@ def check_saliency_inputs(saliency: Saliency, blocks: torch.Tensor | None, token
 
 
 # Items each task measurement scored, in this process (the saliency table's `items`).
-scored: list = []
+_task_items: list = []
 
 
 def _measurement(model, saliency: Saliency, blocks, tokenizer, tasks_dir, batch_size) -> Callable[[], float]:
@@ -273,7 +273,7 @@ def _measurement(model, saliency: Saliency, blocks, tokenizer, tasks_dir, batch_
     if saliency.kind == "task":
         def accuracy() -> float:
             value, n = task_accuracy_items(model, tokenizer, saliency.task, saliency.shots, tasks_dir, saliency.limit)
-            scored.append(n)
+            _task_items.append(n)
             return value
         return accuracy
     raise PdcError(f"unknown depth saliency {saliency.kind!r} (expected loss, task or cosine)", STAGE)
@@ -295,7 +295,7 @@ def saliency_table(model, target: DepthTarget, blocks=None, tokenizer=None, task
     """Score all candidates and choose; the JSON-able table written to `saliency.json`.
     `scorer(cands) -> (values, baseline)` replaces `score_candidates` in this process (the
     scores of several ranks)."""
-    scored.clear()
+    _task_items.clear()
     n_layers = len(decoder_layers(model))
     cands = candidates(n_layers, target.depth, target.contiguous)
     n_drop = n_layers - target.depth
@@ -319,8 +319,8 @@ def saliency_table(model, target: DepthTarget, blocks=None, tokenizer=None, task
         with layers_removed(model, chosen):
             after = _measurement(model, sal, blocks, tokenizer, tasks_dir, batch_size)()
     metric, better = _METRIC[sal.kind]
-    items = {n for n in scored if n is not None}
-    scored.clear()
+    items = {n for n in _task_items if n is not None}
+    _task_items.clear()
     return {
         "kind": sal.kind,
         "metric": metric,

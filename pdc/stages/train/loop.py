@@ -8,9 +8,10 @@ next-token loss (`method` full | lora | norm). A distillation with a concurrent 
 (`spec["teacher_correction"]`, `order=concurrent`) does both in one loop: in each of the
 correction's steps the teacher's forward pass on the micro-batch gives the student its targets
 (detached) and the teacher's own next-token loss, on which a second DeepSpeed engine (the
-correction's optimizer and schedule) updates it; afterwards the teacher is frozen. The stage is described by `<work_dir>/stage.json` (written by
-`pdc.stages.train.execute`), which names views on the token shards (`pdc.inputs.shards`): every
-rank memory-maps them and reads only the rows of its own micro-batches.
+correction's optimizer and schedule) updates it; afterwards the teacher is frozen. The stage
+is described by `<work_dir>/stage.json` (written by `pdc.stages.train.execute`), which names
+views on the token shards (`pdc.inputs.shards`): every rank memory-maps them and reads only the
+rows of its own micro-batches.
 
 Invariants:
   * data order is a pure function of (seed, position) (`pdc.inputs.order`): global batch s is
@@ -193,7 +194,6 @@ class Stage:
         """The concurrent correction's DeepSpeed engine: the teacher's trainable parameters, the
         correction's optimizer and LR schedule, the distillation's batch geometry."""
         import deepspeed
-
         from deepspeed.utils import logger as ds_logger
 
         tc = self.correction
