@@ -190,6 +190,7 @@ def test_prune_depth_non_contiguous_with_task_saliency(tmp_path):
     source = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     reference = task_accuracy(hand_built(source, [best]), make_tiny_tokenizer(), "tiny_mc", 0, tasks, 6)
     assert sal.chosen == pytest.approx(reference)
+    assert sal.items == 6  # each candidate scored on the 6 items (its accuracy's standard error)
     assert result.inputs.tasks == {name: sha256_file(tasks / name) for name in ("tiny_mc.jsonl", "tiny_mc.yaml")}
 
 

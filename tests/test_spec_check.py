@@ -46,7 +46,7 @@ def test_full_pipeline_lowering():
     assert (d.depth.saliency.kind, d.depth.saliency.task, d.depth.saliency.limit) == ("task", "social_iqa_local", 32)
     assert (dist.train.loss, dist.train.zero, dist.train.precision, dist.train.top_k) == ("kl_reverse", 2, "bf16", 16)
     assert dist.train.tokens == 1_000_000
-    assert ev.eval.perplexity_data == "held" and ev.tasks_dir == "builtin" and ev.eval.limit == 50
+    assert ev.eval.perplexity_data == ("held",) and ev.tasks_dir == "builtin" and ev.eval.limit == 50
     assert [(t.name, t.shots) for t in ev.eval.tasks] == [("social_iqa_local", 0), ("winogrande", 0)]
     assert spec.final_arch == d.target_arch
     assert spec.source_model == "m" and spec.source_arch.layers == 30

@@ -32,15 +32,17 @@ STAGE_KINDS = ("correct", "prune", "teacher_logits", "distill", "evaluate")
 
 @dataclass(frozen=True)
 class CorrectStage:
-    """Teacher correction: fine-tune `model` on `data` before (sequential) or alongside
-    (parallel, the paper's Figure 4 alternative) the distillation of the pruned student."""
+    """Teacher correction: fine-tune `model` on `data` before the distillation of the pruned
+    student (`sequential`: the corrected teacher is pruned and teaches; `parallel`: the original
+    teacher is pruned, the corrected one teaches). `concurrent` (the paper's Figure 4) never
+    reaches the stage list: the checker folds it into `DistillStage.teacher_correction`."""
 
     stage_kind: ClassVar[str] = "correct"
 
     model: str
     data: str
     train: TrainConfig
-    order: Literal["sequential", "parallel"] = "sequential"
+    order: Literal["sequential", "parallel", "concurrent"] = "sequential"
     span: Span = field(default=_NOSPAN, compare=False)
     name: str = "correct"
 
@@ -71,13 +73,18 @@ class PruneStage:
 
 @dataclass(frozen=True)
 class DistillStage:
-    """Logit distillation from `teacher` (the corrected teacher when a correct stage exists)."""
+    """Logit distillation from `teacher` (the corrected teacher when a correct stage exists).
+    `teacher_correction` (`correct ... { order=concurrent }`, the paper's Figure 4): the teacher
+    is fine-tuned on next-token loss in the same loop, on the same batches, for its first
+    `teacher_correction.total_steps()` steps, while the student learns from it; its batch
+    geometry equals `train`'s."""
 
     stage_kind: ClassVar[str] = "distill"
 
     teacher: str
     data: str
     train: TrainConfig
+    teacher_correction: Optional[TrainConfig] = None
     span: Span = field(default=_NOSPAN, compare=False)
     name: str = "distill"
 

@@ -200,6 +200,10 @@ class _Checker:
         self.data: dict[str, DataSource] = {}
         self.decl: dict[str, ast.ModelDecl | ast.DataDecl] = {}
         self.source_arch: Optional[Arch] = None
+        # the settings read from the correct and distill blocks (key -> (value, node)), for checks
+        # that span both stages
+        self.correct_settings: dict = {}
+        self.distill_settings: dict = {}
 
     def error(self, message: str, span: Span | None, *notes: Note) -> None:
         self.sink.error(message, span, *notes)
@@ -474,11 +478,12 @@ class _Checker:
         train, got = self.train_config(
             st.block,
             {"method": _enum("full", "lora", "norm", what="correction method"), "lora_rank": _int(1),
-             "order": _enum("sequential", "parallel", what="order")},
+             "order": _enum("sequential", "parallel", "concurrent", what="order")},
             "correct", _head_span(st),
         )
         order = got.get("order", ("sequential",))[0]
         self.correct_keys_given = set(got)
+        self.correct_settings = got
         if model is None or data is None:
             return None
         return CorrectStage(model, data, train, order, span=st.span)
@@ -493,6 +498,7 @@ class _Checker:
             "distill", _head_span(st),
         )
         train = replace(train, cache_k=self.check_teacher_settings(train, got))
+        self.distill_settings = got
         if teacher is None or data is None:
             return None
         return DistillStage(teacher, data, train, span=st.span)
@@ -553,7 +559,7 @@ class _Checker:
         )
         tasks: list[EvalTask] = []
         seen: dict[str, ast.Entry] = {}
-        perplexity: Optional[str] = None
+        perplexity: list[str] = []
         for e in st.block.entries:
             v = e.value
             name = v.value if isinstance(v, ast.Name) else v.name.value
@@ -563,10 +569,20 @@ class _Checker:
             seen[name] = e
             if name == "perplexity":
                 args = v.positional if isinstance(v, ast.Call) else ()
-                if len(args) != 1 or not isinstance(args[0], ast.Name) or (isinstance(v, ast.Call) and v.keywords):
-                    self.error("perplexity(...) takes one argument, the name of a data declaration", e.span)
+                if not args or not all(isinstance(a, ast.Name) for a in args) or (isinstance(v, ast.Call) and v.keywords):
+                    self.error("perplexity(...) takes the names of data declarations, e.g. perplexity(heldout, news)",
+                               e.span)
                     continue
-                perplexity = self.data_ref(args[0])
+                named: dict[str, ast.Name] = {}
+                for arg in args:
+                    if arg.value in named:
+                        self.error(f"perplexity on '{arg.value}' listed twice", arg.span,
+                                   Note("first listed here", named[arg.value].span))
+                        continue
+                    named[arg.value] = arg
+                    ref = self.data_ref(arg)
+                    if ref is not None:
+                        perplexity.append(ref)
                 continue
             shots = 0
             if isinstance(v, ast.Call):
@@ -576,7 +592,7 @@ class _Checker:
         if not st.block.entries:
             self.error("evaluate lists no tasks (e.g. winogrande(5) or perplexity(DATA))", _head_span(st))
         cfg = EvalConfig(
-            tasks=tuple(tasks), perplexity_data=perplexity,
+            tasks=tuple(tasks), perplexity_data=tuple(perplexity),
             **{k: got[k][0] for k in ("limit", "seq_len", "allow_code_execution") if k in got},
         )
         return EvaluateStage(cfg, got.get("tasks_dir", (None,))[0], st.harness.value, span=st.span)
@@ -853,11 +869,12 @@ class _Checker:
             except _Silent:
                 lowered.append(None)
         correct_stage = next((s for s in lowered if isinstance(s, CorrectStage)), None)
-        if correct_stage is not None and correct_stage.order == "parallel" and distill_st is None:
-            self.error("order=parallel corrects the teacher alongside distillation, but there is "
+        if correct_stage is not None and correct_stage.order in ("parallel", "concurrent") and distill_st is None:
+            self.error(f"order={correct_stage.order} corrects the teacher alongside distillation, but there is "
                        "no distill stage", correct_st.block.span)
         lowered = self.paper_correction_defaults(lowered)
         self.warn_unused(lowered)
+        lowered = self.fold_concurrent_correction(lowered, correct_st, distill_st)
         if arch is None and not self.sink.has_errors:  # defensive: every path above reports
             self.error(f"cannot determine the architecture of model '{source_name}'", self.decl[source_name].span
                        if source_name in self.decl else None)
@@ -891,6 +908,49 @@ class _Checker:
         fixed = replace(correct, train=t)
         return [fixed if s is correct else s for s in lowered]
 
+    # Settings of a concurrent correction that must equal the distillation's: the teacher trains
+    # on exactly the micro-batches it teaches on.
+    CONCURRENT_SHARED = ("global_batch", "micro_batch", "seq_len", "val_fraction", "seed")
+
+    def fold_concurrent_correction(self, lowered, correct_st, distill_st):
+        """`correct ... { order=concurrent }`: no stage of its own; its training settings become
+        the distillation's `teacher_correction`, checked against the distillation."""
+        correct = next((s for s in lowered if isinstance(s, CorrectStage)), None)
+        distill = next((s for s in lowered if isinstance(s, DistillStage)), None)
+        if correct is None or correct.order != "concurrent" or distill is None:
+            return lowered
+        got, dgot = self.correct_settings, self.distill_settings
+        order_span = got["order"][1].span
+        why = "order=concurrent trains the teacher inside the distillation loop"
+        if correct.data != distill.data:
+            self.error(f"{why}, on the distillation's batches: its data must be the distillation's "
+                       f"'{distill.data}', not '{correct.data}'", correct_st.data.span,
+                       Note("distillation data named here", distill_st.data.span))
+        c, d = correct.train, distill.train
+        for key in self.CONCURRENT_SHARED:
+            if key in got and getattr(c, key) != getattr(d, key):
+                self.error(f"{key}={self.text_of(got[key][1].value)} in a concurrent correction: {why}, whose "
+                           f"{key} is {getattr(d, key)}; leave it out (it follows distill)", got[key][1].span,
+                           Note("order=concurrent set here", order_span))
+        steps, dsteps = c.total_steps(), d.total_steps()
+        if steps and dsteps and steps > dsteps:
+            budget = got.get("steps", got.get("tokens"))
+            self.error(f"a concurrent correction of {steps} steps outlasts the {dsteps} steps of distillation it runs "
+                       "in (it corrects the teacher during the first N steps)",
+                       budget[1].span if budget else _head_span(correct_st))
+        if not d.uses_teacher:
+            self.error(f"{why}, but loss=ce trains the student without a teacher", order_span,
+                       Note("loss=ce set here", dgot["loss"][1].span))
+        elif d.cache_k is not None:
+            self.error(f"{why}, so its logits change every step and cannot be cached: use teacher_logits=online",
+                       dgot["teacher_logits"][1].span, Note("order=concurrent set here", order_span))
+        if c.zero == 3:
+            self.error("a concurrent correction under zero=3 is not supported (the trained teacher is gathered "
+                       "on one process to be saved): use zero=0, 1 or 2", got["engine"][1].span)
+        shared = {key: getattr(d, key) for key in self.CONCURRENT_SHARED}
+        folded = replace(distill, teacher_correction=replace(c, **shared))
+        return [folded if s is distill else s for s in lowered if s is not correct]
+
     def warn_unused(self, lowered) -> None:
         """Warnings, not errors: declarations no stage uses, warmup that outlasts training."""
         used = set()
@@ -904,7 +964,7 @@ class _Checker:
             elif isinstance(s, DistillStage):
                 used |= {s.teacher, s.data}
             elif isinstance(s, EvaluateStage):
-                used |= {s.eval.perplexity_data}
+                used |= set(s.eval.perplexity_data)
         models = [d for d in self.decl.values() if isinstance(d, ast.ModelDecl)]
         for name, decl in self.decl.items():
             if name in used or (isinstance(decl, ast.ModelDecl) and decl is models[0]):

@@ -181,7 +181,9 @@ class EvalTask:
 @dataclass(frozen=True)
 class EvalConfig:
     tasks: tuple[EvalTask, ...] = ()
-    perplexity_data: Optional[str] = None  # name of a `data` declaration; held-out slice
+    # names of `data` declarations measured for held-out perplexity, in the order written (the
+    # first is the headline); a distillation's own data gives only its validation tail
+    perplexity_data: tuple[str, ...] = ()
     limit: Optional[int] = None
     seq_len: int = 512
     allow_code_execution: bool = False  # run tasks that execute model-written code (humaneval, mbpp)

@@ -171,11 +171,13 @@ def _recipe_plan(spec: CheckedSpec, gpu_mem: int | None) -> dict[str, Any]:
         elif isinstance(st, DistillStage):
             stages.append({"name": st.name, "kind": "distill", "teacher": st.teacher, "data": st.data,
                            **_train_dict(st.train, "distill")})
+            if st.teacher_correction is not None:
+                stages[-1]["teacher_correction"] = _train_dict(st.teacher_correction, "correct")
         elif isinstance(st, EvaluateStage):
             stages.append({
                 "name": st.name, "kind": "evaluate", "harness": st.harness,
                 "tasks": [{"name": t.name, "shots": t.shots} for t in st.eval.tasks],
-                "perplexity_data": st.eval.perplexity_data, "limit": st.eval.limit,
+                "perplexity_data": list(st.eval.perplexity_data), "limit": st.eval.limit,
                 "seq_len": st.eval.seq_len, "tasks_dir": st.tasks_dir,
             })
     final = spec.final_arch
@@ -271,6 +273,11 @@ def _render_recipe(plan: dict[str, Any]) -> str:
             out.append(f"[{i}] {st['name']}: {who} on '{st['data']}'{extra}")
             if kind == "distill":
                 out.append("    " + _teacher_line(st, plan["source"]))
+                tc = st.get("teacher_correction")
+                if tc:
+                    out.append(f"    teacher corrected concurrently (order=concurrent): {tc['method']}, its first "
+                               f"{tc['steps']:,} steps on the same batches, lr={tc['lr']:g} -> min_lr={tc['min_lr']:g}, "
+                               f"{tc['schedule']}, warmup={tc['warmup']}; deepspeed zero={tc['zero']} {tc['precision']}")
             out.append(f"    {human_count(st['tokens'])} tokens ({st['tokens']:,}) = {st['steps']:,} steps x "
                        f"{st['tokens_per_step']:,} tokens/step (global_batch={st['global_batch']} x "
                        f"seq_len={st['seq_len']}, rounded up)")
@@ -280,7 +287,8 @@ def _render_recipe(plan: dict[str, Any]) -> str:
         elif kind == "evaluate":
             tasks = ", ".join(f"{t['name']}({t['shots']}-shot)" for t in st["tasks"])
             if st["perplexity_data"]:
-                tasks = ", ".join(x for x in (tasks, f"perplexity on '{st['perplexity_data']}'") if x)
+                on = ", ".join(f"'{d}'" for d in st["perplexity_data"])
+                tasks = ", ".join(x for x in (tasks, f"perplexity on {on}") if x)
             out.append(f"[{i}] {st['name']}: {st['harness']}: {tasks}"
                        + (f", limit={st['limit']}" if st["limit"] else ""))
     fin = plan["final"]

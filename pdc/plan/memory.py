@@ -19,7 +19,9 @@ Training (correct, distill), per GPU at world size N, mixed precision as in the 
                log-softmax kept for the backward pass (10 bytes an entry; 8 in fp32)
   teacher      (distillation) its weights, replicated or /N as a ZeRO-3 inference engine
                (`teacher_partitioned`), its logits and fp32 probabilities (10 bytes an entry) and
-               one layer's forward working set
+               one layer's forward working set; a teacher corrected in the same loop
+               (`order=concurrent`) what its correction would take (weights, gradients,
+               optimizer, activations, logits)
   reserve      a flat 2 GB for the CUDA context, NCCL buffers and allocator slack
 Forward-only stages (prune, evaluate) hold the model in bf16, one layer's working set at their
 batch (calibration: 8 blocks; evaluation: 1 sequence), the bf16 + fp32 logits where the stage
@@ -106,8 +108,10 @@ def activations(arch: Arch, tokens: int, bytes_per: int, checkpointing: bool) ->
 
 
 def train_memory(arch: Arch, cfg: TrainConfig, kind: str, n: int, teacher: Optional[Arch],
-                 gpu_mem: Optional[int], params_of: ParamsOf) -> dict[str, Any]:
-    """Bytes per GPU of a training stage at world size `n`, by part."""
+                 gpu_mem: Optional[int], params_of: ParamsOf,
+                 teacher_correction: Optional[TrainConfig] = None) -> dict[str, Any]:
+    """Bytes per GPU of a training stage at world size `n`, by part. A teacher corrected in the
+    same loop (`teacher_correction`) takes what its own correction would, less the reserve."""
     bf16 = cfg.precision == "bf16"
     w = 2 if bf16 else 4
     psi, t = params_of(arch), trainable_params(arch, cfg, kind, params_of)
@@ -122,7 +126,11 @@ def train_memory(arch: Arch, cfg: TrainConfig, kind: str, n: int, teacher: Optio
         "reserve": RESERVE,
     }
     out: dict[str, Any] = {"parts": parts}
-    if teacher is not None:
+    if teacher is not None and teacher_correction is not None:
+        trained = train_memory(teacher, teacher_correction, "correct", n, None, gpu_mem, params_of)["parts"]
+        parts["teacher"] = sum(v for k, v in trained.items() if k != "reserve")
+        out["teacher_placement"] = "trained"
+    elif teacher is not None:
         t_bytes = params_of(teacher) * w
         split = teacher_partitioned(z, t_bytes, gpu_mem)
         parts["teacher"] = (t_bytes / n if split else t_bytes) + tokens * teacher.vocab * 10 + \
@@ -166,9 +174,11 @@ def memory_plan(spec: CheckedSpec, gpu_mem: int, params_of: ParamsOf) -> list[di
         if isinstance(st, (CorrectStage, DistillStage)):
             model = arch if isinstance(st, CorrectStage) else spec.final_arch
             teacher = arch if isinstance(st, DistillStage) and st.train.online_teacher else None  # a cache or CE loads none
+            corrected = st.teacher_correction if isinstance(st, DistillStage) else None
             cfg = st.train
             valid = [n for n in divisors(cfg.global_batch) if n <= MAX_GPUS]
-            gpus, mem = _fewest(lambda n: train_memory(model, cfg, st.stage_kind, n, teacher, gpu_mem, params_of),
+            gpus, mem = _fewest(lambda n: train_memory(model, cfg, st.stage_kind, n, teacher, gpu_mem, params_of,
+                                                         corrected),
                                 valid, gpu_mem)
             entry.update(mem, gpus=gpus, params=params_of(model), zero=cfg.zero, precision=cfg.precision,
                          micro_batch=cfg.micro_batch, seq_len=cfg.seq_len, global_batch=cfg.global_batch,
@@ -179,7 +189,7 @@ def memory_plan(spec: CheckedSpec, gpu_mem: int, params_of: ParamsOf) -> list[di
                 for zero in range(4):
                     alt_cfg = dataclasses.replace(cfg, zero=zero, activation_checkpointing=ckpt)
                     alt, _ = _fewest(lambda n: train_memory(model, alt_cfg, st.stage_kind, n, teacher, gpu_mem,
-                                                            params_of), valid, gpu_mem)
+                                                            params_of, corrected), valid, gpu_mem)
                     entry["alternatives"][f"zero={zero}{' checkpointing' if ckpt else ''}"] = alt
         elif isinstance(st, PruneStage):
             before = st.source_arch or arch

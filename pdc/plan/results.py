@@ -31,6 +31,16 @@ MODEL_COLUMNS = ("teacher", "corrected teacher", "pruned", "distilled")
 
 # ---- training stages ----------------------------------------------------------------------
 @dataclass(frozen=True)
+class TeacherCorrection:
+    """The teacher correction a distillation ran in its own loop (`order=concurrent`)."""
+
+    steps: int
+    method: str
+    trainable_params: int
+    model: str = "teacher"
+
+
+@dataclass(frozen=True)
 class TrainResult:
     """Teacher correction or distillation (`kind`). Losses are mean next-token NLL in nats on the
     stage's held-out blocks; KL is the student-teacher forward KL per token."""
@@ -64,6 +74,11 @@ class TrainResult:
     teacher_placement: Optional[str] = None
     cache_k: Optional[int] = None  # the teacher cache's k when the teacher was cached
     val_every: int = 0  # validation every N steps as well (log.jsonl's val_loss / val_kl)
+    # distillation with a concurrent teacher correction (`order=concurrent`): what trained
+    # (steps, method, trainable_params), and the teacher's validation loss before it; the
+    # corrected teacher is in `teacher/` beside `model/`
+    teacher_correction: Optional[TeacherCorrection] = None
+    teacher_val_loss_start: Optional[float] = None
     model: str = "model"
     log: str = "log.jsonl"
     plot: str = "loss.png"
@@ -112,6 +127,7 @@ class SaliencyResult:
     chosen: Optional[float]  # the metric with every dropped layer removed together
     candidates: tuple[Candidate, ...]
     dropped_layers: tuple[int, ...]
+    items: Optional[int] = None  # task saliency: the items each candidate was scored on
     table: str = "saliency.json"
     plot: str = "saliency.png"
 
@@ -225,13 +241,24 @@ class TaskScore:
 
 
 @dataclass(frozen=True)
+class HeldoutScore:
+    """Held-out perplexity on one corpus, with each block's mean next-token NLL (paired
+    bootstrap intervals between models on the same blocks)."""
+
+    perplexity: float
+    block_nll: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelScores:
     path: str
-    perplexity: Optional[float]
+    perplexity: Optional[float]  # on the first data `perplexity(...)` names (the headline)
     tasks: dict[str, TaskScore]
     # Mean next-token NLL of each held-out block (equal lengths), in block order: paired
     # bootstrap intervals of perplexity differences between models.
     block_nll: tuple[float, ...] = ()
+    # perplexity on each further data `perplexity(...)` names, by data name (other text domains)
+    more_perplexity: dict[str, HeldoutScore] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -241,6 +268,7 @@ class EvaluateResult:
     models: dict[str, ModelScores]
     limit: Optional[int]
     perplexity_tokens: Optional[int] = None
+    perplexity_data: tuple[str, ...] = ()  # the data names measured, in order (the first is `perplexity`)
 
 
 StageResult = Union[TrainResult, TeacherLogitsResult, PruneResult, EvaluateResult]

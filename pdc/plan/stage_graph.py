@@ -10,6 +10,9 @@ alone, so the wiring below is the only place that knows the recipe's data flow:
   or the source (parallel correction, the paper's Figure 4 alternative; or no correction); each
   later prune stage prunes the previous one's output;
 - distillation teaches the last pruned student with the corrected teacher when there is one;
+  a concurrent correction (`order=concurrent`) has no node of its own: the distillation trains
+  the source teacher as it teaches and writes it beside the student (`StageRef(distill,
+  "teacher")`, the evaluation's corrected-teacher column);
   when it reads a teacher cache (`teacher_logits=cached`), a `teacher_logits` node before it runs
   that teacher once over the blocks it reads, and the distillation needs that node;
 - evaluation compares the source, the corrected teacher, the pruned and the distilled model.
@@ -43,12 +46,17 @@ class SourceRef:
 
 @dataclass(frozen=True)
 class StageRef:
-    """The model a stage wrote (`<stage>/model/`)."""
+    """A model a stage wrote: `<stage>/<output>/` (`model`; a distillation that corrects its
+    teacher concurrently also writes `teacher`)."""
 
     stage: str
+    output: str = "model"
 
 
 ModelRef = Union[SourceRef, StageRef]
+
+# Where a distillation with a concurrent teacher correction writes the corrected teacher.
+CONCURRENT_TEACHER = "teacher"
 
 
 @dataclass(frozen=True)
@@ -166,8 +174,11 @@ def build_graph(spec: CheckedSpec) -> StageGraph:
             if previous_prune is not None:
                 columns[MODEL_COLUMNS[2]] = StageRef(previous_prune)
             distill = next((s for s in spec.stages if isinstance(s, DistillStage)), None)
+            if distill is not None and distill.teacher_correction is not None:
+                columns[MODEL_COLUMNS[1]] = StageRef(distill.name, CONCURRENT_TEACHER)
             if distill is not None:
                 columns[MODEL_COLUMNS[3]] = StageRef(distill.name)
-            data = tuple(d for d in (st.eval.perplexity_data,) if d)
+            columns = {c: columns[c] for c in MODEL_COLUMNS if c in columns}
+            data = tuple(dict.fromkeys(st.eval.perplexity_data))
             nodes[st.name] = Node(st.name, "evaluate", st, columns, data)
     return StageGraph(spec, nodes)

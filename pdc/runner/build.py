@@ -149,7 +149,7 @@ class Build:
             return self.source_dir(ref.model)
         if ref.stage in self._overrides:
             return self._overrides[ref.stage]
-        return self.out / ref.stage / "model"
+        return self.out / ref.stage / ref.output
 
     def use_model(self, ref: ModelRef, model_dir: Path) -> None:
         """Read `model_dir` wherever the graph reads `ref` (`pdc check --prune-input/--build`)."""
@@ -447,8 +447,15 @@ def stage_blocks(build: Build, node: Node, model_dir: Path) -> dict[str, Blocks]
         return {"saliency": take(build.blocks(sal.data or st.data, model_dir, sal.seq_len, node.name), sal.samples,
                                  0, "samples", node.name)}
     if node.kind == "evaluate" and st.eval.perplexity_data:
-        return {"heldout": _heldout_blocks(build, st.eval)}
+        # "heldout": the first data named; "heldout:NAME" each further one
+        first, *more = st.eval.perplexity_data
+        out = {"heldout": _heldout_blocks(build, st.eval, first)}
+        out.update({f"{HELDOUT_MORE}{name}": _heldout_blocks(build, st.eval, name) for name in more})
+        return out
     return {}
+
+
+HELDOUT_MORE = "heldout:"
 
 
 def _run_correct(build: Build, node: Node, out: Path) -> StageResult:
@@ -498,22 +505,24 @@ def _run_distill(build: Build, node: Node, out: Path) -> StageResult:
     cache = next((build.record(up).result.cache_dir for up in node.needs
                   if build.graph.node(up).kind == "teacher_logits"), None)
     return run_distill(teacher, student, train, val, st.train, build.work_dir(node.name), out,
-                       progress=build.progress, launch=build.launch, teacher_cache=cache)
+                       progress=build.progress, launch=build.launch, teacher_cache=cache,
+                       teacher_correction=st.teacher_correction)
 
 
 def _run_evaluate(build: Build, node: Node, out: Path) -> StageResult:
     cfg = node.decl.eval
     models = {label: build.input_model(ref, node.name) for label, ref in node.inputs.items()}
-    heldout = stage_blocks(build, node, build.source_dir(build.spec.source_model)).get("heldout")
-    result = evaluate_models(models, build.tokenizer, cfg, build.tasks_dir(), heldout, build.progress,
-                             launch=build.launch, work_dir=build.out / f"{node.name}.work", reuse_scores=True)
+    blocks = stage_blocks(build, node, build.source_dir(build.spec.source_model))
+    more = {role[len(HELDOUT_MORE):]: b for role, b in blocks.items() if role.startswith(HELDOUT_MORE)}
+    result = evaluate_models(models, build.tokenizer, cfg, build.tasks_dir(), blocks.get("heldout"), build.progress,
+                             launch=build.launch, work_dir=build.out / f"{node.name}.work", more_heldout=more,
+                             reuse_scores=True)
     write_results(result, out)  # results.json and table.md
     print(comparison_table(result))
     return result
 
 
-def _heldout_blocks(build: Build, cfg) -> Blocks:
-    name = cfg.perplexity_data
+def _heldout_blocks(build: Build, cfg, name: str) -> Blocks:
     blocks = build.blocks(name, build.source_dir(build.spec.source_model), cfg.seq_len, "evaluate")
     for node in build.graph.of_kind("distill"):
         if node.decl.data == name:

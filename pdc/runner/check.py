@@ -62,7 +62,7 @@ def check_spec(spec: CheckedSpec, lock_path: Optional[Path] = None, build_dir: O
         elif isinstance(ref, StageRef):
             home = Path(build_dir) if build_dir else default_build_dir(spec)
             key = expected[first].get("inputs", {}).get("model", {}).get("sha256", "?")
-            model = home / ref.stage / "model"
+            model = home / ref.stage / ref.output
             if not (model / "config.json").exists():
                 raise PdcError(
                     f"prune stage {first!r} reads the model of stage {ref.stage!r}, which is not in {home}: pass "

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -100,9 +101,28 @@ def _val_kl(distill: Optional[TrainResult]) -> str:
     return format_number(distill.val_kl_end)
 
 
+def _domains(variants: list[Variant]) -> list[str]:
+    """The held-out corpora the variants measured (the first is `ModelScores.perplexity`)."""
+    for v in variants:
+        ev: Optional[EvaluateResult] = v.result("evaluate")
+        if ev is not None and ev.perplexity_data:
+            return list(ev.perplexity_data)
+    return []
+
+
+def _perplexities(final: ModelScores, domains: list[str]) -> list[tuple[str, Optional[float]]]:
+    """(corpus, perplexity) of a final model on each held-out corpus."""
+    if not domains:
+        return [("held-out", final.perplexity)]
+    more = final.more_perplexity
+    return [(domains[0], final.perplexity)] + [(d, more[d].perplexity if d in more else None) for d in domains[1:]]
+
+
 def _summary_table(doc: Doc, variants: list[Variant]) -> None:
     tasks = _task_names(variants)
-    header = ["variant", "changes", "params", "distill val loss", "val KL", "final model", "perplexity"]
+    domains = _domains(variants)
+    header = ["variant", "changes", "params", "distill val loss", "val KL", "final model"]
+    header += [f"perplexity ({d})" for d in domains] if len(domains) > 1 else ["perplexity"]
     header += [f"{t} % (± se)" for t in tasks]
     rows = []
     for v in variants:
@@ -113,8 +133,9 @@ def _summary_table(doc: Doc, variants: list[Variant]) -> None:
                f"{prune.params_after:,}" if prune else "-",
                f"{format_number(distill.val_loss_start)} -> {format_number(distill.val_loss_end)}" if distill else "-",
                _val_kl(distill),
-               final[0] if final else "-",
-               format_number(final[1].perplexity) if final else "-"]
+               final[0] if final else "-"]
+        row += [format_number(p) if p is not None else "-" for _, p in _perplexities(final[1], domains)] if final \
+            else ["-"] * max(1, len(domains))
         for t in tasks:
             score = final[1].tasks.get(t) if final else None
             row.append(_fmt_score(score.values.get(score.primary), score.stderr.get(score.primary), True)
@@ -144,6 +165,9 @@ def _differences_table(doc: Doc, variants: list[Variant]) -> None:
 
 
 def _plot_losses(variants: list[Variant], png: Path) -> bool:
+    """The distillation's training loss per variant and, where it validated every N steps, the
+    student's held-out LM loss (solid) beside its teacher's (dashed: flat for a frozen teacher,
+    falling for one corrected concurrently) -- the paper's Figure 3."""
     curves = []
     for v in variants:
         distill: Optional[TrainResult] = v.result("distill")
@@ -153,16 +177,34 @@ def _plot_losses(variants: list[Variant], png: Path) -> bool:
         log = read_log_records(v.out / name / distill.log)
         if log:
             key = "kl" if all("kl" in r for r in log) else "loss"
-            curves.append((v.name, [r["step"] for r in log], [r[key] for r in log], key))
+            val = [(r["step"], r["val_loss"], r.get("val_teacher_loss")) for r in log if "val_loss" in r]
+            if distill.val_loss_start is not None:
+                val.insert(0, (0, distill.val_loss_start, distill.teacher_val_loss_start or distill.teacher_val_loss))
+            curves.append((v.name, [r["step"] for r in log], [r[key] for r in log], key, val))
     if not curves:
         return False
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, steps, values, key in curves:
-        ax.plot(steps, values, lw=1.5, label=f"{name} ({'KL' if key == 'kl' else 'loss'})")
+    held_out = any(len(c[4]) > 2 for c in curves)
+    fig, axes = plt.subplots(1, 2 if held_out else 1, figsize=(13 if held_out else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    for i, (name, steps, values, key, _) in enumerate(curves):
+        ax.plot(steps, values, lw=1.5, color=f"C{i}", label=f"{name} ({'KL' if key == 'kl' else 'loss'})")
     ax.set(xlabel="optimizer step", ylabel="training loss (nats/token)", title="distillation, per variant")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if held_out:
+        ax = axes[0][1]
+        for i, (name, _, _, _, val) in enumerate(curves):
+            ax.plot([p[0] for p in val], [p[1] for p in val], lw=1.5, marker="o", ms=3, color=f"C{i}",
+                    label=f"{name}: student")
+            teacher = [(p[0], p[2]) for p in val if p[2] is not None]
+            if teacher:
+                ax.plot([p[0] for p in teacher], [p[1] for p in teacher], lw=1, ls="--", color=f"C{i}",
+                        label=f"{name}: teacher")
+        ax.set(xlabel="optimizer step", ylabel="held-out LM loss (nats/token)",
+               title="held-out LM loss on the distillation data")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, png)
     return True
@@ -170,9 +212,12 @@ def _plot_losses(variants: list[Variant], png: Path) -> bool:
 
 def _plot_scores(variants: list[Variant], png: Path) -> bool:
     metrics = []  # (label, [(variant, value, err)])
-    ppl = [(v.name, v.final[1].perplexity, None) for v in variants if v.final and v.final[1].perplexity]
-    if ppl:
-        metrics.append(("held-out perplexity (lower is better)", ppl))
+    for i, domain in enumerate(_domains(variants) or ["held-out"]):
+        ppl = [(v.name, dict(_perplexities(v.final[1], _domains(variants)))[domain], None)
+               for v in variants if v.final]
+        ppl = [p for p in ppl if p[1]]
+        if ppl:
+            metrics.append((f"perplexity on {domain} (lower is better)", ppl))
     for task in _task_names(variants):
         bars = []
         for v in variants:
@@ -199,6 +244,9 @@ def _plot_scores(variants: list[Variant], png: Path) -> bool:
 
 
 def _plot_saliency(variants: list[Variant], png: Path) -> bool:
+    """Each depth-pruning variant's saliency against the (first) removed layer, one panel per
+    metric, with the unpruned model as a dotted line and, for task accuracy, one standard error
+    (binomial, over the items scored) as a band -- the paper's Figures 7 and 8."""
     series = []
     for v in variants:
         prune: Optional[PruneResult] = v.result("prune")
@@ -216,10 +264,19 @@ def _plot_saliency(variants: list[Variant], png: Path) -> bool:
         for name, sal, starts, values in group:
             line, = ax.plot(starts, values, marker="o", ms=3, lw=1.2,
                             label=f"{name}: drops {list(sal.dropped_layers)}")
+            if sal.items and metric == "accuracy":
+                se = [math.sqrt(max(p * (1 - p), 0.0) / sal.items) for p in values]
+                ax.fill_between(starts, [p - e for p, e in zip(values, se)], [p + e for p, e in zip(values, se)],
+                                color=line.get_color(), alpha=0.15, lw=0)
+            if sal.baseline is not None:
+                ax.axhline(sal.baseline, color=line.get_color(), ls=":", lw=1)
             chosen = [values[starts.index(i)] for i in sal.dropped_layers if i in starts]
             ax.scatter([i for i in sal.dropped_layers if i in starts], chosen, s=70, facecolors="none",
                        edgecolors=line.get_color(), lw=1.5)
-        ax.set(xlabel="first removed layer", ylabel=metric, title=f"depth saliency ({metric})")
+        single = all(len(c.layers) == 1 for _, sal, _, _ in group for c in sal.candidates)
+        ax.set(xlabel="removed layer" if single else "first removed layer", ylabel=metric,
+               title=f"depth saliency ({metric}; dotted: no layer removed"
+                     + ("; band: ± 1 se" if metric == "accuracy" and any(s[1].items for s in group) else "") + ")")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

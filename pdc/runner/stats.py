@@ -81,20 +81,30 @@ def unpaired_interval(mean_a: float, se_a: float, mean_b: float, se_b: float) ->
     return Difference(delta, delta - half, delta + half, "unpaired normal interval")
 
 
+PERPLEXITY_RATIO = "perplexity ratio"
+
+
+def perplexity_ratio(ppl_a: float, nll_a: Sequence[float], ppl_b: float, nll_b: Sequence[float]) -> Difference:
+    """b's perplexity over a's: a paired bootstrap over the same blocks (the interval on the mean
+    NLL difference, exponentiated), or no interval without per-block data."""
+    if nll_a and len(nll_a) == len(nll_b):
+        d = paired_bootstrap(nll_a, nll_b)
+        return Difference(math.exp(d.delta), math.exp(d.low), math.exp(d.high), "paired bootstrap over blocks")
+    return Difference(ppl_b / ppl_a, math.nan, math.nan, "no per-block data: no interval")
+
+
 def score_differences(a: ModelScores, b: ModelScores) -> list[tuple[str, Difference]]:
     """(metric, b - a) for the held-out perplexity (as a ratio b / a) and every task both were
     scored on: paired over the same blocks and items when both carry per-block / per-item
     scores, else an unpaired interval from the standard errors (or no interval)."""
     out: list[tuple[str, Difference]] = []
     if a.perplexity is not None and b.perplexity is not None:
-        if a.block_nll and len(a.block_nll) == len(b.block_nll):
-            d = paired_bootstrap(a.block_nll, b.block_nll)
-            # the interval on the mean NLL difference, shown as a perplexity ratio
-            out.append(("perplexity ratio", Difference(math.exp(d.delta), math.exp(d.low), math.exp(d.high),
-                                                       "paired bootstrap over blocks")))
-        else:
-            out.append(("perplexity ratio", Difference(b.perplexity / a.perplexity, math.nan, math.nan,
-                                                       "no per-block data: no interval")))
+        out.append((PERPLEXITY_RATIO, perplexity_ratio(a.perplexity, a.block_nll, b.perplexity, b.block_nll)))
+    for name, ha in a.more_perplexity.items():
+        hb = b.more_perplexity.get(name)
+        if hb is not None:
+            out.append((f"{PERPLEXITY_RATIO} ({name})",
+                        perplexity_ratio(ha.perplexity, ha.block_nll, hb.perplexity, hb.block_nll)))
     for task, sa in a.tasks.items():
         sb = b.tasks.get(task)
         if sb is None:
@@ -112,7 +122,7 @@ def verdict(metric: str, d: Difference) -> str:
     """'not significant at 95%' unless the interval excludes no change; else which way."""
     if math.isnan(d.low):
         return "no interval"
-    if metric == "perplexity ratio":
+    if metric.startswith(PERPLEXITY_RATIO):
         if d.low <= 1 <= d.high:
             return "not significant at 95%"
         return "lower perplexity" if d.high < 1 else "higher perplexity"
@@ -122,7 +132,7 @@ def verdict(metric: str, d: Difference) -> str:
 
 
 def format_difference(metric: str, d: Difference) -> str:
-    if metric == "perplexity ratio":
+    if metric.startswith(PERPLEXITY_RATIO):
         return f"x{d.delta:.3f}" + ("" if math.isnan(d.low) else f" [{d.low:.3f}, {d.high:.3f}]")
     text = f"{100 * d.delta:+.1f} pts [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
     return text + (f", p={d.p_value:.3g}" if d.p_value is not None else "")

@@ -51,6 +51,7 @@ from pdc.inputs.shards import Blocks
 from pdc.inputs.verify import content_hashes
 from pdc.lang.settings import DataSource, EvalConfig, EvalTask
 from pdc.plan.results import (
+    HeldoutScore,
     MODEL_COLUMNS,
     EvaluateResult,
     ModelScores,
@@ -391,10 +392,17 @@ def task_accuracy(
     length-normalised `acc_norm` when the task reports it (answers of different lengths make raw
     log-likelihood favour short ones: on social_iqa SmolLM2 scores acc 0.355, acc_norm 0.45,
     chance 0.33), else `acc`."""
+    return task_accuracy_items(model, tokenizer, task, shots, tasks_dir, limit)[0]
+
+
+def task_accuracy_items(
+    model, tokenizer, task: str, shots: int, tasks_dir: Path | None = None, limit: int | None = None
+) -> tuple[float, int | None]:
+    """`task_accuracy` and the number of items it scored (for its standard error)."""
     score = run_tasks(model, tokenizer, [EvalTask(task, shots)], tasks_dir, limit=limit, stderr=False)[task]
     for metric in ("acc_norm", "acc"):
         if metric in score.values:
-            return score.values[metric]
+            return score.values[metric], score.items
     raise PdcError(f"task {task!r} reports no accuracy (it reports: {', '.join(score.values)})", STAGE)
 
 
@@ -416,35 +424,44 @@ def evaluate_model(
     heldout_blocks: Blocks | torch.Tensor | None = None,
     batch_size: int | str = 8,
     progress: bool = True,
+    more_heldout: Mapping[str, Blocks | torch.Tensor] | None = None,
 ) -> ModelScores:
-    """Held-out perplexity (when `heldout_blocks` is given; with each block's NLL) and every
-    task of `cfg` (with each item's score)."""
-    ppl, per_block = None, ()
-    if heldout_blocks is not None:
-        ppl_batch = max(1, batch_size // 2) if isinstance(batch_size, int) else 4
-        per_block = tuple(block_nlls(model, heldout_blocks, batch_size=ppl_batch, progress=progress))
-        ppl = math.exp(sum(per_block) / len(per_block))
+    """Held-out perplexity (when `heldout_blocks` is given; with each block's NLL), the same on
+    each corpus of `more_heldout` (name -> blocks) and every task of `cfg` (with each item's
+    score)."""
+    ppl_batch = max(1, batch_size // 2) if isinstance(batch_size, int) else 4
+
+    def heldout(blocks) -> HeldoutScore:
+        per_block = tuple(block_nlls(model, blocks, batch_size=ppl_batch, progress=progress))
+        return HeldoutScore(math.exp(sum(per_block) / len(per_block)), per_block)
+
+    first = heldout(heldout_blocks) if heldout_blocks is not None else None
+    more = {name: heldout(blocks) for name, blocks in (more_heldout or {}).items()}
     tasks = run_tasks(model, tokenizer, cfg.tasks, tasks_dir, limit=cfg.limit, batch_size=batch_size,
                       allow_code_execution=cfg.allow_code_execution)
-    return ModelScores(path=str(path), perplexity=ppl, tasks=tasks, block_nll=per_block)
+    return ModelScores(path=str(path), perplexity=first.perplexity if first else None, tasks=tasks,
+                       block_nll=first.block_nll if first else (), more_perplexity=more)
 
 
 # ---- scores computed once per model -------------------------------------------------------------
 def score_key(path: Path, cfg: EvalConfig, tasks_dir: Path | None, heldout: Blocks | torch.Tensor | None,
-              device: torch.device) -> str:
+              more_heldout: Mapping[str, Blocks] | None, device: torch.device) -> str:
     """What a model's scores depend on: its weights and config (by content, not by the stage that
     wrote them), the evaluation settings, the task files, the held-out blocks, the device kind
     (bf16 on a GPU), the scoring code and the versions of lm-eval and torch."""
     tasks = None
     if tasks_dir is not None and Path(tasks_dir).is_dir():
         tasks = {p.name: sha256_file(p) for p in sorted(Path(tasks_dir).iterdir()) if p.is_file()}
-    if heldout is None:
-        blocks = None
-    elif isinstance(heldout, Blocks):
-        blocks = heldout.to_json()
-    else:
-        blocks = sha256_bytes(heldout.contiguous().numpy().tobytes())
-    return sha256_json([content_hashes(path, STAGE), encode(cfg), tasks, blocks, device.type,
+
+    def identity(blocks):
+        if blocks is None:
+            return None
+        if isinstance(blocks, Blocks):
+            return blocks.to_json()
+        return sha256_bytes(blocks.contiguous().numpy().tobytes())
+
+    held = [identity(heldout), {name: identity(b) for name, b in sorted((more_heldout or {}).items())}]
+    return sha256_json([content_hashes(path, STAGE), encode(cfg), tasks, held, device.type,
                         sha256_file(Path(__file__)), package_version("lm_eval"),
                         torch.__version__])[:24]
 
@@ -467,33 +484,37 @@ def _cached_scores(key: str, path: Path) -> ModelScores | None:
 def evaluate_models(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, tasks_dir: Path | None,
                     heldout_blocks: Blocks | torch.Tensor | None, progress: bool = True,
                     launch: Launch = Launch(), work_dir: Path | None = None,
+                    more_heldout: Mapping[str, Blocks] | None = None,
                     reuse_scores: bool = False) -> EvaluateResult:
     """Evaluate each model directory (label -> path, absent ones skipped) one at a time; with a
-    `launch` of several processes per node, in that many data-parallel ranks on this node. With
-    `reuse_scores`, a model scored before with the same weights and settings is not scored again
-    (`score_key`), and every new score is kept for the next run."""
+    `launch` of several processes per node, in that many data-parallel ranks on this node.
+    `heldout_blocks` are the blocks of the first data `cfg.perplexity_data` names, `more_heldout`
+    those of the others (by name). With `reuse_scores`, a model scored before with the same
+    weights and settings is not scored again (`score_key`), and every new score is kept for the
+    next run."""
     present = {k: v for k, v in models.items() if (Path(v) / "config.json").exists()}
     if not reuse_scores:
-        return _evaluate(present, tokenizer_of, cfg, tasks_dir, heldout_blocks, progress, launch, work_dir)
+        return _evaluate(present, tokenizer_of, cfg, tasks_dir, heldout_blocks, progress, launch, work_dir,
+                         more_heldout)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    keys = {label: score_key(path, cfg, tasks_dir, heldout_blocks, device) for label, path in present.items()}
+    keys = {label: score_key(path, cfg, tasks_dir, heldout_blocks, more_heldout, device)
+            for label, path in present.items()}
     reused = {label: s for label in present if (s := _cached_scores(keys[label], present[label])) is not None}
     for label in reused:
         print(f"[pdc] evaluate: {label}: scored before with the same weights and settings, reused", flush=True)
     todo = {label: path for label, path in present.items() if label not in reused}
-    result = _evaluate(todo, tokenizer_of, cfg, tasks_dir, heldout_blocks, progress, launch, work_dir)
+    result = _evaluate(todo, tokenizer_of, cfg, tasks_dir, heldout_blocks, progress, launch, work_dir, more_heldout)
     for label, scores in result.models.items():
         write_json(scores_dir() / f"{keys[label]}.json", encode(scores))
-    merged = {label: reused.get(label) or result.models[label] for label in present}
-    tokens = None if heldout_blocks is None else int(heldout_blocks.shape[0] * heldout_blocks.shape[1])
-    return EvaluateResult(models=merged, limit=cfg.limit, perplexity_tokens=tokens)
+    return dataclasses.replace(result, models={label: reused.get(label) or result.models[label] for label in present})
 
 
 def _evaluate(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, tasks_dir: Path | None,
               heldout_blocks: Blocks | torch.Tensor | None, progress: bool, launch: Launch,
-              work_dir: Path | None) -> EvaluateResult:
+              work_dir: Path | None, more_heldout: Mapping[str, Blocks] | None) -> EvaluateResult:
     if launch.nproc_per_node > 1 and models:
-        return _evaluate_in_ranks(models, cfg, tasks_dir, heldout_blocks, launch.nproc_per_node, work_dir, progress)
+        return _evaluate_in_ranks(models, cfg, tasks_dir, heldout_blocks, launch.nproc_per_node, work_dir, progress,
+                                  more_heldout)
     device = rank_device()
     batch_size: int | str = "auto" if device.type == "cuda" else 8
     rank, _ = rank_world()
@@ -503,22 +524,26 @@ def _evaluate(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, tasks_d
             print(f"[pdc] evaluate: {label}", flush=True)
         model = load_for_eval(path, device)
         scores[label] = evaluate_model(model, tokenizer_of(path), cfg, path, tasks_dir, heldout_blocks,
-                                       batch_size=batch_size, progress=progress)
+                                       batch_size=batch_size, progress=progress, more_heldout=more_heldout)
         del model
     tokens = None if heldout_blocks is None else int(heldout_blocks.shape[0] * heldout_blocks.shape[1])
-    return EvaluateResult(models=scores, limit=cfg.limit, perplexity_tokens=tokens)
+    return EvaluateResult(models=scores, limit=cfg.limit, perplexity_tokens=tokens,
+                          perplexity_data=tuple(cfg.perplexity_data))
 
 
 def _evaluate_in_ranks(models: Mapping[str, Path], cfg: EvalConfig, tasks_dir: Path | None, heldout,
-                       nproc: int, work_dir: Path | None, progress: bool) -> EvaluateResult:
+                       nproc: int, work_dir: Path | None, progress: bool,
+                       more_heldout: Mapping[str, Blocks] | None = None) -> EvaluateResult:
     """Evaluate on `nproc` ranks of this node (`pdc.stages.ranks`) and read rank 0's result."""
     if work_dir is None:
         raise PdcError("evaluation on several processes needs a work directory", STAGE)
-    if heldout is not None and not isinstance(heldout, Blocks):
+    more_heldout = dict(more_heldout or {})
+    if any(b is not None and not isinstance(b, Blocks) for b in [heldout, *more_heldout.values()]):
         raise PdcError("evaluation on several processes reads held-out blocks from token shards", STAGE)
     job = {"models": {k: str(Path(v).resolve()) for k, v in models.items()}, "cfg": encode(cfg),
            "tasks_dir": str(Path(tasks_dir).resolve()) if tasks_dir else None,
-           "heldout": heldout.to_json() if heldout is not None else None, "progress": progress}
+           "heldout": heldout.to_json() if heldout is not None else None,
+           "more_heldout": {name: b.to_json() for name, b in more_heldout.items()}, "progress": progress}
     result = run_in_ranks("pdc.stages.evaluate", job, nproc, work_dir, STAGE, "evaluation")
     return decode(EvaluateResult, result)
 
@@ -535,7 +560,9 @@ def _rank_job(job: dict) -> dict:
         return tokenizers[str(path)]
 
     tasks_dir = Path(job["tasks_dir"]) if job["tasks_dir"] else None
-    return encode(evaluate_models(job["models"], tokenizer_of, cfg, tasks_dir, heldout, job["progress"]))
+    more = {name: Blocks.from_json(b) for name, b in job["more_heldout"].items()}
+    return encode(evaluate_models(job["models"], tokenizer_of, cfg, tasks_dir, heldout, job["progress"],
+                                  more_heldout=more))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -561,9 +588,13 @@ def comparison_rows(result: EvaluateResult) -> tuple[list[str], list[list[str]]]
     columns = ordered_columns(result.models)
     rows: list[list[str]] = []
     if any(result.models[c].perplexity is not None for c in columns):
-        rows.append(["perplexity (held-out)"] + [
+        first = f" '{result.perplexity_data[0]}'" if len(result.perplexity_data) > 1 else ""
+        rows.append([f"perplexity (held-out{first})"] + [
             f"{result.models[c].perplexity:.3f}" if result.models[c].perplexity is not None else "-"
             for c in columns])
+    for name in result.perplexity_data[1:]:
+        scores = [result.models[c].more_perplexity.get(name) for c in columns]
+        rows.append([f"perplexity (held-out '{name}')"] + [f"{h.perplexity:.3f}" if h else "-" for h in scores])
     tasks: list[str] = []
     for c in columns:
         tasks += [t for t in result.models[c].tasks if t not in tasks]

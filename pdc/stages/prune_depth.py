@@ -57,7 +57,7 @@ from pdc.passes.drop_layers import PER_LAYER_CONFIG_KEYS, DropLayers
 from pdc.plan.counts import count_arch
 from pdc.plan.results import Candidate, PruneResult, SaliencyResult, encode
 from pdc.plotting import pyplot, save_figure
-from pdc.stages.evaluate import mean_nll, task_accuracy
+from pdc.stages.evaluate import mean_nll, task_accuracy_items
 from pdc.stages.ranks import local_only, rank_world, run_in_ranks
 
 STAGE = "prune"
@@ -262,12 +262,20 @@ def check_saliency_inputs(saliency: Saliency, blocks: torch.Tensor | None, token
             raise PdcError("depth saliency 'task' needs the model's tokenizer", STAGE)
 
 
+# Items each task measurement scored, in this process (the saliency table's `items`).
+_task_items: list = []
+
+
 def _measurement(model, saliency: Saliency, blocks, tokenizer, tasks_dir, batch_size) -> Callable[[], float]:
     """The loss/task metric of `model` as it currently is (layers removed or not)."""
     if saliency.kind == "loss":
         return lambda: mean_nll(model, blocks, batch_size)
     if saliency.kind == "task":
-        return lambda: task_accuracy(model, tokenizer, saliency.task, saliency.shots, tasks_dir, saliency.limit)
+        def accuracy() -> float:
+            value, n = task_accuracy_items(model, tokenizer, saliency.task, saliency.shots, tasks_dir, saliency.limit)
+            _task_items.append(n)
+            return value
+        return accuracy
     raise PdcError(f"unknown depth saliency {saliency.kind!r} (expected loss, task or cosine)", STAGE)
 
 
@@ -287,6 +295,7 @@ def saliency_table(model, target: DepthTarget, blocks=None, tokenizer=None, task
     """Score all candidates and choose; the JSON-able table written to `saliency.json`.
     `scorer(cands) -> (values, baseline)` replaces `score_candidates` in this process (the
     scores of several ranks)."""
+    _task_items.clear()
     n_layers = len(decoder_layers(model))
     cands = candidates(n_layers, target.depth, target.contiguous)
     n_drop = n_layers - target.depth
@@ -310,6 +319,8 @@ def saliency_table(model, target: DepthTarget, blocks=None, tokenizer=None, task
         with layers_removed(model, chosen):
             after = _measurement(model, sal, blocks, tokenizer, tasks_dir, batch_size)()
     metric, better = _METRIC[sal.kind]
+    items = {n for n in _task_items if n is not None}
+    _task_items.clear()
     return {
         "kind": sal.kind,
         "metric": metric,
@@ -321,6 +332,8 @@ def saliency_table(model, target: DepthTarget, blocks=None, tokenizer=None, task
         "baseline": baseline,
         "task": sal.task if sal.kind == "task" else None,
         "shots": sal.shots if sal.kind == "task" else None,
+        # task items each candidate was scored on (one count when all agree): its standard error
+        "items": items.pop() if sal.kind == "task" and len(items) == 1 else None,
         "blocks": None if blocks is None else list(blocks.shape),
         "candidates": [{"layers": list(c), "value": v} for c, v in zip(cands, values)],
         "dropped_layers": chosen,
@@ -435,6 +448,7 @@ def prune_depth(
     saliency = SaliencyResult(
         kind=table["kind"], metric=table["metric"], better=table["better"], contiguous=table["contiguous"],
         task=table["task"], shots=table["shots"], baseline=table["baseline"], chosen=table["after_drop"],
+        items=table["items"],
         candidates=tuple(Candidate(tuple(c["layers"]), c["value"]) for c in table["candidates"]),
         dropped_layers=tuple(dropped),
     )

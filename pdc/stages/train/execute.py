@@ -31,15 +31,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pdc.emit.launch_files import launch_argv, write_stage_files
+from pdc.emit.model_card import CARD_FILE
 from pdc.errors import PdcError
 from pdc.files import write_bytes
 from pdc.inputs.shards import Blocks
 from pdc.lang.settings import TrainConfig
-from pdc.plan.results import TrainResult
+from pdc.plan.results import TeacherCorrection, TrainResult
 from pdc.plan.training import Launch, batch_geometry, total_steps
 from pdc.stages.train.jit_locks import remove_stale_jit_locks
 from pdc.stages.train.logs import plot_loss, read_log
-from pdc.stages.train.loop import ensure_dist_env, run_stage
+from pdc.stages.train.loop import TEACHER_DIR, ensure_dist_env, run_stage
 
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json")
@@ -70,16 +71,22 @@ def _check_blocks(blocks, role: str, stage: str, allow_empty: bool) -> Blocks:
 
 
 def _dir_signature(path: Path) -> list:
-    """Names, sizes and mtimes of a model dir's files: changes when an upstream stage rewrote it."""
-    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(path).iterdir() if p.is_file())
+    """Names, sizes and mtimes of a model dir's files: changes when an upstream stage rewrote it.
+    The model card (README.md) is left out: the runner refreshes it after every stage (and every
+    comparison variant refreshes a shared stage's), which must not void a resumable checkpoint."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(path).iterdir()
+                  if p.is_file() and p.name != CARD_FILE)
 
 
 def execute(kind: str, sources: dict, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, work_dir: Path,
             out_dir: Path, progress: bool = True, launch: Launch = Launch(),
-            teacher_cache: dict | None = None, targets: dict | None = None) -> TrainResult:
+            teacher_cache: dict | None = None, targets: dict | None = None,
+            teacher_correction: dict | None = None) -> TrainResult:
     """Train `kind` ("correct" or "distill") on `sources` (role -> model dir); `teacher_cache`
     ({"dir", "key"}) names the teacher logits cache a distillation reads instead of a teacher;
-    `targets` are the correction's LoRA / norm-only targets found by the graph's structure."""
+    `targets` are the correction's LoRA / norm-only targets found by the graph's structure;
+    `teacher_correction` ({"cfg": TrainConfig fields, + its targets}) fine-tunes a distillation's
+    teacher in the same loop (`order=concurrent`)."""
     stage = kind
     t_start = time.perf_counter()
     sources = {role: _check_model_dir(p, role.replace("_dir", ""), stage) for role, p in sources.items()}
@@ -118,6 +125,8 @@ def execute(kind: str, sources: dict, train_blocks: Blocks, val_blocks: Blocks, 
     }
     if teacher_cache is not None:
         spec["teacher_cache"] = teacher_cache  # its key is its content's: teacher, tokens, k, temperature
+    if teacher_correction is not None:
+        spec["teacher_correction"] = teacher_correction
     fp = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     for p in sources.values():
         fp.update(json.dumps(_dir_signature(p)).encode())
@@ -235,6 +244,9 @@ def _summarise(metrics: dict, records: list[dict], wall_s: float) -> TrainResult
         activation_checkpointing=bool(metrics.get("activation_checkpointing", False)),
         teacher_placement=metrics.get("teacher_placement"), cache_k=metrics.get("cache_k"),
         val_every=int(metrics.get("val_every") or 0),
+        teacher_correction=TeacherCorrection(**metrics["teacher_correction"]) if metrics.get("teacher_correction")
+        else None,
+        teacher_val_loss_start=vs.get("teacher_loss") if distill else None,
     )
 
 
@@ -245,13 +257,17 @@ def _publish(work_dir: Path, out_dir: Path, sources: dict, stage: str, wall_s: f
     records = read_log(work_dir / "log.jsonl")
     result = _summarise(json.loads((final / "metrics.json").read_text()), records, wall_s)
     source = sources.get("student_dir") or sources.get("model_dir")
+    models = [(final / "model", out_dir / result.model, source)]
+    if result.teacher_correction is not None:  # the concurrently corrected teacher
+        models.append((final / TEACHER_DIR, out_dir / TEACHER_DIR, sources["teacher_dir"]))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(final / "model", out_dir / result.model, dirs_exist_ok=True)
-        for f in Path(source).iterdir():  # tokenizer and generation files travel with the model
-            if f.is_file() and f.name not in MODEL_FILES and not f.name.endswith((".safetensors", ".bin")) \
-                    and not (out_dir / result.model / f.name).exists():
-                shutil.copy2(f, out_dir / result.model / f.name)
+        for trained, dest, origin in models:
+            shutil.copytree(trained, dest, dirs_exist_ok=True)
+            for f in Path(origin).iterdir():  # tokenizer and generation files travel with the model
+                if f.is_file() and f.name not in MODEL_FILES and not f.name.endswith((".safetensors", ".bin")) \
+                        and not (dest / f.name).exists():
+                    shutil.copy2(f, dest / f.name)
         if (work_dir / "log.jsonl").exists():
             shutil.copy2(work_dir / "log.jsonl", out_dir / result.log)
         plot_loss(records, out_dir / result.plot, f"{stage}: {result.steps} steps, {result.tokens:,} tokens")

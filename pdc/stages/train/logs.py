@@ -54,7 +54,13 @@ def plot_loss(records: list[dict], png: Path, title: str) -> None:
     ax.plot(steps, [r["loss"] for r in records], label="train loss")
     if records and "kl" in records[0] and any(abs(r["kl"] - r["loss"]) > 1e-9 for r in records):
         ax.plot(steps, [r["kl"] for r in records], label="KL term", alpha=0.7)
-    for key, label in (("val_loss", "held-out LM loss"), ("val_kl", "held-out KL")):
+    corrected = [(r["step"], r["teacher_loss"]) for r in records if "teacher_loss" in r]
+    if corrected:  # a teacher corrected in the same loop (order=concurrent)
+        ax.plot([c[0] for c in corrected], [c[1] for c in corrected], label="teacher train loss (corrected)", alpha=0.7)
+    curves = [("val_loss", "held-out LM loss"), ("val_kl", "held-out KL")]
+    if corrected:
+        curves.append(("val_teacher_loss", "teacher held-out LM loss"))
+    for key, label in curves:
         val = [(r["step"], r[key]) for r in records if key in r]
         if val:
             ax.plot([v[0] for v in val], [v[1] for v in val], marker="o", ms=3, label=label)

@@ -4,9 +4,14 @@ One loop serves both stages. `distill`: the student is trained on the distillati
 frozen teacher (eval mode, no grad), against the teacher's cached top-k distribution
 (`pdc.inputs.teacher_cache`, read with the same row numbers as the tokens; the teacher is never
 loaded), or on next-token loss alone (`loss=ce`). `correct`: the model is fine-tuned on
-next-token loss (`method` full | lora | norm). The stage is described by `<work_dir>/stage.json` (written by
-`pdc.stages.train.execute`), which names views on the token shards (`pdc.inputs.shards`): every
-rank memory-maps them and reads only the rows of its own micro-batches.
+next-token loss (`method` full | lora | norm). A distillation with a concurrent teacher correction
+(`spec["teacher_correction"]`, `order=concurrent`) does both in one loop: in each of the
+correction's steps the teacher's forward pass on the micro-batch gives the student its targets
+(detached) and the teacher's own next-token loss, on which a second DeepSpeed engine (the
+correction's optimizer and schedule) updates it; afterwards the teacher is frozen. The stage
+is described by `<work_dir>/stage.json` (written by `pdc.stages.train.execute`), which names
+views on the token shards (`pdc.inputs.shards`): every rank memory-maps them and reads only the
+rows of its own micro-batches.
 
 Invariants:
   * data order is a pure function of (seed, position) (`pdc.inputs.order`): global batch s is
@@ -45,11 +50,16 @@ from pdc.inputs.shards import Blocks
 from pdc.inputs.teacher_cache import TeacherLogits
 from pdc.lang.settings import TrainConfig
 from pdc.plan.memory import teacher_partitioned
-from pdc.plan.training import teacher_ds_config
+from pdc.plan.training import ds_config, teacher_ds_config
 from pdc.stages.train import losses
 from pdc.stages.train.logs import JsonlLog, truncate_log
 from pdc.stages.train.schedule import start_scheduler
 
+
+
+# Where a distillation with a concurrent teacher correction writes the corrected teacher (beside
+# `model/` in the final directory and the stage's output; its checkpoints in `checkpoints/teacher/`).
+TEACHER_DIR = "teacher"
 
 
 @dataclass(frozen=True)
@@ -128,9 +138,23 @@ class Stage:
         self.teacher = None
         self.cache: TeacherLogits | None = None
         self.teacher_placement = None
+        # concurrent teacher correction: its settings, its engine once started, and whether the
+        # current step still corrects
+        self.correction: TrainConfig | None = None
+        self.teacher_engine = None
+        self.teacher_scheduler = None
+        self.correcting = False
+        self.teacher_step_loss = 0.0
+        self.teacher_trainable = 0
         if self.kind == "distill":
             self.model = load_causal_lm(spec["student_dir"], self.name)
-            if cfg.online_teacher:
+            if spec.get("teacher_correction"):
+                self.correction = config_from_dict(spec["teacher_correction"]["cfg"])
+                self.teacher = adapt_for_correction(load_causal_lm(spec["teacher_dir"], self.name), self.correction,
+                                                    spec["teacher_correction"], self.name)
+                self.teacher_placement = "replicated"
+                vocab = self.teacher.config.vocab_size
+            elif cfg.online_teacher:
                 self.teacher = self._load_teacher(spec["teacher_dir"], micro_batch)
                 vocab = self.teacher.config.vocab_size
             elif cfg.uses_teacher:
@@ -147,7 +171,7 @@ class Stage:
             # Non-reentrant checkpointing: works with frozen inputs, LoRA and ZeRO-3 hooks.
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.kind == "correct":
-            self._prepare_correction()
+            self.model = adapt_for_correction(self.model, cfg, spec, self.name)
         self.model.config.use_cache = False
 
     def _load_teacher(self, teacher_dir: str, micro_batch: int):
@@ -166,28 +190,28 @@ class Stage:
         self.teacher_placement = "replicated"
         return teacher.to(self.device).eval()
 
-    def _prepare_correction(self) -> None:
-        method = self.cfg.method
-        if method == "full":
-            return
-        # Targets come from the structure of the model's graph (`pdc.stages.correct.correction_targets`).
-        if method == "norm":
-            norms = set(self.spec["norm_params"])
-            for name, p in self.model.named_parameters():
-                p.requires_grad_(name in norms)
-            return
-        if method == "lora":
-            from peft import LoraConfig, get_peft_model
+    def start_correction(self, world_size: int) -> None:
+        """The concurrent correction's DeepSpeed engine: the teacher's trainable parameters, the
+        correction's optimizer and LR schedule, the distillation's batch geometry."""
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
 
-            targets = list(self.spec["lora_modules"])
-            lcfg = LoraConfig(
-                r=self.cfg.lora_rank, lora_alpha=2 * self.cfg.lora_rank, lora_dropout=0.0,
-                target_modules=targets, bias="none", task_type="CAUSAL_LM",
-                target_parameters=list(self.spec.get("lora_parameters") or []) or None,
-            )
-            self.model = get_peft_model(self.model, lcfg)
-            return
-        raise PdcError(f"unknown correction method {method!r} (full, lora, norm)", self.name)
+        tc = self.correction
+        if tc.activation_checkpointing:
+            self.teacher.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.teacher.config.use_cache = False
+        params = [p for p in self.teacher.parameters() if p.requires_grad]
+        config = ds_config(tc, tc.total_steps(), world_size, self.name, _use_bf16(tc))
+        ds_logger.setLevel(logging.ERROR)  # the scheduler warns that it "has not started" (started below)
+        try:
+            self.teacher_engine, _, _, self.teacher_scheduler = deepspeed.initialize(
+                model=self.teacher, model_parameters=params, config=config)
+        finally:
+            ds_logger.setLevel(logging.WARNING)
+        if world_size == 1 and tc.zero == 0:
+            self.teacher_engine.enable_backward_allreduce = False  # as for the student (see _train)
+        self.teacher = self.teacher_engine.module
+        self.teacher_trainable = sum(p.numel() for p in params)
 
     @property
     def uses_teacher(self) -> bool:
@@ -212,9 +236,26 @@ class Stage:
             return losses.cached_distill_loss(logits, batch["cached"], ids, self.cfg)
         if self.teacher is None:
             return losses.lm_loss(logits, ids), None
-        with torch.no_grad():
-            t_logits = self.teacher(input_ids=ids).logits
+        if self.correcting:
+            # one teacher pass: the student's targets as they are now, and the teacher's own step
+            t_logits = self.teacher_engine(input_ids=ids).logits
+            t_loss = losses.lm_loss(t_logits, ids)
+            self.teacher_engine.backward(t_loss)
+            self.teacher_engine.step()
+            self.teacher_step_loss += t_loss.item()
+            t_logits = t_logits.detach()
+        else:
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=ids).logits
         return losses.distill_loss(logits, t_logits, ids, self.cfg)
+
+    def set_step(self, step: int) -> None:
+        """Whether `step` (0-based) still corrects the concurrent teacher; frozen (eval) after."""
+        if self.teacher_engine is None:
+            return
+        self.correcting = step < self.correction.total_steps()
+        self.teacher.train(self.correcting)
+        self.teacher_step_loss = 0.0
 
     @torch.no_grad()
     def validate(self, engine, val: Blocks, micro: int, rank: int, world: int) -> dict | None:
@@ -228,7 +269,10 @@ class Stage:
         if len(val) == 0:
             return None
         was_training = engine.module.training
+        teacher_training = self.teacher is not None and self.teacher.training
         engine.module.eval()
+        if teacher_training:
+            self.teacher.eval()
         sums = torch.zeros(4, dtype=torch.float64)  # student CE, teacher CE, KL, blocks
         mine = list(range(rank, len(val), world))
         per_rank = -(-len(val) // world)
@@ -255,6 +299,8 @@ class Stage:
             sums[3] += n
         dist.all_reduce(sums)
         engine.module.train(was_training)
+        if teacher_training:
+            self.teacher.train()
         n = sums[3].item()
         out = {"loss": sums[0].item() / n}
         if self.uses_teacher:
@@ -278,14 +324,47 @@ class Stage:
                                f"unexpected {unexpected[:3]})", self.name)
         elif rank != 0:
             return
-        if hasattr(module, "merge_and_unload"):
-            module = module.merge_and_unload()
-        if getattr(module, "is_gradient_checkpointing", False):
-            module.gradient_checkpointing_disable()
-        for p in module.parameters():
-            p.requires_grad_(True)
-        module.config.use_cache = True
-        module.save_pretrained(model_dir, safe_serialization=True)
+        _save_plain(module, model_dir)
+
+    def export_teacher(self, model_dir: Path, rank: int) -> None:
+        """Save the concurrently corrected teacher (rank 0; zero=3 is refused by the checker)."""
+        if rank == 0:
+            _save_plain(self.teacher_engine.module, model_dir)
+
+
+def _save_plain(module, model_dir: Path) -> None:
+    """`module` as a plain HF checkpoint: LoRA merged, checkpointing off, every weight trainable."""
+    if hasattr(module, "merge_and_unload"):
+        module = module.merge_and_unload()
+    if getattr(module, "is_gradient_checkpointing", False):
+        module.gradient_checkpointing_disable()
+    for p in module.parameters():
+        p.requires_grad_(True)
+    module.config.use_cache = True
+    module.save_pretrained(model_dir, safe_serialization=True)
+
+
+def adapt_for_correction(model, cfg: TrainConfig, targets: dict, stage: str):
+    """`model` prepared for a correction of `cfg.method`: unchanged (full), only the norms
+    trainable (norm, `targets["norm_params"]`), or LoRA adapters on `targets["lora_modules"]`
+    (lora). Targets come from the structure of the model's graph
+    (`pdc.stages.correct.correction_targets`)."""
+    method = cfg.method
+    if method == "full":
+        return model
+    if method == "norm":
+        norms = set(targets["norm_params"])
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in norms)
+        return model
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
+                          target_modules=list(targets["lora_modules"]), bias="none", task_type="CAUSAL_LM",
+                          target_parameters=list(targets.get("lora_parameters") or []) or None)
+        return get_peft_model(model, lcfg)
+    raise PdcError(f"unknown correction method {method!r} (full, lora, norm)", stage)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -303,12 +382,17 @@ def _resume_point(ckpt_dir: Path, stage: str) -> dict | None:
     return info
 
 
-def _save_checkpoint(engine, ckpt_dir: Path, step: int, extra: dict, rank: int, stage: str) -> None:
+def _save_checkpoint(engine, ckpt_dir: Path, step: int, extra: dict, rank: int, stage: str,
+                     teacher_engine=None) -> None:
+    """The student's (or corrected model's) checkpoint, and a concurrently corrected teacher's
+    under `checkpoints/teacher/` with the same tag."""
     import deepspeed.comm as dist
 
     tag = f"step{step:08d}"
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, **extra}, save_latest=False)
+        if teacher_engine is not None:
+            teacher_engine.save_checkpoint(str(ckpt_dir / TEACHER_DIR), tag=tag, save_latest=False)
         torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
@@ -320,7 +404,7 @@ def _save_checkpoint(engine, ckpt_dir: Path, step: int, extra: dict, rank: int, 
         tmp.write_text(json.dumps({"tag": tag, "step": step}))
         os.replace(tmp, ckpt_dir / "resume.json")
         # Only the newest checkpoint is needed to resume; older ones just use disk.
-        for old in ckpt_dir.glob("step*"):
+        for old in [*ckpt_dir.glob("step*"), *(ckpt_dir / TEACHER_DIR).glob("step*")]:
             if old.is_dir() and old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -387,6 +471,8 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
         # One rank: the gradient all-reduce averages each gradient with itself, yet flattens,
         # copies and unflattens them all every step (bench/bench_distill_throughput.py --profile).
         engine.enable_backward_allreduce = False
+    if stage.correction is not None:
+        stage.start_correction(world)
 
     ckpt_dir = stage_dir / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
@@ -396,6 +482,11 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
         load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=resume["tag"])
         if load_path is None:
             raise PdcError(f"cannot load checkpoint {ckpt_dir / resume['tag']}", name)
+        if stage.teacher_engine is not None:
+            teacher_path, _ = stage.teacher_engine.load_checkpoint(str(ckpt_dir / TEACHER_DIR), tag=resume["tag"])
+            if teacher_path is None:
+                raise PdcError(f"cannot load the corrected teacher's checkpoint {ckpt_dir / TEACHER_DIR / resume['tag']}",
+                               name)
         start_step = int(client["step"])
         cursor.load_state_dict(client["data"], name)
         if cursor.position != start_step * G:
@@ -408,6 +499,8 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
     else:
         start_step = 0
         start_scheduler(scheduler)
+        if stage.teacher_scheduler is not None:
+            start_scheduler(stage.teacher_scheduler)
         val_start = stage.validate(engine, val_blocks, micro, rank, world)
     if rank == 0:
         if resume is None and log_path.exists():
@@ -430,7 +523,8 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
             t0, c0 = time.perf_counter(), time.process_time()
             lr = scheduler.get_last_lr()[0]
             indices = cursor.next_batch()
-            stats = torch.zeros(2, dtype=torch.float64)
+            stats = torch.zeros(3, dtype=torch.float64)  # loss, KL, the corrected teacher's loss
+            stage.set_step(step)
             for a in range(gas):
                 batch = stage.batch(train, rank_micro_batch(indices, micro, a, rank, world))
                 loss, kl = stage.loss(engine, batch)
@@ -438,6 +532,7 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
                 engine.step()
                 stats[0] += loss.item()
                 stats[1] += kl.item() if kl is not None else 0.0
+            stats[2] = stage.teacher_step_loss if stage.correcting else 0.0
             dist.all_reduce(stats)
             stats /= gas * world
             loss_val = stats[0].item()
@@ -456,6 +551,8 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
                        "step_s": dt, "cpu_s": cpu, "tokens": done * tokens_per_step}
                 if stage.uses_teacher:
                     rec["kl"] = stats[1].item()
+                if stage.correcting:
+                    rec["teacher_loss"] = stats[2].item()
                 if val is not None:
                     rec.update({f"val_{k}": v for k, v in val.items()})
                 log.write(rec)
@@ -464,7 +561,7 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
                 bar.set_postfix(loss=f"{loss_val:.4f}")
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
                 _save_checkpoint(engine, ckpt_dir, done, {"val_start": val_start, "data": cursor.state_dict()},
-                                 rank, name)
+                                 rank, name, stage.teacher_engine)
     finally:
         if bar is not None:
             bar.close()
@@ -480,6 +577,8 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
     dist.barrier()
     try:
         stage.export(engine, final_tmp / "model", spec, rank)
+        if stage.teacher_engine is not None:
+            stage.export_teacher(final_tmp / TEACHER_DIR, rank)
         if rank == 0:
             metrics = {
                 "stage": name,
@@ -507,6 +606,10 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
                 metrics["method"] = cfg.method
             else:
                 metrics["loss"] = cfg.loss
+            if stage.correction is not None:
+                metrics["teacher_correction"] = {"steps": stage.correction.total_steps(),
+                                                 "method": stage.correction.method,
+                                                 "trainable_params": stage.teacher_trainable}
             (final_tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     except OSError as exc:
         shutil.rmtree(final_tmp, ignore_errors=True)
