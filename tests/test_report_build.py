@@ -144,7 +144,7 @@ def test_report_of_a_planned_build(tmp_path, monkeypatch):
     (b / "spec.pds").write_text(spec_path.read_text())
     md = write_report(b)[0].read_text()
     assert "could not read" not in md
-    assert f"{plan['final']['params_total']:,}" in md and "hidden=432" in md
+    assert f"{plan['final']['params_total']:,}" in md and f"mlp={plan['final']['mlp']}" in md
     for stage in ("correct", "prune", "distill", "evaluate"):
         assert f"| {stage} | {NOT_RUN} | - |" in md
     (b / "correct.tmp").mkdir()  # the runner's in-progress folder
