@@ -6,6 +6,8 @@ the same layers."""
 from __future__ import annotations
 
 import json
+import os
+from unittest import mock
 from pathlib import Path
 
 import pytest
@@ -38,7 +40,10 @@ prune depth { depth=2 contiguous=true saliency=cosine(corpus, samples=6, seq_len
 
 def _build(root: Path, spec_text: str, nproc: int) -> tuple[dict, list]:
     spec = make_project(root, spec_text)
-    assert pdc_main(["run", str(spec), "--nproc-per-node", str(nproc)]) == 0
+    # A cache of its own: scores kept by another build of the same model would be reused and
+    # the evaluation would not run at all.
+    with mock.patch.dict(os.environ, {"PDC_CACHE": str(root / "cache")}):
+        assert pdc_main(["run", str(spec), "--nproc-per-node", str(nproc)]) == 0
     build = root / "build" / "tiny"
     stages = [p.name for p in build.iterdir() if p.is_dir() and p.name.startswith("prune")
               and not p.name.endswith((".work", ".tmp"))]
