@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 from conftest import make_tiny_model
-from pdc.graph.export import export_model
+from pdc.graph.export import export_dir, export_model, materialize
 from pdc.graph.program import Program
 
 
@@ -22,3 +24,30 @@ def _exported(family: str) -> Program:
 def exported(family: str) -> Program:
     """A fresh, independent copy of the exported tiny `family` model (weights included)."""
     return _exported(family).clone()
+
+
+def program_getter(source_dirs):
+    """`family -> Program` for checkpoints saved by a `source_dirs(family)` fixture: each family
+    is exported once (the slow step), every call gets its own clone."""
+    @functools.lru_cache(maxsize=None)
+    def get(family: str) -> Program:
+        program = export_dir(source_dirs(family))
+        materialize(program)
+        return program
+
+    return lambda family: get(family).clone()
+
+
+def load_hf(path):
+    """The checkpoint at `path` as transformers loads it, fp32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def assert_same_logits(model, program: Program, ids: torch.Tensor) -> None:
+    """The HF model and the program give the same logits on `ids` (1e-5 of the largest logit)."""
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, program.forward(ids)
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)

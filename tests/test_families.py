@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from conftest import save_tiny_checkpoint
+from graph_exports import assert_same_logits, load_hf, program_getter
 from pdc.emit.pruned import emit_pruned
-from pdc.graph.export import export_dir, materialize
 from pdc.graph.manager import PassManager
 from pdc.lang.settings import ImportanceConfig, WidthTarget
 from pdc.passes.drop_layers import DropLayers
@@ -80,27 +80,7 @@ def source_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def programs(source_dirs):
-    """One export per family (the slow step); each test gets a clone."""
-    @functools.lru_cache(maxsize=None)
-    def get(family: str):
-        program = export_dir(source_dirs(family))
-        materialize(program)
-        return program
-
-    return lambda family: get(family).clone()
-
-
-def _hf(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def _assert_same_logits(model, program):
-    with torch.no_grad():
-        got, want = model(input_ids=IDS).logits, program.forward(IDS)
-    scale = want.abs().max().item()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+    return program_getter(source_dirs)
 
 
 def _assert_counts(model, program, source_cfg):
@@ -113,7 +93,7 @@ def test_keep_all_reproduces_source_logits(family, source_dirs, programs):
     """The exported program computes the source checkpoint's logits, and passes that keep every
     unit leave them bit-identical."""
     program = programs(family)
-    _assert_same_logits(_hf(source_dirs(family)), program)
+    assert_same_logits(load_hf(source_dirs(family)), program, IDS)
     before = program.forward(IDS)
     a = program.arch
     layers = range(a.layers)
@@ -154,8 +134,8 @@ def test_width_prune_checkpoint_equals_program(family, source_dirs, programs, tm
         if getattr(target, axis) is not None:
             assert getattr(program.arch, axis) == getattr(target, axis)
     emit_pruned(program, tmp_path, source_dirs(family), None, deploy=False)
-    model = _hf(tmp_path / "model")
-    _assert_same_logits(model, program)
+    model = load_hf(tmp_path / "model")
+    assert_same_logits(model, program, IDS)
     _assert_counts(model, program, source_cfg)
     assert sum(p.numel() for p in model.parameters()) == predicted
 
@@ -173,8 +153,8 @@ def test_depth_prune_checkpoint_equals_program(family, source_dirs, programs, tm
     if isinstance(source_cfg.get("layer_types"), list):
         keep = [i for i in range(SIZES["num_hidden_layers"]) if i not in DROP]
         assert config["layer_types"] == [source_cfg["layer_types"][i] for i in keep]
-    model = _hf(tmp_path / "model")
-    _assert_same_logits(model, program)
+    model = load_hf(tmp_path / "model")
+    assert_same_logits(model, program, IDS)
     _assert_counts(model, program, source_cfg)
 
 
@@ -239,7 +219,7 @@ def test_correction_targets_come_from_the_structure(family, source_dirs):
 
     from pdc.stages.correct import correction_targets
 
-    model = _hf(source_dirs(family))
+    model = load_hf(source_dirs(family))
     head = model.get_output_embeddings()
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
     norms = {f"{n}.{p}" for n, m in model.named_modules() if "Norm" in type(m).__name__
@@ -304,5 +284,5 @@ def test_depth_stage_on_any_family(family, kind, source_dirs, tmp_path):
     if isinstance(source_cfg.get("layer_types"), list):
         kept = [i for i in range(SIZES["num_hidden_layers"]) if i not in dropped]
         assert config["layer_types"] == [source_cfg["layer_types"][i] for i in kept]
-    model = _hf(tmp_path / "out" / "model")
+    model = load_hf(tmp_path / "out" / "model")
     assert sum(p.numel() for p in model.parameters()) == result.params_after

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import save_tiny_checkpoint
+from graph_exports import assert_same_logits, load_hf, program_getter
 from pdc.emit.pruned import emit_pruned
 from pdc.graph import importance as imp_mod
 from pdc.graph.export import export_dir, materialize
@@ -69,26 +70,7 @@ def source_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def programs(source_dirs):
-    @functools.lru_cache(maxsize=None)
-    def get(family: str):
-        program = export_dir(source_dirs(family))
-        materialize(program)
-        return program
-
-    return lambda family: get(family).clone()
-
-
-def _hf(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def _assert_same_logits(model, program):
-    with torch.no_grad():
-        got, want = model(input_ids=IDS).logits, program.forward(IDS)
-    scale = want.abs().max().item()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+    return program_getter(source_dirs)
 
 
 def _counts(model) -> tuple[int, int]:
@@ -142,7 +124,7 @@ def test_keep_all_reproduces_source_logits(family, source_dirs, programs):
     merges them) computes its logits, and slicing passes that keep every unit leave them
     bit-identical; the structure they keep up to date equals rediscovery (check="full")."""
     program = programs(family)
-    _assert_same_logits(_hf(source_dirs(family)), program)
+    assert_same_logits(load_hf(source_dirs(family)), program, IDS)
     before = program.forward(IDS)
     a = program.arch
     layers = range(a.layers)
@@ -172,8 +154,8 @@ def test_width_prune_checkpoint_equals_program(family, source_dirs, programs, tm
         if getattr(target, axis) is not None:
             assert getattr(program.arch, axis) == getattr(target, axis)
     emit_pruned(program, tmp_path, source_dirs(family), None, deploy=False)
-    model = _hf(tmp_path / "model")
-    _assert_same_logits(model, program)
+    model = load_hf(tmp_path / "model")
+    assert_same_logits(model, program, IDS)
     total, active = _counts(model)
     assert total == program.num_params() == count_arch(source_cfg, program.arch).total == predicted["params_total"]
     assert active == predicted["params_active"] < total
@@ -198,8 +180,8 @@ def test_depth_prune_checkpoint_equals_program(family, source_dirs, programs, tm
     source_cfg = dict(program.hf_config)
     PassManager([DropLayers([1])]).run(program)
     emit_pruned(program, tmp_path, source_dirs(family), None, deploy=False)
-    model = _hf(tmp_path / "model")
-    _assert_same_logits(model, program)
+    model = load_hf(tmp_path / "model")
+    assert_same_logits(model, program, IDS)
     counts = count_arch(source_cfg, program.arch)
     assert _counts(model) == (counts.total, counts.active) == (program.num_params(), counts.active)
 
@@ -258,7 +240,7 @@ def test_correction_targets_come_from_the_structure(family, source_dirs):
 
     from pdc.stages.correct import correction_targets
 
-    model = _hf(source_dirs(family))
+    model = load_hf(source_dirs(family))
     head = model.get_output_embeddings()
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
     targets = correction_targets(source_dirs(family), "lora")
@@ -291,14 +273,14 @@ def test_active_count_is_what_one_token_uses(family, source_dirs, programs, tmp_
                 total += p.numel()
         return total
 
-    source = _hf(source_dirs(family))
+    source = load_hf(source_dirs(family))
     assert used(source) == count_arch(programs(family).hf_config, programs(family).arch).active
     program = programs(family)
     source_cfg = dict(program.hf_config)
     prune_program(program, None, WidthTarget(experts=3, expert_mlp=16), ImportanceConfig(method="magnitude"),
                   progress=False)
     emit_pruned(program, tmp_path, source_dirs(family), None, deploy=False)
-    assert used(_hf(tmp_path / "model")) == count_arch(source_cfg, program.arch).active
+    assert used(load_hf(tmp_path / "model")) == count_arch(source_cfg, program.arch).active
 
 
 def test_dense_and_expert_layers_mixed():

@@ -184,3 +184,30 @@ def test_activation_checkpointing_changes_memory_not_numbers(distilled, models, 
     assert ckpt == pytest.approx(plain, rel=1e-5)
     a, b = weights(root / "out" / "model"), weights(tmp_path / "o" / "model")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 matrix units")
+def test_bf16_on_a_cpu_runs_the_forward_passes_in_bf16_and_keeps_fp32_weights(distilled, models, blocks, tmp_path,
+                                                                                monkeypatch):
+    """precision=bf16 on a CPU with bf16 units: the student's and the teacher's training forward
+    passes run under bf16 autocast, the trained weights stay fp32, the metrics say so, and the
+    losses track the fp32 run's to bf16's precision."""
+    import dataclasses
+
+    seen = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda x, w, b=None: seen.append(real(x, w, b).dtype) or real(x, w, b))
+    _, root, _ = distilled
+    cfg = dataclasses.replace(CFG, precision="bf16")
+    result = run_distill(*models, *blocks, cfg, tmp_path / "w", tmp_path / "o", progress=False)
+    assert result.precision == "bf16 autocast"
+    # every training step: two micro-batches, each a student and a teacher forward in bf16
+    # (validation stays fp32, so its losses are comparable across precisions)
+    micro_passes = CFG.steps * (CFG.global_batch // CFG.micro_batch) * 2
+    assert seen.count(torch.bfloat16) >= micro_passes and torch.float32 in seen
+    assert {t.dtype for t in weights(tmp_path / "o" / "model").values()} == {torch.float32}
+    fp32 = [json.loads(l)["loss"] for l in (root / "out" / "log.jsonl").read_text().splitlines()]
+    bf16 = [json.loads(l)["loss"] for l in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05, abs=0.02)
+    assert result.val_kl_end < result.val_kl_start

@@ -38,6 +38,7 @@ from pdc.inputs.verify import content_hashes
 from pdc.lang.settings import TrainConfig
 from pdc.plan.results import TeacherLogitsResult
 from pdc.plan.training import cache_bytes_per_token, total_steps
+from pdc.stages.train.precision import gpu_bf16
 
 STAGE = "teacher_logits"
 PART_SECONDS = 60.0  # a part closes after this much work (a kill loses at most that much)
@@ -136,7 +137,7 @@ def _run_teacher(teacher_dir: Path, tokens, rows: np.ndarray, cfg: TrainConfig, 
     """Run the teacher on the blocks at `rows` (ascending) and write them as parts; returns (blocks
     written, seconds of teacher work)."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    bf16 = cfg.precision == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = device.type == "cuda" and gpu_bf16(cfg)  # fp32 on a CPU: the cache key holds no precision
     model = load_causal_lm(teacher_dir, STAGE, torch.bfloat16 if bf16 else torch.float32).to(device)
     if model.config.vocab_size < cfg.cache_k:
         raise PdcError(f"k={cfg.cache_k} is more than the teacher's vocabulary ({model.config.vocab_size})", STAGE)

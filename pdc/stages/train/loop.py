@@ -53,6 +53,7 @@ from pdc.plan.memory import teacher_partitioned
 from pdc.plan.training import ds_config, teacher_ds_config
 from pdc.stages.train import losses
 from pdc.stages.train.logs import JsonlLog, truncate_log
+from pdc.stages.train.precision import forward_precision, gpu_bf16, precision_label
 from pdc.stages.train.schedule import start_scheduler
 
 
@@ -114,11 +115,6 @@ def _quiet_deepspeed() -> None:
     ds_logger.setLevel(logging.WARNING)
 
 
-def _use_bf16(cfg: TrainConfig) -> bool:
-    """bf16 only where the hardware has it (a GPU with bf16); CPUs train in fp32."""
-    return cfg.precision == "bf16" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
 # ---- the stage ---------------------------------------------------------------------------------
 class Stage:
     """What differs between teacher correction and distillation: the models and the loss.
@@ -134,7 +130,7 @@ class Stage:
         self.name = spec["stage"]
         self.cfg = cfg
         self.device = device
-        self.dtype = torch.bfloat16 if _use_bf16(cfg) else torch.float32
+        self.dtype = torch.bfloat16 if gpu_bf16(cfg) else torch.float32
         self.teacher = None
         self.cache: TeacherLogits | None = None
         self.teacher_placement = None
@@ -184,7 +180,7 @@ class Stage:
         device_bytes = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
         if teacher_partitioned(self.cfg.zero, n_bytes, device_bytes):
             self.teacher_placement = "zero3"
-            engine, *_ = deepspeed.initialize(model=teacher, config=teacher_ds_config(micro_batch, _use_bf16(self.cfg)))
+            engine, *_ = deepspeed.initialize(model=teacher, config=teacher_ds_config(micro_batch, gpu_bf16(self.cfg)))
             engine.eval()
             return engine.module
         self.teacher_placement = "replicated"
@@ -201,7 +197,7 @@ class Stage:
             self.teacher.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.teacher.config.use_cache = False
         params = [p for p in self.teacher.parameters() if p.requires_grad]
-        config = ds_config(tc, tc.total_steps(), world_size, self.name, _use_bf16(tc))
+        config = ds_config(tc, tc.total_steps(), world_size, self.name, gpu_bf16(tc))
         ds_logger.setLevel(logging.ERROR)  # the scheduler warns that it "has not started" (started below)
         try:
             self.teacher_engine, _, _, self.teacher_scheduler = deepspeed.initialize(
@@ -231,21 +227,23 @@ class Stage:
 
     def loss(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         ids = batch["ids"]
-        logits = engine(input_ids=ids).logits
+        with forward_precision(self.cfg, self.device):
+            logits = engine(input_ids=ids).logits
         if self.cache is not None:
             return losses.cached_distill_loss(logits, batch["cached"], ids, self.cfg)
         if self.teacher is None:
             return losses.lm_loss(logits, ids), None
         if self.correcting:
             # one teacher pass: the student's targets as they are now, and the teacher's own step
-            t_logits = self.teacher_engine(input_ids=ids).logits
+            with forward_precision(self.correction, self.device):
+                t_logits = self.teacher_engine(input_ids=ids).logits
             t_loss = losses.lm_loss(t_logits, ids)
             self.teacher_engine.backward(t_loss)
             self.teacher_engine.step()
             self.teacher_step_loss += t_loss.item()
             t_logits = t_logits.detach()
         else:
-            with torch.no_grad():
+            with torch.no_grad(), forward_precision(self.cfg, self.device):
                 t_logits = self.teacher(input_ids=ids).logits
         return losses.distill_loss(logits, t_logits, ids, self.cfg)
 
@@ -590,7 +588,7 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
                 "grad_accumulation": gas,
                 "world_size": world,
                 "seq_len": cfg.seq_len,
-                "precision": "bf16" if _use_bf16(cfg) else "fp32",
+                "precision": precision_label(cfg, device),
                 "zero": cfg.zero,
                 "activation_checkpointing": cfg.activation_checkpointing,
                 "teacher_placement": stage.teacher_placement,
