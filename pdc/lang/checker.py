@@ -554,7 +554,8 @@ class _Checker:
                        + _suggest(st.harness.value, ["lm_eval"]), st.harness.span)
         got = self.settings(
             st.block.settings,
-            {"limit": _int(1), "seq_len": _int(1), "tasks_dir": self.tasks_dir, "allow_code_execution": _bool},
+            {"limit": _int(1), "seq_len": _int(1), "tasks_dir": self.tasks_dir, "allow_code_execution": _bool,
+             "precision": _enum("fp32", "bf16")},
             "evaluate",
         )
         tasks: list[EvalTask] = []
@@ -593,7 +594,7 @@ class _Checker:
             self.error("evaluate lists no tasks (e.g. winogrande(5) or perplexity(DATA))", _head_span(st))
         cfg = EvalConfig(
             tasks=tuple(tasks), perplexity_data=tuple(perplexity),
-            **{k: got[k][0] for k in ("limit", "seq_len", "allow_code_execution") if k in got},
+            **{k: got[k][0] for k in ("limit", "seq_len", "allow_code_execution", "precision") if k in got},
         )
         return EvaluateStage(cfg, got.get("tasks_dir", (None,))[0], st.harness.value, span=st.span)
 

@@ -187,3 +187,6 @@ class EvalConfig:
     limit: Optional[int] = None
     seq_len: int = 512
     allow_code_execution: bool = False  # run tasks that execute model-written code (humaneval, mbpp)
+    # None: bf16 on a GPU with bf16, fp32 elsewhere; "bf16" also on a CPU with bf16 matrix units;
+    # "fp32" everywhere
+    precision: Optional[str] = None

@@ -269,6 +269,7 @@ class EvaluateResult:
     limit: Optional[int]
     perplexity_tokens: Optional[int] = None
     perplexity_data: tuple[str, ...] = ()  # the data names measured, in order (the first is `perplexity`)
+    precision: str = "fp32"  # the dtype the models were scored in
 
 
 StageResult = Union[TrainResult, TeacherLogitsResult, PruneResult, EvaluateResult]
