@@ -194,6 +194,32 @@ def test_prune_depth_non_contiguous_with_task_saliency(tmp_path):
     assert result.inputs.tasks == {name: sha256_file(tasks / name) for name in ("tiny_mc.jsonl", "tiny_mc.yaml")}
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 matrix units")
+def test_task_saliency_in_bf16_scores_a_bf16_copy_and_prunes_the_fp32_weights(tmp_path, monkeypatch):
+    """`task(..., precision=bf16)`: every candidate is scored on a bf16 model, while the pruned
+    checkpoint keeps the source's fp32 weights (the same as an fp32-scored run dropping the
+    same layers)."""
+    import pdc.stages.prune_depth as depth
+
+    src = _save_source(tmp_path, "llama", layers=3)
+    tasks = write_mc_task(tmp_path / "tasks")
+    dtypes = []
+    real = depth.task_accuracy_items
+    monkeypatch.setattr(depth, "task_accuracy_items",
+                        lambda model, *a, **k: dtypes.append(next(model.parameters()).dtype) or real(model, *a, **k))
+    target = DepthTarget(2, Saliency("task", task="tiny_mc", shots=0, limit=6, precision="bf16"), contiguous=True)
+    result = prune_depth(src, target, None, tmp_path / "bf16", tasks_dir=tasks, progress=False, deploy=False)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    dropped = list(result.saliency.dropped_layers)
+    fp32 = DepthTarget(2, Saliency("loss"), contiguous=True)
+    monkeypatch.setattr(depth, "choose", lambda *a, **k: dropped)
+    blocks = torch.randint(0, 64, (2, 8))
+    reference = prune_depth(src, fp32, blocks, tmp_path / "fp32", progress=False, deploy=False)
+    assert list(reference.saliency.dropped_layers) == dropped
+    a, b = (sha256_file(d / "model" / "model.safetensors") for d in (tmp_path / "bf16", tmp_path / "fp32"))
+    assert a == b
+
+
 def test_prune_depth_errors(tmp_path):
     src = _save_source(tmp_path, "llama")
     with pytest.raises(PdcError, match="needs data blocks"):

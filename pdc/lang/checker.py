@@ -644,7 +644,8 @@ class _Checker:
             return Saliency(kind=kind)
         if kind == "task":
             got = self.call_args(v, ["task", "shots"],
-                                 {"task": _word, "shots": _int(0), "limit": _int(1)}, "task(...)")
+                                 {"task": _word, "shots": _int(0), "limit": _int(1),
+                                  "precision": _enum("fp32", "bf16")}, "task(...)")
             if "task" not in got:
                 raise _Bad("task saliency needs a task: task(winogrande, shots=5)", v.span)
         else:

@@ -77,6 +77,7 @@ class Saliency:
     samples: int = 64
     seq_len: int = 512
     limit: Optional[int] = None  # task examples scored per candidate
+    precision: Optional[str] = None  # task: "bf16" scores the candidates in bf16 where the CPU/GPU has it
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pdc.inputs.models import load_causal_lm
 from pdc.inputs.shards import Blocks
 from pdc.lang.settings import DepthTarget, ImportanceConfig
 from pdc.plan.results import decode, encode
-from pdc.stages.prune_depth import STAGE, candidates, decoder_layers, score_candidates
+from pdc.stages.prune_depth import STAGE, candidates, decoder_layers, score_candidates, scoring_model
 from pdc.stages.ranks import rank_device, rank_world, worker_main
 
 
@@ -46,7 +46,8 @@ def _saliency(job: dict) -> dict:
     blocks = Blocks.from_json(job["blocks"]).read() if job["blocks"] else None
     cands = candidates(len(decoder_layers(model)), target.depth, target.contiguous)
     tasks_dir = Path(job["tasks_dir"]) if job["tasks_dir"] else None
-    values, baseline = score_candidates(model, cands, target.saliency, blocks, tokenizer, tasks_dir,
+    values, baseline = score_candidates(scoring_model(model, target.saliency), cands, target.saliency, blocks,
+                                        tokenizer, tasks_dir,
                                         job["batch_size"], progress=False)
     return {"values": values, "baseline": baseline}
 
