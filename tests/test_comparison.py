@@ -11,6 +11,7 @@ from pdc.cli import main as pdc_main
 from pdc.lang import load_spec
 from pdc.plan.results import read_record
 from pdc.runner.comparison_report import Variant, differences
+from pdc.runner.stats import format_difference, verdict
 from tiny_builds import COMPARE_SPEC, make_project
 
 
@@ -59,6 +60,25 @@ def test_comparison_report_compares_with_intervals(compared):
     assert len(final.tasks["tiny_mc"].per_item) == final.tasks["tiny_mc"].items
     assert set(final.tasks["tiny_mc"].per_item) <= {0.0, 1.0}
     assert len(final.block_nll) > 0
+
+
+def test_claims_are_judged_by_their_intervals(compared):
+    """Each `expect` gets one row in the report's Claims section, whose outcome is what the
+    paired interval of the same metric says (checked here against the difference's own verdict)."""
+    spec_path, build = compared
+    md = (build / "comparison.md").read_text()
+    claims = md.split("## Claims", 1)[1].split("## ", 1)[0]
+    comparison = load_spec(spec_path).comparison
+    ref, other = (Variant(v.name, v.changes, build / v.name) for v in comparison.variants)
+    diffs = dict(differences(other, ref))  # activation against random: the claims' direction
+    expected = {"lower perplexity": "holds", "higher perplexity": "does not hold: the opposite is measured",
+                "higher": "holds", "lower": "does not hold: the opposite is measured",
+                "not significant at 95%": "not shown: not significant at 95%"}
+    for text, metric in (("activation beats random on perplexity", "perplexity ratio"),
+                         ("activation beats random on tiny_mc", "tiny_mc acc")):
+        row = next(line for line in claims.splitlines() if line.startswith(f"| {text} |"))
+        assert f"**{expected[verdict(metric, diffs[metric])]}**" in row
+        assert format_difference(metric, diffs[metric]) in row
 
 
 def test_rerun_skips_every_variant(compared, capsys):

@@ -66,6 +66,8 @@ COMPARE_SPEC = WIDTH_SPEC + """
 compare importance {
   variant activation {}
   variant random { prune.importance=random }
+  expect activation beats random on perplexity
+  expect activation beats random on tiny_mc
 }
 """
 

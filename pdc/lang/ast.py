@@ -188,12 +188,24 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class Expect:
+    """`expect A beats B on METRIC` in a compare block: a claim the comparison report checks."""
+
+    winner: Name
+    loser: Name
+    metric: Union[Name, Call]
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
 class CompareStmt:
-    """`compare NAME { variant A { ... } variant B { ... } }`: variants of the recipe."""
+    """`compare NAME { variant A { ... } variant B { ... } expect A beats B on M }`: variants
+    of the recipe and the claims about them."""
 
     name: Name
     variants: tuple[Variant, ...] = ()
     span: Span = _span()
+    expects: tuple[Expect, ...] = ()
 
 
 Statement = Union[ModelDecl, DataDecl, CorrectStmt, PruneStmt, DistillStmt, EvaluateStmt, CompareStmt]

@@ -115,12 +115,27 @@ class VariantSpec:
 
 
 @dataclass(frozen=True)
+class Expectation:
+    """`expect WINNER beats LOSER on METRIC`: the winner's final model scores better on `task`'s
+    accuracy or, without a task, on held-out perplexity on `data` (None: the headline corpus)."""
+
+    winner: str
+    loser: str
+    text: str  # the claim as written, for the report
+    task: Optional[str] = None
+    data: Optional[str] = None
+    span: Span = field(default=_NOSPAN, compare=False)
+
+
+@dataclass(frozen=True)
 class Comparison:
-    """`compare NAME { variant ... }`: variants of the recipe, run side by side."""
+    """`compare NAME { variant ... expect ... }`: variants of the recipe, run side by side, and
+    the claims the report checks."""
 
     name: str
     variants: tuple[VariantSpec, ...]
     span: Span = field(default=_NOSPAN, compare=False)
+    expects: tuple[Expectation, ...] = ()
 
 
 @dataclass(frozen=True)

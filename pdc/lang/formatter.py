@@ -8,8 +8,8 @@ Rules (gofmt-like: normalise spacing, respect the author's line grouping):
 - a block written on one line stays on one line (`{ a=1 b=2 }`); otherwise each source line of
   items becomes one line indented by two spaces and `}` closes on its own line;
 - comments are kept: own-line comments where they were, trailing comments after their line;
-- a `compare` block is always multi-line, one variant per line; a variant written on several
-  lines keeps one item per line, and a stage statement inside a variant is one line.
+- a `compare` block is always multi-line, one variant or `expect` per line; a variant written
+  on several lines keeps one item per line, and a stage statement inside a variant is one line.
 
 Invariants (property-tested): `fmt(fmt(x)) == fmt(x)` and `parse(fmt(x)) == parse(x)` (spans
 aside).
@@ -121,8 +121,12 @@ class _Formatter:
         """A compare block: entries (text, depth, source start) in order; own-line comments
         go before the first entry after them, trailing ones after the last entry before them."""
         entries: list[list] = [[f"compare {st.name.value} {{", 0, (st.span.line, st.span.col), []]]
-        for v in st.variants:
+        for v in sorted(st.variants + st.expects, key=lambda x: (x.span.line, x.span.col)):
             start = (v.span.line, v.span.col)
+            if isinstance(v, ast.Expect):
+                entries.append([f"expect {v.winner.value} beats {v.loser.value} on {format_value(v.metric)}", 1,
+                                start, []])
+                continue
             inner = any(v.span.line < c.line < v.span.end_line for c in self.standalone)
             if v.span.line == v.span.end_line and not inner:
                 items = " ".join(format_value(i) for i in v.items)

@@ -124,7 +124,12 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def compare_stmt(self, meta, c):
-        return ast.CompareStmt(self._name(c[0]), tuple(c[1:]), self._span(meta))
+        return ast.CompareStmt(self._name(c[0]), tuple(x for x in c[1:] if isinstance(x, ast.Variant)),
+                               self._span(meta), tuple(x for x in c[1:] if isinstance(x, ast.Expect)))
+
+    @v_args(meta=True)
+    def expect(self, meta, c):
+        return ast.Expect(self._name(c[0]), self._name(c[1]), c[2], self._span(meta))
 
     @v_args(meta=True)
     def variant(self, meta, c):

@@ -23,7 +23,7 @@ from typing import Optional
 
 from pdc.errors import PdcError
 from pdc.files import write_text
-from pdc.lang.checked import Comparison
+from pdc.lang.checked import Comparison, Expectation
 from pdc.plan.results import (
     MODEL_COLUMNS,
     EvaluateResult,
@@ -35,7 +35,7 @@ from pdc.plan.results import (
 )
 from pdc.plotting import pyplot, save_figure
 from pdc.runner.report import Doc, format_number, read_log_records, render_html, render_markdown
-from pdc.runner.stats import Difference, format_difference, score_differences, verdict
+from pdc.runner.stats import PERPLEXITY_RATIO, Difference, format_difference, score_differences, verdict
 
 STAGE = "report"
 LOSSES_PNG = "comparison_losses.png"
@@ -162,6 +162,41 @@ def _differences_table(doc: Doc, variants: list[Variant]) -> None:
         doc.table(["variant", "metric", f"difference to {reference.name}", "test", "verdict"], rows, align="lllll")
     else:
         doc.muted("no evaluation to compare")
+
+
+def claim_outcome(claim: Expectation, by_name: dict[str, Variant]) -> tuple[Optional[str], Optional[Difference], str]:
+    """(metric, winner - loser, outcome) of one `expect`: "holds" when the 95% interval shows
+    the winner better (lower perplexity, higher accuracy), "does not hold: the opposite is
+    measured" when it shows it worse, "not shown: not significant at 95%" otherwise."""
+    found = differences(by_name[claim.loser], by_name[claim.winner])
+    if claim.task is not None:
+        match = [(m, d) for m, d in found if m.startswith(f"{claim.task} ")]
+    else:
+        key = PERPLEXITY_RATIO if claim.data is None else f"{PERPLEXITY_RATIO} ({claim.data})"
+        match = [(m, d) for m, d in found if m == key]
+    if not match:
+        return None, None, "not measured"
+    metric, d = match[0]
+    if math.isnan(d.low):
+        return metric, d, "no interval"
+    if claim.task is None:
+        better, worse = d.high < 1, d.low > 1
+    else:
+        better, worse = d.significant and d.delta > 0, d.significant and d.delta < 0
+    outcome = "holds" if better else "does not hold: the opposite is measured" if worse else \
+        "not shown: not significant at 95%"
+    return metric, d, outcome
+
+
+def _claims_table(doc: Doc, variants: list[Variant], claims: tuple[Expectation, ...]) -> None:
+    by_name = {v.name: v for v in variants}
+    rows = []
+    for claim in claims:
+        metric, d, outcome = claim_outcome(claim, by_name)
+        shown = format_difference(metric, d) if d is not None else "-"
+        rows.append([claim.text, shown, d.method if d is not None else "-", f"**{outcome}**"])
+    doc.p("Each `expect` of the spec, tested on the winner's final model against the loser's (95% intervals):")
+    doc.table(["claim", "winner vs loser", "test", "outcome"], rows, align="llll")
 
 
 def _plot_losses(variants: list[Variant], png: Path) -> bool:
@@ -294,6 +329,9 @@ def build_comparison_doc(build_dir: Path, comparison: Comparison) -> Doc:
     _summary_table(doc, variants)
     doc.h(2, "Differences")
     _differences_table(doc, variants)
+    if comparison.expects:
+        doc.h(2, "Claims")
+        _claims_table(doc, variants, comparison.expects)
     doc.h(2, "Plots")
     drawn = False
     for png, fn, alt in ((LOSSES_PNG, _plot_losses, "distillation curves per variant"),
