@@ -61,6 +61,7 @@ from pdc.plan.results import (
 )
 from pdc.plan.training import Launch
 from pdc.stages.ranks import rank_device, rank_world, run_in_ranks, worker_main
+from pdc.stages.train.precision import cpu_has_bf16
 
 STAGE = "evaluate"
 
@@ -416,11 +417,6 @@ def eval_dtype(cfg: EvalConfig, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if cfg.precision == "bf16" and cpu_has_bf16() else torch.float32
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU's matrix units take bf16 (AMX or AVX512-BF16, as oneDNN reports)."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def load_for_eval(path: Path, device: torch.device, dtype: torch.dtype):

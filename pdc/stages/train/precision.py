@@ -18,6 +18,11 @@ import torch
 from pdc.lang.settings import TrainConfig
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU's matrix units take bf16 (AMX or AVX512-BF16, as oneDNN reports)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def gpu_bf16(cfg: TrainConfig) -> bool:
     """bf16 weights: `precision=bf16` on a GPU that has bf16."""
     return cfg.precision == "bf16" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -25,7 +30,7 @@ def gpu_bf16(cfg: TrainConfig) -> bool:
 
 def cpu_autocast(cfg: TrainConfig, device: torch.device) -> bool:
     """bf16 autocast: `precision=bf16` on a CPU whose matrix units take bf16."""
-    return cfg.precision == "bf16" and device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return cfg.precision == "bf16" and device.type == "cpu" and cpu_has_bf16()
 
 
 def forward_precision(cfg: TrainConfig, device: torch.device):
