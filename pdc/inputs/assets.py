@@ -13,8 +13,11 @@ Three assets, all under `pdc.inputs.cache.cache_root()` (`$PDC_CACHE` or `~/.cac
   `data/reddit.jsonl` hold the New York Times and Reddit paragraphs of the same SQuAD-shifts
   release: other text domains, for held-out perplexity away from the training domain.
 * `tasks/<name>_local.{yaml,jsonl}` (+ `..._fewshot.jsonl`) -- local lm-eval multiple-choice
-  tasks built from BIG-bench JSON tasks (`social_iqa`; `timedial`, on which SmolLM2-135M scores
-  well above chance), loadable with `lm_eval.tasks.TaskManager(include_path=local_tasks_dir())`.
+  tasks built from BIG-bench JSON tasks, loadable with
+  `lm_eval.tasks.TaskManager(include_path=local_tasks_dir())`. SmolLM2-135M-Instruct scores near
+  chance on `social_iqa` and `timedial`; `movie_recommendation` (4 choices) and
+  `discourse_marker_prediction` (10 choices) are the ones it answers well above chance, so a
+  pruned model's loss shows on them.
 
 Every asset is written into a `*.tmp` sibling and renamed into place only when complete, so an
 interrupted setup leaves nothing half-written, and a finished asset is skipped on the next run.
@@ -58,6 +61,8 @@ SQUAD_NEWS_MEMBER = "bigbench/benchmark_tasks/squad_shifts/nyt_v1.0.json"
 SQUAD_REDDIT_MEMBER = "bigbench/benchmark_tasks/squad_shifts/reddit_v1.0.json"
 SOCIAL_IQA_MEMBER = "bigbench/benchmark_tasks/social_iqa/task.json"
 TIMEDIAL_MEMBER = "bigbench/benchmark_tasks/timedial/task.json"
+MOVIE_MEMBER = "bigbench/benchmark_tasks/movie_recommendation/task.json"
+DISCOURSE_MEMBER = "bigbench/benchmark_tasks/discourse_marker_prediction/task.json"
 
 BUILTIN_DATA = {"wiki": "wiki.jsonl", "wiki-heldout": "wiki-heldout.jsonl", "news": "news.jsonl",
                 "reddit": "reddit.jsonl"}
@@ -66,8 +71,8 @@ DOMAIN_MEMBERS = {"news": SQUAD_NEWS_MEMBER, "reddit": SQUAD_REDDIT_MEMBER}
 HELDOUT_FRACTION = 0.1
 
 # Local multiple-choice tasks: name -> the BIG-bench task file it is built from.
-LOCAL_TASKS = {"social_iqa_local": SOCIAL_IQA_MEMBER, "timedial_local": TIMEDIAL_MEMBER}
-LOCAL_TASK = "social_iqa_local"  # the one every example uses
+LOCAL_TASKS = {"social_iqa_local": SOCIAL_IQA_MEMBER, "timedial_local": TIMEDIAL_MEMBER,
+               "movie_recommendation_local": MOVIE_MEMBER, "discourse_marker_local": DISCOURSE_MEMBER}
 TASK_FEWSHOT = 20  # examples reserved for few-shot context, never scored
 TASK_SEED = 1234
 
