@@ -45,11 +45,13 @@ def test_rigged_model_scores_exactly_one_and_anti_rigged_zero(tasks_dir, shots):
     assert task_accuracy(bad, tok, "tiny_mc", shots=shots, tasks_dir=tasks_dir) == 0.0
 
 
-def test_limit_restricts_examples(tasks_dir):
+def test_limit_restricts_examples(tasks_dir, capfd):
     tok = make_tiny_tokenizer()
     good = rig_to_prefer(make_tiny_model_for_tasks("llama"), tok.convert_tokens_to_ids("y"))
     res = run_tasks(good, tok, [EvalTask("tiny_mc", 0)], tasks_dir, limit=2)
     assert res["tiny_mc"].values["acc"] == 1.0 and res["tiny_mc"].shots == 0 and res["tiny_mc"].items == 2
+    # the task folder is no git repository: lm-eval's `git describe` must not reach the terminal
+    assert "not a git repository" not in capfd.readouterr().err
 
 
 def test_unknown_task_is_one_line_pdc_error(tasks_dir):

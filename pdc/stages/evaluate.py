@@ -161,18 +161,31 @@ def _model_device(model) -> torch.device:
 
 
 # ---- lm-eval tasks ------------------------------------------------------------------------------
+def _no_git_hash():
+    return None
+
+
 @contextlib.contextmanager
 def _quiet_lm_eval():
-    """lm-eval logs a warning per call for in-memory models and per task for shot overrides."""
+    """lm-eval logs a warning per call for in-memory models and per task for shot overrides. It
+    also runs `git describe` for a hash pdc never reads; from the task folder (no repository) git
+    prints "fatal: not a git repository" once per call, so that lookup is skipped."""
+    import lm_eval.evaluator
+
     loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval", "datasets")]
     saved = [lg.level for lg in loggers]
+    saved_hash = getattr(lm_eval.evaluator, "get_git_commit_hash", None)
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    if saved_hash is not None:
+        lm_eval.evaluator.get_git_commit_hash = _no_git_hash
     try:
         yield
     finally:
         for lg, lvl in zip(loggers, saved):
             lg.setLevel(lvl)
+        if saved_hash is not None:
+            lm_eval.evaluator.get_git_commit_hash = saved_hash
 
 
 def _local_task_names(tasks_dir: Path) -> set[str]:
