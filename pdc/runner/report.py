@@ -482,9 +482,14 @@ def _eval_section(doc: Doc, result: EvaluateResult | None):
         return
     doc.table(["metric"] + columns, rows)
     items = sorted({t.items for m in result.models.values() for t in m.tasks.values() if t.items})
-    if result.limit or items:
+    has_tasks = any(m.tasks for m in result.models.values())
+    notes = []
+    if has_tasks and (result.limit or items):
         counted = f"{', '.join(map(str, items))} items per task" if items else f"the first {result.limit} items of each task"
-        doc.muted(f"task scores in % on {counted} (± one standard error); models scored in {result.precision}")
+        notes.append(f"task scores in % on {counted} (± one standard error)")
+    if result.perplexity_tokens:
+        notes.append(f"perplexity over {result.perplexity_tokens:,} held-out tokens")
+    doc.muted("; ".join(notes + [f"models scored in {result.precision}"]))
     # Each model against the first column (the teacher), on the same blocks and items.
     reference = columns[0]
     diff_rows = [[column, metric, format_difference(metric, d), d.method, verdict(metric, d)]
