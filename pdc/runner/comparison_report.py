@@ -305,8 +305,11 @@ def _plot_saliency(variants: list[Variant], png: Path) -> bool:
                                 color=line.get_color(), alpha=0.15, lw=0)
             if sal.baseline is not None:
                 ax.axhline(sal.baseline, color=line.get_color(), ls=":", lw=1)
-            chosen = [values[starts.index(i)] for i in sal.dropped_layers if i in starts]
-            ax.scatter([i for i in sal.dropped_layers if i in starts], chosen, s=70, facecolors="none",
+            # ring the chosen candidates: the dropped single layers, or the dropped block's start
+            dropped = tuple(sal.dropped_layers)
+            rings = [k for k, c in enumerate(sal.candidates)
+                     if tuple(c.layers) == dropped or (len(c.layers) == 1 and c.layers[0] in dropped)]
+            ax.scatter([starts[k] for k in rings], [values[k] for k in rings], s=70, facecolors="none",
                        edgecolors=line.get_color(), lw=1.5)
         single = all(len(c.layers) == 1 for _, sal, _, _ in group for c in sal.candidates)
         ax.set(xlabel="removed layer" if single else "first removed layer", ylabel=metric,
