@@ -87,3 +87,40 @@ def test_rerun_skips_every_variant(compared, capsys):
     out = capsys.readouterr().out
     assert "running" not in out.replace("report", "")
     assert out.count("up to date, skipped") == 8
+
+
+DEPTH_COMPARE_SPEC = """\
+model teacher = dir("tiny")
+data corpus = jsonl("corpus.jsonl")
+
+prune depth { depth=3 contiguous=false saliency=loss(corpus, samples=8, seq_len=32) }
+evaluate with lm_eval { tasks_dir="tasks" perplexity(corpus) }
+
+compare layers {
+  variant loss {}
+  variant task { prune.saliency=task(tiny_mc, shots=0) }
+}
+"""
+
+
+def test_depth_saliency_is_tabled_per_layer_and_ranked(tmp_path):
+    """Figs. 7/8 in text: every removed layer's metric per variant, the dropped ones marked, and
+    the layers that cost the most and the least, all as the depth stages recorded them."""
+    spec = make_project(tmp_path, DEPTH_COMPARE_SPEC, "layers")
+    assert pdc_main(["run", str(spec)]) == 0
+    build = tmp_path / "build" / "layers"
+    md = (build / "comparison.md").read_text()
+    section = md[md.index("## Depth saliency"):md.index("## Plots")]
+    loss = read_record(build / "loss" / "prune").result.saliency
+    task = read_record(build / "task" / "prune").result.saliency
+    assert len(loss.candidates) == len(task.candidates) == 4  # every single layer of the tiny model
+    rows = [line for line in section.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 4
+    for row, c in zip(rows, loss.candidates):
+        cells = [x.strip() for x in row.strip("|").split("|")]
+        assert cells[0] == str(c.layers[0]) and cells[1].startswith(f"{c.value:.4g}")
+        assert cells[1].endswith("(dropped)") == (c.layers[0] in loss.dropped_layers)
+        assert cells[2].endswith("(dropped)") == (c.layers[0] in task.dropped_layers)
+    worst = max(loss.candidates, key=lambda c: c.value)
+    assert f"removing layer {worst.layers[0]} ({worst.value:.4g})" in section
+    assert f"`task` (accuracy on {task.items} items of tiny_mc, higher is better" in section

@@ -11,6 +11,8 @@
   paired bootstrap for the interval), held-out perplexity by a paired bootstrap over the same
   blocks; only when per-item data are missing, an unpaired interval from the standard errors.
   A difference whose interval includes zero is reported as not significant, not ranked;
+- for the variants that prune depth, the metric of every removed candidate in a table and the
+  candidates that cost the most and the least;
 - plots: the distillation curves of all variants on one axis, the final scores with error bars,
   and the depth-saliency curves of the variants that prune depth.
 """
@@ -29,6 +31,7 @@ from pdc.plan.results import (
     EvaluateResult,
     ModelScores,
     PruneResult,
+    SaliencyResult,
     StageRecord,
     TrainResult,
     read_record,
@@ -199,6 +202,57 @@ def _claims_table(doc: Doc, variants: list[Variant], claims: tuple[Expectation, 
     doc.table(["claim", "winner vs loser", "test", "outcome"], rows, align="llll")
 
 
+def _saliency_series(variants: list[Variant]) -> list[tuple[str, SaliencyResult]]:
+    out = []
+    for v in variants:
+        prune: Optional[PruneResult] = v.result("prune")
+        if prune is not None and prune.saliency is not None and prune.saliency.candidates:
+            out.append((v.name, prune.saliency))
+    return out
+
+
+def _layers_label(layers: tuple[int, ...]) -> str:
+    return str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
+
+
+def _saliency_cell(sal: SaliencyResult, value: float) -> str:
+    if sal.metric == "accuracy":
+        se = math.sqrt(max(value * (1 - value), 0.0) / sal.items) if sal.items else None
+        return _fmt_score(value, se, percent=True)
+    return f"{value:.4g}"
+
+
+def _saliency_section(doc: Doc, variants: list[Variant]) -> None:
+    """Each depth-pruning variant's metric per removed candidate (what Figs. 7 and 8 plot), and
+    which candidates cost the most and the least -- ranked, with each accuracy's standard error."""
+    series = _saliency_series(variants)
+    if not series:
+        return
+    doc.h(2, "Depth saliency")
+    for name, sal in series:
+        def cost(c):  # how much worse the model is with the candidate removed
+            return c.value if sal.better == "lower" else -c.value
+        ranked = sorted(sal.candidates, key=cost, reverse=True)
+        what = "layer" if all(len(c.layers) == 1 for c in sal.candidates) else "block"
+        full = f"; the full model: {_saliency_cell(sal, sal.baseline)}" if sal.baseline is not None else ""
+        on = f" on {sal.items} items of {sal.task}" if sal.items else ""
+        most = ", ".join(f"{_layers_label(c.layers)} ({_saliency_cell(sal, c.value)})" for c in ranked[:3])
+        least = ", ".join(f"{_layers_label(c.layers)} ({_saliency_cell(sal, c.value)})" for c in ranked[::-1][:3])
+        doc.p(f"`{name}` ({sal.metric}{on}, {sal.better} is better{full}): removing {what} {most} costs "
+              f"the most; {least} the least. Dropped: {list(sal.dropped_layers)}.")
+    starts = sorted({c.layers[0] for _, sal in series for c in sal.candidates})
+    header = ["first removed layer"] + [f"{name}: {sal.metric}" for name, sal in series]
+    rows = []
+    for start in starts:
+        row = [str(start)]
+        for _, sal in series:
+            c = next((c for c in sal.candidates if c.layers[0] == start), None)
+            mark = " (dropped)" if c is not None and set(c.layers) <= set(sal.dropped_layers) else ""
+            row.append(_saliency_cell(sal, c.value) + mark if c is not None else "-")
+        rows.append(row)
+    doc.table(header, rows, align="l" + "r" * len(series))
+
+
 def _plot_losses(variants: list[Variant], png: Path) -> bool:
     """The distillation's training loss per variant and, where it validated every N steps, the
     student's held-out LM loss (solid) beside its teacher's (dashed: flat for a frozen teacher,
@@ -282,12 +336,8 @@ def _plot_saliency(variants: list[Variant], png: Path) -> bool:
     """Each depth-pruning variant's saliency against the (first) removed layer, one panel per
     metric, with the unpruned model as a dotted line and, for task accuracy, one standard error
     (binomial, over the items scored) as a band -- the paper's Figures 7 and 8."""
-    series = []
-    for v in variants:
-        prune: Optional[PruneResult] = v.result("prune")
-        if prune is not None and prune.saliency is not None and prune.saliency.candidates:
-            sal = prune.saliency
-            series.append((v.name, sal, [c.layers[0] for c in sal.candidates], [c.value for c in sal.candidates]))
+    series = [(name, sal, [c.layers[0] for c in sal.candidates], [c.value for c in sal.candidates])
+              for name, sal in _saliency_series(variants)]
     if not series:
         return False
     plt = pyplot()
@@ -335,6 +385,7 @@ def build_comparison_doc(build_dir: Path, comparison: Comparison) -> Doc:
     if comparison.expects:
         doc.h(2, "Claims")
         _claims_table(doc, variants, comparison.expects)
+    _saliency_section(doc, variants)
     doc.h(2, "Plots")
     drawn = False
     for png, fn, alt in ((LOSSES_PNG, _plot_losses, "distillation curves per variant"),
