@@ -31,7 +31,7 @@ def test_example_checks_and_plans_without_assets(name, tmp_path, monkeypatch):
         assert (final["hidden"], final["mlp"], final["depth"], final["heads"]) == (432, 1024, 30, 9)
     else:
         assert kinds == ["prune", "evaluate"]
-        assert final["depth"] == 25 and plan["stages"][0]["saliency"]["task"] == "social_iqa_local"
+        assert final["depth"] == 25 and plan["stages"][0]["saliency"]["task"] == "movie_recommendation_local"
         assert plan["stages"][0]["contiguous"] is True
 
 
