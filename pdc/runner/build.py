@@ -98,12 +98,29 @@ def lock_path_of(spec: CheckedSpec, prune_name: str, variant: Optional[str] = No
     return spec_path.with_name(".".join(parts) + LOCK_SUFFIX)
 
 
+# Part of every stage key. A setting at its default is left out of the keys (below), so a
+# changed default would reuse stages computed with the old one: bump this with it
+# (tests/test_stage_keys.py pins every default).
+SETTINGS_EPOCH = 1
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
 def settings_identity(x):
-    """JSON-able form of stage settings; source spans and check tolerances are left out (moving a
-    line or loosening `pdc check` changes nothing that a stage computes)."""
+    """JSON-able form of stage settings. Source spans and check tolerances are left out (moving a
+    line or loosening `pdc check` changes nothing that a stage computes), and so is every setting
+    at its default: a new setting with a default leaves the keys and locks of the specs that do
+    not use it unchanged."""
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         fields = {f.name: settings_identity(getattr(x, f.name)) for f in dataclasses.fields(x)
-                  if f.name not in ("span", "check_tolerance", "setting_spans")}
+                  if f.name not in ("span", "check_tolerance", "setting_spans")
+                  and getattr(x, f.name) != _field_default(f)}
         return {"__type__": type(x).__name__, **fields}
     if isinstance(x, (list, tuple)):
         return [settings_identity(v) for v in x]
@@ -204,7 +221,7 @@ class Build:
     def stage_key(self, name: str) -> str:
         if name not in self._keys:
             node = self.graph.node(name)
-            parts = [__version__, node.kind, settings_identity(node.decl),
+            parts = [__version__, SETTINGS_EPOCH, node.kind, settings_identity(node.decl),
                      {role: self._ref_key(ref) for role, ref in node.inputs.items()},
                      [data_identity(self.spec.data[d], self.base) for d in node.data]]
             if node.kind == "evaluate":
