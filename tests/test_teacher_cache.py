@@ -187,6 +187,22 @@ def test_a_killed_pass_keeps_its_whole_parts_and_the_next_one_adds_only_what_is_
         assert np.array_equal(getattr(got, field), getattr(want, field)), field
 
 
+def test_a_gpu_bf16_pass_and_a_cpu_fp32_pass_fill_different_caches(tiny, monkeypatch):
+    """The teacher's dtype is part of the cache key: targets computed in bf16 on a GPU never
+    stand in for a CPU's fp32 ones (or the reverse), on the same teacher and tokens."""
+    teacher, _, (train, _) = tiny
+    import pdc.stages.teacher_logits as stage
+
+    bf16_cfg = TrainConfig(**{**CFG.__dict__, "precision": "bf16"})
+    cpu_dir, cpu_meta = stage.cache_for(teacher, train, bf16_cfg)  # no GPU here: fp32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(stage, "gpu_bf16", lambda cfg: cfg.precision == "bf16")
+    gpu_dir, gpu_meta = stage.cache_for(teacher, train, bf16_cfg)
+    assert (cpu_meta["teacher_dtype"], gpu_meta["teacher_dtype"]) == ("float32", "bfloat16")
+    assert cpu_dir != gpu_dir and cpu_dir.parent == gpu_dir.parent
+    assert stage.cache_for(teacher, train, CFG)[0] != gpu_dir  # fp32 asked for: fp32 on a GPU too
+
+
 def test_a_cache_that_lacks_blocks_is_refused_before_training(tiny, tmp_path):
     """A longer distillation than the pass was run for: one line naming the stage to rerun."""
     teacher, student, (train, val) = tiny

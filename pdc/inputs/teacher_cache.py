@@ -54,9 +54,10 @@ VALUE_DTYPE = np.dtype(np.float16)
 LOGPROB_FLOOR = float(np.finfo(np.float16).min)
 
 
-def cache_key(teacher_hashes: dict, token_key: str, k: int, temperature: float) -> str:
-    """Content key of a cache: teacher weights and config, token shards, k, temperature, format."""
-    return sha256_json([FORMAT, teacher_hashes, token_key, int(k), float(temperature)])[:24]
+def cache_key(teacher_hashes: dict, token_key: str, k: int, temperature: float, teacher_dtype: str) -> str:
+    """Content key of a cache: teacher weights and config, token shards, k, temperature, the dtype
+    the teacher ran in (a GPU's bf16 pass and a CPU's fp32 one differ in their last bits), format."""
+    return sha256_json([FORMAT, teacher_hashes, token_key, int(k), float(temperature), teacher_dtype])[:24]
 
 
 def cache_dir_of(token_dir: Path, key: str) -> Path:

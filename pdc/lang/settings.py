@@ -102,7 +102,8 @@ class TrainConfig:
     micro_batch: int = 1
     seq_len: int = 512
     zero: int = 0  # DeepSpeed ZeRO stage of the trained model: 0, 1, 2 or 3
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 where the GPU has it; CPUs train in fp32
+    # bf16: bf16 weights on a GPU that has it, bf16 autocast on a CPU with bf16 matrix units
+    precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False  # recompute each layer's activations in the backward pass
     weight_decay: float = 0.0
     seed: int = 0

@@ -54,9 +54,15 @@ def blocks_read(train: Blocks, val: Blocks, cfg: TrainConfig, stage: str = STAGE
     return np.union1d(train.rows(positions), val.rows())
 
 
+def teacher_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype the teacher pass runs in: bf16 with `precision=bf16` on a GPU that has it, fp32
+    elsewhere (on a CPU too, where bf16 would change the targets the cache was measured with)."""
+    return torch.bfloat16 if torch.cuda.is_available() and gpu_bf16(cfg) else torch.float32
+
+
 def cache_for(teacher_dir: Path, blocks: Blocks, cfg: TrainConfig) -> tuple[Path, dict]:
     """The cache directory of this teacher on these token shards with `cfg`'s k and temperature,
-    and the meta its `cache.json` holds."""
+    run in `teacher_dtype(cfg)`, and the meta its `cache.json` holds."""
     meta = {
         "format": teacher_cache.FORMAT,
         "teacher": content_hashes(Path(teacher_dir), STAGE),
@@ -67,8 +73,10 @@ def cache_for(teacher_dir: Path, blocks: Blocks, cfg: TrainConfig) -> tuple[Path
         "seq_len": int(blocks.seq_len),
         "index_dtype": blocks.array.dtype.name,
         "vocab_size": json.loads((Path(teacher_dir) / "config.json").read_text()).get("vocab_size"),
+        "teacher_dtype": str(teacher_dtype(cfg)).removeprefix("torch."),
     }
-    key = teacher_cache.cache_key(meta["teacher"], meta["tokens"], meta["k"], meta["temperature"])
+    key = teacher_cache.cache_key(meta["teacher"], meta["tokens"], meta["k"], meta["temperature"],
+                                  meta["teacher_dtype"])
     return teacher_cache.cache_dir_of(blocks.array.dir, key), meta
 
 
@@ -137,8 +145,7 @@ def _run_teacher(teacher_dir: Path, tokens, rows: np.ndarray, cfg: TrainConfig, 
     """Run the teacher on the blocks at `rows` (ascending) and write them as parts; returns (blocks
     written, seconds of teacher work)."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    bf16 = device.type == "cuda" and gpu_bf16(cfg)  # fp32 on a CPU: the cache key holds no precision
-    model = load_causal_lm(teacher_dir, STAGE, torch.bfloat16 if bf16 else torch.float32).to(device)
+    model = load_causal_lm(teacher_dir, STAGE, teacher_dtype(cfg)).to(device)
     if model.config.vocab_size < cfg.cache_k:
         raise PdcError(f"k={cfg.cache_k} is more than the teacher's vocabulary ({model.config.vocab_size})", STAGE)
     batch = max(1, cfg.micro_batch)
