@@ -10,7 +10,7 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.mark.parametrize("name", ["quickstart", "cut60", "depth"])
+@pytest.mark.parametrize("name", ["quickstart", "cut60", "depth", "mlp_sweep"])
 def test_example_checks_and_plans_without_assets(name, tmp_path, monkeypatch):
     from pdc.plan.dry_run import build_plan
     from pdc.lang import load_spec
@@ -29,6 +29,8 @@ def test_example_checks_and_plans_without_assets(name, tmp_path, monkeypatch):
     elif name == "cut60":
         assert kinds == ["correct", "prune", "distill", "evaluate"]
         assert (final["hidden"], final["mlp"], final["depth"], final["heads"]) == (432, 1024, 30, 9)
+    elif name == "mlp_sweep":
+        assert kinds == ["prune", "evaluate"] and (final["hidden"], final["mlp"], final["depth"]) == (576, 1408, 30)
     else:
         assert kinds == ["prune", "evaluate"]
         assert final["depth"] == 25 and plan["stages"][0]["saliency"]["task"] == "movie_recommendation_local"
