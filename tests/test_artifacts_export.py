@@ -159,6 +159,7 @@ prune depth { depth=3 saliency=cosine(corpus, samples=4, seq_len=16) }
 """
 
 
+@pytest.mark.slow  # two compiles and two checks of a model (44 s)
 def test_compile_traces_each_prune_input_once_and_seals_once(tmp_path, monkeypatch):
     """`pdc compile` with a width and a depth prune stage calls `torch.export.export` four times:
     per stage one trace of the model it prunes and one seal of the rewritten program, from which

@@ -94,7 +94,7 @@ model teacher = dir("tiny")
 data corpus = jsonl("corpus.jsonl")
 
 prune depth { depth=3 contiguous=false saliency=loss(corpus, samples=8, seq_len=32) }
-evaluate with lm_eval { tasks_dir="tasks" perplexity(corpus) }
+evaluate with lm_eval { tasks_dir="tasks" perplexity(corpus) seq_len=32 limit=3 }
 
 compare layers {
   variant loss {}
@@ -105,7 +105,8 @@ compare layers {
 
 def test_depth_saliency_is_tabled_per_layer_and_ranked(tmp_path):
     """Figs. 7/8 in text: every removed layer's metric per variant, the dropped ones marked, and
-    the layers that cost the most and the least, all as the depth stages recorded them."""
+    the layers that cost the most and the least, all as the depth stages recorded them; a
+    variant's perplexity-only evaluation is counted in tokens."""
     spec = make_project(tmp_path, DEPTH_COMPARE_SPEC, "layers")
     assert pdc_main(["run", str(spec)]) == 0
     build = tmp_path / "build" / "layers"
@@ -124,3 +125,8 @@ def test_depth_saliency_is_tabled_per_layer_and_ranked(tmp_path):
     worst = max(loss.candidates, key=lambda c: c.value)
     assert f"removing layer {worst.layers[0]} ({worst.value:.4g})" in section
     assert f"`task` (accuracy on {task.items} items of tiny_mc, higher is better" in section
+    # `limit` caps the perplexity blocks too; with no task evaluated, the report counts their
+    # tokens and speaks of no task items
+    report = (build / "loss" / "report.md").read_text()
+    assert "items of each task" not in report and "items per task" not in report
+    assert f"perplexity over {3 * 32:,} held-out tokens; models scored in fp32" in report

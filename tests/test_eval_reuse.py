@@ -34,6 +34,7 @@ def _without_path(scores):
     return dataclasses.replace(scores, path="")
 
 
+@pytest.mark.slow  # three pdc runs (43 s); test_bf16_scores_are_their_own keeps a run pair in the default suite
 def test_teacher_scored_once_across_specs(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PDC_CACHE", str(tmp_path / "cache"))
     make_project(tmp_path, "")

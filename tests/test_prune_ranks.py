@@ -64,8 +64,9 @@ def one_process(tmp_path_factory):
     return get
 
 
+# All slow (two or four torchrun launches each): 134 s for the lightest on this CPU.
 @pytest.mark.parametrize("name, nproc", [
-    ("width+task", 2),
+    pytest.param("width+task", 2, marks=pytest.mark.slow),
     pytest.param("all", 2, marks=pytest.mark.slow),
     pytest.param("all", 4, marks=pytest.mark.slow),
 ])

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from pdc.errors import PdcError
 from pdc.plan.results import read_record
 from pdc.runner.report import LOSS_PNG, NOT_RUN, write_report
-from tiny_builds import PRUNE_SPEC, run_project
 
 
 def _copy(build: Path, tmp_path: Path) -> Path:
@@ -65,15 +64,6 @@ def test_depth_report_shows_the_chosen_metric(depth_build, tmp_path):
     assert "prune/saliency.png" in md and str(list(sal.dropped_layers)) in md and "tiny_mc" in md
     row = next(line for line in md.splitlines() if line.startswith("| metric, chosen layers removed"))
     assert f"{sal.chosen:.4g}" in row and "-" not in row.split("|")[2]
-
-
-def test_a_perplexity_only_evaluation_does_not_speak_of_task_items(tmp_path):
-    """`limit` caps the perplexity blocks too; with no task run, the report counts blocks' tokens,
-    not "items of each task"."""
-    build = run_project(tmp_path, PRUNE_SPEC + 'evaluate with lm_eval { perplexity(corpus) seq_len=32 limit=3 }\n')
-    md = write_report(build)[0].read_text()
-    assert "items of each task" not in md and "items per task" not in md
-    assert f"perplexity over {3 * 32:,} held-out tokens; models scored in fp32" in md
 
 
 def test_empty_build_dir_reports_not_run(tmp_path):
