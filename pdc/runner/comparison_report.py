@@ -215,10 +215,19 @@ def _layers_label(layers: tuple[int, ...]) -> str:
     return str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
 
 
+def _accuracy_se(sal: SaliencyResult, p: float) -> Optional[float]:
+    """One standard error of a candidate's accuracy (binomial over the items scored)."""
+    return math.sqrt(max(p * (1 - p), 0.0) / sal.items) if sal.items else None
+
+
+def _was_dropped(sal: SaliencyResult, layers: tuple[int, ...]) -> bool:
+    """The chosen candidates: the dropped block, or each dropped single layer."""
+    return tuple(layers) == tuple(sal.dropped_layers) or (len(layers) == 1 and layers[0] in sal.dropped_layers)
+
+
 def _saliency_cell(sal: SaliencyResult, value: float) -> str:
     if sal.metric == "accuracy":
-        se = math.sqrt(max(value * (1 - value), 0.0) / sal.items) if sal.items else None
-        return _fmt_score(value, se, percent=True)
+        return _fmt_score(value, _accuracy_se(sal, value), percent=True)
     return f"{value:.4g}"
 
 
@@ -230,9 +239,8 @@ def _saliency_section(doc: Doc, variants: list[Variant]) -> None:
         return
     doc.h(2, "Depth saliency")
     for name, sal in series:
-        def cost(c):  # how much worse the model is with the candidate removed
-            return c.value if sal.better == "lower" else -c.value
-        ranked = sorted(sal.candidates, key=cost, reverse=True)
+        # costliest first: the highest loss, or the lowest accuracy, with the candidate removed
+        ranked = sorted(sal.candidates, key=lambda c: c.value if sal.better == "lower" else -c.value, reverse=True)
         what = "layer" if all(len(c.layers) == 1 for c in sal.candidates) else "block"
         full = f"; the full model: {_saliency_cell(sal, sal.baseline)}" if sal.baseline is not None else ""
         on = f" on {sal.items} items of {sal.task}" if sal.items else ""
@@ -247,7 +255,7 @@ def _saliency_section(doc: Doc, variants: list[Variant]) -> None:
         row = [str(start)]
         for _, sal in series:
             c = next((c for c in sal.candidates if c.layers[0] == start), None)
-            mark = " (dropped)" if c is not None and set(c.layers) <= set(sal.dropped_layers) else ""
+            mark = " (dropped)" if c is not None and _was_dropped(sal, c.layers) else ""
             row.append(_saliency_cell(sal, c.value) + mark if c is not None else "-")
         rows.append(row)
     doc.table(header, rows, align="l" + "r" * len(series))
@@ -350,15 +358,12 @@ def _plot_saliency(variants: list[Variant], png: Path) -> bool:
             line, = ax.plot(starts, values, marker="o", ms=3, lw=1.2,
                             label=f"{name}: drops {list(sal.dropped_layers)}")
             if sal.items and metric == "accuracy":
-                se = [math.sqrt(max(p * (1 - p), 0.0) / sal.items) for p in values]
+                se = [_accuracy_se(sal, p) for p in values]
                 ax.fill_between(starts, [p - e for p, e in zip(values, se)], [p + e for p, e in zip(values, se)],
                                 color=line.get_color(), alpha=0.15, lw=0)
             if sal.baseline is not None:
                 ax.axhline(sal.baseline, color=line.get_color(), ls=":", lw=1)
-            # ring the chosen candidates: the dropped single layers, or the dropped block's start
-            dropped = tuple(sal.dropped_layers)
-            rings = [k for k, c in enumerate(sal.candidates)
-                     if tuple(c.layers) == dropped or (len(c.layers) == 1 and c.layers[0] in dropped)]
+            rings = [k for k, c in enumerate(sal.candidates) if _was_dropped(sal, c.layers)]
             ax.scatter([starts[k] for k in rings], [values[k] for k in rings], s=70, facecolors="none",
                        edgecolors=line.get_color(), lw=1.5)
         single = all(len(c.layers) == 1 for _, sal, _, _ in group for c in sal.candidates)

@@ -57,7 +57,7 @@ def blocks_read(train: Blocks, val: Blocks, cfg: TrainConfig, stage: str = STAGE
 def teacher_dtype(cfg: TrainConfig) -> torch.dtype:
     """The dtype the teacher pass runs in: bf16 with `precision=bf16` on a GPU that has it, fp32
     elsewhere (on a CPU too, where bf16 would change the targets the cache was measured with)."""
-    return torch.bfloat16 if torch.cuda.is_available() and gpu_bf16(cfg) else torch.float32
+    return torch.bfloat16 if gpu_bf16(cfg) else torch.float32
 
 
 def cache_for(teacher_dir: Path, blocks: Blocks, cfg: TrainConfig) -> tuple[Path, dict]:
