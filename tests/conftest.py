@@ -115,7 +115,7 @@ def depth_build(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def real_assets():
-    """The `pdc setup` assets (SmolLM2, wiki text, social_iqa). Tests that need them are marked
+    """The `pdc setup` assets (SmolLM2, wiki text, movie_recommendation_local). Tests that need them are marked
     slow and run only when asked for (`pytest -m slow`): without the assets they fail with the
     fix, never skip silently."""
     from pdc.errors import PdcError

@@ -1,4 +1,4 @@
-"""Real-model evaluation (slow): SmolLM2-135M-Instruct on held-out wiki and social_iqa_local."""
+"""Real-model evaluation (slow): SmolLM2-135M-Instruct on held-out wiki and movie_recommendation_local."""
 
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ def test_smollm2_heldout_perplexity_far_below_uniform(smollm2):
     assert 1.0 < ppl < len(tok) ** 0.5
 
 
-def test_smollm2_social_iqa_local_through_lm_eval(smollm2):
+def test_smollm2_movie_recommendation_local_through_lm_eval(smollm2):
     from pdc.inputs.assets import local_tasks_dir
     from pdc.stages.evaluate import run_tasks
     from pdc.lang.settings import EvalTask
 
     model, tok = smollm2
-    res = run_tasks(model, tok, [EvalTask("social_iqa_local", 1)], local_tasks_dir(), limit=12)["social_iqa_local"]
+    res = run_tasks(model, tok, [EvalTask("movie_recommendation_local", 1)], local_tasks_dir(), limit=12)["movie_recommendation_local"]
     assert res.shots == 1 and res.items == 12 and res.primary == "acc"
     assert set(res.values) >= {"acc", "acc_norm"} and res.stderr["acc"] > 0

@@ -62,6 +62,13 @@ def test_unknown_task_is_one_line_pdc_error(tasks_dir):
     assert "\n" not in str(err.value)
 
 
+def test_a_task_no_longer_bundled_says_why(tasks_dir):
+    """A task of the bigbench-built releases is named as retired, not as a typo."""
+    with pytest.raises(PdcError, match=r"task 'social_iqa_local' is no longer bundled: .*bigbench 1.0.0") as err:
+        task_accuracy(make_tiny_model_for_tasks("llama"), make_tiny_tokenizer(), "social_iqa_local", 0, tasks_dir)
+    assert "\n" not in str(err.value)
+
+
 def test_missing_tasks_dir_is_pdc_error(tmp_path):
     with pytest.raises(PdcError, match="task folder not found"):
         task_accuracy(make_tiny_model_for_tasks("llama"), make_tiny_tokenizer(), "tiny_mc", 0, tmp_path / "nope")

@@ -29,10 +29,10 @@ def test_full_pipeline_lowering():
     spec = check(
         "correct m on wiki { steps=5 method=lora lora_rank=4 order=parallel lr=2e-5 }\n"
         "prune width { hidden=450 mlp=768 depth=30 importance=activation(samples=8, seq_len=64, batch=mean, seq=l2) }\n"
-        "prune depth { depth=20 saliency=task(social_iqa_local, shots=0, limit=32) hidden=450 }\n"
+        "prune depth { depth=20 saliency=task(movie_recommendation_local, shots=0, limit=32) hidden=450 }\n"
         "distill from m on held { tokens=1M global_batch=8 micro_batch=2 seq_len=128 loss=kl(reverse) "
         "temperature=2 top_k=16 engine=deepspeed(zero=2, precision=bf16) }\n"
-        "evaluate with lm_eval { perplexity(held) social_iqa_local(0) winogrande limit=50 tasks_dir=builtin }\n"
+        "evaluate with lm_eval { perplexity(held) movie_recommendation_local(0) winogrande limit=50 tasks_dir=builtin }\n"
     )
     kinds = [type(s) for s in spec.stages]
     assert kinds == [CorrectStage, PruneStage, PruneStage, DistillStage, EvaluateStage]
@@ -43,11 +43,11 @@ def test_full_pipeline_lowering():
     assert w.data == "held"  # default calibration data: the distill stage's
     assert (w.importance.batch_agg, w.importance.seq_agg, w.importance.samples) == ("mean", "l2", 8)
     assert d.source_arch == w.target_arch and d.target_arch.layers == 20 and d.target_arch.hidden == 450
-    assert (d.depth.saliency.kind, d.depth.saliency.task, d.depth.saliency.limit) == ("task", "social_iqa_local", 32)
+    assert (d.depth.saliency.kind, d.depth.saliency.task, d.depth.saliency.limit) == ("task", "movie_recommendation_local", 32)
     assert (dist.train.loss, dist.train.zero, dist.train.precision, dist.train.top_k) == ("kl_reverse", 2, "bf16", 16)
     assert dist.train.tokens == 1_000_000
     assert ev.eval.perplexity_data == ("held",) and ev.tasks_dir == "builtin" and ev.eval.limit == 50
-    assert [(t.name, t.shots) for t in ev.eval.tasks] == [("social_iqa_local", 0), ("winogrande", 0)]
+    assert [(t.name, t.shots) for t in ev.eval.tasks] == [("movie_recommendation_local", 0), ("winogrande", 0)]
     assert spec.final_arch == d.target_arch
     assert spec.source_model == "m" and spec.source_arch.layers == 30
 

@@ -23,7 +23,7 @@ correct m on wiki { steps=2 lr=1e-4 method=lora lora_rank=4 order=parallel }
 prune width { hidden=450 mlp=768 heads=6 kv_heads=3 importance=activation(samples=8, seq_len=64, data=held) }
 prune depth { depth=20 saliency=cosine(wiki, samples=4) contiguous=false }
 distill from m on wiki { steps=3 global_batch=4 micro_batch=2 seq_len=64 loss=kl(reverse) top_k=8 }
-evaluate with lm_eval { perplexity(held) social_iqa_local(0) limit=20 tasks_dir=builtin }
+evaluate with lm_eval { perplexity(held) movie_recommendation_local(0) limit=20 tasks_dir=builtin }
 '''
 SEEDS = [TINY] + [p.read_text() for p in sorted(SPEC_DIR.glob("*.pds"))]
 TOKEN = re.compile(r'"(?:\\.|[^"\\\n])*"|#[^\n]*|[A-Za-z_][\w\-]*|[+-]?[\d.][\w.+\-]*|\S')

@@ -53,7 +53,10 @@ from pdc.lang.variants import apply_variant, describe, stage_name
 
 MODEL_KINDS = ("hf", "dir", "gguf", "builtin")
 DATA_KINDS = ("hf", "json", "jsonl", "text", "parquet", "builtin")
-BUILTIN_DATA = ("wiki", "wiki-heldout", "news", "reddit")
+# The carried text domains (pdc/data/manifest.json; a test keeps the two lists equal).
+BUILTIN_DATA = ("wiki", "wiki-heldout", "reddit", "amazon")
+RETIRED_DATA = {"news": "the New York Times paragraphs came from the bigbench 1.0.0 sdist, which is no longer "
+                        "served; use 'amazon' or 'reddit' (other SQuAD-shifts domains) or a jsonl file"}
 
 
 class _Bad(Exception):
@@ -320,6 +323,9 @@ class _Checker:
         if ref is None:
             return None
         value = ref.value
+        if kind == "builtin" and value in RETIRED_DATA:
+            self.error(f"builtin data '{value}' is no longer bundled: {RETIRED_DATA[value]}", ref.span)
+            return None
         if kind == "builtin" and value not in BUILTIN_DATA:
             self.error(
                 f"unknown builtin data '{value}': expected one of {', '.join(BUILTIN_DATA)}"

@@ -44,6 +44,7 @@ from transformers import AutoTokenizer
 
 from pdc.errors import PdcError, one_line
 from pdc.files import sha256_bytes, sha256_file, sha256_json, write_json, write_text
+from pdc.inputs.assets import RETIRED
 from pdc.inputs.cache import cache_root
 from pdc.inputs.data import token_blocks
 from pdc.inputs.models import load_causal_lm
@@ -237,6 +238,8 @@ def resolve_task_manager(task_names: Iterable[str], tasks_dir: Path | None = Non
         return _task_manager(str(tasks_dir.resolve()), False)
     builtin = _builtin_task_names()
     for name in missing:
+        if name in RETIRED and name not in builtin:
+            raise PdcError(f"task {name!r} is no longer bundled: {RETIRED[name]}", STAGE)
         if name not in builtin:
             close = difflib.get_close_matches(name, sorted(local | builtin), n=3)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
