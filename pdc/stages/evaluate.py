@@ -60,7 +60,8 @@ from pdc.plan.results import (
     encode,
 )
 from pdc.plan.training import Launch
-from pdc.stages.ranks import rank_device, rank_world, run_in_ranks, worker_main
+from pdc.stages.process_group import rank_device
+from pdc.stages.ranks import rank_world, run_in_ranks, worker_main
 from pdc.stages.train.precision import cpu_has_bf16
 
 STAGE = "evaluate"

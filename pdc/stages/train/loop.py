@@ -51,6 +51,7 @@ from pdc.inputs.teacher_cache import TeacherLogits
 from pdc.lang.settings import TrainConfig
 from pdc.plan.memory import teacher_partitioned
 from pdc.plan.training import ds_config, teacher_ds_config
+from pdc.stages.process_group import join_ranks, rank_device
 from pdc.stages.train import losses
 from pdc.stages.train.logs import JsonlLog, truncate_log
 from pdc.stages.train.precision import forward_precision, gpu_bf16, precision_label
@@ -425,7 +426,10 @@ def run_stage(stage_dir: Path, progress: bool | None = None) -> None:
     _quiet_deepspeed()
     hf_bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # per-file load/save bars would drown the training bar
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    # pdc joins the group itself (gloo for CPU tensors beside the GPU's NCCL: `group_backend`);
+    # DeepSpeed then wraps the group it finds.
+    join_ranks(rank_device())
+    deepspeed.init_distributed(verbose=False)
     try:
         _train(stage_dir, spec, ds_cfg, cfg, name, progress)
     finally:
@@ -441,12 +445,7 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != spec["world_size"]:
         raise PdcError(f"launched with {world} processes, stage expects {spec['world_size']}", name)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    device = rank_device()
     train = Blocks.from_json(spec["data"]["train"])
     val_blocks = Blocks.from_json(spec["data"]["val"])
     steps, G = spec["steps"], cfg.global_batch
