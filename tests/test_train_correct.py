@@ -59,3 +59,17 @@ def test_full_correction_lowers_validation_loss(source, blocks, tmp_path):
     assert (tmp_path / "o" / "loss.png").stat().st_size > 0
 
 
+
+
+def test_a_bf16_stage_written_and_run_on_a_cpu(source, blocks, tmp_path):
+    """ds_config.json says bf16 whatever machine writes it (a GPU node reads it); this CPU rank
+    runs fp32 weights (with bf16 autocast where the CPU has bf16 units) and records so."""
+    import json
+
+    from pdc.stages.train.precision import cpu_has_bf16
+
+    m = run_correct(source, *blocks, _cfg("norm", lr=5e-2, precision="bf16"), tmp_path / "w",
+                    tmp_path / "o", progress=False)
+    assert json.loads((tmp_path / "w" / "ds_config.json").read_text())["bf16"] == {"enabled": True}
+    assert m.precision == ("bf16 autocast" if cpu_has_bf16() else "fp32")
+    assert all(t.dtype == torch.float32 for t in weights(tmp_path / "o" / "model").values())

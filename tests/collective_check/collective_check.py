@@ -45,6 +45,8 @@ def _caller() -> str:
     seen = "other"
     while frame is not None:
         mod = frame.f_globals.get("__name__", "")
+        if mod == "__main__" and frame.f_globals.get("__spec__") is not None:  # a `python -m` rank
+            mod = frame.f_globals["__spec__"].name
         if mod.startswith("pdc."):
             return mod
         if seen == "other" and mod.split(".")[0] in ("deepspeed", "lm_eval"):

@@ -419,6 +419,9 @@ def run_stage(stage_dir: Path, progress: bool | None = None) -> None:
     spec = json.loads((stage_dir / "stage.json").read_text())
     ds_cfg = json.loads((stage_dir / "ds_config.json").read_text())
     cfg = config_from_dict(spec["cfg"])
+    # The file says what the spec asks (written wherever pdc ran); bf16 weights run where this
+    # rank's GPU has bf16, elsewhere fp32 weights (with bf16 autocast on a CPU that has it).
+    ds_cfg["bf16"] = {"enabled": gpu_bf16(cfg)}
     name = spec["stage"]
     progress = spec.get("progress", True) if progress is None else progress
     from transformers.utils import logging as hf_logging
