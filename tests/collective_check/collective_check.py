@@ -39,6 +39,15 @@ def _tensors(args, kwargs):
             yield from (t for t in a if isinstance(t, torch.Tensor))
 
 
+def _functions() -> list[str]:
+    """The function names on the stack, innermost first (which lm-eval path gathered)."""
+    frame, names = sys._getframe(2), []
+    while frame is not None and len(names) < 40:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return names
+
+
 def _caller() -> str:
     """The first pdc module on the stack (else deepspeed / lm_eval / other)."""
     frame = sys._getframe(2)
@@ -62,7 +71,7 @@ def _log(record: dict) -> None:
 
 def check(op: str, devices: list[str], where: str, allowed: dict[str, str]) -> None:
     bad = sorted({d for d in devices if d not in allowed})
-    _log({"pid": os.getpid(), "op": op, "devices": devices, "where": where, "ok": not bad})
+    _log({"pid": os.getpid(), "op": op, "devices": devices, "where": where, "ok": not bad, "stack": _functions()})
     if bad:
         raise RuntimeError(f"collective {op} from {where} on {', '.join(bad)} tensors: the GPU process group "
                            f"({allowed}) has no backend for them")
