@@ -63,6 +63,12 @@ def test_teacher_pass_runs_before_distillation_and_fills_a_cache_beside_the_toke
     assert result.cache_bytes == sum(f.stat().st_size for f in cache.glob("part-*/*"))
     assert sum(f.stat().st_size for f in cache.glob("part-*/*.bin")) == pytest.approx(result.blocks * 32 * result.bytes_per_token)
     assert 0 < result.topk_mass < 1
+    # the mass is streamed from the tail column; read in one go it is the same
+    opened = teacher_cache.TeacherLogits(cache)
+    rows = opened._rows
+    whole = float(np.mean(-np.expm1(opened.take(rows).tail.astype(np.float64))))
+    assert result.topk_mass == pytest.approx(whole, rel=1e-9)
+    assert opened.topk_mass(rows, tokens_per_read=32 * 3) == pytest.approx(whole, rel=1e-9)  # 3 blocks a read
     statuses = json.loads((build / "stages.json").read_text())
     assert list(statuses) == ["prune", "teacher_logits", "distill"]
     assert all(s["status"] == "done" for s in statuses.values())

@@ -122,8 +122,7 @@ def compute_teacher_logits(teacher_dir: Path, train: Blocks, val: Blocks, cfg: T
     if len(cache.missing(rows)):
         raise PdcError(f"the teacher logits cache {directory} still lacks {len(cache.missing(rows))} blocks after "
                        "the pass", STAGE)
-    tail = cache.take(rows).tail.astype(np.float32)
-    mass = float(np.mean(-np.expm1(tail)))  # 1 - exp(log tail): the probability inside the top k
+    mass = cache.topk_mass(rows)  # streamed: the cache of a long run does not fit in host memory
     seq_len = train.seq_len
     result = TeacherLogitsResult(
         cache_dir=str(directory), key=directory.name, k=k, temperature=float(cfg.temperature), seq_len=seq_len,
