@@ -188,6 +188,12 @@ def part_dirs(directory: Path) -> list[Path]:
     return sorted(p for p in Path(directory).glob(f"{PART_PREFIX}*") if p.is_dir() and not is_temp_name(p.name))
 
 
+def next_part_number(directory: Path) -> int:
+    """The number after the highest of the cache's complete parts."""
+    numbers = [int(p.name[len(PART_PREFIX):]) for p in part_dirs(directory) if p.name[len(PART_PREFIX):].isdigit()]
+    return max(numbers) + 1 if numbers else 0
+
+
 class PartWriter:
     """Appends blocks to one new part (see `new_part`)."""
 
@@ -214,11 +220,12 @@ class PartWriter:
 
 
 @contextlib.contextmanager
-def new_part(directory: Path, seq_len: int, k: int, index_dtype, meta: Optional[dict] = None) -> Iterator[PartWriter]:
+def new_part(directory: Path, seq_len: int, k: int, index_dtype, meta: Optional[dict] = None,
+             number: Optional[int] = None) -> Iterator[PartWriter]:
     """`with new_part(cache_dir, ...) as writer:` a new part, renamed into place whole when the
-    block ends (removed when it raises). The caller holds the cache's pass lock: one writer at a time."""
-    numbers = [int(p.name[len(PART_PREFIX):]) for p in part_dirs(directory) if p.name[len(PART_PREFIX):].isdigit()]
-    final = Path(directory) / f"{PART_PREFIX}{(max(numbers) + 1) if numbers else 0:05d}"
+    block ends (removed when it raises). The caller holds the cache's pass lock; one writer at a
+    time takes the next number, writers side by side (the ranks of one pass) are given theirs."""
+    final = Path(directory) / f"{PART_PREFIX}{next_part_number(directory) if number is None else number:05d}"
     with staged_dir(final) as tmp:
         writer = PartWriter(tmp, seq_len, k, index_dtype)
         yield writer
