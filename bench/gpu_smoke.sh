@@ -157,9 +157,9 @@ def memory():
         metrics = json.loads((out / "gpu" / f"{stage}.work" / "final" / "metrics.json").read_text())
         plan = train_memory(model, spec.stage(stage).train, stage, metrics["world_size"], teacher, None, params_of)
         peak, budget = metrics["peak_gpu_bytes"], plan["total"] - RESERVE
+        measured = f"{peak / 2**30:.2f} GiB ({100 * peak / budget:.0f} % of the plan)" if peak else "not recorded"
         check(f"memory_{stage}", peak is not None and peak <= budget,
-              f"peak allocated {peak / 2**30:.2f} GiB, plan {budget / 2**30:.2f} GiB without the reserve "
-              f"({100 * peak / budget:.0f} %); plan parts (GiB): "
+              f"peak allocated {measured}, plan {budget / 2**30:.2f} GiB without the reserve; plan parts (GiB): "
               + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in plan["parts"].items() if v and k != "reserve"))
 
 
@@ -178,7 +178,7 @@ def zero3():
         and math.isfinite(z.train_loss_last)
     check("zero3_correct", ok, f"zero {metrics['zero']}, built partitioned {metrics['loaded_partitioned']}, saved "
           f"{sorted(dtypes)}, first validation loss {z.val_loss_start:.4f} vs ZeRO-0 {ref.val_loss_start:.4f}, "
-          f"last train loss {z.train_loss_last:.4f}, peak {metrics['peak_gpu_bytes'] / 2**30:.2f} GiB")
+          f"last train loss {z.train_loss_last:.4f}, peak {(metrics['peak_gpu_bytes'] or 0) / 2**30:.2f} GiB")
 
 
 def scores(ev) -> dict:
