@@ -144,10 +144,13 @@ class Stage:
         self.correcting = False
         self.teacher_step_loss = 0.0
         self.teacher_trainable = 0
-        # ZeRO-3 builds the trained model partitioned (`zero.Init`): no rank holds all of it
+        # ZeRO-3 builds the trained model partitioned (`zero.Init`): no rank holds all of it. It is
+        # read in the dtype DeepSpeed trains it in (bf16 on a GPU): DeepSpeed casts it so anyway and
+        # keeps its fp32 master copy from those values; an fp32 read would cost each rank 4 bytes a
+        # parameter of host memory for nothing.
         zero3 = ds_cfg if cfg.zero == 3 else None
         if self.kind == "distill":
-            self.model = load_causal_lm(spec["student_dir"], self.name, zero3=zero3)
+            self.model = load_causal_lm(spec["student_dir"], self.name, self.dtype, zero3=zero3)
             if spec.get("teacher_correction"):
                 self.correction = config_from_dict(spec["teacher_correction"]["cfg"])
                 self.teacher = adapt_for_correction(load_causal_lm(spec["teacher_dir"], self.name), self.correction,
@@ -166,7 +169,7 @@ class Stage:
             if vocab != self.model.config.vocab_size:
                 raise PdcError(f"teacher vocab {vocab} != student vocab {self.model.config.vocab_size}", self.name)
         else:
-            self.model = load_causal_lm(spec["model_dir"], self.name, zero3=zero3)
+            self.model = load_causal_lm(spec["model_dir"], self.name, self.dtype, zero3=zero3)
         self.loaded_partitioned = all(hasattr(p, "ds_id") for p in self.model.parameters())
         if cfg.activation_checkpointing:
             # Non-reentrant checkpointing: works with frozen inputs, LoRA and ZeRO-3 hooks.
