@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from pdc.errors import PdcError
@@ -161,8 +162,6 @@ def compute_teacher_logits(teacher_dir: Path, train: Blocks, val: Blocks, cfg: T
 def _rank_job(job: dict) -> dict:
     """One rank of the teacher pass: its contiguous share of the missing blocks, in whole batches.
     Every rank lists what is missing before any rank writes."""
-    import torch.distributed as dist
-
     cfg = decode(TrainConfig, job["cfg"])
     train, val = Blocks.from_json(job["train"]), Blocks.from_json(job["val"])
     directory, _ = cache_for(Path(job["teacher_dir"]), train, cfg)
