@@ -235,3 +235,43 @@ def test_the_dry_run_prints_the_plan_per_stage(capsys):
     assert "memory per GPU of 80.0 GB" in out
     assert out.count("fits on") == 4 and "    teacher" in out and "(zero3)" in out and "    gathered" in out
     assert "weights           24.5 GB" in out  # Mistral-NeMo-12B: 12.25B parameters in bf16
+
+
+STEP = """
+import json, resource, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from pdc.stages.train import losses
+torch.set_num_threads(1)
+cfg = LlamaConfig(**json.loads(__import__("sys").argv[1]))
+ids = torch.randint(0, cfg.vocab_size, (2, 256))
+before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+torch.manual_seed(0)
+model = LlamaForCausalLM(cfg).train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)  # ds_config's torch AdamW
+for _ in range(2):
+    losses.lm_loss(model(input_ids=ids).logits, ids).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+"""
+
+
+@pytest.mark.slow  # 11 s: a fresh process builds and trains the model
+def test_a_tiny_training_step_peaks_below_the_plan():
+    """Two fp32 correction steps (forward, the production loss, backward, AdamW) of a 19M-parameter
+    Llama with a 32,000-token vocabulary, 2 x 256 tokens, in a fresh process: the peak memory it
+    adds is at most the plan's total less its reserve, and more than 75 % of it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sizes = dict(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=2,
+                 num_hidden_layers=4, vocab_size=32000, attn_implementation="sdpa")
+    with torch.device("meta"):
+        psi = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**sizes)).parameters())
+    plan = train_memory(Arch.from_hf_config(LlamaConfig(**sizes).to_dict()),
+                        TrainConfig(precision="fp32", micro_batch=2, seq_len=256), "correct", 1, None, None,
+                        lambda arch: psi)
+    out = subprocess.run([sys.executable, "-c", STEP, json.dumps(sizes)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    measured, budget = int(out.stdout.split()[-1]), plan["total"] - plan["parts"]["reserve"]
+    assert 0.75 * budget < measured <= budget, (measured, budget)
