@@ -77,8 +77,10 @@ def check(op: str, devices: list[str], where: str, allowed: dict[str, str]) -> N
                            f"({allowed}) has no backend for them")
 
 
-def install() -> None:
-    import torch.distributed as dist
+def install(dist=None) -> None:
+    """Wrap the collectives of `dist` (torch.distributed, imported here when not given)."""
+    if dist is None:
+        import torch.distributed as dist
 
     if getattr(dist, "_pdc_checked", False):
         return
