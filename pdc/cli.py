@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run training on the nodes and slots of a DeepSpeed hostfile with DeepSpeed's launcher")
     r.add_argument("--launcher", choices=("torchrun", "deepspeed", "slurm"), default=None,
                    help="how training ranks start: torchrun (default), deepspeed (with --hostfile), "
-                   "slurm (srun inside an allocation)")
+                   "slurm (srun inside an allocation, whose SLURM_NNODES and SLURM_GPUS_ON_NODE give the nodes and "
+                   "processes per node)")
     r.set_defaults(func=cmd_run)
 
     k = sub.add_parser("check", help="recompile the prune stages and compare them with the committed locks",
