@@ -54,6 +54,20 @@ check() {  # check NAME STATUS(0 = pass) FIGURES
 "$PY" -c "from pdc.inputs import assets; assets.smollm2_dir(); assets.builtin_data_path('wiki'); assets.local_tasks_dir()" \
   2>/dev/null || "$PY" -m pdc.cli setup
 
+# Scores are kept per machine and reused (pdc.stages.evaluate.scores_dir): every run here reads the
+# installed assets through a pdc cache of its own, so no evaluation is skipped as "scored before"
+# -- by an earlier smoke run, or the 2-rank evaluation by the 1-rank one.
+REAL_CACHE=$("$PY" -c "from pdc.inputs.cache import cache_root; print(cache_root())")
+private_cache() {  # private_cache DIR [SUBDIR...]: the assets (and SUBDIRs) of the real cache, scores its own
+  local dir=$1; shift
+  mkdir -p "$dir"
+  for d in models data tasks lm_eval verified "$@"; do
+    [ -e "$REAL_CACHE/$d" ] && ln -sfn "$REAL_CACHE/$d" "$dir/$d"
+  done
+}
+private_cache "$OUT/cache"
+export PDC_CACHE="$OUT/cache"
+
 # The quickstart as written (bf16) for the GPU; every precision=fp32 for the CPU reference (on a
 # CPU with bf16 units precision=bf16 would run bf16 autocast, not fp32). Copies: the locks are
 # written next to the spec, not into examples/.
@@ -77,7 +91,8 @@ check zero3_run $? "$(( $(date +%s) - start )) s (log $OUT/zero3.log)"
 if [ "$NGPU" -ge 2 ]; then
   for what in evaluate prune; do
     rm -rf "$OUT/gpu2_$what" && cp -r "$OUT/gpu" "$OUT/gpu2_$what" && rm -rf "$OUT/gpu2_$what/$what"
-    CUDA_VISIBLE_DEVICES=0,1 "$PY" -m pdc.cli run "$OUT/quickstart_bf16.pds" --out "$OUT/gpu2_$what" --stage "$what" \
+    REAL_CACHE="$OUT/cache" private_cache "$OUT/cache_$what" tokens  # the same token shards, no scores
+    CUDA_VISIBLE_DEVICES=0,1 PDC_CACHE="$OUT/cache_$what" "$PY" -m pdc.cli run "$OUT/quickstart_bf16.pds" --out "$OUT/gpu2_$what" --stage "$what" \
       --nproc-per-node 2 > "$OUT/gpu2_$what.log" 2>&1
     check "${what}_2_ranks_run" $? "(log $OUT/gpu2_$what.log)"
   done
@@ -189,7 +204,8 @@ def eval_auto():
     ev = gpu["evaluate"]
     log = (out / "gpu.log").read_text(errors="replace")
     finite = all(p is not None and math.isfinite(p) for p, _ in scores(ev).values())
-    check("eval_auto", ev.precision == "bf16" and finite,
+    reused = "scored before with the same weights and settings, reused" in log
+    check("eval_auto", ev.precision == "bf16" and finite and not reused,
           f"precision {ev.precision}; " + "; ".join(f"{k} ppl {p:.2f} {t}" for k, (p, t) in scores(ev).items())
           + ("; lm-eval logged its batch size search" if "batch size" in log.lower() else ""))
 
@@ -199,7 +215,8 @@ def eval_dp():
         print("gpu_smoke: CHECK eval_dp: SKIPPED one GPU (two NCCL ranks need two devices)")
         return
     one, two = scores(gpu["evaluate"]), scores(result("gpu2_evaluate", "evaluate"))
-    ok = all(abs(two[k][0] - one[k][0]) / one[k][0] < 1e-3 and
+    ran = (out / "gpu2_evaluate" / "evaluate.work" / "launch.log").exists()  # the 2 ranks ran, nothing reused
+    ok = ran and all(abs(two[k][0] - one[k][0]) / one[k][0] < 1e-3 and
              all(abs(two[k][1][t] - one[k][1][t]) < 0.01 for t in one[k][1]) for k in one)
     check("eval_dp", ok, "; ".join(f"{k} ppl {one[k][0]:.3f} -> {two[k][0]:.3f}" for k in one))
 
