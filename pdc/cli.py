@@ -103,8 +103,8 @@ def _launch(args):
     launcher = args.launcher or "torchrun"
     if launcher == "deepspeed":
         return "--launcher deepspeed needs --hostfile FILE (its nodes and slots)"
-    if launcher == "slurm" and not os.environ.get("SLURM_JOB_ID"):
-        return "--launcher slurm runs inside a Slurm allocation (sbatch or salloc): SLURM_JOB_ID is not set"
+    if launcher == "slurm":
+        return _slurm_launch(args)
     endpoint = args.rdzv_endpoint
     if endpoint and not _valid_endpoint(endpoint):
         return f"--rdzv-endpoint {endpoint!r}: expected HOST:PORT"
@@ -112,6 +112,29 @@ def _launch(args):
         return (f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT, an address of this node that the "
                 "other nodes reach")
     return Launch(nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, rdzv_endpoint=endpoint, launcher=launcher)
+
+
+def _slurm_launch(args):
+    """The allocation's nodes (SLURM_NNODES) and GPUs per node (SLURM_GPUS_ON_NODE), which
+    --nnodes / --nproc-per-node may repeat but not contradict; a usage message (str) otherwise."""
+    from pdc.plan.training import Launch
+
+    if not os.environ.get("SLURM_JOB_ID"):
+        return "--launcher slurm runs inside a Slurm allocation (sbatch or salloc): SLURM_JOB_ID is not set"
+    if args.rdzv_endpoint:
+        return "--launcher slurm puts the rendezvous on the allocation's first node: drop --rdzv-endpoint"
+    nodes = os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or "1"
+    gpus = os.environ.get("SLURM_GPUS_ON_NODE")
+    if not nodes.isdigit() or (gpus is not None and not gpus.isdigit()):
+        return f"cannot read the Slurm allocation: SLURM_NNODES={nodes!r}, SLURM_GPUS_ON_NODE={gpus!r}"
+    if args.nnodes_given and args.nnodes != int(nodes):
+        return f"--nnodes {args.nnodes} disagrees with the Slurm allocation's {nodes} node(s) (SLURM_NNODES)"
+    nproc = args.nproc_per_node
+    if gpus is not None and int(gpus) > 0:
+        if args.nproc_per_node_given and nproc != int(gpus):
+            return f"--nproc-per-node {nproc} disagrees with the allocation's {gpus} GPU(s) a node (SLURM_GPUS_ON_NODE)"
+        nproc = int(gpus)
+    return Launch(nnodes=int(nodes), nproc_per_node=nproc, launcher="slurm")
 
 
 def _valid_endpoint(endpoint: str) -> bool:
@@ -194,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="M", help="processes per node for training, evaluation, importance and depth saliency "
                    "(one per GPU; gloo on CPU); "
                    "the global batch stays as the spec says")
-    r.add_argument("--nnodes", type=int, default=1, metavar="N",
+    r.add_argument("--nnodes", type=int, default=None, metavar="N",
                    help="nodes; with torchrun each node runs the stage's launch.sh (pdc prints the command)")
     r.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
                    help="torchrun's c10d rendezvous, an address of this node (needed with --nnodes > 1)")
@@ -202,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run training on the nodes and slots of a DeepSpeed hostfile with DeepSpeed's launcher")
     r.add_argument("--launcher", choices=("torchrun", "deepspeed", "slurm"), default=None,
                    help="how training ranks start: torchrun (default), deepspeed (with --hostfile), "
-                   "slurm (srun inside an allocation)")
+                   "slurm (srun inside an allocation, whose SLURM_NNODES and SLURM_GPUS_ON_NODE give the nodes and "
+                   "processes per node)")
     r.set_defaults(func=cmd_run)
 
     k = sub.add_parser("check", help="recompile the prune stages and compare them with the committed locks",
@@ -235,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "command", None) == "run":  # a hostfile's slots are the default processes per node
         args.nproc_per_node_given = args.nproc_per_node is not None
+        args.nnodes_given = args.nnodes is not None
+        args.nnodes = args.nnodes if args.nnodes is not None else 1
         args.nproc_per_node = args.nproc_per_node if args.nproc_per_node is not None else 1
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -15,6 +16,19 @@ if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Every collective of this process and of every process it starts (torchrun ranks included) is
+# checked against the process group a GPU rank joins (tests/collective_check/sitecustomize.py).
+_CHECK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "collective_check")
+if "PDC_COLLECTIVE_LOG" not in os.environ:
+    import tempfile
+
+    os.environ["PDC_COLLECTIVE_LOG"] = os.path.join(tempfile.mkdtemp(prefix="pdc-collectives-"), "log.jsonl")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_CHECK_DIR, os.environ.get("PYTHONPATH")) if p)
+sys.path.insert(0, _CHECK_DIR)
+import collective_check  # noqa: E402
+
+collective_check.install()
 
 FAMILY_CONFIGS = {
     "llama": dict(

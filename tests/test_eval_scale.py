@@ -96,6 +96,30 @@ def test_two_evaluation_processes_reproduce_one(tasks_dir, tmp_path):
             assert b.tasks[task].items == a.tasks[task].items
 
 
+@pytest.mark.slow
+def test_two_processes_with_lm_evals_automatic_batch_size(tasks_dir, tmp_path, monkeypatch):
+    """batch_size="auto", what a GPU evaluation runs: lm-eval's probe finds each rank's batch size
+    and all-gathers it through pdc's gather (`_detect_batch_size` on the stack of a collective of
+    every rank); the scores are the single-process ones at batch 8."""
+    import json
+
+    log = tmp_path / "collectives.jsonl"
+    monkeypatch.setenv("PDC_COLLECTIVE_LOG", str(log))
+    tok = make_tiny_tokenizer()
+    model, _ = _rigged("y", 0)
+    model.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    dirs = {"teacher": tmp_path / "teacher"}
+    cfg = EvalConfig(tasks=(EvalTask("tiny_mc_norm", 0),))
+    one = evaluate_models(dirs, lambda p: tok, cfg, tasks_dir, None, progress=False, batch_size=8)
+    two = evaluate_models(dirs, lambda p: tok, cfg, tasks_dir, None, progress=False, batch_size="auto",
+                          launch=Launch(nproc_per_node=2), work_dir=tmp_path / "work")
+    assert two.models["teacher"].tasks["tiny_mc_norm"].values == pytest.approx(one.models["teacher"].tasks["tiny_mc_norm"].values)
+    probes = [r for r in map(json.loads, log.read_text().splitlines())
+              if r["op"] == "all_gather" and "_detect_batch_size" in r.get("stack", [])]
+    assert len({r["pid"] for r in probes}) == 2 and all(r["ok"] for r in probes)
+
+
 def test_the_recipes_tasks_are_in_lm_evals_registry_offline():
     """The paper's benchmarks in specs/ name tasks lm-eval ships (its bundled registry, indexed
     offline), with the paper's shot counts; the ones that run model-written code are allowed."""

@@ -63,6 +63,12 @@ def test_teacher_pass_runs_before_distillation_and_fills_a_cache_beside_the_toke
     assert result.cache_bytes == sum(f.stat().st_size for f in cache.glob("part-*/*"))
     assert sum(f.stat().st_size for f in cache.glob("part-*/*.bin")) == pytest.approx(result.blocks * 32 * result.bytes_per_token)
     assert 0 < result.topk_mass < 1
+    # the mass is streamed from the tail column; read in one go it is the same
+    opened = teacher_cache.TeacherLogits(cache)
+    rows = opened._rows
+    whole = float(np.mean(-np.expm1(opened.take(rows).tail.astype(np.float64))))
+    assert result.topk_mass == pytest.approx(whole, rel=1e-9)
+    assert opened.topk_mass(rows, tokens_per_read=32 * 3) == pytest.approx(whole, rel=1e-9)  # 3 blocks a read
     statuses = json.loads((build / "stages.json").read_text())
     assert list(statuses) == ["prune", "teacher_logits", "distill"]
     assert all(s["status"] == "done" for s in statuses.values())
@@ -234,3 +240,25 @@ def test_loss_ce_trains_on_the_text_without_a_teacher(tiny, tmp_path):
     assert result.val_loss_end < result.val_loss_start
     log = [json.loads(line) for line in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
     assert all("kl" not in r for r in log)
+
+
+@pytest.mark.slow  # a torchrun launch of 2 ranks (~40 s on this CPU)
+def test_two_ranks_fill_the_cache_one_rank_fills(tmp_path):
+    """The teacher pass on 2 processes (each its contiguous share of whole batches, its own parts)
+    leaves the cache one process leaves: the same rows, bit for bit."""
+    teacher = save_tiny(tmp_path / "teacher", seed=0)
+    data = learnable_blocks(24, seq=16, seed=4)
+    cfg = TrainConfig(steps=3, global_batch=4, micro_batch=3, seq_len=16, cache_k=K)
+    caches = []
+    for n in (1, 2):
+        train, val = train_val(data, 20, tmp_path / f"shards{n}" / "blocks")  # a cache of its own beside each
+        result = compute_teacher_logits(teacher, train, val, cfg, tmp_path / f"out{n}", progress=False,
+                                        nproc=n, work_dir=tmp_path / f"work{n}")
+        caches.append((teacher_cache.TeacherLogits(Path(result.cache_dir)), result))
+    (one, r1), (two, r2) = caches
+    assert r1.blocks == r2.blocks == r2.blocks_computed and len(two.parts) >= 2
+    assert np.array_equal(one._rows, two._rows)
+    a, b = one.take(one._rows), two.take(one._rows)
+    for column in ("logprobs", "indices", "tail", "nll"):
+        assert np.array_equal(getattr(a, column), getattr(b, column)), column
+    assert r2.topk_mass == r1.topk_mass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -59,3 +61,39 @@ def test_full_correction_lowers_validation_loss(source, blocks, tmp_path):
     assert (tmp_path / "o" / "loss.png").stat().st_size > 0
 
 
+
+
+def test_a_bf16_stage_written_and_run_on_a_cpu(source, blocks, tmp_path):
+    """ds_config.json says bf16 whatever machine writes it (a GPU node reads it); this CPU rank
+    runs fp32 weights (with bf16 autocast where the CPU has bf16 units) and records so."""
+    import json
+
+    from pdc.stages.train.precision import cpu_has_bf16
+
+    m = run_correct(source, *blocks, dataclasses.replace(_cfg("norm", lr=5e-2, precision="bf16"), steps=2), tmp_path / "w",
+                    tmp_path / "o", progress=False)
+    assert json.loads((tmp_path / "w" / "ds_config.json").read_text())["bf16"] == {"enabled": True}
+    assert m.precision == ("bf16 autocast" if cpu_has_bf16() else "fp32")
+    assert all(t.dtype == torch.float32 for t in weights(tmp_path / "o" / "model").values())
+
+
+@pytest.mark.slow  # three runs (~50 s on this shared CPU)
+def test_another_world_size_is_refused_and_the_checkpoint_kept(source, blocks, tmp_path):
+    """A run stopped after its step-2 checkpoint (its final model removed), restarted on 2
+    processes: refused in one line, nothing deleted; on 1 process it resumes from step 2."""
+    import shutil
+
+    from pdc.errors import PdcError
+    from pdc.plan.training import Launch
+
+    cfg = dataclasses.replace(_cfg("norm", lr=5e-2), steps=4, checkpoint_every=2)
+    run_correct(source, *blocks, cfg, tmp_path / "w", tmp_path / "o", progress=False)
+    shutil.rmtree(tmp_path / "w" / "final")
+    ckpt = sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir())
+    assert "step00000002" in ckpt
+    with pytest.raises(PdcError, match=r"written by 1 process\(es\) and this run has 2: rerun with 1") as info:
+        run_correct(source, *blocks, cfg, tmp_path / "w", tmp_path / "o2", progress=False,
+                    launch=Launch(nproc_per_node=2))
+    assert "\n" not in info.value.message
+    assert sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir()) == ckpt
+    assert run_correct(source, *blocks, cfg, tmp_path / "w", tmp_path / "o3", progress=False).resumed_from_step == 2

@@ -224,7 +224,8 @@ def test_the_slurm_script_runs_one_torchrun_per_node(models, blocks, one_process
 
 
 def test_zero_3_partitions_student_and_teacher_without_changing_the_numbers(blocks, tmp_path):
-    """Under ZeRO-3 on two processes the student's and the teacher's large weights are partitioned
+    """Under ZeRO-3 on two processes the student's and the teacher's large weights are built
+    partitioned (`deepspeed.zero.Init`) and trained so
     (a 2048-token vocabulary makes the embeddings exceed DeepSpeed's persistence threshold); the
     losses and the exported (gathered) weights equal the ZeRO-0 single-process run's."""
     teacher = save_tiny(tmp_path / "teacher", seed=0, vocab_size=2048)
@@ -233,6 +234,10 @@ def test_zero_3_partitions_student_and_teacher_without_changing_the_numbers(bloc
     z3 = run_distill(teacher, student, *blocks, dataclasses.replace(CFG, zero=3), tmp_path / "w3", tmp_path / "o3",
                      progress=False, launch=Launch(nproc_per_node=2))
     assert (z0.teacher_placement, z3.teacher_placement, z3.zero) == ("replicated", "zero3", 3)
+    # built partitioned (zero.Init: no rank ever held the whole student), not partitioned after loading
+    loaded = {w: json.loads((tmp_path / w / "final" / "metrics.json").read_text())["loaded_partitioned"]
+              for w in ("w0", "w3")}
+    assert loaded == {"w0": False, "w3": True}
     assert _losses(tmp_path / "o3") == pytest.approx(_losses(tmp_path / "o0"), rel=1e-4)
     a, b = weights(tmp_path / "o0" / "model"), weights(tmp_path / "o3" / "model")
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)

@@ -137,10 +137,14 @@ def test_stage_files_hold_the_deepspeed_config_and_every_launcher(tmp_path):
 
     from pdc.emit.launch_files import write_stage_files
 
-    cfg = TrainConfig(steps=100, lr=2e-4, min_lr=2e-5, warmup=10, global_batch=8, micro_batch=2, zero=1)
+    cfg = TrainConfig(steps=100, lr=2e-4, min_lr=2e-5, warmup=10, global_batch=8, micro_batch=2, zero=1,
+                      precision="bf16")
     write_stage_files(tmp_path / "w", cfg, stage="distill", launch=Launch(nnodes=2, nproc_per_node=2,
                                                                           rdzv_endpoint="node0:29400"))
     c = json.loads((tmp_path / "w" / "ds_config.json").read_text())
+    # written on this CPU, the files say what the spec and the launch ask: bf16, 2 GPUs a node
+    assert c["bf16"] == {"enabled": True}
+    assert "\n#SBATCH --gpus-per-node=2\n" in (tmp_path / "w" / "slurm.sbatch").read_text()
     assert c["optimizer"]["type"] == "AdamW" and c["optimizer"]["params"]["torch_adam"] is True
     assert c["scheduler"]["type"] == "WarmupCosineLR"
     assert c["scheduler"]["params"]["cos_min_ratio"] == pytest.approx(0.1)

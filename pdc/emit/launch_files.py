@@ -1,6 +1,7 @@
 """The launch files of a training stage, all for the same stage directory:
 
-  ds_config.json   the DeepSpeed config (batch geometry, optimizer, schedule, ZeRO stage, bf16)
+  ds_config.json   the DeepSpeed config (batch geometry, optimizer, schedule, ZeRO stage, bf16 as
+                   the spec asks: the rank decides on its own machine whether it can run it)
   launch.sh        torchrun with a c10d rendezvous: the same line on every node (pdc runs it here)
   deepspeed.sh     DeepSpeed's launcher on the nodes and slots of `hostfile` (pdc runs it with --hostfile)
   hostfile         the hostfile that deepspeed.sh reads (this machine, or the one given, or a template)
@@ -22,8 +23,6 @@ import shlex
 import sys
 from pathlib import Path
 from typing import Optional
-
-import torch
 
 from pdc.errors import PdcError
 from pdc.files import write_bytes
@@ -94,8 +93,6 @@ def launch_scripts(work_dir: Path, cfg: TrainConfig, stage: str, launch: Launch,
         "# it starts the other nodes' processes over ssh (pdsh). Rerunning resumes from the last checkpoint.",
         "exec " + _q(deepspeed_argv(work_dir, work_dir / "hostfile", hosts, port)),
     ])
-    gpus = f"#SBATCH --gpus-per-node={m}" if torch.cuda.is_available() else \
-        f"##SBATCH --gpus-per-node={m}   (uncomment on a GPU cluster)"
     srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
             *_torchrun_words(work_dir, '"$SLURM_NNODES"', m, '"$head:$port"', f'"pdc-{stage}-$SLURM_JOB_ID"')]
     files["slurm.sbatch"] = "\n".join([
@@ -103,9 +100,10 @@ def launch_scripts(work_dir: Path, cfg: TrainConfig, stage: str, launch: Launch,
         f"#SBATCH --job-name=pdc-{stage}",
         f"#SBATCH --nodes={n}",
         "#SBATCH --ntasks-per-node=1",
-        gpus,
+        f"#SBATCH --gpus-per-node={m}",
         f"#SBATCH --output={work_dir}/slurm-%j.log",
         f"# {what}",
+        "# One GPU per process (drop --gpus-per-node above on a CPU-only cluster).",
         "# `pdc run --launcher slurm` inside an allocation runs this file with bash; `sbatch` it by hand to",
         "# run this stage as its own job once pdc has prepared the directory (stage.json). Rerunning resumes",
         "# from the last checkpoint. One torchrun per node; the c10d rendezvous runs on the first node.",
@@ -129,8 +127,7 @@ def write_stage_files(work_dir: Path, cfg: TrainConfig, stage: str, launch: Laun
     """Write `ds_config.json` and the launch files of a stage into `work_dir` (also usable before a
     run, e.g. for a plan); returns the DeepSpeed config. Raises PdcError for an impossible geometry."""
     steps = total_steps(cfg, stage)
-    bf16 = cfg.precision == "bf16" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    config = ds_config(cfg, steps, launch.world_size, stage, bf16)
+    config = ds_config(cfg, steps, launch.world_size, stage, cfg.precision == "bf16")
     work_dir = Path(work_dir).resolve()
     files = launch_scripts(work_dir, cfg, stage, launch, port or 29500, run_id or f"pdc-{stage}")
     try:

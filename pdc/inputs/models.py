@@ -144,17 +144,31 @@ def data_identity(src: DataSource, base_dir: Path) -> list:
 
 
 def load_causal_lm(model_dir: Path, stage: str, dtype: torch.dtype = torch.float32,
-                   attn_implementation: str | None = None):
+                   attn_implementation: str | None = None, zero3: dict | None = None):
     """The checkpoint in `model_dir` as an eval-mode `AutoModelForCausalLM`; a one-line
-    `PdcError` naming the directory when it cannot be loaded."""
+    `PdcError` naming the directory when it cannot be loaded. With `zero3` (a ZeRO-3 DeepSpeed
+    config) the model is built inside `deepspeed.zero.Init`: each rank holds only its partition
+    of every weight, and the checkpoint is read into the partitions (transformers' ZeRO-3 path)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise PdcError(f"no Hugging Face checkpoint in {model_dir} (config.json missing)", stage)
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    # transformers reads the ZeRO-3 config from this object while it lives (a weak reference)
+    ds_config = _zero3_config(zero3) if zero3 is not None else None
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except Exception as exc:  # transformers/safetensors raise many types for a bad checkpoint
         raise PdcError(f"cannot load the checkpoint in {model_dir}: {one_line(exc)}", stage) from exc
+    finally:
+        del ds_config
     return model.eval()
+
+
+def _zero3_config(config: dict):
+    from transformers.integrations import HfDeepSpeedConfig
+
+    if config.get("zero_optimization", {}).get("stage") != 3:
+        raise ValueError("zero3 needs a DeepSpeed config with zero_optimization.stage 3")
+    return HfDeepSpeedConfig(config)

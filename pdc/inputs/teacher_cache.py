@@ -134,8 +134,8 @@ class TeacherLogits:
         rows = np.unique(np.asarray(rows, dtype=np.int64))
         return rows[~np.isin(rows, self._rows)]
 
-    def take(self, rows) -> CachedLogits:
-        """The cached distribution of the blocks at token rows `rows` (any order, repeats allowed)."""
+    def _locate(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        """(part, row within it) of each of `rows`; a one-line PdcError naming rows no part holds."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         pos = np.searchsorted(self._rows, rows)
         found = (pos < len(self._rows)) & (self._rows[np.minimum(pos, len(self._rows) - 1)] == rows) \
@@ -145,12 +145,17 @@ class TeacherLogits:
             raise PdcError(f"the teacher logits cache {self.dir} holds no logits for block(s) "
                            f"{', '.join(map(str, gone[:5].tolist()))}{' ...' if len(gone) > 5 else ''}: run its "
                            "teacher_logits stage again (delete the cache directory if it was damaged)")
-        owner, local = self._owner[pos], self._local[pos]
-        lp = np.empty((len(rows), self.seq_len, self.k), dtype=VALUE_DTYPE)
-        ix = np.empty((len(rows), self.seq_len, self.k),
+        return self._owner[pos], self._local[pos]
+
+    def take(self, rows) -> CachedLogits:
+        """The cached distribution of the blocks at token rows `rows` (any order, repeats allowed)."""
+        owner, local = self._locate(rows)
+        n = len(owner)
+        lp = np.empty((n, self.seq_len, self.k), dtype=VALUE_DTYPE)
+        ix = np.empty((n, self.seq_len, self.k),
                       dtype=self.parts[0][INDICES].dtype if self.parts else np.uint16)
-        tail = np.empty((len(rows), self.seq_len), dtype=VALUE_DTYPE)
-        nll = np.empty(len(rows), dtype=np.float32)
+        tail = np.empty((n, self.seq_len), dtype=VALUE_DTYPE)
+        nll = np.empty(n, dtype=np.float32)
         for p in np.unique(owner):
             sel = owner == p
             part = self.parts[int(p)]
@@ -160,6 +165,19 @@ class TeacherLogits:
             nll[sel] = part[NLL].take(local[sel]).reshape(-1)
         return CachedLogits(lp, ix, tail, nll)
 
+    def topk_mass(self, rows, tokens_per_read: int = 1 << 22) -> float:
+        """Mean probability inside the top k over every token of `rows`, reading only the tail
+        column, `tokens_per_read` tokens at a time (a cache can outgrow host memory)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        step = max(1, tokens_per_read // self.seq_len)
+        total = 0.0
+        for start in range(0, len(rows), step):
+            owner, local = self._locate(rows[start:start + step])
+            for p in np.unique(owner):
+                tail = self.parts[int(p)][TAIL].take(local[owner == p]).astype(np.float64)
+                total += float(np.sum(-np.expm1(tail)))  # 1 - exp(log tail)
+        return total / max(1, len(rows) * self.seq_len)
+
     def bytes_on_disk(self) -> int:
         return sum(f.stat().st_size for part in part_dirs(self.dir) for f in part.iterdir() if f.is_file())
 
@@ -168,6 +186,12 @@ def part_dirs(directory: Path) -> list[Path]:
     """The complete parts of a cache, in the order they were written (a part is renamed into
     place only when whole; `.tmp` names are a killed pass's leftovers)."""
     return sorted(p for p in Path(directory).glob(f"{PART_PREFIX}*") if p.is_dir() and not is_temp_name(p.name))
+
+
+def next_part_number(directory: Path) -> int:
+    """The number after the highest of the cache's complete parts."""
+    numbers = [int(p.name[len(PART_PREFIX):]) for p in part_dirs(directory) if p.name[len(PART_PREFIX):].isdigit()]
+    return max(numbers) + 1 if numbers else 0
 
 
 class PartWriter:
@@ -196,11 +220,12 @@ class PartWriter:
 
 
 @contextlib.contextmanager
-def new_part(directory: Path, seq_len: int, k: int, index_dtype, meta: Optional[dict] = None) -> Iterator[PartWriter]:
+def new_part(directory: Path, seq_len: int, k: int, index_dtype, meta: Optional[dict] = None,
+             number: Optional[int] = None) -> Iterator[PartWriter]:
     """`with new_part(cache_dir, ...) as writer:` a new part, renamed into place whole when the
-    block ends (removed when it raises). The caller holds the cache's pass lock: one writer at a time."""
-    numbers = [int(p.name[len(PART_PREFIX):]) for p in part_dirs(directory) if p.name[len(PART_PREFIX):].isdigit()]
-    final = Path(directory) / f"{PART_PREFIX}{(max(numbers) + 1) if numbers else 0:05d}"
+    block ends (removed when it raises). The caller holds the cache's pass lock; one writer at a
+    time takes the next number, writers side by side (the ranks of one pass) are given theirs."""
+    final = Path(directory) / f"{PART_PREFIX}{next_part_number(directory) if number is None else number:05d}"
     with staged_dir(final) as tmp:
         writer = PartWriter(tmp, seq_len, k, index_dtype)
         yield writer

@@ -1,12 +1,17 @@
 """Per-GPU memory of each stage, estimated from the architecture and the stage settings alone
 (no weights), and the fewest GPUs on which it fits: `pdc compile --dry-run --gpu-mem 80G`.
 
-Training (correct, distill), per GPU at world size N, mixed precision as in the ZeRO paper
-(Rajbhandari et al. 2020), Psi = parameters, T = trainable parameters:
+Training (correct, distill), per GPU at world size N, as DeepSpeed keeps the model states
+(its `estimate_zero2/3_model_states_mem_needs`, which the plan never undercuts:
+tests/test_plan_memory.py), Psi = parameters, T = trainable parameters:
   weights      2 Psi bytes in bf16 (4 in fp32); /N under ZeRO-3
-  gradients    2 T (4 T in fp32); /N under ZeRO-2 and 3
-  optimizer    Adam: fp32 master weights + two moments = 12 T (8 T in fp32: no master copy);
-               /N under ZeRO-1, 2 and 3
+  gradients    the 16-bit gradients, 2 T (4 T in fp32), /N under ZeRO-2 and 3; and the fp32
+               gradients the optimizer steps on, 4 T, /N under ZeRO-1, 2 and 3 (a bf16 run keeps
+               them at ZeRO-0 too; fp32 at ZeRO-0 steps on its own gradients)
+  optimizer    Adam: fp32 master weights + two moments = 12 T, /N under ZeRO-1, 2 and 3 (8 T at
+               ZeRO-0 in fp32: torch's AdamW keeps no master copy)
+  gathered     ZeRO-3: the largest layer gathered whole, its 16-bit weights and gradients
+               (4 x its parameters: DeepSpeed's estimate; for Llama the embedding)
   activations  per token per layer, what a Llama layer keeps for its backward pass with fused
                (SDPA / flash) attention: two RMSNorms (input, normalised, output: 6h), the
                attention's q, k, v, their rotated q and k and its output (3q + 3kv; q, kv = heads,
@@ -15,23 +20,27 @@ Training (correct, distill), per GPU at world size N, mixed precision as in the 
                tensors a transformers Llama saves on CPU (within 15 %: tests/test_plan_memory.py). With activation
                checkpointing each layer keeps only its input (h), plus one layer's full set while
                it is recomputed.
-  logits       micro_batch x seq_len x vocab entries: bf16 logits, their fp32 copy and the fp32
-               log-softmax kept for the backward pass (10 bytes an entry; 8 in fp32)
+  logits       micro_batch x seq_len x vocab entries of 16-bit logits (4 bytes in fp32)
+  loss         the loss's vocabulary-sized temporaries per logit entry at its peak, with the
+               logits' gradient: next-token CE 14 bytes (an fp32 copy, the log-softmax and its
+               gradient), the online KL 30 (seven fp32 tensors: both sides' fp32 copies, log-
+               softmaxes, p_T, the difference and the product), the KL from a cache 22 (five);
+               measured on CPU with bf16 logits (tests/test_plan_memory.py). 8192 x 128,256
+               tokens x vocabulary: 15, 32 and 23 GB
   teacher      (distillation) its weights, replicated or /N as a ZeRO-3 inference engine
-               (`teacher_partitioned`), its logits and fp32 probabilities (10 bytes an entry) and
-               one layer's forward working set; a teacher corrected in the same loop
+               (`teacher_partitioned`; then one gathered layer more), its 16-bit logits and one
+               layer's forward working set; a teacher corrected in the same loop
                (`order=concurrent`) what its correction would take (weights, gradients,
-               optimizer, activations, logits)
+               optimizer, activations, logits, loss)
   reserve      a flat 2 GB for the CUDA context, NCCL buffers and allocator slack
 Forward-only stages (prune, evaluate) hold the model in bf16, one layer's working set at their
 batch (calibration: 8 blocks; evaluation: 1 sequence), the bf16 + fp32 logits where the stage
 computes them (not for activation importance, which never runs the output head) and the reserve.
 
 Not counted (docs/architecture.md repeats this): fragmentation beyond the reserve, DeepSpeed's
-communication buckets, a bf16 optimizer's fp32 gradient accumulation buffer at ZeRO-0/1 (+2 T),
-attention kernels that materialise the seq_len x seq_len scores (eager attention), lm-eval's
-automatic batch size (it fills what is left), and the data path (memory-mapped shards live in
-host memory).
+communication buckets (its estimator leaves them out too), attention kernels that materialise
+the seq_len x seq_len scores (eager attention), lm-eval's automatic batch size (it fills what is
+left), and the data path (memory-mapped shards live in host memory).
 """
 
 from __future__ import annotations
@@ -50,7 +59,8 @@ GB = 10**9
 # A frozen teacher is replicated on every GPU while its weights take at most this share of one.
 TEACHER_REPLICATE_FRACTION = 0.5
 CALIBRATION_BATCH = 8  # blocks per forward pass of the importance / saliency pass
-LOGIT_BYTES_TRAIN = {"bf16": 10, "fp32": 8}  # per logit entry: see the module docstring
+# Bytes per logit entry of each loss's temporaries (with the logits' gradient): module docstring.
+LOSS_BYTES = {"ce": 14, "kl": 30, "cached_kl": 22}
 LOGIT_BYTES_FORWARD = 6  # bf16 logits + an fp32 copy
 MAX_GPUS = 1 << 16
 RESERVE = 2 * GB  # CUDA context, NCCL buffers, allocator slack
@@ -98,6 +108,34 @@ def trainable_params(arch: Arch, cfg: TrainConfig, kind: str, params_of: ParamsO
     return params_of(arch)
 
 
+def largest_layer_params(arch: Arch) -> int:
+    """Parameters of the largest module ZeRO-3 gathers whole: the embedding (or output head), a
+    projection, or a mixture's fused experts."""
+    q = arch.heads * arch.head_dim
+    experts = arch.experts * 3 * arch.expert_mlp * arch.hidden
+    return max(arch.vocab * arch.hidden, arch.mlp * arch.hidden, q * arch.hidden, experts)
+
+
+def loss_bytes(cfg: TrainConfig, kind: str) -> int:
+    """Bytes per logit entry of the stage's loss temporaries (`LOSS_BYTES`)."""
+    if kind == "correct" or not cfg.uses_teacher:
+        return LOSS_BYTES["ce"]
+    kl = LOSS_BYTES["kl" if cfg.online_teacher else "cached_kl"]
+    return kl + (LOSS_BYTES["ce"] if cfg.ce_weight else 0)
+
+
+def model_states(psi: int, t: int, zero: int, bf16: bool, n: int, largest: int) -> dict[str, float]:
+    """Weights, gradients, optimizer state and ZeRO-3's gathered layer per GPU (bytes)."""
+    w = 2 if bf16 else 4
+    master = bf16 or zero >= 1  # DeepSpeed steps fp32 partitions; fp32 at ZeRO-0 is torch's AdamW
+    return {
+        "weights": psi * w / (n if zero >= 3 else 1),
+        "gradients": t * w / (n if zero >= 2 else 1) + (4 * t / (n if zero >= 1 else 1) if master else 0),
+        "optimizer": t * (12 if master else 8) / (n if zero >= 1 else 1),
+        "gathered": 2 * w * largest if zero >= 3 else 0,
+    }
+
+
 def activations(arch: Arch, tokens: int, bytes_per: int, checkpointing: bool) -> int:
     """Saved activations of the decoder layers and the final norm (3h a token)."""
     full_layer = layer_activation_elements(arch) * tokens * bytes_per
@@ -118,11 +156,10 @@ def train_memory(arch: Arch, cfg: TrainConfig, kind: str, n: int, teacher: Optio
     tokens = cfg.micro_batch * cfg.seq_len
     z = cfg.zero
     parts = {
-        "weights": psi * w / (n if z >= 3 else 1),
-        "gradients": t * w / (n if z >= 2 else 1),
-        "optimizer": t * (12 if bf16 else 8) / (n if z >= 1 else 1),
+        **model_states(psi, t, z, bf16, n, largest_layer_params(arch)),
         "activations": activations(arch, tokens, w, cfg.activation_checkpointing),
-        "logits": tokens * arch.vocab * LOGIT_BYTES_TRAIN["bf16" if bf16 else "fp32"],
+        "logits": tokens * arch.vocab * w,
+        "loss": tokens * arch.vocab * loss_bytes(cfg, kind),
         "reserve": RESERVE,
     }
     out: dict[str, Any] = {"parts": parts}
@@ -133,8 +170,8 @@ def train_memory(arch: Arch, cfg: TrainConfig, kind: str, n: int, teacher: Optio
     elif teacher is not None:
         t_bytes = params_of(teacher) * w
         split = teacher_partitioned(z, t_bytes, gpu_mem)
-        parts["teacher"] = (t_bytes / n if split else t_bytes) + tokens * teacher.vocab * 10 + \
-            layer_activation_elements(teacher) * tokens * w
+        parts["teacher"] = (t_bytes / n + largest_layer_params(teacher) * w if split else t_bytes) + \
+            tokens * teacher.vocab * w + layer_activation_elements(teacher) * tokens * w
         out["teacher_placement"] = "zero3" if split else "replicated"
     out["activations_without_checkpointing"] = activations(arch, tokens, w, False)
     out["activations_with_checkpointing"] = activations(arch, tokens, w, True)
@@ -173,7 +210,8 @@ def memory_plan(spec: CheckedSpec, gpu_mem: int, params_of: ParamsOf) -> list[di
         entry: dict[str, Any] = {"name": st.name, "kind": st.stage_kind, "gpu_mem": gpu_mem}
         if isinstance(st, (CorrectStage, DistillStage)):
             model = arch if isinstance(st, CorrectStage) else spec.final_arch
-            teacher = arch if isinstance(st, DistillStage) and st.train.online_teacher else None  # a cache or CE loads none
+            # the teacher is the source model (corrected or not), never the pruned `arch`; a cache or CE loads none
+            teacher = spec.source_arch if isinstance(st, DistillStage) and st.train.online_teacher else None
             corrected = st.teacher_correction if isinstance(st, DistillStage) else None
             cfg = st.train
             valid = [n for n in divisors(cfg.global_batch) if n <= MAX_GPUS]
@@ -237,6 +275,10 @@ def render_memory(stages: list[dict[str, Any]]) -> str:
                         f"with {_gb(st['activations_with_checkpointing'])})")
             if name == "teacher":
                 note = f"({st['teacher_placement']})"
+            if name == "gathered":
+                note = "(ZeRO-3: the largest layer whole)"
+            if name == "loss":
+                note = "(the loss's vocabulary-sized temporaries)"
             if name == "reserve":
                 note = "(CUDA context, NCCL, allocator)"
             lines.append(f"    {name:<12} {_gb(value):>12}  {note}".rstrip())

@@ -509,7 +509,8 @@ def cache_holds(result: TeacherLogitsResult) -> bool:
 def _run_teacher_logits(build: Build, node: Node, out: Path) -> StageResult:
     teacher = build.input_model(node.inputs["teacher"], node.name)
     data = stage_blocks(build, node, teacher)
-    return compute_teacher_logits(teacher, data["train"], data["val"], node.decl.train, out, progress=build.progress)
+    return compute_teacher_logits(teacher, data["train"], data["val"], node.decl.train, out, progress=build.progress,
+                                  nproc=build.launch.nproc_per_node, work_dir=build.out / f"{node.name}.work")
 
 
 def _run_distill(build: Build, node: Node, out: Path) -> StageResult:

@@ -61,7 +61,8 @@ from pdc.plan.results import (
     encode,
 )
 from pdc.plan.training import Launch
-from pdc.stages.ranks import rank_device, rank_world, run_in_ranks, worker_main
+from pdc.stages.process_group import rank_device
+from pdc.stages.ranks import rank_world, run_in_ranks, worker_main
 from pdc.stages.train.precision import cpu_has_bf16
 
 STAGE = "evaluate"
@@ -513,17 +514,17 @@ def evaluate_models(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, t
                     heldout_blocks: Blocks | torch.Tensor | None, progress: bool = True,
                     launch: Launch = Launch(), work_dir: Path | None = None,
                     more_heldout: Mapping[str, Blocks] | None = None,
-                    reuse_scores: bool = False) -> EvaluateResult:
+                    reuse_scores: bool = False, batch_size: int | str | None = None) -> EvaluateResult:
     """Evaluate each model directory (label -> path, absent ones skipped) one at a time; with a
     `launch` of several processes per node, in that many data-parallel ranks on this node.
     `heldout_blocks` are the blocks of the first data `cfg.perplexity_data` names, `more_heldout`
     those of the others (by name). With `reuse_scores`, a model scored before with the same
     weights and settings is not scored again (`score_key`), and every new score is kept for the
-    next run."""
+    next run. `batch_size` is lm-eval's (None: the device's, `default_batch_size`)."""
     present = {k: v for k, v in models.items() if (Path(v) / "config.json").exists()}
     if not reuse_scores:
         return _evaluate(present, tokenizer_of, cfg, tasks_dir, heldout_blocks, progress, launch, work_dir,
-                         more_heldout)
+                         more_heldout, batch_size)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     keys = {label: score_key(path, cfg, tasks_dir, heldout_blocks, more_heldout, device)
             for label, path in present.items()}
@@ -531,7 +532,8 @@ def evaluate_models(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, t
     for label in reused:
         print(f"[pdc] evaluate: {label}: scored before with the same weights and settings, reused", flush=True)
     todo = {label: path for label, path in present.items() if label not in reused}
-    result = _evaluate(todo, tokenizer_of, cfg, tasks_dir, heldout_blocks, progress, launch, work_dir, more_heldout)
+    result = _evaluate(todo, tokenizer_of, cfg, tasks_dir, heldout_blocks, progress, launch, work_dir, more_heldout,
+                       batch_size)
     for label, scores in result.models.items():
         write_json(scores_dir() / f"{keys[label]}.json", encode(scores))
     return dataclasses.replace(result, models={label: reused.get(label) or result.models[label] for label in present})
@@ -539,12 +541,13 @@ def evaluate_models(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, t
 
 def _evaluate(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, tasks_dir: Path | None,
               heldout_blocks: Blocks | torch.Tensor | None, progress: bool, launch: Launch,
-              work_dir: Path | None, more_heldout: Mapping[str, Blocks] | None) -> EvaluateResult:
+              work_dir: Path | None, more_heldout: Mapping[str, Blocks] | None,
+              batch_size: int | str | None = None) -> EvaluateResult:
     if launch.nproc_per_node > 1 and models:
         return _evaluate_in_ranks(models, cfg, tasks_dir, heldout_blocks, launch.nproc_per_node, work_dir, progress,
-                                  more_heldout)
+                                  more_heldout, batch_size)
     device = rank_device()
-    batch_size: int | str = "auto" if device.type == "cuda" else 8
+    batch_size = default_batch_size(device) if batch_size is None else batch_size
     rank, _ = rank_world()
     scores: dict[str, ModelScores] = {}
     for label, path in models.items():
@@ -560,9 +563,16 @@ def _evaluate(models: Mapping[str, Path], tokenizer_of, cfg: EvalConfig, tasks_d
                           precision="bf16" if eval_dtype(cfg, device) == torch.bfloat16 else "fp32")
 
 
+def default_batch_size(device: torch.device) -> int | str:
+    """lm-eval's batch size on `device`: on a GPU "auto" (its probe finds the largest that fits
+    and, over several ranks, all-gathers each rank's and takes the smallest), on a CPU 8."""
+    return "auto" if device.type == "cuda" else 8
+
+
 def _evaluate_in_ranks(models: Mapping[str, Path], cfg: EvalConfig, tasks_dir: Path | None, heldout,
                        nproc: int, work_dir: Path | None, progress: bool,
-                       more_heldout: Mapping[str, Blocks] | None = None) -> EvaluateResult:
+                       more_heldout: Mapping[str, Blocks] | None = None,
+                       batch_size: int | str | None = None) -> EvaluateResult:
     """Evaluate on `nproc` ranks of this node (`pdc.stages.ranks`) and read rank 0's result."""
     if work_dir is None:
         raise PdcError("evaluation on several processes needs a work directory", STAGE)
@@ -572,7 +582,8 @@ def _evaluate_in_ranks(models: Mapping[str, Path], cfg: EvalConfig, tasks_dir: P
     job = {"models": {k: str(Path(v).resolve()) for k, v in models.items()}, "cfg": encode(cfg),
            "tasks_dir": str(Path(tasks_dir).resolve()) if tasks_dir else None,
            "heldout": heldout.to_json() if heldout is not None else None,
-           "more_heldout": {name: b.to_json() for name, b in more_heldout.items()}, "progress": progress}
+           "more_heldout": {name: b.to_json() for name, b in more_heldout.items()}, "progress": progress,
+           "batch_size": batch_size}
     result = run_in_ranks("pdc.stages.evaluate", job, nproc, work_dir, STAGE, "evaluation")
     return decode(EvaluateResult, result)
 
@@ -591,7 +602,7 @@ def _rank_job(job: dict) -> dict:
     tasks_dir = Path(job["tasks_dir"]) if job["tasks_dir"] else None
     more = {name: Blocks.from_json(b) for name, b in job["more_heldout"].items()}
     return encode(evaluate_models(job["models"], tokenizer_of, cfg, tasks_dir, heldout, job["progress"],
-                                  more_heldout=more))
+                                  more_heldout=more, batch_size=job.get("batch_size")))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,8 @@ from pdc.inputs.shards import Blocks
 from pdc.lang.settings import DepthTarget, ImportanceConfig
 from pdc.plan.results import decode, encode
 from pdc.stages.prune_depth import STAGE, candidates, decoder_layers, score_candidates, scoring_model
-from pdc.stages.ranks import rank_device, rank_world, worker_main
+from pdc.stages.process_group import rank_device
+from pdc.stages.ranks import rank_world, worker_main
 
 
 def _importance(job: dict) -> dict:

@@ -5,7 +5,7 @@ evaluation and pruning (importance, depth saliency) use when `pdc run --nproc-pe
 
 starts `python -m <module> --job <work_dir>/job.json` on `nproc` ranks with torchrun
 (`--standalone`: a c10d rendezvous on this node); the module's `main` calls `worker_main`, which
-joins the process group (NCCL on a GPU, gloo on a CPU), runs the job on every rank and writes rank
+joins the process group (`join_ranks`), runs the job on every rank and writes rank
 0's answer to `result.json`. A rank that fails writes `error.json` (the first one wins), so the
 caller raises that one line, never a traceback; the full log stays in `launch.log`.
 
@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from pdc.errors import PdcError, one_line
 from pdc.files import write_json
+from pdc.stages.process_group import join_ranks, rank_device
 from pdc.stages.train.worker import write_error
 
 _LOCAL = [False]  # inside `local_only()`: this rank computes alone
@@ -57,13 +58,6 @@ def local_only() -> Iterator[None]:
         _LOCAL[0] = saved
         if saved_env is not None:
             os.environ["LOCAL_RANK"] = saved_env
-
-
-def rank_device() -> torch.device:
-    """This rank's GPU (LOCAL_RANK) when there is one, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def run_in_ranks(module: str, job: dict, nproc: int, work_dir: Path, stage: str, what: str) -> dict:
@@ -99,10 +93,7 @@ def worker_main(argv: Optional[Sequence[str]], prog: str, work: Callable[[dict],
     args = parser.parse_args(argv)
     try:
         job = json.loads(args.job.read_text())
-        device = rank_device()
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        join_ranks(rank_device())
         try:
             result = work(job)
             if dist.get_rank() == 0:

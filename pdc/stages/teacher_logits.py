@@ -12,6 +12,11 @@
      longer run only adds its new blocks;
   3. returns the `TeacherLogitsResult` (blocks, bytes per token, top-k mass, tokens/s).
 
+On several processes (`pdc run --nproc-per-node M`: every GPU of the node) the blocks to compute
+are cut into whole batches, each rank runs a contiguous share of them on its own device and writes
+its own parts (numbers given out before any rank writes), so the cache holds what one process
+would write.
+
 Invariants: a part is renamed into place only when whole, so a pass killed at any moment leaves
 complete parts and loses at most the one it was writing; batches start at the same rows whether
 a pass ran through or was resumed (parts end on batch boundaries), so the cached values are the
@@ -20,12 +25,15 @@ same bits either way. One pass writes a cache at a time (an advisory lock beside
 
 from __future__ import annotations
 
+import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from pdc.errors import PdcError
@@ -36,8 +44,10 @@ from pdc.inputs.order import window
 from pdc.inputs.shards import Blocks
 from pdc.inputs.verify import content_hashes
 from pdc.lang.settings import TrainConfig
-from pdc.plan.results import TeacherLogitsResult
+from pdc.plan.results import TeacherLogitsResult, decode, encode
 from pdc.plan.training import cache_bytes_per_token, total_steps
+from pdc.stages.process_group import rank_device
+from pdc.stages.ranks import rank_world, run_in_ranks, worker_main
 from pdc.stages.train.precision import gpu_bf16
 
 STAGE = "teacher_logits"
@@ -98,8 +108,10 @@ def teacher_topk(model, ids: torch.Tensor, k: int, temperature: float):
 
 
 def compute_teacher_logits(teacher_dir: Path, train: Blocks, val: Blocks, cfg: TrainConfig, out_dir: Path,
-                           progress: bool = True, part_seconds: float = PART_SECONDS) -> TeacherLogitsResult:
-    """Fill the cache with every block the distillation `cfg` reads (see the module docstring)."""
+                           progress: bool = True, part_seconds: float = PART_SECONDS, nproc: int = 1,
+                           work_dir: Path | None = None) -> TeacherLogitsResult:
+    """Fill the cache with every block the distillation `cfg` reads (see the module docstring);
+    on `nproc` processes of this node (job files in `work_dir`) when more than one."""
     t_start = time.perf_counter()
     if cfg.cache_k is None:
         raise PdcError("the teacher logits stage needs the cache's k (teacher_logits=cached)", STAGE)
@@ -113,7 +125,15 @@ def compute_teacher_logits(teacher_dir: Path, train: Blocks, val: Blocks, cfg: T
     with exclusive_lock(directory / LOCK_FILE, f"another pdc run is computing the teacher logits in {directory}"):
         remove_temp_leftovers(directory)  # the part a killed pass was writing
         missing = teacher_cache.TeacherLogits(directory).missing(rows)
-        if len(missing):
+        if len(missing) and nproc > 1:
+            if work_dir is None:
+                raise PdcError("the teacher pass on several processes needs a work directory", STAGE)
+            job = {"teacher_dir": str(Path(teacher_dir).resolve()), "train": train.to_json(), "val": val.to_json(),
+                   "cfg": encode(cfg), "progress": progress, "part_seconds": part_seconds,
+                   "first_part": teacher_cache.next_part_number(directory)}
+            done = run_in_ranks("pdc.stages.teacher_logits", job, nproc, work_dir, STAGE, "teacher pass")
+            computed, compute_s = done["blocks"], done["seconds"]
+        elif len(missing):
             computed, compute_s = _run_teacher(teacher_dir, train.array, missing, cfg, directory, index_dtype,
                                                progress, part_seconds)
         elif progress:
@@ -122,8 +142,7 @@ def compute_teacher_logits(teacher_dir: Path, train: Blocks, val: Blocks, cfg: T
     if len(cache.missing(rows)):
         raise PdcError(f"the teacher logits cache {directory} still lacks {len(cache.missing(rows))} blocks after "
                        "the pass", STAGE)
-    tail = cache.take(rows).tail.astype(np.float32)
-    mass = float(np.mean(-np.expm1(tail)))  # 1 - exp(log tail): the probability inside the top k
+    mass = cache.topk_mass(rows)  # streamed: the cache of a long run does not fit in host memory
     seq_len = train.seq_len
     result = TeacherLogitsResult(
         cache_dir=str(directory), key=directory.name, k=k, temperature=float(cfg.temperature), seq_len=seq_len,
@@ -140,11 +159,35 @@ def compute_teacher_logits(teacher_dir: Path, train: Blocks, val: Blocks, cfg: T
     return result
 
 
+def _rank_job(job: dict) -> dict:
+    """One rank of the teacher pass: its contiguous share of the missing blocks, in whole batches.
+    Every rank lists what is missing before any rank writes."""
+    cfg = decode(TrainConfig, job["cfg"])
+    train, val = Blocks.from_json(job["train"]), Blocks.from_json(job["val"])
+    directory, _ = cache_for(Path(job["teacher_dir"]), train, cfg)
+    missing = teacher_cache.TeacherLogits(directory).missing(blocks_read(train, val, cfg))
+    dist.barrier()
+    rank, world = rank_world()
+    batch = max(1, cfg.micro_batch)
+    n_batches = -(-len(missing) // batch)
+    mine = missing[(rank * n_batches // world) * batch:((rank + 1) * n_batches // world) * batch]
+    numbers = itertools.count(job["first_part"] + rank, world)  # rank r: parts first + r, first + r + world, ...
+    blocks, seconds = _run_teacher(Path(job["teacher_dir"]), train.array, mine, cfg, directory, train.array.dtype,
+                                   job["progress"] and rank == 0, job["part_seconds"], numbers)
+    totals = torch.tensor([blocks, seconds], dtype=torch.float64)
+    dist.all_reduce(totals)
+    return {"blocks": int(totals[0]), "seconds": float(totals[1]) / world}  # the ranks ran side by side
+
+
+def main(argv=None) -> int:
+    return worker_main(argv, "pdc.stages.teacher_logits", _rank_job)
+
+
 def _run_teacher(teacher_dir: Path, tokens, rows: np.ndarray, cfg: TrainConfig, directory: Path, index_dtype,
-                 progress: bool, part_seconds: float) -> tuple[int, float]:
-    """Run the teacher on the blocks at `rows` (ascending) and write them as parts; returns (blocks
-    written, seconds of teacher work)."""
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+                 progress: bool, part_seconds: float, part_numbers=None) -> tuple[int, float]:
+    """Run the teacher on the blocks at `rows` (ascending) on this rank's device and write them as
+    parts (numbered from `part_numbers` when given); returns (blocks written, seconds of teacher work)."""
+    device = rank_device()
     model = load_causal_lm(teacher_dir, STAGE, teacher_dtype(cfg)).to(device)
     if model.config.vocab_size < cfg.cache_k:
         raise PdcError(f"k={cfg.cache_k} is more than the teacher's vocabulary ({model.config.vocab_size})", STAGE)
@@ -159,7 +202,9 @@ def _run_teacher(teacher_dir: Path, tokens, rows: np.ndarray, cfg: TrainConfig, 
     try:
         while start < len(rows):
             t_part = time.perf_counter()
-            with teacher_cache.new_part(directory, tokens.row_shape[0], cfg.cache_k, index_dtype, meta) as part:
+            number = next(part_numbers) if part_numbers is not None else None
+            with teacher_cache.new_part(directory, tokens.row_shape[0], cfg.cache_k, index_dtype, meta,
+                                        number) as part:
                 in_part = 0
                 while start < len(rows):
                     chunk = rows[start:start + batch]
@@ -179,3 +224,7 @@ def _run_teacher(teacher_dir: Path, tokens, rows: np.ndarray, cfg: TrainConfig, 
         if bar is not None:
             bar.close()
     return done, seconds
+
+
+if __name__ == "__main__":
+    sys.exit(main())

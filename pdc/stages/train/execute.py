@@ -4,8 +4,9 @@
   1. checks the inputs (one-line `PdcError`s), computes the step count and batch geometry;
   2. writes `stage.json` (settings, source models, the views on the token shards the ranks read),
      `ds_config.json` and the launch files (`pdc.emit.launch_files`) into `work_dir`; a work dir
-     holding a *different* run (other config, data, world size or source models) is cleared, one
-     holding the same run is resumed from its last checkpoint;
+     holding a *different* run (other config, data or source models) is cleared, one holding the
+     same run is resumed from its last checkpoint -- by as many processes as wrote it (another
+     world size is refused, its checkpoint kept);
   3. runs the ranks: one process on one node in this process; otherwise the stage's launch file
      (torchrun with a c10d rendezvous, DeepSpeed's launcher with a hostfile, or srun in a Slurm
      allocation) starts `python -m pdc.stages.train.worker` on every node;
@@ -127,7 +128,9 @@ def execute(kind: str, sources: dict, train_blocks: Blocks, val_blocks: Blocks, 
         spec["teacher_cache"] = teacher_cache  # its key is its content's: teacher, tokens, k, temperature
     if teacher_correction is not None:
         spec["teacher_correction"] = teacher_correction
-    fp = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    # The run's identity leaves the world size out: the same run on other processes is the same
+    # run, whose checkpoints are refused (`_check_resumable`), never deleted.
+    fp = hashlib.sha256(json.dumps({k: v for k, v in spec.items() if k != "world_size"}, sort_keys=True).encode())
     for p in sources.values():
         fp.update(json.dumps(_dir_signature(p)).encode())
     fp.update(json.dumps([train_blocks.identity(), val_blocks.identity()]).encode())
@@ -135,7 +138,10 @@ def execute(kind: str, sources: dict, train_blocks: Blocks, val_blocks: Blocks, 
     spec["progress"] = progress
 
     old = work_dir / "stage.json"
-    if old.exists() and json.loads(old.read_text()).get("fingerprint") != spec["fingerprint"]:
+    previous = json.loads(old.read_text()) if old.exists() else {}
+    if previous.get("fingerprint") == spec["fingerprint"] and not _finished(work_dir, spec["fingerprint"]):
+        _check_resumable(work_dir, previous.get("world_size"), world_size, stage)
+    if previous and previous.get("fingerprint") != spec["fingerprint"]:
         # A different run used this work dir: its checkpoints must not be resumed.
         for stale in ("checkpoints", "final", "final.tmp"):
             shutil.rmtree(work_dir / stale, ignore_errors=True)
@@ -159,6 +165,16 @@ def execute(kind: str, sources: dict, train_blocks: Blocks, val_blocks: Blocks, 
         else:
             _run_workers(work_dir, launch, steps, stage, progress)
     return _publish(work_dir, out_dir, sources, stage, time.perf_counter() - t_start)
+
+
+def _check_resumable(work_dir: Path, written_by: int | None, world_size: int, stage: str) -> None:
+    """A one-line refusal when the checkpoint to resume was written by another number of processes:
+    ZeRO's optimizer partitions and each rank's RNG state belong to the world size that saved them."""
+    if written_by is None or written_by == world_size or not (work_dir / "checkpoints" / "resume.json").exists():
+        return
+    raise PdcError(f"the checkpoint in {work_dir / 'checkpoints'} was written by {written_by} process(es) and this "
+                   f"run has {world_size}: rerun with {written_by} to resume it, or delete {work_dir} to start over",
+                   stage)
 
 
 def _finished(work_dir: Path, fingerprint: str) -> bool:

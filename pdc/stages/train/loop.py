@@ -51,6 +51,7 @@ from pdc.inputs.teacher_cache import TeacherLogits
 from pdc.lang.settings import TrainConfig
 from pdc.plan.memory import teacher_partitioned
 from pdc.plan.training import ds_config, teacher_ds_config
+from pdc.stages.process_group import join_ranks, rank_device
 from pdc.stages.train import losses
 from pdc.stages.train.logs import JsonlLog, truncate_log
 from pdc.stages.train.precision import forward_precision, gpu_bf16, precision_label
@@ -124,7 +125,8 @@ class Stage:
     half of a GPU (`pdc.plan.memory.teacher_partitioned`); then it runs as a DeepSpeed ZeRO-3
     inference engine, its weights partitioned over the ranks."""
 
-    def __init__(self, spec: dict, cfg: TrainConfig, device: torch.device, micro_batch: int):
+    def __init__(self, spec: dict, cfg: TrainConfig, device: torch.device, micro_batch: int,
+                 ds_cfg: dict | None = None):
         self.kind = spec["kind"]
         self.spec = spec
         self.name = spec["stage"]
@@ -142,8 +144,13 @@ class Stage:
         self.correcting = False
         self.teacher_step_loss = 0.0
         self.teacher_trainable = 0
+        # ZeRO-3 builds the trained model partitioned (`zero.Init`): no rank holds all of it. It is
+        # read in the dtype DeepSpeed trains it in (bf16 on a GPU): DeepSpeed casts it so anyway and
+        # keeps its fp32 master copy from those values; an fp32 read would cost each rank 4 bytes a
+        # parameter of host memory for nothing.
+        zero3 = ds_cfg if cfg.zero == 3 else None
         if self.kind == "distill":
-            self.model = load_causal_lm(spec["student_dir"], self.name)
+            self.model = load_causal_lm(spec["student_dir"], self.name, self.dtype, zero3=zero3)
             if spec.get("teacher_correction"):
                 self.correction = config_from_dict(spec["teacher_correction"]["cfg"])
                 self.teacher = adapt_for_correction(load_causal_lm(spec["teacher_dir"], self.name), self.correction,
@@ -162,7 +169,8 @@ class Stage:
             if vocab != self.model.config.vocab_size:
                 raise PdcError(f"teacher vocab {vocab} != student vocab {self.model.config.vocab_size}", self.name)
         else:
-            self.model = load_causal_lm(spec["model_dir"], self.name)
+            self.model = load_causal_lm(spec["model_dir"], self.name, self.dtype, zero3=zero3)
+        self.loaded_partitioned = all(hasattr(p, "ds_id") for p in self.model.parameters())
         if cfg.activation_checkpointing:
             # Non-reentrant checkpointing: works with frozen inputs, LoRA and ZeRO-3 hooks.
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -173,14 +181,17 @@ class Stage:
     def _load_teacher(self, teacher_dir: str, micro_batch: int):
         import deepspeed
 
-        teacher = load_causal_lm(teacher_dir, self.name, self.dtype)
+        config = teacher_ds_config(micro_batch, gpu_bf16(self.cfg))
+        # beside a ZeRO-3 student the teacher is built partitioned too; a teacher too large for
+        # half a GPU is found so once loaded, and partitioned then
+        teacher = load_causal_lm(teacher_dir, self.name, self.dtype, zero3=config if self.cfg.zero == 3 else None)
         for p in teacher.parameters():
             p.requires_grad_(False)
         n_bytes = sum(p.numel() for p in teacher.parameters()) * (2 if self.dtype == torch.bfloat16 else 4)
         device_bytes = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
         if teacher_partitioned(self.cfg.zero, n_bytes, device_bytes):
             self.teacher_placement = "zero3"
-            engine, *_ = deepspeed.initialize(model=teacher, config=teacher_ds_config(micro_batch, gpu_bf16(self.cfg)))
+            engine, *_ = deepspeed.initialize(model=teacher, config=config)
             engine.eval()
             return engine.module
         self.teacher_placement = "replicated"
@@ -306,28 +317,56 @@ class Stage:
         return out
 
     def export(self, engine, model_dir: Path, spec: dict, rank: int) -> None:
-        """Save the trained model as a plain HF checkpoint (LoRA adapters merged in). Every rank
-        calls this: under ZeRO-3 the weights are first gathered layer by layer onto rank 0, which
-        loads them into a fresh CPU copy of the model and saves that."""
+        """Save the trained model as a plain HF checkpoint (LoRA adapters merged in), in the dtype
+        it trained in. Every rank calls this: under ZeRO-3 the weights are gathered module by
+        module onto rank 0 (`_gathered_state`), which puts them into an empty (meta) copy of the
+        model and saves that -- the source is never read again."""
         module = engine.module
         if engine.zero_optimization_partition_weights():
-            state = engine._zero3_consolidated_16bit_state_dict()
+            state = _gathered_state(module, rank)
             if rank != 0:
                 return
-            cpu = Stage(spec, self.cfg, torch.device("cpu"), 1) if self.kind == "correct" else None
-            module = cpu.model if cpu is not None else load_causal_lm(spec["student_dir"], self.name)
-            missing, unexpected = module.load_state_dict(state, strict=False)
+            module = self._empty_copy(module.config)
+            missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
             if unexpected or any(not k.endswith("lm_head.weight") for k in missing):  # a tied head is not stored twice
                 raise PdcError(f"cannot rebuild the model from its ZeRO-3 partitions (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})", self.name)
+            module.tie_weights()
         elif rank != 0:
             return
         _save_plain(module, model_dir)
+
+    def _empty_copy(self, config):
+        """The trained model's structure (with its LoRA adapters) on the meta device."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return adapt_for_correction(model, self.cfg, self.spec, self.name) if self.kind == "correct" else model
 
     def export_teacher(self, model_dir: Path, rank: int) -> None:
         """Save the concurrently corrected teacher (rank 0; zero=3 is refused by the checker)."""
         if rank == 0:
             _save_plain(self.teacher_engine.module, model_dir)
+
+
+def _gathered_state(module, rank: int) -> dict:
+    """The full state dict of a ZeRO-3 partitioned `module` on rank 0 (CPU tensors; {} elsewhere),
+    gathered one module's own parameters at a time, so no GPU ever holds more than one layer."""
+    import deepspeed
+
+    state = {}
+    for prefix, sub in module.named_modules():
+        params = list(sub.named_parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            if rank == 0:
+                for name, p in params:
+                    state[f"{prefix}.{name}" if prefix else name] = p.detach().to("cpu", copy=True)
+        if rank == 0:
+            for name, b in sub.named_buffers(recurse=False):
+                if name not in sub._non_persistent_buffers_set:
+                    state[f"{prefix}.{name}" if prefix else name] = b.detach().to("cpu", copy=True)
+    return state
 
 
 def _save_plain(module, model_dir: Path) -> None:
@@ -418,6 +457,9 @@ def run_stage(stage_dir: Path, progress: bool | None = None) -> None:
     spec = json.loads((stage_dir / "stage.json").read_text())
     ds_cfg = json.loads((stage_dir / "ds_config.json").read_text())
     cfg = config_from_dict(spec["cfg"])
+    # The file says what the spec asks (written wherever pdc ran); bf16 weights run where this
+    # rank's GPU has bf16, elsewhere fp32 weights (with bf16 autocast on a CPU that has it).
+    ds_cfg["bf16"] = {"enabled": gpu_bf16(cfg)}
     name = spec["stage"]
     progress = spec.get("progress", True) if progress is None else progress
     from transformers.utils import logging as hf_logging
@@ -425,7 +467,10 @@ def run_stage(stage_dir: Path, progress: bool | None = None) -> None:
     _quiet_deepspeed()
     hf_bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # per-file load/save bars would drown the training bar
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    # pdc joins the group itself (gloo for CPU tensors beside the GPU's NCCL: `group_backend`);
+    # DeepSpeed then wraps the group it finds.
+    join_ranks(rank_device())
+    deepspeed.init_distributed(verbose=False)
     try:
         _train(stage_dir, spec, ds_cfg, cfg, name, progress)
     finally:
@@ -441,12 +486,7 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != spec["world_size"]:
         raise PdcError(f"launched with {world} processes, stage expects {spec['world_size']}", name)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    device = rank_device()
     train = Blocks.from_json(spec["data"]["train"])
     val_blocks = Blocks.from_json(spec["data"]["val"])
     steps, G = spec["steps"], cfg.global_batch
@@ -455,7 +495,7 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    stage = Stage(spec, cfg, device, micro)
+    stage = Stage(spec, cfg, device, micro, ds_cfg)
     params = [p for p in stage.model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     from deepspeed.utils import logger as ds_logger
@@ -592,6 +632,9 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
                 "zero": cfg.zero,
                 "activation_checkpointing": cfg.activation_checkpointing,
                 "teacher_placement": stage.teacher_placement,
+                "loaded_partitioned": stage.loaded_partitioned,
+                # rank 0's peak of allocated GPU memory (bench/gpu_smoke.sh compares it with the plan)
+                "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                 "cache_k": stage.cache.k if stage.cache is not None else None,
                 "val_every": cfg.val_every,
                 "trainable_params": trainable,
