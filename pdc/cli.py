@@ -5,6 +5,7 @@
     pdc run SPEC [--stage NAME] [--out DIR] [--nnodes N --nproc-per-node M [--rdzv-endpoint HOST:PORT]]
                  [--hostfile FILE] [--launcher torchrun|deepspeed|slurm]
     pdc check SPEC [--lock PATH] [--build DIR] [--prune-input DIR] [--input-key]
+    pdc bench SPEC [--json] [--out DIR] [--device cpu|cuda] [--repeats N]
     pdc setup
 
 Exit codes: 0 success, 1 a runtime fault (`PdcError`, printed as `pdc: error: ...`), 2 bad
@@ -144,6 +145,21 @@ def cmd_check(args) -> int:
                           rtol=args.rtol, atol=args.atol))
 
 
+def cmd_bench(args) -> int:
+    if args.repeats is not None and args.repeats < 1:
+        print("pdc: error: --repeats must be at least 1", file=sys.stderr)
+        return 2
+    spec = _load(args.spec)
+    from pdc.plan.results import encode
+    from pdc.runner.bench import bench_spec
+    from pdc.runner.speed_table import render_text
+
+    result = bench_spec(spec, Path(args.out) if args.out else None, args.device, args.repeats,
+                        progress=not args.json)
+    print(json.dumps(encode(result), indent=2) if args.json else render_text(result), end="" if not args.json else "\n")
+    return 0
+
+
 def cmd_setup(args) -> int:
     from pdc.inputs import assets
 
@@ -220,6 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--rtol", type=float, default=None, help="relative tolerance of the numeric fingerprint (default 1e-4)")
     k.add_argument("--atol", type=float, default=None, help="absolute tolerance of the numeric fingerprint (default 1e-4)")
     k.set_defaults(func=cmd_check)
+
+    b = sub.add_parser("bench", help="measure the teacher's and every student's inference speed and memory",
+                       description="Measure prefill and decode speed, time to first token and memory of the "
+                                   "teacher and every pruned student of SPEC's build, interleaved; write "
+                                   "<build>/bench/speed.json (the report shows it).")
+    b.add_argument("spec", metavar="SPEC")
+    b.add_argument("--json", action="store_true", help="print every figure as JSON (speed-ups included)")
+    b.add_argument("--out", metavar="DIR", help="build directory (default: build/<spec stem>/ next to SPEC)")
+    b.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="cpu (PyTorch and ONNX Runtime) or cuda / cuda:N (PyTorch)")
+    b.add_argument("--repeats", type=int, default=None, metavar="N",
+                   help="interleaved timed rounds per measure (default 7)")
+    b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("setup", help="install the local assets (SmolLM2-135M, text data, eval tasks)",
                        description="Install the assets the examples and tests use.")

@@ -38,7 +38,8 @@ from pdc.plan.results import (
 )
 from pdc.plotting import pyplot, save_figure
 from pdc.runner.report import Doc, format_number, read_log_records, render_html, render_markdown
-from pdc.runner.stats import PERPLEXITY_RATIO, Difference, format_difference, score_differences, verdict
+from pdc.runner.speed_table import speedup_ratio
+from pdc.runner.stats import PERPLEXITY_RATIO, SPEED_RATIO, Difference, format_difference, score_differences, verdict
 
 STAGE = "report"
 LOSSES_PNG = "comparison_losses.png"
@@ -171,6 +172,8 @@ def claim_outcome(claim: Expectation, by_name: dict[str, Variant]) -> tuple[Opti
     """(metric, winner - loser, outcome) of one `expect`: "holds" when the 95% interval shows
     the winner better (lower perplexity, higher accuracy), "does not hold: the opposite is
     measured" when it shows it worse, "not shown: not significant at 95%" otherwise."""
+    if claim.speed is not None:
+        return _speed_claim(claim, by_name)
     found = differences(by_name[claim.loser], by_name[claim.winner])
     if claim.task is not None:
         match = [(m, d) for m, d in found if m.startswith(f"{claim.task} ")]
@@ -187,6 +190,19 @@ def claim_outcome(claim: Expectation, by_name: dict[str, Variant]) -> tuple[Opti
     else:
         better, worse = d.significant and d.delta > 0, d.significant and d.delta < 0
     outcome = "holds" if better else "does not hold: the opposite is measured" if worse else \
+        "not shown: not significant at 95%"
+    return metric, d, outcome
+
+
+def _speed_claim(claim: Expectation, by_name: dict[str, Variant]) -> tuple[Optional[str], Optional[Difference], str]:
+    """`expect A beats B on decode_speed`: A's student's speed-up over the teacher divided by B's,
+    each measured interleaved with the teacher by its variant's evaluation."""
+    speeds = [getattr(by_name[n].result("evaluate"), "speed", None) for n in (claim.winner, claim.loser)]
+    d = speedup_ratio(speeds[0], speeds[1], claim.speed) if all(speeds) else None
+    if d is None:
+        return None, None, "not measured"
+    metric = f"{SPEED_RATIO} ({claim.speed})"
+    outcome = "holds" if d.low > 1 else "does not hold: the opposite is measured" if d.high < 1 else \
         "not shown: not significant at 95%"
     return metric, d, outcome
 
