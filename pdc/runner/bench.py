@@ -4,7 +4,7 @@ The students are the models of the build's prune stages (for a comparison, of ev
 read from a build that `pdc run` or `pdc compile` made; a distilled student has its pruned
 model's architecture and dtype, so its speed is the pruned model's. The teacher is the spec's
 source model; for the ONNX backend it is exported once by the path the prune stage emits its
-students' `model.onnx` (`<build>/bench/teacher-<hash>.onnx`). The result goes to
+students' `model.onnx` (kept in the pdc cache by the teacher's content hash). The result goes to
 `<build>/bench/speed.json`, which the report reads, and to stdout (a table, or JSON).
 
 `evaluate { ... speed=true }` measures the same way inside `pdc run`
@@ -21,6 +21,8 @@ from pdc.errors import PdcError
 from pdc.lang.checked import CheckedSpec
 from pdc.plan.results import SpeedResult
 from pdc.runner.build import Build, _recipes, default_build_dir
+from pdc.runner.comparison_report import write_comparison_report
+from pdc.runner.report import write_report
 from pdc.runner.speed_models import TEACHER, spec_precision, student_model, teacher_model
 from pdc.runner.speed_table import write_speed
 from pdc.stages.speed import SpeedModel, SpeedSettings, measure_speed
@@ -31,7 +33,7 @@ def bench_models(spec: CheckedSpec, out: Path, onnx: bool) -> dict[str, SpeedMod
     for recipe, recipe_out, variant in _recipes(spec, out):
         build = Build(recipe, recipe_out, progress=False, variant=variant)
         if TEACHER not in models:
-            models[TEACHER] = teacher_model(build.source_dir(recipe.source_model), out, onnx)
+            models[TEACHER] = teacher_model(build.source_dir(recipe.source_model), onnx)
         for node in build.graph.of_kind("prune"):
             if not build.done(node.name):
                 where = f" of variant {variant}" if variant else ""
@@ -56,4 +58,8 @@ def bench_spec(spec: CheckedSpec, out_dir: Optional[Path] = None, device: str = 
         settings = dataclasses.replace(settings, backends=("torch",))
     result = measure_speed(models, TEACHER, settings, progress=progress)
     write_speed(out, result)
+    if spec.comparison is not None:  # the reports show it
+        write_comparison_report(out, spec.comparison)
+    else:
+        write_report(out)
     return result

@@ -541,7 +541,7 @@ def _run_evaluate(build: Build, node: Node, out: Path) -> StageResult:
         ref = node.inputs[student]
         result = dataclasses.replace(result, speed=evaluation_speed(
             build.spec, cfg, models["teacher"], student, models[student],
-            build.out / ref.stage if student == "pruned" else None, build.out / f"{node.name}.work", build.progress))
+            build.out / ref.stage if student == "pruned" else None, build.progress))
     write_results(result, out)  # results.json and table.md
     print(comparison_table(result))
     if result.speed is not None:

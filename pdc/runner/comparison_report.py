@@ -37,8 +37,8 @@ from pdc.plan.results import (
     read_record,
 )
 from pdc.plotting import pyplot, save_figure
-from pdc.runner.report import Doc, format_number, read_log_records, render_html, render_markdown
-from pdc.runner.speed_table import speedup_ratio
+from pdc.runner.report import Doc, format_number, read_log_records, render_html, render_markdown, speed_section
+from pdc.runner.speed_table import read_speed, speedup_ratio
 from pdc.runner.stats import PERPLEXITY_RATIO, SPEED_RATIO, Difference, format_difference, score_differences, verdict
 
 STAGE = "report"
@@ -407,6 +407,8 @@ def build_comparison_doc(build_dir: Path, comparison: Comparison) -> Doc:
         doc.h(2, "Claims")
         _claims_table(doc, variants, comparison.expects)
     _saliency_section(doc, variants)
+    if read_speed(build_dir) is not None:  # `pdc bench` on the comparison: every variant's student at once
+        speed_section(doc, build_dir, None)
     doc.h(2, "Plots")
     drawn = False
     for png, fn, alt in ((LOSSES_PNG, _plot_losses, "distillation curves per variant"),

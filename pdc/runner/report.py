@@ -502,9 +502,9 @@ def _eval_section(doc: Doc, result: EvaluateResult | None):
         doc.table(["model", "metric", f"difference to {reference}", "test", "verdict"], diff_rows, align="lllll")
 
 
-def _speed_section(doc: Doc, build: Path, result: EvaluateResult | None):
+def speed_section(doc: Doc, build: Path, result: EvaluateResult | None):
     """The students' speed-ups over the teacher: `pdc bench`'s last measurement, else the
-    evaluation's (`speed=true`)."""
+    evaluation's (`speed=true`). The comparison report shows it for all variants' students."""
     doc.h(2, "Speed")
     speed = read_speed(build) or (result.speed if result is not None else None)
     if speed is None:
@@ -573,7 +573,7 @@ def build_doc(build_dir: Path) -> Doc:
           for n in (planned_prunes or prunes or ["prune"])],
         ("Training", lambda d: _training_section(d, build, records)),
         ("Evaluation", lambda d: _eval_section(d, evaluate)),
-        ("Speed", lambda d: _speed_section(d, build, evaluate)),
+        ("Speed", lambda d: speed_section(d, build, evaluate)),
     ]
     for title, fill in sections:
         part = Doc()
