@@ -1,0 +1,54 @@
+"""Does the speed measurement tell the truth? One model measured against itself.
+
+`pdc.stages.speed.measure_speed` is given the same checkpoint twice, as the "teacher" and as a
+"student", and runs its usual session: warm-up, then interleaved rounds. An honest measurement
+gives a speed-up of 1.0 within its own interval on every measure; a biased one (the first model
+of a round always faster, a warm cache favouring one side, ...) shows a ratio off 1.0 whose
+interval excludes it. Exit status 1 when any measure's interval misses 1.0.
+
+Run: HF_HUB_OFFLINE=1 python bench/bench_speed_selfcheck.py [--model DIR] [--repeats 9] [--device cpu]
+(default model: SmolLM2-135M from `pdc setup`). Also prints the absolute figures, the thread
+count and the hardware: on a shared machine they move, the ratio should not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pdc.inputs.assets import smollm2_dir  # noqa: E402
+from pdc.runner.speed_models import teacher_model  # noqa: E402
+from pdc.runner.speed_table import render_text  # noqa: E402
+from pdc.stages.speed import SpeedModel, SpeedSettings, measure_speed  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: SmolLM2 from `pdc setup`)")
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-onnx", action="store_true", help="PyTorch only (skips the ONNX export of the model)")
+    args = ap.parse_args()
+    model_dir = args.model or smollm2_dir()
+    onnx = args.device == "cpu" and not args.no_onnx
+    model = teacher_model(model_dir, onnx)  # the ONNX export is cached by content
+    settings = SpeedSettings(repeats=args.repeats, device=args.device,
+                             backends=("torch", "onnx") if onnx else ("torch",))
+    # Two labels, one checkpoint: loaded twice, as a teacher and a student are.
+    result = measure_speed({"a": model, "b": SpeedModel(model.path, model.onnx)}, "a", settings)
+    print(render_text(result))
+    misses = [m for m, e in result.models["b"].speedup.items() if not e.low <= 1.0 <= e.high]
+    for m, e in result.models["b"].speedup.items():
+        print(f"{m:22s} b/a speed-up {e.median:.3f} [{e.low:.3f}, {e.high:.3f}]  "
+              f"{'contains 1.0' if m not in misses else 'MISSES 1.0'}")
+    print(f"{len(result.models['b'].speedup) - len(misses)} of {len(result.models['b'].speedup)} measures "
+          f"contain 1.0 ({100 * result.confidence:.1f}% intervals)")
+    return 1 if misses else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
