@@ -38,7 +38,7 @@ from pdc.plan.results import (
 )
 from pdc.plotting import pyplot, save_figure
 from pdc.runner.report import Doc, format_number, read_log_records, render_html, render_markdown, speed_section
-from pdc.runner.speed_table import read_speed, speedup_ratio
+from pdc.runner.speed_table import paired_ratio, read_speed, speedup_ratio, variant_student
 from pdc.runner.stats import PERPLEXITY_RATIO, SPEED_RATIO, Difference, format_difference, score_differences, verdict
 
 STAGE = "report"
@@ -195,10 +195,16 @@ def claim_outcome(claim: Expectation, by_name: dict[str, Variant]) -> tuple[Opti
 
 
 def _speed_claim(claim: Expectation, by_name: dict[str, Variant]) -> tuple[Optional[str], Optional[Difference], str]:
-    """`expect A beats B on decode_speed`: A's student's speed-up over the teacher divided by B's,
-    each measured interleaved with the teacher by its variant's evaluation."""
-    speeds = [getattr(by_name[n].result("evaluate"), "speed", None) for n in (claim.winner, claim.loser)]
-    d = speedup_ratio(speeds[0], speeds[1], claim.speed) if all(speeds) else None
+    """`expect A beats B on decode_speed`: A's student's speed-up over the teacher divided by B's.
+    From `pdc bench` on the comparison when it measured both (one session, paired by round), else
+    from the two variants' evaluations (`speed=true`, each interleaved with the teacher)."""
+    bench = read_speed(by_name[claim.winner].out.parent)
+    labels = [variant_student(bench, n) for n in (claim.winner, claim.loser)] if bench else [None]
+    if all(labels):
+        d = paired_ratio(bench, labels[0], labels[1], claim.speed)
+    else:
+        speeds = [getattr(by_name[n].result("evaluate"), "speed", None) for n in (claim.winner, claim.loser)]
+        d = speedup_ratio(speeds[0], speeds[1], claim.speed) if all(speeds) else None
     if d is None:
         return None, None, "not measured"
     metric = f"{SPEED_RATIO} ({claim.speed})"

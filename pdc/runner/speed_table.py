@@ -18,6 +18,7 @@ from pdc.files import write_json
 from pdc.plan.results import RECORD_VERSION, Estimate, SpeedResult, decode, encode
 from pdc.plotting import pyplot, save_figure
 from pdc.runner.stats import BOOTSTRAP_SAMPLES, CONFIDENCE, Difference
+from pdc.stages.speed import estimate
 
 SPEED_PNG = "speed.png"
 def students(result: SpeedResult) -> list[str]:
@@ -157,6 +158,24 @@ def speedup_ratio(winner: SpeedResult, loser: SpeedResult, metric: str, seed: in
     lo = ratios[int((1 - CONFIDENCE) / 2 * BOOTSTRAP_SAMPLES)]
     hi = ratios[min(BOOTSTRAP_SAMPLES - 1, int((1 + CONFIDENCE) / 2 * BOOTSTRAP_SAMPLES))]
     return Difference(_median(a) / _median(b), lo, hi, "bootstrap over rounds (teacher-normalised speed-ups)")
+
+
+def variant_student(result: SpeedResult, variant: str) -> Optional[str]:
+    """The label of a comparison variant's last student in a `pdc bench` session."""
+    found = [k for k in students(result) if k.startswith(f"{variant}/")]
+    return found[-1] if found else None
+
+
+def paired_ratio(result: SpeedResult, winner: str, loser: str, metric: str) -> Optional[Difference]:
+    """Two students of one session on `metric`'s measure: the median over rounds of the loser's
+    seconds / the winner's (= the winner's speed-up / the loser's in that round), with the
+    order-statistic interval of the median."""
+    name = metric_measure(result, metric)
+    if name is None:
+        return None
+    a, b = result.models[winner].measures[name].seconds, result.models[loser].measures[name].seconds
+    e = estimate([y / x for x, y in zip(a, b)])
+    return Difference(e.median, e.low, e.high, f"paired over {len(a)} rounds of one `pdc bench` session")
 
 
 # ---- the file `pdc bench` writes ----------------------------------------------------------------

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from pdc.emit.artifacts import export_onnx, onnx_session
 from pdc.errors import PdcError
@@ -284,19 +285,23 @@ def measure_speed(models: Mapping[str, SpeedModel], teacher: str, settings: Spee
 
 
 def _bar(progress: bool, total: int):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc="speed", unit="run", leave=False, disable=not progress)
 
 
 # ---- the teacher's ONNX file -------------------------------------------------------------------
-def teacher_onnx(model_dir: Path, path: Path) -> Path:
+def teacher_onnx(model_dir: Path, path: Path, progress: bool = True) -> Path:
     """The teacher as ONNX by the path the prune stage emits its students (trace, seal, dynamo
     export checked by onnxruntime against the program), written once at `path`."""
     if path.exists():
         return path
+    bar = tqdm(total=3, desc="teacher onnx (once)", unit="step", leave=False, disable=not progress)
     model = load_causal_lm(model_dir, STAGE, torch.float32)
-    program = export_model(model, hf_config=None)
+    program = export_model(model)
+    bar.update(1)
+    ep = seal(program)
+    bar.update(1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(seal(program), program, path)
+    export_onnx(ep, program, path)
+    bar.update(1)
+    bar.close()
     return path
