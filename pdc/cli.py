@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -148,6 +149,9 @@ def cmd_check(args) -> int:
 def cmd_bench(args) -> int:
     if args.repeats is not None and args.repeats < 1:
         print("pdc: error: --repeats must be at least 1", file=sys.stderr)
+        return 2
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        print(f"pdc: error: --device {args.device!r}: expected cpu, cuda or cuda:N", file=sys.stderr)
         return 2
     spec = _load(args.spec)
     from pdc.plan.results import encode

@@ -145,3 +145,23 @@ def test_evaluate_speed_and_speed_claims(tmp_path, monkeypatch):
         assert any(o in row for o in ("**holds**", "**does not hold: the opposite is measured**",
                                       "**not shown: not significant at 95%**")), row
         assert "bootstrap over rounds" in row
+    # `pdc bench` on the comparison: the teacher and both students in one session; the claims are
+    # then judged from it, paired by round, and the comparison report shows its tables
+    assert pdc_main(["bench", str(tmp_path / "tiny.pds"), "--repeats", "3"]) == 0
+    text = (out / "comparison.md").read_text()
+    speed = text[text.index("## Speed"):]
+    assert "| width/prune |" in speed and "| depth/prune |" in speed
+    for claim in ("depth beats width on decode_speed", "depth beats width on prefill_speed"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {claim} |"))
+        assert "paired over 3 rounds of one `pdc bench` session (75.0% interval of the median)" in row
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "tpu"], "--device 'tpu': expected cpu, cuda or cuda:N"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+])
+def test_bench_usage_errors(tmp_path, capsys, args, message):
+    spec = tmp_path / "x.pds"
+    spec.write_text(PRUNE_SPEC)
+    assert pdc_main(["bench", str(spec), *args]) == 2
+    assert capsys.readouterr().err.strip() == f"pdc: error: {message}"

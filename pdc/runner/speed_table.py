@@ -18,7 +18,7 @@ from pdc.files import write_json
 from pdc.plan.results import RECORD_VERSION, Estimate, SpeedResult, decode, encode
 from pdc.plotting import pyplot, save_figure
 from pdc.runner.stats import BOOTSTRAP_SAMPLES, CONFIDENCE, Difference
-from pdc.stages.speed import estimate
+from pdc.stages.speed import estimate, interval_coverage
 
 SPEED_PNG = "speed.png"
 def students(result: SpeedResult) -> list[str]:
@@ -175,7 +175,8 @@ def paired_ratio(result: SpeedResult, winner: str, loser: str, metric: str) -> O
         return None
     a, b = result.models[winner].measures[name].seconds, result.models[loser].measures[name].seconds
     e = estimate([y / x for x, y in zip(a, b)])
-    return Difference(e.median, e.low, e.high, f"paired over {len(a)} rounds of one `pdc bench` session")
+    return Difference(e.median, e.low, e.high, f"paired over {len(a)} rounds of one `pdc bench` session "
+                      f"({100 * interval_coverage(len(a)):.1f}% interval of the median)")
 
 
 # ---- the file `pdc bench` writes ----------------------------------------------------------------

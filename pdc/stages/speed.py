@@ -222,6 +222,8 @@ def measure_speed(models: Mapping[str, SpeedModel], teacher: str, settings: Spee
     """Measure every model of `models` (the teacher `teacher` among them) interleaved."""
     if teacher not in models:
         raise PdcError(f"no teacher {teacher!r} among the models to measure", STAGE)
+    if settings.device != "cpu" and not settings.device.startswith("cuda"):
+        raise PdcError(f"device {settings.device!r}: expected cpu, cuda or cuda:N", STAGE)
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         raise PdcError(f"device {settings.device!r}: no CUDA device here", STAGE)
     if settings.repeats < 1 or min(settings.prompt_lens + settings.batches) < 1 or settings.decode_tokens < 1:
