@@ -292,7 +292,7 @@ class ModelSpeed:
     params: int
     weights_bytes: int
     kv_bytes_per_token: int  # keys and values of every layer, one sequence, one position
-    peak_bytes: int  # weights + the KV cache of the largest decode measured (CUDA: allocator peak)
+    peak_bytes: int  # weights + the KV cache of the largest decode measured
     flops_per_token: int  # 2 x the parameters a token runs through (embedding lookup excluded)
     measures: dict[str, Measure]
     speedup: dict[str, Estimate] = field(default_factory=dict)

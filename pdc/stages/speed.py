@@ -9,7 +9,8 @@ measures, for every model and backend:
 - `torch decode@bB`: `decode_tokens` greedy steps of B sequences with the KV cache, after an
   untimed prefill of `context` tokens; tokens/s = B x steps / seconds.
 - memory: the weights' bytes and the KV cache's bytes (read off the cache tensors after the
-  largest decode); on CUDA the allocator's peak instead of their sum.
+  largest decode); their sum is the peak (activations of one step are small beside them; every
+  model shares the device, so an allocator's peak would mix them).
 
 ONNX Runtime runs prefill only: the emitted `model.onnx` is `input_ids -> logits` without past
 keys and values, so a decode step there would recompute the whole prefix (quadratic) and say
@@ -17,8 +18,8 @@ nothing about serving with a cache.
 
 Honest timing: every model is loaded first, each measure runs `warmup` untimed times per model,
 then `repeats` rounds in which every model runs the measure once, in turn (teacher, student,
-..., teacher, student, ...): load from other processes on a shared machine lands on both sides
-alike. A student's speed-up on a measure is the median over rounds of (teacher seconds / student
+student, teacher, teacher, student, ...: the order reverses every round, so neither side always
+goes first): load from other processes on a shared machine lands on both sides alike. A student's speed-up on a measure is the median over rounds of (teacher seconds / student
 seconds of the same round); medians carry a distribution-free interval from the order statistics
 of the repeats (`median_interval`). The thread count and the hardware are recorded.
 """
@@ -209,14 +210,6 @@ def hardware(device: str) -> str:
     return f"{name}, {os.cpu_count()} logical CPUs"
 
 
-def measure_names(settings: SpeedSettings, onnx: bool) -> list[str]:
-    names = [f"torch prefill@{n}" for n in settings.prompt_lens]
-    names += [f"torch decode@b{b}" for b in settings.batches]
-    if onnx:
-        names += [f"onnx prefill@{n}" for n in settings.prompt_lens]
-    return names
-
-
 def measure_speed(models: Mapping[str, SpeedModel], teacher: str, settings: SpeedSettings = SpeedSettings(),
                   progress: bool = True) -> SpeedResult:
     """Measure every model of `models` (the teacher `teacher` among them) interleaved."""
@@ -245,8 +238,6 @@ def measure_speed(models: Mapping[str, SpeedModel], teacher: str, settings: Spee
     if onnx:
         for n in settings.prompt_lens:
             runs[f"onnx prefill@{n}"] = (n, lambda r, ids=prompts[n]: r.onnx_prefill(ids))
-    if settings.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(torch.device(settings.device))
     seconds = {k: {m: [] for m in runs} for k in labels}
     bar = _bar(progress, len(runs) * (settings.warmup + settings.repeats) * len(labels))
     for name, (_, run) in runs.items():
@@ -254,8 +245,10 @@ def measure_speed(models: Mapping[str, SpeedModel], teacher: str, settings: Spee
             for k in labels:
                 run(runners[k])
                 bar.update(1)
-        for _ in range(settings.repeats):
-            for k in labels:  # interleaved: round i of every model back to back
+        for i in range(settings.repeats):
+            # interleaved: round i of every model back to back, in turn forwards and backwards
+            # (teacher, student, student, teacher, ...) so neither side always runs first
+            for k in labels if i % 2 == 0 else labels[::-1]:
                 seconds[k][name].append(run(runners[k]))
                 bar.update(1)
     bar.close()
@@ -267,9 +260,7 @@ def measure_speed(models: Mapping[str, SpeedModel], teacher: str, settings: Spee
                     for m, (tokens, _) in runs.items()}
         speedup = {} if k == teacher else {
             m: estimate([t / s for t, s in zip(seconds[teacher][m], seconds[k][m])]) for m in runs}
-        peak = nbytes + r.kv_bytes
-        if settings.device.startswith("cuda"):
-            peak = max(peak, torch.cuda.max_memory_allocated(torch.device(settings.device)))
+        peak = nbytes + r.kv_bytes  # measured tensors: all models share the device, so no allocator peak
         out[k] = ModelSpeed(path=str(models[k].path), params=count, weights_bytes=nbytes,
                             kv_bytes_per_token=r.kv_bytes // max(1, r.kv_positions), peak_bytes=peak,
                             flops_per_token=flops, measures=measures, speedup=speedup,
@@ -277,8 +268,6 @@ def measure_speed(models: Mapping[str, SpeedModel], teacher: str, settings: Spee
     notes = [ONNX_NOTE] if onnx else []
     if "onnx" in settings.backends and not onnx:
         notes.append("onnx: not measured -- a model has no ONNX file")
-    if settings.device.startswith("cuda"):
-        notes.append("memory: the CUDA allocator's peak over the session (all models loaded at once)")
     return SpeedResult(teacher=teacher, models=out, device=settings.device, hardware=hardware(settings.device),
                        threads=threads, precision=settings.precision, prompt_lens=settings.prompt_lens,
                        batches=settings.batches, context=settings.context, decode_tokens=settings.decode_tokens,
