@@ -160,7 +160,7 @@ def cmd_bench(args) -> int:
 
     result = bench_spec(spec, Path(args.out) if args.out else None, args.device, args.repeats,
                         progress=not args.json)
-    print(json.dumps(encode(result), indent=2) if args.json else render_text(result), end="" if not args.json else "\n")
+    sys.stdout.write(json.dumps(encode(result), indent=2) + "\n" if args.json else render_text(result))
     return 0
 
 
