@@ -7,6 +7,7 @@ of a round always faster, a warm cache favouring one side, ...) shows a ratio of
 interval excludes it. Exit status 1 when any measure's interval misses 1.0.
 
 Run: HF_HUB_OFFLINE=1 python bench/bench_speed_selfcheck.py [--model DIR] [--repeats 9] [--device cpu]
+     [--batches 1,16] [--no-onnx]
 (default model: SmolLM2-135M from `pdc setup`). Also prints the absolute figures, the thread
 count and the hardware: on a shared machine they move, the ratio should not.
 """
@@ -32,11 +33,13 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-onnx", action="store_true", help="PyTorch only (skips the ONNX export of the model)")
+    ap.add_argument("--batches", default="1,16", help="decode batch sizes, comma-separated (default 1,16)")
     args = ap.parse_args()
     model_dir = args.model or smollm2_dir()
     onnx = args.device == "cpu" and not args.no_onnx
     model = teacher_model(model_dir, onnx)  # the ONNX export is cached by content
     settings = SpeedSettings(repeats=args.repeats, device=args.device,
+                             batches=tuple(int(b) for b in args.batches.split(",")),
                              backends=("torch", "onnx") if onnx else ("torch",))
     # Two labels, one checkpoint: loaded twice, as a teacher and a student are.
     result = measure_speed({"a": model, "b": SpeedModel(model.path, model.onnx)}, "a", settings)
