@@ -5,7 +5,7 @@
     pdc run SPEC [--stage NAME] [--out DIR] [--nnodes N --nproc-per-node M [--rdzv-endpoint HOST:PORT]]
                  [--hostfile FILE] [--launcher torchrun|deepspeed|slurm]
     pdc check SPEC [--lock PATH] [--build DIR] [--prune-input DIR] [--input-key]
-    pdc bench SPEC [--json] [--out DIR] [--device cpu|cuda] [--repeats N]
+    pdc bench SPEC [--json] [--out DIR] [--device cpu|cuda] [--repeats N] [--threads N]
     pdc setup
 
 Exit codes: 0 success, 1 a runtime fault (`PdcError`, printed as `pdc: error: ...`), 2 bad
@@ -147,9 +147,10 @@ def cmd_check(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.repeats is not None and args.repeats < 1:
-        print("pdc: error: --repeats must be at least 1", file=sys.stderr)
-        return 2
+    for flag, value in (("--repeats", args.repeats), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            print(f"pdc: error: {flag} must be at least 1", file=sys.stderr)
+            return 2
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         print(f"pdc: error: --device {args.device!r}: expected cpu, cuda or cuda:N", file=sys.stderr)
         return 2
@@ -159,7 +160,7 @@ def cmd_bench(args) -> int:
     from pdc.runner.speed_table import render_text
 
     result = bench_spec(spec, Path(args.out) if args.out else None, args.device, args.repeats,
-                        progress=not args.json)
+                        progress=not args.json, threads=args.threads)
     sys.stdout.write(json.dumps(encode(result), indent=2) + "\n" if args.json else render_text(result))
     return 0
 
@@ -252,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu (PyTorch and ONNX Runtime) or cuda / cuda:N (PyTorch)")
     b.add_argument("--repeats", type=int, default=None, metavar="N",
                    help="interleaved timed rounds per measure (default 7)")
+    b.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads of PyTorch and ONNX Runtime (default: PyTorch's, e.g. OMP_NUM_THREADS); "
+                        "on a busy machine fewer threads than cores avoid stalls")
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("setup", help="install the local assets (SmolLM2-135M, text data, eval tasks)",

@@ -35,7 +35,8 @@ def benched(tmp_path_factory):
         build = run_project(root / "project", PRUNE_SPEC)
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            assert pdc_main(["bench", str(root / "project" / "tiny.pds"), "--json", "--repeats", str(REPEATS)]) == 0
+            assert pdc_main(["bench", str(root / "project" / "tiny.pds"), "--json", "--repeats", str(REPEATS),
+                             "--threads", "1"]) == 0
     finally:
         mp.undo()
     return build, json.loads(out.getvalue())
@@ -44,7 +45,7 @@ def benched(tmp_path_factory):
 def test_bench_json_has_every_figure(benched):
     build, data = benched
     assert data["teacher"] == "teacher" and list(data["models"]) == ["teacher", "prune"]
-    assert data["threads"] >= 1 and data["hardware"] and data["device"] == "cpu"
+    assert data["threads"] == 1 and data["hardware"] and data["device"] == "cpu"
     assert data["repeats"] == REPEATS and data["precision"] == "fp32"
     assert any("prefill only" in n for n in data["notes"])  # ONNX without a KV cache: said, not hidden
     for label, m in data["models"].items():
@@ -159,6 +160,7 @@ def test_evaluate_speed_and_speed_claims(tmp_path, monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (["--device", "tpu"], "--device 'tpu': expected cpu, cuda or cuda:N"),
     (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--threads", "0"], "--threads must be at least 1"),
 ])
 def test_bench_usage_errors(tmp_path, capsys, args, message):
     spec = tmp_path / "x.pds"

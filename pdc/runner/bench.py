@@ -47,12 +47,14 @@ def bench_models(spec: CheckedSpec, out: Path, onnx: bool) -> dict[str, SpeedMod
 
 
 def bench_spec(spec: CheckedSpec, out_dir: Optional[Path] = None, device: str = "cpu",
-               repeats: Optional[int] = None, progress: bool = True) -> SpeedResult:
+               repeats: Optional[int] = None, progress: bool = True, threads: Optional[int] = None) -> SpeedResult:
     """Measure the build of `spec` and write `<build>/bench/speed.json`."""
     out = Path(out_dir) if out_dir else default_build_dir(spec)
     settings = SpeedSettings(device=device, precision=spec_precision(spec, device))
     if repeats is not None:
         settings = dataclasses.replace(settings, repeats=repeats)
+    if threads is not None:
+        settings = dataclasses.replace(settings, threads=threads)
     models = bench_models(spec, out, onnx=device == "cpu")
     if device != "cpu":
         settings = dataclasses.replace(settings, backends=("torch",))

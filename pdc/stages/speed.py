@@ -62,6 +62,7 @@ class SpeedSettings:
     device: str = "cpu"
     precision: str = "fp32"
     seed: int = 0
+    threads: Optional[int] = None  # CPU threads of both backends (None: PyTorch's current setting)
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,8 @@ def measure_speed(models: Mapping[str, SpeedModel], teacher: str, settings: Spee
         raise PdcError(f"device {settings.device!r}: no CUDA device here", STAGE)
     if settings.repeats < 1 or min(settings.prompt_lens + settings.batches) < 1 or settings.decode_tokens < 1:
         raise PdcError("speed measures need repeats, prompt lengths, batches and decode tokens of at least 1", STAGE)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     threads = torch.get_num_threads()
     labels = [teacher] + [k for k in models if k != teacher]
     runners = {k: _Runner(models[k].path, models[k].onnx, settings, threads) for k in labels}
