@@ -84,10 +84,14 @@ def absolute_table(result: SpeedResult) -> tuple[list[str], list[list[str]]]:
 
 
 def setup_line(result: SpeedResult) -> str:
-    return (f"{result.device}, {result.hardware}, {result.threads} threads, {result.precision}; "
+    return (f"{result.device}, {result.hardware}, {_threads(result)}, {result.precision}; "
             f"{result.warmup} warm-up + {result.repeats} interleaved rounds per measure, medians with "
             f"{100 * result.confidence:.1f}% intervals; decode: {result.decode_tokens} steps after "
             f"{result.context} prompt tokens")
+
+
+def _threads(result: SpeedResult) -> str:
+    return f"{result.threads} thread" + ("" if result.threads == 1 else "s")
 
 
 def render_text(result: SpeedResult) -> str:
@@ -132,7 +136,7 @@ def plot_speed(result: SpeedResult, path: Path) -> Optional[Path]:
     ax.axhline(1.0, color="black", lw=1)
     ax.set_xticks(range(len(ms)), [m.replace(" ", "\n") for m in ms], fontsize=8)
     ax.set_ylabel("speed-up over the teacher (x)")
-    ax.set_title(f"student / teacher speed ({result.device}, {result.threads} threads); dashed: 1 / params ratio",
+    ax.set_title(f"student / teacher speed ({result.device}, {_threads(result)}); dashed: 1 / params ratio",
                  fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
