@@ -10,6 +10,13 @@ Run: HF_HUB_OFFLINE=1 python bench/bench_speed_selfcheck.py [--model DIR] [--rep
      [--batches 1,16] [--no-onnx]
 (default model: SmolLM2-135M from `pdc setup`). Also prints the absolute figures, the thread
 count and the hardware: on a shared machine they move, the ratio should not.
+
+Measured (OMP_NUM_THREADS=1, --repeats 9, SmolLM2-135M fp32 on a 2-CPU Xeon shared with other
+developers' builds and tests, 11.7 min): 6 of 6 intervals (96.1%) contain 1.0 -- prefill@128
+0.966 [0.950, 1.043], prefill@512 0.984 [0.755, 1.073], decode batch 1 1.102 [0.959, 1.339],
+batch 16 1.057 [0.983, 1.564], ONNX prefill@128 1.001 [0.959, 1.024], @512 0.973 [0.844, 1.156];
+while the absolute decode speed of the same model moved between 4 and 5 tokens/s at batch 1.
+The tiny test model (2 threads, same machine): 6 of 6 as well.
 """
 
 from __future__ import annotations
