@@ -5,6 +5,7 @@
     pdc run SPEC [--stage NAME] [--out DIR] [--nnodes N --nproc-per-node M [--rdzv-endpoint HOST:PORT]]
                  [--hostfile FILE] [--launcher torchrun|deepspeed|slurm]
     pdc check SPEC [--lock PATH] [--build DIR] [--prune-input DIR] [--input-key]
+    pdc bench SPEC [--json] [--out DIR] [--device cpu|cuda] [--repeats N] [--threads N]
     pdc setup
 
 Exit codes: 0 success, 1 a runtime fault (`PdcError`, printed as `pdc: error: ...`), 2 bad
@@ -22,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -167,6 +169,25 @@ def cmd_check(args) -> int:
                           rtol=args.rtol, atol=args.atol))
 
 
+def cmd_bench(args) -> int:
+    for flag, value in (("--repeats", args.repeats), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            print(f"pdc: error: {flag} must be at least 1", file=sys.stderr)
+            return 2
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        print(f"pdc: error: --device {args.device!r}: expected cpu, cuda or cuda:N", file=sys.stderr)
+        return 2
+    spec = _load(args.spec)
+    from pdc.plan.results import encode
+    from pdc.runner.bench import bench_spec
+    from pdc.runner.speed_table import render_text
+
+    result = bench_spec(spec, Path(args.out) if args.out else None, args.device, args.repeats,
+                        progress=not args.json, threads=args.threads)
+    sys.stdout.write(json.dumps(encode(result), indent=2) + "\n" if args.json else render_text(result))
+    return 0
+
+
 def cmd_setup(args) -> int:
     from pdc.inputs import assets
 
@@ -244,6 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--rtol", type=float, default=None, help="relative tolerance of the numeric fingerprint (default 1e-4)")
     k.add_argument("--atol", type=float, default=None, help="absolute tolerance of the numeric fingerprint (default 1e-4)")
     k.set_defaults(func=cmd_check)
+
+    b = sub.add_parser("bench", help="measure the teacher's and every student's inference speed and memory",
+                       description="Measure prefill and decode speed, time to first token and memory of the "
+                                   "teacher and every pruned student of SPEC's build, interleaved; write "
+                                   "<build>/bench/speed.json (the report shows it).")
+    b.add_argument("spec", metavar="SPEC")
+    b.add_argument("--json", action="store_true", help="print every figure as JSON (speed-ups included)")
+    b.add_argument("--out", metavar="DIR", help="build directory (default: build/<spec stem>/ next to SPEC)")
+    b.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="cpu (PyTorch and ONNX Runtime) or cuda / cuda:N (PyTorch)")
+    b.add_argument("--repeats", type=int, default=None, metavar="N",
+                   help="interleaved timed rounds per measure (default 7)")
+    b.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads of PyTorch and ONNX Runtime (default: PyTorch's, e.g. OMP_NUM_THREADS); "
+                        "on a busy machine fewer threads than cores avoid stalls")
+    b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("setup", help="install the local assets (SmolLM2-135M, text data, eval tasks)",
                        description="Install the assets the examples and tests use: the text data and task pdc "

@@ -104,7 +104,7 @@ def test_console_script_version_and_help():
     exe = [sys.executable, "-m", "pdc.cli"]
     out = subprocess.run(exe + ["--version"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("pdc ")
-    for cmd in ("compile", "fmt", "run", "check", "setup"):
+    for cmd in ("compile", "fmt", "run", "check", "bench", "setup"):
         h = subprocess.run(exe + [cmd, "--help"], capture_output=True, text=True, timeout=60)
         assert h.returncode == 0 and "usage: pdc" in h.stdout
     missing = subprocess.run(exe + ["compile", "/no/such.pds", "--dry-run"], capture_output=True, text=True,

@@ -125,6 +125,14 @@ class Expectation:
     task: Optional[str] = None
     data: Optional[str] = None
     span: Span = field(default=_NOSPAN, compare=False)
+    # a speed metric (`SPEED_METRICS`): the winner's student is the faster, by its speed-up over
+    # the teacher, when every variant's evaluation measures speed (`speed=true`)
+    speed: Optional[str] = None
+
+
+# `expect A beats B on METRIC` over inference speed: decode at batch 1, decode at the larger
+# batch, prefill at the longest prompt (`pdc.runner.speed_table.metric_measure`)
+SPEED_METRICS = ("decode_speed", "batch_decode_speed", "prefill_speed")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from pdc.arch import Arch
 from pdc.lang import ast
 from pdc.lang.checked import (
     STAGE_KINDS,
+    SPEED_METRICS,
     CheckedSpec,
     Comparison,
     Expectation,
@@ -562,7 +563,7 @@ class _Checker:
         got = self.settings(
             st.block.settings,
             {"limit": _int(1), "seq_len": _int(1), "tasks_dir": self.tasks_dir, "allow_code_execution": _bool,
-             "precision": _enum("fp32", "bf16")},
+             "precision": _enum("fp32", "bf16"), "speed": _bool},
             "evaluate",
         )
         tasks: list[EvalTask] = []
@@ -601,7 +602,7 @@ class _Checker:
             self.error("evaluate lists no tasks (e.g. winogrande(5) or perplexity(DATA))", _head_span(st))
         cfg = EvalConfig(
             tasks=tuple(tasks), perplexity_data=tuple(perplexity),
-            **{k: got[k][0] for k in ("limit", "seq_len", "allow_code_execution", "precision") if k in got},
+            **{k: got[k][0] for k in ("limit", "seq_len", "allow_code_execution", "precision", "speed") if k in got},
         )
         return EvaluateStage(cfg, got.get("tasks_dir", (None,))[0], st.harness.value, span=st.span)
 
@@ -1087,6 +1088,8 @@ def _expectation(x: ast.Expect, declared: dict, variants: list[VariantSpec], dia
             measured[f"perplexity({d})"] = (None, None if d == headline else d)
         for t in sorted(tasks):
             measured[t] = (t, None)
+        if all(e.speed for e in evaluations):
+            measured.update({m: (None, None) for m in SPEED_METRICS})
     m = x.metric
     written = m.value if isinstance(m, ast.Name) else (
         f"{m.name.value}({', '.join(a.value for a in m.args if isinstance(a, ast.Name))})"
@@ -1101,4 +1104,4 @@ def _expectation(x: ast.Expect, declared: dict, variants: list[VariantSpec], dia
         return None
     task, data = measured[written]
     return Expectation(x.winner.value, x.loser.value, f"{x.winner.value} beats {x.loser.value} on {written}",
-                       task, data, x.span)
+                       task, data, x.span, speed=written if written in SPEED_METRICS else None)

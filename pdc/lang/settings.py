@@ -192,3 +192,5 @@ class EvalConfig:
     # None: bf16 on a GPU with bf16, fp32 elsewhere; "bf16" also on a CPU with bf16 matrix units;
     # "fp32" everywhere
     precision: Optional[str] = None
+    # measure the teacher's and the student's inference speed and memory (`pdc.stages.speed`)
+    speed: bool = False

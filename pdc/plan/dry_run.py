@@ -179,6 +179,7 @@ def _recipe_plan(spec: CheckedSpec, gpu_mem: int | None) -> dict[str, Any]:
                 "tasks": [{"name": t.name, "shots": t.shots} for t in st.eval.tasks],
                 "perplexity_data": list(st.eval.perplexity_data), "limit": st.eval.limit,
                 "seq_len": st.eval.seq_len, "tasks_dir": st.tasks_dir,
+                **({"speed": True} if st.eval.speed else {}),  # only when asked: existing plans unchanged
             })
     final = spec.final_arch
     c_src, c_fin = counts["source"], counts[previous]
@@ -290,7 +291,8 @@ def _render_recipe(plan: dict[str, Any]) -> str:
                 on = ", ".join(f"'{d}'" for d in st["perplexity_data"])
                 tasks = ", ".join(x for x in (tasks, f"perplexity on {on}") if x)
             out.append(f"[{i}] {st['name']}: {st['harness']}: {tasks}"
-                       + (f", limit={st['limit']}" if st["limit"] else ""))
+                       + (f", limit={st['limit']}" if st["limit"] else "")
+                       + ("; inference speed, teacher against student" if st.get("speed") else ""))
     fin = plan["final"]
     out += [
         "",

@@ -261,6 +261,64 @@ class ModelScores:
     more_perplexity: dict[str, HeldoutScore] = field(default_factory=dict)
 
 
+# ---- inference speed ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Estimate:
+    """A median with a distribution-free interval (order statistics of the repeats; see
+    `pdc.stages.speed.median_interval` for its coverage)."""
+
+    median: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One measure on one model: the seconds of every timed repeat, in round order (round i of
+    every model ran back to back), the tokens one repeat reads or writes, and tokens/s."""
+
+    seconds: tuple[float, ...]
+    tokens: int
+    tokens_per_s: Estimate
+
+
+@dataclass(frozen=True)
+class ModelSpeed:
+    """A model's measures by name (`torch prefill@128`, `torch decode@b1`, `onnx prefill@512`, ...),
+    its size and memory, and, for a student, its speed-up over the teacher on every measure: the
+    median over rounds of teacher seconds / student seconds in the same round."""
+
+    path: str
+    params: int
+    weights_bytes: int
+    kv_bytes_per_token: int  # keys and values of every layer, one sequence, one position
+    peak_bytes: int  # weights + the KV cache of the largest decode measured
+    flops_per_token: int  # 2 x the parameters a token runs through (embedding lookup excluded)
+    measures: dict[str, Measure]
+    speedup: dict[str, Estimate] = field(default_factory=dict)
+    onnx: Optional[str] = None  # the ONNX file onnxruntime ran
+
+
+@dataclass(frozen=True)
+class SpeedResult:
+    """The teacher and its students measured in one session, interleaved round by round."""
+
+    teacher: str  # the label of the teacher in `models`
+    models: dict[str, ModelSpeed]
+    device: str
+    hardware: str
+    threads: int
+    precision: str
+    prompt_lens: tuple[int, ...]
+    batches: tuple[int, ...]
+    context: int  # the prompt length the decode measures start from
+    decode_tokens: int
+    warmup: int
+    repeats: int
+    confidence: float  # coverage of the intervals
+    notes: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class EvaluateResult:
     """Scores per model column (`MODEL_COLUMNS` order where present)."""
@@ -270,6 +328,7 @@ class EvaluateResult:
     perplexity_tokens: Optional[int] = None
     perplexity_data: tuple[str, ...] = ()  # the data names measured, in order (the first is `perplexity`)
     precision: str = "fp32"  # the dtype the models were scored in
+    speed: Optional[SpeedResult] = None  # `speed=true`: the teacher against the student, measured
 
 
 StageResult = Union[TrainResult, TeacherLogitsResult, PruneResult, EvaluateResult]

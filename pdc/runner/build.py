@@ -74,6 +74,8 @@ from pdc.plan.stage_graph import (
 from pdc.plan.training import Launch
 from pdc.runner.comparison_report import write_comparison_report
 from pdc.runner.report import write_report
+from pdc.runner.speed_models import evaluation_speed
+from pdc.runner.speed_table import render_text
 from pdc.stages.correct import run_correct
 from pdc.stages.distill import run_distill
 from pdc.stages.evaluate import comparison_rows, comparison_table, evaluate_models, write_results
@@ -535,8 +537,16 @@ def _run_evaluate(build: Build, node: Node, out: Path) -> StageResult:
     result = evaluate_models(models, build.tokenizer, cfg, build.tasks_dir(), blocks.get("heldout"), build.progress,
                              launch=build.launch, work_dir=build.out / f"{node.name}.work", more_heldout=more,
                              reuse_scores=True)
+    student = next((c for c in ("pruned", "distilled") if c in models), None)
+    if cfg.speed and student is not None and "teacher" in models:
+        ref = node.inputs[student]
+        result = dataclasses.replace(result, speed=evaluation_speed(
+            build.spec, cfg, models["teacher"], student, models[student],
+            build.out / ref.stage if student == "pruned" else None, build.progress))
     write_results(result, out)  # results.json and table.md
     print(comparison_table(result))
+    if result.speed is not None:
+        print(render_text(result.speed))
     return result
 
 

@@ -37,8 +37,9 @@ from pdc.plan.results import (
     read_record,
 )
 from pdc.plotting import pyplot, save_figure
-from pdc.runner.report import Doc, format_number, read_log_records, render_html, render_markdown
-from pdc.runner.stats import PERPLEXITY_RATIO, Difference, format_difference, score_differences, verdict
+from pdc.runner.report import Doc, format_number, read_log_records, render_html, render_markdown, speed_section
+from pdc.runner.speed_table import paired_ratio, read_speed, speedup_ratio, variant_student
+from pdc.runner.stats import PERPLEXITY_RATIO, SPEED_RATIO, Difference, format_difference, score_differences, verdict
 
 STAGE = "report"
 LOSSES_PNG = "comparison_losses.png"
@@ -171,6 +172,8 @@ def claim_outcome(claim: Expectation, by_name: dict[str, Variant]) -> tuple[Opti
     """(metric, winner - loser, outcome) of one `expect`: "holds" when the 95% interval shows
     the winner better (lower perplexity, higher accuracy), "does not hold: the opposite is
     measured" when it shows it worse, "not shown: not significant at 95%" otherwise."""
+    if claim.speed is not None:
+        return _speed_claim(claim, by_name)
     found = differences(by_name[claim.loser], by_name[claim.winner])
     if claim.task is not None:
         match = [(m, d) for m, d in found if m.startswith(f"{claim.task} ")]
@@ -187,6 +190,25 @@ def claim_outcome(claim: Expectation, by_name: dict[str, Variant]) -> tuple[Opti
     else:
         better, worse = d.significant and d.delta > 0, d.significant and d.delta < 0
     outcome = "holds" if better else "does not hold: the opposite is measured" if worse else \
+        "not shown: not significant at 95%"
+    return metric, d, outcome
+
+
+def _speed_claim(claim: Expectation, by_name: dict[str, Variant]) -> tuple[Optional[str], Optional[Difference], str]:
+    """`expect A beats B on decode_speed`: A's student's speed-up over the teacher divided by B's.
+    From `pdc bench` on the comparison when it measured both (one session, paired by round), else
+    from the two variants' evaluations (`speed=true`, each interleaved with the teacher)."""
+    bench = read_speed(by_name[claim.winner].out.parent)
+    labels = [variant_student(bench, n) for n in (claim.winner, claim.loser)] if bench else [None]
+    if all(labels):
+        d = paired_ratio(bench, labels[0], labels[1], claim.speed)
+    else:
+        speeds = [getattr(by_name[n].result("evaluate"), "speed", None) for n in (claim.winner, claim.loser)]
+        d = speedup_ratio(speeds[0], speeds[1], claim.speed) if all(speeds) else None
+    if d is None:
+        return None, None, "not measured"
+    metric = f"{SPEED_RATIO} ({claim.speed})"
+    outcome = "holds" if d.low > 1 else "does not hold: the opposite is measured" if d.high < 1 else \
         "not shown: not significant at 95%"
     return metric, d, outcome
 
@@ -391,6 +413,8 @@ def build_comparison_doc(build_dir: Path, comparison: Comparison) -> Doc:
         doc.h(2, "Claims")
         _claims_table(doc, variants, comparison.expects)
     _saliency_section(doc, variants)
+    if read_speed(build_dir) is not None:  # `pdc bench` on the comparison: every variant's student at once
+        speed_section(doc, build_dir, None)
     doc.h(2, "Plots")
     drawn = False
     for png, fn, alt in ((LOSSES_PNG, _plot_losses, "distillation curves per variant"),

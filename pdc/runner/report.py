@@ -37,6 +37,7 @@ from pdc.plan.results import (
 )
 from pdc.plotting import pyplot, save_figure
 from pdc.runner.stats import format_difference, score_differences, verdict
+from pdc.runner.speed_table import SPEED_PNG, absolute_table, plot_speed, read_speed, setup_line, speedup_table
 from pdc.stages.evaluate import comparison_rows
 
 STAGE = "report"
@@ -501,6 +502,26 @@ def _eval_section(doc: Doc, result: EvaluateResult | None):
         doc.table(["model", "metric", f"difference to {reference}", "test", "verdict"], diff_rows, align="lllll")
 
 
+def speed_section(doc: Doc, build: Path, result: EvaluateResult | None):
+    """The students' speed-ups over the teacher: `pdc bench`'s last measurement, else the
+    evaluation's (`speed=true`). The comparison report shows it for all variants' students."""
+    doc.h(2, "Speed")
+    speed = read_speed(build) or (result.speed if result is not None else None)
+    if speed is None:
+        doc.muted("inference speed not measured: `pdc bench SPEC`, or `speed=true` in evaluate")
+        return
+    doc.p(f"Each student against the teacher, measured interleaved ({setup_line(speed)}). A speed-up is the "
+          "median over rounds of the teacher's seconds over the student's in the same round; the ratios of "
+          "parameters, FLOPs/token and peak memory (weights + KV cache) are student / teacher.")
+    doc.table(*speedup_table(speed))
+    doc.table(*absolute_table(speed))
+    for note in speed.notes:
+        doc.muted(note)
+    png = build / SPEED_PNG
+    if plot_speed(speed, png):
+        doc.img(png, SPEED_PNG, "speed-up per measure")
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -552,6 +573,7 @@ def build_doc(build_dir: Path) -> Doc:
           for n in (planned_prunes or prunes or ["prune"])],
         ("Training", lambda d: _training_section(d, build, records)),
         ("Evaluation", lambda d: _eval_section(d, evaluate)),
+        ("Speed", lambda d: speed_section(d, build, evaluate)),
     ]
     for title, fill in sections:
         part = Doc()

@@ -82,6 +82,7 @@ def unpaired_interval(mean_a: float, se_a: float, mean_b: float, se_b: float) ->
 
 
 PERPLEXITY_RATIO = "perplexity ratio"
+SPEED_RATIO = "speed-up ratio"  # the winner's speed-up over the teacher / the loser's
 
 
 def perplexity_ratio(ppl_a: float, nll_a: Sequence[float], ppl_b: float, nll_b: Sequence[float]) -> Difference:
@@ -132,7 +133,7 @@ def verdict(metric: str, d: Difference) -> str:
 
 
 def format_difference(metric: str, d: Difference) -> str:
-    if metric.startswith(PERPLEXITY_RATIO):
+    if metric.startswith((PERPLEXITY_RATIO, SPEED_RATIO)):
         return f"x{d.delta:.3f}" + ("" if math.isnan(d.low) else f" [{d.low:.3f}, {d.high:.3f}]")
     text = f"{100 * d.delta:+.1f} pts [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
     return text + (f", p={d.p_value:.3g}" if d.p_value is not None else "")
