@@ -13,13 +13,16 @@ A model is built from the sizes a GGUF can state: what the file does not carry, 
 from its config class defaults when it loads the file, so the tiny model uses those defaults too
 (Qwen3's head_dim of 128, Gemma's query scaling by 256, Gemma 2's soft-capping at 50 and 30).
 
-The tokenizer is byte-level BPE (`tokenizer.ggml.model = "gpt2"`), llama.cpp's layout for
-Llama 3, Qwen and StableLM 2: the 256 byte symbols, a few merges, and three control tokens.
+The tokenizer is laid out as llama.cpp writes the family's: SentencePiece with byte fallback for
+Llama (2) and Phi-3, Gemma's SentencePiece vocabulary (its five leading control tokens) for Gemma,
+byte-level BPE for Qwen and StableLM 2 (`vocab`); a few dozen tokens, with merges or scores.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,37 +31,69 @@ from conftest import make_tiny_model
 
 SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
-# family -> (llama.cpp architecture, config of the tiny model: SIZES plus these)
+# family -> (llama.cpp architecture, its tokenizer layout, config of the tiny model: SIZES plus these)
 FAMILIES = {
-    "llama": ("llama", dict(head_dim=16)),
-    "gemma3_text": ("gemma3", dict(head_dim=16, sliding_window=8, tie_word_embeddings=True)),
-    "qwen2": ("qwen2", dict(tie_word_embeddings=True)),
-    "qwen3": ("qwen3", dict(head_dim=128)),
-    "gemma2": ("gemma2", dict(head_dim=16, sliding_window=8, tie_word_embeddings=True)),
-    "phi3": ("phi3", dict(num_key_value_heads=4)),
-    "stablelm": ("stablelm", dict(use_qkv_bias=True, layer_norm_eps=1e-5)),
+    "llama": ("llama", "llama", dict(head_dim=16)),
+    "gemma3_text": ("gemma3", "gemma", dict(head_dim=16, sliding_window=8, tie_word_embeddings=True)),
+    "qwen2": ("qwen2", "gpt2", dict(tie_word_embeddings=True)),
+    "qwen3": ("qwen3", "gpt2", dict(head_dim=128)),
+    "gemma2": ("gemma2", "gemma", dict(head_dim=16, sliding_window=8, tie_word_embeddings=True)),
+    "phi3": ("phi3", "llama", dict(num_key_value_heads=4)),
+    "stablelm": ("stablelm", "gpt2", dict(use_qkv_bias=True, layer_norm_eps=1e-5)),
 }
-MERGES = ["t h", "th e", "Ġ t", "Ġt h", "Ġth e", "a n", "Ġ a", "o n", "i n"]
-CONTROL = ["<|endoftext|>", "<|bos|>", "<|pad|>"]
 _NORM_OFFSET = ("gemma2", "gemma3")  # llama.cpp stores 1 + w for these families' norms
 _ROPE_PERMUTED = ("llama",)  # llama.cpp reorders q/k rows for these architectures
+# token types of llama.cpp's vocabularies
+NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6
+WORDS = ("t h", "th e", "a n", "o n", "i n")  # merges, and (joined) tokens of both vocabularies
 
 
-def byte_vocab() -> list[str]:
-    """The tokens: 256 byte symbols (GPT-2's printable spelling), the merged ones, the control ones."""
+@dataclass(frozen=True)
+class Vocab:
+    """A tokenizer as llama.cpp stores it: `kind` is `tokenizer.ggml.model`."""
+
+    kind: str
+    tokens: list[str]
+    types: list[int]
+    scores: Optional[list[float]]
+    merges: Optional[list[str]]
+    ids: dict[str, int]  # bos/eos/pad/unk token ids (config key names)
+
+
+def vocab(layout: str) -> Vocab:
+    """`gpt2`: byte-level BPE (Llama 3, Qwen, StableLM 2): 256 byte symbols, merges, control tokens
+    at the end. `llama`: SentencePiece with byte fallback (Llama 2, Phi-3): `<unk> <s> </s>`, the 256
+    `<0xNN>` byte tokens, then pieces with `\u2581` for a space and scores, then Phi-3's
+    `<|endoftext|>` padding token. `gemma`: the same with
+    Gemma's leading `<pad> <eos> <bos> <unk> <mask>` (both are `tokenizer.ggml.model = "llama"`)."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    tokens = list(bytes_to_unicode().values())
-    tokens += ["".join(m.split()) for m in MERGES]
-    return tokens + CONTROL
+    kind = layout
+    if kind == "gpt2":
+        merges = list(WORDS) + ["\u0120 t", "\u0120t h", "\u0120th e", "\u0120 a"]
+        tokens = list(bytes_to_unicode().values()) + ["".join(m.split()) for m in merges]
+        control = ["<|endoftext|>", "<|bos|>", "<|pad|>"]
+        n = len(tokens)
+        return Vocab(kind, tokens + control, [NORMAL] * n + [CONTROL] * 3, None, merges,
+                     dict(eos_token_id=n, bos_token_id=n + 1, pad_token_id=n + 2))
+    specials = {"llama": ["<unk>", "<s>", "</s>"], "gemma": ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]}[kind]
+    pieces = ["\u2581"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces += ["".join(w.split()) for w in WORDS] + ["\u2581t", "\u2581th", "\u2581the", "\u2581a"]
+    added = ["<|endoftext|>"] if kind == "llama" else []  # Phi-3's padding token, after the pieces
+    tokens = specials + [f"<0x{b:02X}>" for b in range(256)] + pieces + added
+    types = ([UNKNOWN if t == "<unk>" else CONTROL for t in specials] + [BYTE] * 256 + [NORMAL] * len(pieces)
+             + [CONTROL] * len(added))
+    scores = [0.0] * (len(specials) + 256) + [-float(i) for i in range(len(pieces))] + [0.0] * len(added)
+    ids = {"llama": dict(unk_token_id=0, bos_token_id=1, eos_token_id=2, pad_token_id=len(tokens) - 1),
+           "gemma": dict(pad_token_id=0, eos_token_id=1, bos_token_id=2, unk_token_id=3)}[kind]
+    return Vocab("llama", tokens, types, scores, None, ids)
 
 
 def tiny_model(family: str, seed: int = 0):
     """A random tiny model of `family` with a config a GGUF file can state (see the module doc)."""
-    vocab = len(byte_vocab())
-    ids = dict(eos_token_id=vocab - 3, bos_token_id=vocab - 2, pad_token_id=vocab - 1)
-    return make_tiny_model("custom", seed=seed, model_type=family, vocab_size=vocab,
-                           **dict(SIZES, **ids, **FAMILIES[family][1]))
+    v = vocab(FAMILIES[family][1])
+    return make_tiny_model("custom", seed=seed, model_type=family, vocab_size=len(v.tokens),
+                           **dict(SIZES, **v.ids, **FAMILIES[family][2]))
 
 
 def _rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -90,8 +125,9 @@ def _tensors(model, arch: str) -> dict[str, np.ndarray]:
     return out
 
 
-def write_gguf(model, path: Path, arch: str, name: str = "tiny") -> Path:
-    """Write `model` (fp32) to `path` as a GGUF file of llama.cpp architecture `arch`."""
+def write_gguf(model, path: Path, arch: str, tokenizer: str, name: str = "tiny") -> Path:
+    """Write `model` (fp32) to `path` as a GGUF file of llama.cpp architecture `arch` with the
+    tokenizer layout `tokenizer` (`vocab`)."""
     import gguf
 
     cfg = model.config
@@ -123,17 +159,21 @@ def write_gguf(model, path: Path, arch: str, name: str = "tiny") -> Path:
     if arch == "gemma2":
         w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         w.add_final_logit_softcapping(cfg.final_logit_softcapping)
-    tokens = byte_vocab()
-    assert len(tokens) == cfg.vocab_size
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2" if arch.startswith("qwen") else "llama-bpe")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in CONTROL else 1 for t in tokens])
-    w.add_token_merges(MERGES)
-    w.add_bos_token_id(cfg.bos_token_id)
-    w.add_eos_token_id(cfg.eos_token_id)
-    w.add_pad_token_id(cfg.pad_token_id)
-    w.add_add_bos_token(False)
+    v = vocab(tokenizer)
+    assert len(v.tokens) == cfg.vocab_size
+    w.add_tokenizer_model(v.kind)
+    w.add_tokenizer_pre("qwen2" if arch.startswith("qwen") else "llama-bpe" if v.kind == "gpt2" else "default")
+    w.add_token_list(v.tokens)
+    w.add_token_types(v.types)
+    if v.scores is not None:
+        w.add_token_scores(v.scores)
+    if v.merges is not None:
+        w.add_token_merges(v.merges)
+    for key, token_id in v.ids.items():
+        getattr(w, {"bos_token_id": "add_bos_token_id", "eos_token_id": "add_eos_token_id",
+                    "pad_token_id": "add_pad_token_id", "unk_token_id": "add_unk_token_id"}[key])(token_id)
+    w.add_add_bos_token(v.kind != "gpt2")
+    w.add_add_eos_token(False)
     for tensor_name, value in _tensors(model, arch).items():
         w.add_tensor(tensor_name, value)
     w.write_header_to_file()
@@ -147,5 +187,6 @@ def gguf_source(family: str, directory: Path, seed: int = 0) -> tuple[Path, torc
     """A tiny `family` model written to `directory/<family>.gguf`; returns the path and the model."""
     model = tiny_model(family, seed)
     directory.mkdir(parents=True, exist_ok=True)
-    path = write_gguf(model, directory / f"{family}.gguf", FAMILIES[family][0], name=f"tiny {family}")
+    arch, tokenizer, _ = FAMILIES[family]
+    path = write_gguf(model, directory / f"{family}.gguf", arch, tokenizer, name=f"tiny {family}")
     return path, model
