@@ -84,6 +84,42 @@ def project(tmp_path, monkeypatch):
     return make
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_header_config_is_transformers_config(family, tmp_path):
+    """pdc's torch-free reading of the header is the config transformers' GGUF loader builds:
+    model type (Gemma 3's file is the text model, `gemma3_text`), sizes, ids, everything."""
+    from transformers import AutoConfig
+
+    from pdc.inputs.gguf import config_differences
+    from pdc.lang.sources import gguf_config
+    from pdc.plan.counts import hf_config
+
+    path, original = gguf_source(family, tmp_path)
+    ours = gguf_config(path)
+    theirs = AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name)
+    assert ours["model_type"] == theirs.model_type == original.config.model_type
+    assert config_differences(hf_config(ours).to_dict(), theirs.to_dict()) == []
+    assert Arch.from_hf_config(ours) == Arch.from_hf_config(original.config.to_dict())
+
+
+def test_gemma3_targets_are_checked_against_the_text_model(tmp_path, capsys):
+    """The reported refusal: a Gemma 3 GGUF read as the multimodal `gemma3` config derived
+    head_dim from hidden // heads and refused every width and even depth. Read as the text model
+    it keeps its head_dim; a size a config truly cannot hold (StableLM derives head_dim) is
+    refused naming the config key that forces it."""
+    gguf_source("gemma3_text", tmp_path)
+    gguf_source("stablelm", tmp_path)
+    write_corpus(tmp_path / "corpus.jsonl")
+    for stage in ("prune depth { depth=3 saliency=loss(corpus) }", WIDTH_STAGE.format(sizes="hidden=48 mlp=64")):
+        plan = _dry_run(_spec(tmp_path, "gemma3_text", "g", stage), capsys)
+        assert plan["final"]["head_dim"] == 16 and plan["final"]["model_type"] == "gemma3_text"
+    bad = _spec(tmp_path, "stablelm", "s", WIDTH_STAGE.format(sizes="hidden=48 heads=2"))
+    capsys.readouterr()
+    assert pdc_main(["compile", str(bad), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:4:" in err and "derives head_dim from hidden_size // heads = 24, not the source's 16" in err
+
+
 @pytest.mark.parametrize("family", PARAMS)
 def test_gguf_source_compiles_width_and_depth(family, project, capsys):
     root, original = project(family)

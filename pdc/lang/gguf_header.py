@@ -9,7 +9,9 @@ differently. So the sizes a spec is checked against are the sizes of the model t
 `get_gguf_config` for the ones it rebuilds per architecture): its key map and defaults, its
 renames (llama.cpp's `gemma3` holds only the text model, `gemma3_text`; `qwen2moe` is
 `qwen2_moe`, ...), the settings it derives from the tensor names (StableLM's biases and residual,
-a tied head when there is no `output.weight`) and the vocabulary size from the token list. It needs
+a tied head when there is no `output.weight`) and the vocabulary size from the token list. One
+size the key map leaves to a config class default is read from the tensors instead: a head width
+other than hidden // heads (Qwen3's), so the sizes the checker reads are the built model's. It needs
 neither torch nor the vocabulary itself: arrays of strings are counted, not decoded, so a 262k-token
 header reads in a fraction of a second.
 """
@@ -184,7 +186,21 @@ def header_config(header: GgufHeader, path: Path) -> dict:
         cfg["scoring_func"] = {0: "none", 1: "softmax", 2: "sigmoid"}.get(cfg["scoring_func"], "softmax")
     if "vocab_size" not in cfg and isinstance(meta.get("tokenizer.ggml.tokens"), int):
         cfg["vocab_size"] = meta["tokenizer.ggml.tokens"]
+    _head_dim_from_tensors(cfg, header)
     return cfg
+
+
+def _head_dim_from_tensors(cfg: dict, header: GgufHeader) -> None:
+    """A head width other than hidden // heads that the key map leaves out (Qwen3's: transformers
+    takes its config class default, 128), stated as the q projection's rows per head. Where the
+    class default is that width this is the config transformers builds; where it is not,
+    transformers' own loader disagrees with the tensors and the conversion refuses the file."""
+    q = header.tensors.get("blk.0.attn_q.weight")
+    hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    if "head_dim" in cfg or not q or not isinstance(hidden, int) or not isinstance(heads, int) or heads <= 0:
+        return
+    if q[0] != hidden and q[0] % heads == 0:
+        cfg["head_dim"] = q[0] // heads
 
 
 def gguf_config(path: Path) -> dict:
