@@ -34,7 +34,8 @@ SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_atte
 # family -> (llama.cpp architecture, its tokenizer layout, config of the tiny model: SIZES plus these)
 FAMILIES = {
     "llama": ("llama", "llama", dict(head_dim=16)),
-    "gemma3_text": ("gemma3", "gemma", dict(head_dim=16, sliding_window=8, tie_word_embeddings=True)),
+    # heads wider than hidden // heads, as Gemma 3 270M's (256 at hidden 640, 4 heads)
+    "gemma3_text": ("gemma3", "gemma", dict(head_dim=32, sliding_window=8, tie_word_embeddings=True)),
     "qwen2": ("qwen2", "gpt2", dict(tie_word_embeddings=True)),
     "qwen3": ("qwen3", "gpt2", dict(head_dim=128)),
     "gemma2": ("gemma2", "gemma", dict(head_dim=16, sliding_window=8, tie_word_embeddings=True)),

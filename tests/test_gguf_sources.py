@@ -7,7 +7,8 @@ from the file: the GGUF holds the model exactly (transformers loads the random m
 it); the checker, the dry run and the converted checkpoint read one config from it; keeping every
 unit reproduces the source logits; the width and depth students load, the depth student computes
 the hand-built shorter model's logits, and each student has the parameter count the dry run
-predicted. Gemma 3 runs by default, the other families with `-m slow`.
+predicted. The header readings and the compile of Gemma 3 run by default; the compiles of the
+other families and every keep-all compile with `-m slow`.
 """
 
 from __future__ import annotations
@@ -104,15 +105,16 @@ def test_header_config_is_transformers_config(family, tmp_path):
 
 def test_gemma3_targets_are_checked_against_the_text_model(tmp_path, capsys):
     """The reported refusal: a Gemma 3 GGUF read as the multimodal `gemma3` config derived
-    head_dim from hidden // heads and refused every width and even depth. Read as the text model
-    it keeps its head_dim; a size a config truly cannot hold (StableLM derives head_dim) is
+    head_dim from hidden // heads (16 here, where the file's heads are 32 wide, as 256 are in
+    Gemma 3 270M's 640) and refused every width and even depth. Read as the text model it keeps
+    its head_dim; a size a config truly cannot hold (StableLM derives head_dim) is
     refused naming the config key that forces it."""
     gguf_source("gemma3_text", tmp_path)
     gguf_source("stablelm", tmp_path)
     write_corpus(tmp_path / "corpus.jsonl")
     for stage in ("prune depth { depth=3 saliency=loss(corpus) }", WIDTH_STAGE.format(sizes="hidden=48 mlp=64")):
         plan = _dry_run(_spec(tmp_path, "gemma3_text", "g", stage), capsys)
-        assert plan["final"]["head_dim"] == 16 and plan["final"]["model_type"] == "gemma3_text"
+        assert plan["final"]["head_dim"] == 32 and plan["final"]["model_type"] == "gemma3_text"
     bad = _spec(tmp_path, "stablelm", "s", WIDTH_STAGE.format(sizes="hidden=48 heads=2"))
     capsys.readouterr()
     assert pdc_main(["compile", str(bad), "--dry-run"]) == 2
@@ -131,19 +133,15 @@ def test_gguf_source_compiles_width_and_depth(family, project, capsys):
     _close(_logits(loaded), _logits(original))
 
     # One reading: the checker's config is the converted checkpoint's, with the same count.
-    keep = _spec(root, family, "keep", WIDTH_STAGE.format(sizes="hidden=64 mlp=96 heads=4"))
-    checked = check_text(keep.read_text(), keep)
+    spec = _spec(root, family, "wd", WIDTH_STAGE.format(sizes=WIDTH[family]), DEPTH_STAGE)
+    checked = check_text(spec.read_text(), spec)
     assert checked.source_arch.model_type == original.config.model_type
     converted = materialize_model(ModelSource("gguf", str(gguf)), root, checked.source_config)
     saved = json.loads((converted / "config.json").read_text())
     assert Arch.from_hf_config(saved) == checked.source_arch == Arch.from_hf_config(original.config.to_dict())
     assert count(saved).total == count(checked.source_config).total == original.num_parameters()
 
-    # Keeping every unit reproduces the source's logits.
-    _close(_logits(load_hf(_compile(keep) / "prune" / "model")), _logits(original))
-
     # Width then depth: each student loads, has the dry run's count; depth drops whole layers.
-    spec = _spec(root, family, "wd", WIDTH_STAGE.format(sizes=WIDTH[family]), DEPTH_STAGE)
     plan = _dry_run(spec, capsys)
     build = _compile(spec)
     width, depth = (load_hf(build / s / "model") for s in ("prune", "prune2"))
@@ -156,3 +154,14 @@ def test_gguf_source_compiles_width_and_depth(family, project, capsys):
     dropped = json.loads((build / "prune2" / "kept_indices.json").read_text())["dropped_layers"]
     assert depth.config.num_hidden_layers == 2 and len(dropped) == 2
     _close(_logits(depth), _logits(hand_built(width, dropped)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gguf_keep_all_reproduces_source_logits(family, project):
+    """`pdc compile` of a width spec that keeps every unit, from the GGUF: the student computes
+    the random model's logits (the file, the conversion, the trace and the emitted checkpoint
+    together lose nothing)."""
+    root, original = project(family)
+    keep = _spec(root, family, "keep", WIDTH_STAGE.format(sizes="hidden=64 mlp=96 heads=4"))
+    _close(_logits(load_hf(_compile(keep) / "prune" / "model")), _logits(original))
