@@ -62,6 +62,17 @@ def test_graph_without_layers_equals_hand_built_model(exported, family, drop):
     assert all(torch.equal(state[k], reference[k]) for k in reference)
 
 
+def test_dropping_the_first_layer_hands_on_the_scaled_embedding():
+    """Gemma scales the embedding by sqrt(hidden) before layer 0: without layer 0 the next layer
+    reads the scaled embedding, as the shorter checkpoint computes it (it used to read the
+    unscaled one, 0.1 off in the logits)."""
+    model = make_tiny_model("custom", model_type="gemma2", vocab_size=128, hidden_size=64, intermediate_size=96,
+                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    program = export_model(model)
+    PassManager([DropLayers([0, 1])]).run(program)
+    torch.testing.assert_close(program.forward(IDS), _reference(model, [0, 1]), rtol=1e-5, atol=1e-5)
+
+
 def test_passes_compose_in_source_indices(exported):
     """Dropping current layer 1 twice drops source layers 1 and 2; kept keys stay source keys."""
     model, program = exported("llama")

@@ -92,6 +92,26 @@ def test_dir_source_and_errors(tmp_path):
         resolve_config(ModelSource("gguf", "x.gguf"), tmp_path)
 
 
+def test_build_refuses_a_source_other_than_the_checked_one(tmp_path):
+    """The model the stages load must have the architecture the spec was checked against: a
+    checkpoint whose config changed after the check is refused in one line naming what differs."""
+    from pdc.errors import PdcError
+    from pdc.inputs.models import materialize_model
+
+    cfg = dict(model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=96,
+               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps(cfg))
+    spec = check_text('model m = dir("tiny")\nprune width { mlp=48 importance=magnitude }\n', tmp_path / "s.pds")
+    source = spec.models["m"]
+    assert materialize_model(source, tmp_path, spec.source_config) == tmp_path / "tiny"
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=128)))
+    with pytest.raises(PdcError, match=r"was checked with a config the model it loads does not have "
+                                       r"\(mlp 96 vs 128: checked vs .*tiny\)") as err:
+        materialize_model(source, tmp_path, spec.source_config)
+    assert "\n" not in str(err.value)
+
+
 def test_bundled_configs_and_aliases():
     a = Arch.from_hf_config(resolve_config(ModelSource("hf", "meta-llama/Llama-3.1-8B")))
     assert (a.hidden, a.mlp, a.layers, a.heads, a.kv_heads, a.head_dim, a.vocab, a.tied) == \

@@ -720,7 +720,9 @@ def _stream_aliases(node: torch.fx.Node) -> list:
 
 
 def _residual_updates(embed_node, in_hidden, hidden_size: int, order: dict) -> list:
-    """[(stream before, merging add, branch operand)] along the residual stream, in order."""
+    """[(stream before, merging add, branch operand)] along the residual stream, in order. The
+    stream before an add is the alias the add reads: after Gemma's embedding scale, not before,
+    so a layer skipped by reading its input still sees the scaled embedding."""
     updates, current = [], embed_node
     while True:
         adds = []
@@ -730,14 +732,14 @@ def _residual_updates(embed_node, in_hidden, hidden_size: int, order: dict) -> l
                     continue
                 others = [a for a in u.args if isinstance(a, torch.fx.Node) and a is not alias]
                 if len(others) == 1 and _same_shape(others[0], u):
-                    adds.append((u, others[0]))
+                    adds.append((u, others[0], alias))
         adds = list(dict.fromkeys(adds))
         if not adds:
             return updates
         if len(adds) > 1:
             raise _fail(adds[0][0], f"the residual stream {current.name} feeds {len(adds)} residual adds")
-        merge, branch = adds[0]
-        updates.append((current, merge, branch))
+        merge, branch, stream = adds[0]
+        updates.append((stream, merge, branch))
         current = merge
 
 

@@ -1,7 +1,9 @@
 """GGUF files as plain Hugging Face checkpoints: dequantized once, verified, saved in fp32.
 
 transformers reads GGUF for the architectures it knows and dequantizes on load; the saved copy
-has no `quantization_config`, so every later stage loads an ordinary model.
+has no `quantization_config`, so every later stage loads an ordinary model. Its config is built
+from `pdc.lang.sources.gguf_config`, the reading of the header the checker and the dry run
+use, so a spec is checked against the config of the model its stages load.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pdc.errors import PdcError
-from pdc.plan.counts import count
+from pdc.lang.sources import SourceError, gguf_config
+from pdc.plan.counts import count, hf_config
 
 STAGE = "setup"
+# Config entries that say where and how a model was loaded, not what it is.
+LOAD_KEYS = ("_name_or_path", "dtype", "torch_dtype", "quantization_config", "transformers_version")
 VERIFY_PROMPT = "The capital of France is"
 VERIFY_ANSWER = "Paris"
 
@@ -30,22 +35,33 @@ def greedy_answer(model, tokenizer, prompt: str = VERIFY_PROMPT, max_new_tokens:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def config_differences(ours: dict, theirs: dict) -> list[str]:
+    """`key: pdc X, transformers Y` for each config entry (not a `LOAD_KEYS` one) that differs."""
+    keys = sorted((set(ours) | set(theirs)) - set(LOAD_KEYS))
+    return [f"{k}: pdc {ours.get(k)!r}, transformers {theirs.get(k)!r}" for k in keys if ours.get(k) != theirs.get(k)]
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path, verify: bool = True) -> dict:
     """Dequantize `gguf_path` and save it to `out_dir` as a plain fp32 HF checkpoint.
 
-    Invariants: the saved config has no `quantization_config`; reloading `out_dir` gives the
-    same tensors as the dequantized GGUF model; `sum(numel)` equals the count of its config
-    (`pdc.plan.counts.count`).
+    Invariants: the saved config is the one `gguf_config` reads from the header (the checker's),
+    and transformers' GGUF loader reads the same one (else a `PdcError` naming the keys that
+    differ); it has no `quantization_config`; reloading `out_dir` gives the same tensors as the
+    dequantized GGUF model; `sum(numel)` equals the count of its config (`pdc.plan.counts.count`).
     With `verify`, the reloaded model must answer "Paris" to "The capital of France is".
     Returns {"params", "answer"}.
     """
     src, name = str(gguf_path.parent), gguf_path.name
+    try:
+        config = hf_config(gguf_config(gguf_path))
+    except SourceError as exc:
+        raise PdcError(exc.message, STAGE) from None
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
     quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(src, gguf_file=name)
-    # A config that still says "gguf" would make every later load try to dequantize again.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    differ = config_differences(config.to_dict(), quantized.config.to_dict())
+    if differ:
+        raise PdcError(f"pdc reads the header of {name} differently from transformers' GGUF loader: "
+                       + "; ".join(differ[:4]), STAGE)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
     # A head tied to the embedding may be reported missing, nothing else may be.

@@ -19,6 +19,7 @@ import torch
 from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM
 
+from pdc.arch import Arch
 from pdc.errors import PdcError, one_line
 from pdc.files import sha256_file, staged_dir, write_json
 from pdc.inputs import assets
@@ -35,8 +36,32 @@ def local_path(ref: str, base_dir: Path) -> Path:
     return path if path.is_absolute() else base_dir / path
 
 
-def materialize_model(src: ModelSource, base_dir: Path) -> Path:
-    """A local Hugging Face checkpoint directory for `src`."""
+def materialize_model(src: ModelSource, base_dir: Path, checked_config: dict | None = None) -> Path:
+    """A local Hugging Face checkpoint directory for `src`; with `checked_config` (the config the
+    spec was checked against), one whose architecture is that config's (`check_source_config`)."""
+    path = _materialize(src, base_dir)
+    if checked_config is not None:
+        check_source_config(path, checked_config, src)
+    return path
+
+
+def check_source_config(model_dir: Path, checked_config: dict, src: ModelSource) -> None:
+    """The checkpoint the stages load has the architecture (model type, sizes, tied head) of the
+    config the checker and the dry run read for `src`, else a one-line `PdcError` naming what
+    differs: a spec is never built from a model other than the one it was checked against."""
+    try:
+        actual = Arch.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PdcError(f"cannot read the config of {model_dir}: {one_line(exc)}", "load") from exc
+    expected = Arch.from_hf_config(checked_config)
+    differ = [f"{f.name} {getattr(expected, f.name)!r} vs {getattr(actual, f.name)!r}"
+              for f in dataclasses.fields(Arch) if getattr(expected, f.name) != getattr(actual, f.name)]
+    if differ:
+        raise PdcError(f"{src.kind}(\"{src.ref}\") was checked with a config the model it loads does not have "
+                       f"({', '.join(differ)}: checked vs {model_dir})", "load")
+
+
+def _materialize(src: ModelSource, base_dir: Path) -> Path:
     if src.kind == "dir":
         path = local_path(src.ref, base_dir)
         if not (path / "config.json").exists():

@@ -4,7 +4,8 @@ The checker needs the source architecture to validate targets and the dry run ne
 parameters, both offline and in milliseconds, so this reads only metadata:
 
 - `dir("path")`      the directory's `config.json`
-- `gguf("file")`     the GGUF header (sizes, vocab from the tokenizer, tied = no `output.weight`)
+- `gguf("file")`     the config the GGUF header describes (`pdc.lang.gguf_header.gguf_config`: the
+                     one reading of a GGUF file, which the converted checkpoint's config is built from)
 - `hf("org/name")`   a config bundled in `pdc/configs/` for well-known ids, else the local
                      Hugging Face cache (never the network)
 - `builtin("name")`  the bundled copy of the `pdc setup` asset's config (same architecture)
@@ -19,9 +20,9 @@ import functools
 import importlib.resources
 import json
 from pathlib import Path
-from typing import Any
 
 from pdc.errors import PdcError
+from pdc.lang import gguf_header
 from pdc.lang.settings import ModelSource
 
 
@@ -112,60 +113,13 @@ def _from_builtin(ref: str) -> dict:
     return bundled_config(table[ref])
 
 
-def _gguf_value(field) -> Any:
-    """A scalar or string GGUF metadata value, for gguf-py versions with or without contents()."""
-    if hasattr(field, "contents"):
-        return field.contents()
-    part = field.parts[field.data[0]]
-    if field.types and field.types[0].name == "STRING":
-        return bytes(part).decode("utf-8")
-    return part.tolist()[0]
-
-
-def gguf_key_mapping() -> dict:
-    """transformers' map from GGUF metadata keys to config keys, per architecture it can load
-    from GGUF (a plain dict in a module that does not import torch)."""
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-
-    return GGUF_CONFIG_MAPPING
-
-
 def gguf_config(path: Path) -> dict:
-    """An HF-style config dict from a GGUF file's header (no tensor data is read)."""
+    """The config of a GGUF file (`pdc.lang.gguf_header.gguf_config`: pdc's one reading of a
+    GGUF header, which the converted checkpoint's config is built from too)."""
     try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path), "r")
-    except Exception as exc:
-        raise SourceError(f"cannot read GGUF file {path}: {exc}".splitlines()[0]) from None
-    fields = reader.fields
-
-    def get(key: str, default: Any = None) -> Any:
-        return _gguf_value(fields[key]) if key in fields else default
-
-    arch = get("general.architecture")
-    mapping = gguf_key_mapping()
-    model_type = next((m for m in (arch, str(arch).replace("-", "_"), str(arch).replace("moe", "_moe"))
-                       if m in mapping and m not in ("general", "tokenizer")), None)
-    if model_type is None:
-        known = sorted(k for k in mapping if k not in ("general", "tokenizer"))
-        raise SourceError(f"GGUF file {path} has architecture {arch!r}, which transformers cannot load from GGUF "
-                          f"(it reads {', '.join(known)})")
-    cfg: dict[str, Any] = {"model_type": model_type}
-    for key, target in mapping[model_type].items():  # transformers' own GGUF -> config key map
-        value = get(f"{arch}.{key}")
-        if target is not None and value is not None and not isinstance(value, (list, dict)):
-            cfg[target] = value
-    for key, name in (("embedding_length", "hidden_size"), ("block_count", "num_hidden_layers"),
-                      ("attention.head_count", "num_attention_heads"), ("feed_forward_length", "intermediate_size")):
-        if not isinstance(cfg.get(name), (int, float)):
-            raise SourceError(f"GGUF file {path} lacks metadata '{arch}.{key}'")
-    if "tokenizer.ggml.tokens" in fields:
-        cfg["vocab_size"] = len(fields["tokenizer.ggml.tokens"].data)
-    elif cfg.get("vocab_size") is None:
-        raise SourceError(f"GGUF file {path} has neither a tokenizer nor '{arch}.vocab_size'")
-    cfg["tie_word_embeddings"] = "output.weight" not in {t.name for t in reader.tensors}
-    return cfg
+        return gguf_header.gguf_config(path)
+    except gguf_header.GgufError as exc:
+        raise SourceError(exc.message) from None
 
 
 def _from_gguf(ref: str, base_dir: Path | None) -> dict:

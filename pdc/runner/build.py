@@ -160,7 +160,8 @@ class Build:
     # -- models and data --
     def source_dir(self, name: str) -> Path:
         if name not in self._sources:
-            self._sources[name] = materialize_model(self.spec.models[name], self.base)
+            checked = self.spec.source_config if name == self.spec.source_model else None
+            self._sources[name] = materialize_model(self.spec.models[name], self.base, checked)
         return self._sources[name]
 
     def model_dir(self, ref: ModelRef) -> Path:
