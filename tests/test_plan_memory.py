@@ -116,6 +116,9 @@ t = torch.randn(B, L, V, dtype=torch.bfloat16)
 ids = torch.randint(0, V, (B, L))
 cached = Cached(torch.log_softmax(torch.randn(B, L, K), -1) - 0.1, torch.randint(0, V, (B, L, K)),
                 torch.full((B, L), -2.3), torch.zeros(B))
+# The peak is reset here (Linux's clear_refs 5 sets VmHWM to the current RSS), so what imports or
+# earlier work once held never counts; VmHWM after the backward is the loss's own peak.
+open("/proc/self/clear_refs", "w").write("5")
 before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 if kind == "ce":
     loss = losses.lm_loss(s, ids)
@@ -124,7 +127,8 @@ elif kind == "kl":
 else:
     loss = losses.cached_distill_loss(s, cached, ids, TrainConfig(cache_k=K))[0]
 loss.backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / (B * L * V))
+hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print((hwm - before) / (B * L * V))
 """
 
 
@@ -244,6 +248,9 @@ from pdc.stages.train import losses
 torch.set_num_threads(1)
 cfg = LlamaConfig(**json.loads(__import__("sys").argv[1]))
 ids = torch.randint(0, cfg.vocab_size, (2, 256))
+# The peak is reset here (Linux's clear_refs 5 sets VmHWM to the current RSS), so what imports or
+# earlier work once held never counts; VmHWM after the backward is the loss's own peak.
+open("/proc/self/clear_refs", "w").write("5")
 before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 torch.manual_seed(0)
 model = LlamaForCausalLM(cfg).train()

@@ -176,7 +176,7 @@ def test_builtin_names_agree_with_assets():
     from pdc.lang.sources import _index
     from pdc.lang.checker import BUILTIN_DATA
 
-    assert set(BUILTIN_DATA) == set(assets.BUILTIN_DATA)
+    assert set(BUILTIN_DATA) == set(assets.builtin_data_names())
     assert set(_index()["builtin"]) == set(assets.BUILTIN_MODELS)
 
 
