@@ -16,6 +16,11 @@ from its config class defaults when it loads the file, so the tiny model uses th
 The tokenizer is laid out as llama.cpp writes the family's: SentencePiece with byte fallback for
 Llama (2) and Phi-3, Gemma's SentencePiece vocabulary (its five leading control tokens) for Gemma,
 byte-level BPE for Qwen and StableLM 2 (`vocab`); a few dozen tokens, with merges or scores.
+
+Mixtures of experts (Qwen2-MoE, Qwen3-MoE) store the stacked experts as llama.cpp does: gate and
+up apart (`ffn_gate_exps`, `ffn_up_exps`), the router as `ffn_gate_inp`, Qwen2-MoE's shared
+expert gate as a vector. Mistral is absent on purpose: llama.cpp writes it as `llama` (covered),
+and the one name transformers reads as Mistral (`general.name == "mistral"`) it then cannot load.
 """
 
 from __future__ import annotations
@@ -41,6 +46,12 @@ FAMILIES = {
     "gemma2": ("gemma2", "gemma", dict(head_dim=16, sliding_window=8, tie_word_embeddings=True)),
     "phi3": ("phi3", "llama", dict(num_key_value_heads=4)),
     "stablelm": ("stablelm", "gpt2", dict(use_qkv_bias=True, layer_norm_eps=1e-5)),
+    # expert widths are not read from a GGUF: transformers' defaults (768; Qwen2-MoE 1408, shared
+    # 5632), and its GGUF loader sets Qwen3-MoE's norm_topk_prob
+    "qwen3_moe": ("qwen3moe", "gpt2", dict(head_dim=128, num_experts=4, num_experts_per_tok=2,
+                                           moe_intermediate_size=768, norm_topk_prob=True)),
+    "qwen2_moe": ("qwen2moe", "gpt2", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=1408,
+                                           shared_expert_intermediate_size=5632)),
 }
 _NORM_OFFSET = ("gemma2", "gemma3")  # llama.cpp stores 1 + w for these families' norms
 _ROPE_PERMUTED = ("llama",)  # llama.cpp reorders q/k rows for these architectures
@@ -115,15 +126,31 @@ def _tensors(model, arch: str) -> dict[str, np.ndarray]:
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue
+        if ".mlp.experts." in hf_name:  # stacked experts: llama.cpp keeps gate and up apart
+            out.update(_expert_tensors(hf_name, tensor.detach().float().numpy()))
+            continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert name is not None, f"no llama.cpp name for {hf_name} ({arch})"
         w = tensor.detach().float().numpy().copy()
         if arch in _ROPE_PERMUTED and name.endswith(("attn_q.weight", "attn_k.weight")):
             w = _rope_rows(w, cfg.num_attention_heads if "attn_q" in name else cfg.num_key_value_heads)
+        if name.endswith("ffn_gate_inp_shexp.weight"):  # llama.cpp stores the shared expert's gate as a vector
+            w = w.reshape(-1)
         if arch in _NORM_OFFSET and name.endswith("norm.weight"):
             w = w + 1.0
         out[name] = w
     return out
+
+
+def _expert_tensors(hf_name: str, w: np.ndarray) -> dict[str, np.ndarray]:
+    """`model.layers.N.mlp.experts.gate_up_proj` ([experts, 2 x width, hidden], gate rows first)
+    and `...down_proj` under llama.cpp's `blk.N.ffn_{gate,up,down}_exps.weight`."""
+    layer = hf_name.split(".")[2]
+    if hf_name.endswith("down_proj"):
+        return {f"blk.{layer}.ffn_down_exps.weight": w.copy()}
+    half = w.shape[1] // 2
+    return {f"blk.{layer}.ffn_gate_exps.weight": w[:, :half].copy(),
+            f"blk.{layer}.ffn_up_exps.weight": w[:, half:].copy()}
 
 
 def write_gguf(model, path: Path, arch: str, tokenizer: str, name: str = "tiny") -> Path:
@@ -155,6 +182,12 @@ def write_gguf(model, path: Path, arch: str, tokenizer: str, name: str = "tiny")
     if getattr(cfg, "head_dim", None) is not None:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
+    if getattr(cfg, "num_experts", None):
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if getattr(cfg, "shared_expert_intermediate_size", None):
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     if arch in ("gemma2", "gemma3"):
         w.add_sliding_window(cfg.sliding_window)
     if arch == "gemma2":

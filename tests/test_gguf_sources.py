@@ -33,7 +33,12 @@ from tiny_builds import write_corpus
 WIDTH = {"llama": "hidden=48 mlp=64 heads=2", "gemma3_text": "hidden=48 mlp=64 heads=2",
          "qwen2": "hidden=48 mlp=64 heads=2", "qwen3": "hidden=48 mlp=64 heads=2 kv_heads=1",
          "gemma2": "hidden=48 mlp=64 heads=2", "phi3": "hidden=48 mlp=64 heads=2 kv_heads=2",
-         "stablelm": "hidden=32 mlp=64 heads=2"}
+         "stablelm": "hidden=32 mlp=64 heads=2",
+         "qwen3_moe": "hidden=48 heads=2 kv_heads=1 experts=3 expert_mlp=512",
+         "qwen2_moe": "hidden=48 heads=2 experts=3 expert_mlp=1024 shared_mlp=4096"}
+# family -> every unit kept (the tiny models' own sizes)
+KEEP = {"qwen3_moe": "hidden=64 heads=4 experts=4 expert_mlp=768",
+        "qwen2_moe": "hidden=64 heads=4 experts=4 expert_mlp=1408 shared_mlp=5632"}
 DEFAULT = ("gemma3_text",)
 PARAMS = [f if f in DEFAULT else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
 IDS = torch.randint(0, 250, (2, 13), generator=torch.Generator().manual_seed(1))
@@ -103,6 +108,33 @@ def test_header_config_is_transformers_config(family, tmp_path):
     assert Arch.from_hf_config(ours) == Arch.from_hf_config(original.config.to_dict())
 
 
+def test_unread_expert_widths_are_transformers_defaults():
+    """The expert widths transformers' GGUF loader leaves to its config classes, which pdc's
+    torch-free header reader copies, are those classes' defaults."""
+    from transformers import AutoConfig
+
+    from pdc.lang.gguf_header import _UNREAD_EXPERT_WIDTHS
+
+    for model_type, widths in _UNREAD_EXPERT_WIDTHS.items():
+        defaults = AutoConfig.for_model(model_type)
+        assert {k: getattr(defaults, k) for k in widths} == {k: v[0] for k, v in widths.items()}
+
+
+def test_expert_width_transformers_cannot_load_is_refused(tmp_path):
+    """A Qwen3-MoE file whose experts are not transformers' default width: transformers' loader
+    would build a model the tensors do not fit, so the header reading refuses it, naming the key."""
+    from gguf_files import FAMILIES, tiny_model, write_gguf
+    from pdc.lang.gguf_header import GgufError, gguf_config
+
+    arch, tokenizer, _ = FAMILIES["qwen3_moe"]
+    model = tiny_model("qwen3_moe")
+    model.config.moe_intermediate_size = 512
+    narrow = type(model)(model.config)
+    path = write_gguf(narrow, tmp_path / "narrow.gguf", arch, tokenizer)
+    with pytest.raises(GgufError, match="experts 512 wide .* builds moe_intermediate_size=768"):
+        gguf_config(path)
+
+
 def test_gemma3_targets_are_checked_against_the_text_model(tmp_path, capsys):
     """The reported refusal: a Gemma 3 GGUF read as the multimodal `gemma3` config derived
     head_dim from hidden // heads (16 here, where the file's heads are 32 wide, as 256 are in
@@ -163,5 +195,5 @@ def test_gguf_keep_all_reproduces_source_logits(family, project):
     the random model's logits (the file, the conversion, the trace and the emitted checkpoint
     together lose nothing)."""
     root, original = project(family)
-    keep = _spec(root, family, "keep", WIDTH_STAGE.format(sizes="hidden=64 mlp=96 heads=4"))
+    keep = _spec(root, family, "keep", WIDTH_STAGE.format(sizes=KEEP.get(family, "hidden=64 mlp=96 heads=4")))
     _close(_logits(load_hf(_compile(keep) / "prune" / "model")), _logits(original))

@@ -32,6 +32,16 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
 _STRING, _ARRAY = 8, 9
 # Architectures whose GGUF holds no causal language model transformers can load as one.
 _NOT_DECODERS = ("t5", "t5encoder", "umt5")
+# Expert widths transformers' GGUF loader does not read (its key map sends
+# `expert_feed_forward_length` nowhere): the model it builds has its config class defaults, which
+# this copies so the language layer needs no transformers config class (and no torch);
+# tests/test_gguf_sources.py checks the copy against transformers. key -> (default, the tensor
+# whose last axis is that width)
+_UNREAD_EXPERT_WIDTHS = {
+    "qwen3_moe": {"moe_intermediate_size": (768, "blk.0.ffn_down_exps.weight")},
+    "qwen2_moe": {"moe_intermediate_size": (1408, "blk.0.ffn_down_exps.weight"),
+                  "shared_expert_intermediate_size": (5632, "blk.0.ffn_down_shexp.weight")},
+}
 
 
 class GgufError(PdcError):
@@ -187,7 +197,19 @@ def header_config(header: GgufHeader, path: Path) -> dict:
     if "vocab_size" not in cfg and isinstance(meta.get("tokenizer.ggml.tokens"), int):
         cfg["vocab_size"] = meta["tokenizer.ggml.tokens"]
     _head_dim_from_tensors(cfg, header)
+    _expert_widths(cfg, header, path)
     return cfg
+
+
+def _expert_widths(cfg: dict, header: GgufHeader, path: Path) -> None:
+    """The expert widths transformers gives the model it loads (its defaults); a file whose expert
+    tensors have another width is one transformers cannot load, refused here naming the key."""
+    for key, (default, tensor) in _UNREAD_EXPERT_WIDTHS.get(cfg.get("model_type"), {}).items():
+        shape = header.tensors.get(tensor)
+        if shape is not None and shape[-1] != default:
+            raise GgufError(f"GGUF file {path} has experts {shape[-1]} wide ({tensor}), but transformers' GGUF "
+                            f"loader does not read the width and builds {key}={default}: it cannot load this file")
+        cfg.setdefault(key, default)
 
 
 def _head_dim_from_tensors(cfg: dict, header: GgufHeader) -> None:
