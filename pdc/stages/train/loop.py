@@ -48,6 +48,7 @@ from pdc.inputs.models import load_causal_lm
 from pdc.inputs.order import DataCursor, rank_micro_batch
 from pdc.inputs.shards import Blocks
 from pdc.inputs.teacher_cache import TeacherLogits
+from pdc.inputs.verify import tied_head_names
 from pdc.lang.settings import TrainConfig
 from pdc.plan.memory import teacher_partitioned
 from pdc.plan.training import ds_config, teacher_ds_config
@@ -328,7 +329,7 @@ class Stage:
                 return
             module = self._empty_copy(module.config)
             missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
-            if unexpected or any(not k.endswith("lm_head.weight") for k in missing):  # a tied head is not stored twice
+            if unexpected or set(missing) - tied_head_names(module):  # a tied head is not stored twice
                 raise PdcError(f"cannot rebuild the model from its ZeRO-3 partitions (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})", self.name)
             module.tie_weights()
