@@ -13,7 +13,7 @@ from pdc.errors import PdcError
 from pdc.lang.settings import TrainConfig
 from pdc.inputs.order import DataCursor, global_batch_indices, rank_micro_batch
 from pdc.plan.training import Launch, batch_geometry, ds_config, grad_accumulation, total_steps
-from pdc.stages.train.schedule import lr_schedule
+from train_support import lr_schedule
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min():
