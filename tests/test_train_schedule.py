@@ -135,7 +135,7 @@ def test_stage_files_hold_the_deepspeed_config_and_every_launcher(tmp_path):
     the same stage directory with the same world size."""
     import json
 
-    from pdc.emit.launch_files import write_stage_files
+    from pdc.stages.train.launch_files import write_stage_files
 
     cfg = TrainConfig(steps=100, lr=2e-4, min_lr=2e-5, warmup=10, global_batch=8, micro_batch=2, zero=1,
                       precision="bf16")

@@ -33,7 +33,6 @@ from typing import Callable, Optional
 
 from pdc import __version__
 from pdc.emit.fingerprint import model_identity
-from pdc.emit.launch_files import write_stage_files
 from pdc.emit.lock import LOCK_SUFFIX, build_lock, write_lock
 from pdc.emit.model_card import ROLES, CardEvaluation, CardSource, render_card, write_card
 from pdc.errors import PdcError, one_line
@@ -82,6 +81,7 @@ from pdc.stages.evaluate import comparison_rows, comparison_table, evaluate_mode
 from pdc.stages.prune_depth import prune_depth
 from pdc.stages.prune_width import prune_width
 from pdc.stages.teacher_logits import compute_teacher_logits
+from pdc.stages.train.launch_files import write_stage_files
 
 STAGES_FILE = "stages.json"
 BUILD_LOCK = ".pdc-build.lock"  # held while a run writes into the build directory
