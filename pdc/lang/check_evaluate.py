@@ -5,16 +5,8 @@ from __future__ import annotations
 from typing import Optional
 
 from pdc.lang import ast
-from pdc.lang.check_settings import (
-    Bad,
-    CheckerBase,
-    describe_value,
-    head_span,
-    read_bool,
-    read_enum,
-    read_int,
-    suggest,
-)
+from pdc.lang.check_settings import (Bad, CheckerBase, describe_value, head_span, read_bool, read_enum, read_int,
+                                     suggest)
 from pdc.lang.checked import EvaluateStage
 from pdc.lang.diagnostics import Note
 from pdc.lang.settings import EvalConfig, EvalTask

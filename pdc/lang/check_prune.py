@@ -9,18 +9,8 @@ from typing import Callable, Optional
 
 from pdc.arch import Arch
 from pdc.lang import ast
-from pdc.lang.check_settings import (
-    Bad,
-    CheckerBase,
-    describe_value,
-    head_span,
-    read_bool,
-    read_enum,
-    read_float,
-    read_int,
-    read_word,
-    suggest,
-)
+from pdc.lang.check_settings import (Bad, CheckerBase, describe_value, head_span, read_bool, read_enum, read_float,
+                                     read_int, read_word, suggest)
 from pdc.lang.checked import PruneStage
 from pdc.lang.diagnostics import Note, Span
 from pdc.lang.settings import DepthTarget, ImportanceConfig, Saliency, WidthTarget

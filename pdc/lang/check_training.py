@@ -8,17 +8,8 @@ from dataclasses import replace
 from typing import Callable, Optional
 
 from pdc.lang import ast
-from pdc.lang.check_settings import (
-    Bad,
-    CheckerBase,
-    describe_value,
-    head_span,
-    read_bool,
-    read_enum,
-    read_float,
-    read_int,
-    read_precision,
-)
+from pdc.lang.check_settings import (Bad, CheckerBase, describe_value, head_span, read_bool, read_enum, read_float,
+                                     read_int, read_precision)
 from pdc.lang.checked import CorrectStage, DistillStage
 from pdc.lang.diagnostics import Note, Span
 from pdc.lang.settings import DEFAULT_CACHE_K, TrainConfig, paper_correction
