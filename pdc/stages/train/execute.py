@@ -41,7 +41,8 @@ from pdc.plan.training import Launch, batch_geometry, total_steps
 from pdc.stages.train.jit_locks import remove_stale_jit_locks
 from pdc.stages.train.launch_files import launch_argv, write_stage_files
 from pdc.stages.train.logs import plot_loss, read_log
-from pdc.stages.train.loop import TEACHER_DIR, ensure_dist_env, run_stage
+from pdc.stages.train.loop import ensure_dist_env, run_stage
+from pdc.stages.train.stage import TEACHER_DIR
 
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json")
