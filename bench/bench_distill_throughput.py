@@ -49,7 +49,7 @@ def bare_loop(teacher_dir: Path, student_dir: Path, blocks: torch.Tensor, cfg, s
 
     from pdc.inputs.order import global_batch_indices
     from pdc.plan.training import ADAM_BETAS, ADAM_EPS, GRADIENT_CLIPPING
-    from pdc.stages.train.loop import Cached
+    from pdc.stages.train.stage import Cached
     from pdc.stages.train.losses import cached_distill_loss, distill_loss
 
     teacher = None

@@ -30,12 +30,12 @@ from typing import Iterable
 
 import torch
 
+from pdc.arch import PER_LAYER_KEYS as PER_LAYER_CONFIG_KEYS  # noqa: F401 (stages/prune_depth.py reads it here)
+from pdc.arch import per_layer_lists
 from pdc.errors import PdcError
 from pdc.graph.manager import PassResult
 from pdc.graph.program import STAGE, Program
 from pdc.graph.structure import structure_of
-
-from pdc.arch import PER_LAYER_KEYS as PER_LAYER_CONFIG_KEYS
 
 
 class DropLayers:
@@ -100,10 +100,7 @@ class DropLayers:
         program.arch = program.arch.with_sizes(layers=len(keep))
         cfg = dict(program.hf_config)
         cfg["num_hidden_layers"] = len(keep)
-        for key in PER_LAYER_CONFIG_KEYS:
-            value = cfg.get(key)
-            if isinstance(value, (list, tuple)) and len(value) == n:
-                cfg[key] = [value[i] for i in keep]
+        cfg.update(per_layer_lists(cfg, keep, n))
         program.hf_config = cfg
         numbers = {int(name[len(base):].split(".")[0]) for name in program.param_nodes()
                    if name.startswith(base)}

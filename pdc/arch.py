@@ -11,7 +11,7 @@ formula here. No torch: the language layer uses this module.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 # Config keys of each axis, in order of preference (HF configs and their attribute maps).
 CONFIG_KEYS = {
@@ -38,6 +38,19 @@ PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "sliding_window_pattern_list"
 def _key(cfg: Mapping[str, Any], axis: str) -> str | None:
     """The config key `cfg` holds `axis` under (None when it has none of its keys)."""
     return next((k for k in CONFIG_KEYS[axis] if cfg.get(k) is not None), None)
+
+
+def per_layer_lists(config, keep: Sequence[int], n_layers: int) -> dict[str, list]:
+    """The per-layer config lists (`PER_LAYER_KEYS`) of `config` (a dict or a transformers config)
+    with the entries of layers `keep`, in that order: the one rule by which every list with one
+    entry per decoder layer is cut with the layers. Lists of another length than `n_layers` are
+    not per-layer lists and are left out."""
+    out = {}
+    for key in PER_LAYER_KEYS:
+        value = config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+        if isinstance(value, (list, tuple)) and len(value) == n_layers:
+            out[key] = [value[i] for i in keep]
+    return out
 
 
 def _read(cfg: Mapping[str, Any], axis: str) -> Any:
@@ -105,11 +118,9 @@ class Arch:
             if key is not None and not (axis == "mlp" and self.mlp == 0):
                 out[key] = getattr(self, axis)
         out["tie_word_embeddings"] = self.tied
-        n_before = _read(base, "layers")
-        for key in PER_LAYER_KEYS:
-            value = out.get(key)
-            if isinstance(value, list) and len(value) != self.layers:
-                out[key] = value[: self.layers] if n_before is None or len(value) == n_before else value
+        n_before = _read(base, "layers")  # which layers are kept is not known here: the first ones
+        if n_before is not None:
+            out.update(per_layer_lists(out, range(min(self.layers, n_before)), n_before))
         return out
 
     def sizes(self) -> dict[str, int]:

@@ -66,6 +66,24 @@ def write_json(path: PathLike, obj: Any, indent: int | None = 2, sort_keys: bool
     return write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str) + "\n")
 
 
+def read_versioned_json(path: PathLike, key: str, expected: Any, what: str, rebuild: PathLike) -> dict:
+    """The JSON header at `path` that this pdc wrote, its `key` (a format name or version) equal
+    to `expected`; otherwise one `PdcError` saying what is wrong: missing (`what` names the thing
+    it describes), unreadable, or of another format, with the directory `rebuild` to delete so it
+    is built again."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PdcError(f"no {what} in {rebuild} ({path.name} missing)") from None
+    except ValueError as exc:
+        raise PdcError(f"{path} is not readable JSON ({exc}): delete {rebuild} to rebuild it") from None
+    if data.get(key) != expected:
+        raise PdcError(f"{path} has {key} {data.get(key)!r}, this pdc reads {expected!r}: delete {rebuild} "
+                       "to rebuild it")
+    return data
+
+
 def temp_path_beside(path: PathLike, suffix: str = "") -> Path:
     """A fresh, empty temporary file name next to `path` that keeps its suffix (some writers
     insist on one, e.g. `.pt2`): `.<stem>.<random>.tmp<suffix>`. The caller renames or removes it."""

@@ -20,7 +20,7 @@ from pdc.errors import PdcError
 from pdc.inputs import asset_sources as src
 from pdc.inputs import assets
 from pdc.inputs.gguf import greedy_answer
-from pdc.lang.checker import BUILTIN_DATA
+from pdc.lang.check_sources import BUILTIN_DATA
 
 
 def _read_jsonl(path: Path) -> list[dict]:

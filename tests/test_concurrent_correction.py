@@ -17,7 +17,7 @@ import torch
 
 from pdc.cli import main as pdc_main
 from pdc.plan.results import read_record
-from test_train_common import weights
+from train_support import weights
 from tiny_builds import make_project, write_corpus
 
 TRAIN = "global_batch=4 micro_batch=2 seq_len=32"

@@ -20,7 +20,7 @@ from pdc.lang.settings import DepthTarget, Saliency
 from pdc.plan.results import read_record
 from pdc.stages.evaluate import task_accuracy
 from pdc.stages.prune_depth import block_influence, candidates, layers_removed, prune_depth, saliency_table
-from test_eval_support import write_mc_task
+from eval_support import write_mc_task
 from tiny_builds import write_corpus
 
 

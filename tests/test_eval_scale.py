@@ -17,7 +17,7 @@ from pdc.lang.settings import EvalConfig, EvalTask
 from pdc.plan.training import Launch
 from pdc.plan.results import EvaluateResult
 from pdc.stages.evaluate import comparison_table, evaluate_model, evaluate_models, run_tasks
-from test_eval_support import make_tiny_model_for_tasks, rig_to_prefer, write_mc_task
+from eval_support import make_tiny_model_for_tasks, rig_to_prefer, write_mc_task
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
 

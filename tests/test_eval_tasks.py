@@ -18,7 +18,7 @@ from pdc.stages.evaluate import (
 )
 from pdc.lang.settings import EvalConfig, EvalTask
 from conftest import make_tiny_tokenizer
-from test_eval_support import make_tiny_model_for_tasks, rig_to_prefer, write_mc_task
+from eval_support import make_tiny_model_for_tasks, rig_to_prefer, write_mc_task
 
 
 @pytest.fixture(scope="module")

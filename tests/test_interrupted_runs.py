@@ -51,7 +51,7 @@ def test_a_failed_stage_leaves_no_staging_dir_and_only_it_runs_again(width_build
 def test_a_second_run_on_the_same_build_is_refused(width_build, tmp_path, capsys):
     """Two writers on one build directory would delete each other's staging: the second is
     refused in one line while the first holds the build's lock."""
-    from pdc.runner.build import BUILD_LOCK
+    from pdc.runner.build_status import BUILD_LOCK
 
     project = width_build.parent.parent
     out = project / "build" / "busy"

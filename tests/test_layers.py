@@ -1,11 +1,15 @@
 """The package's layers, checked from the source: each module imports only its own layer or the
 layers below it, pdc-internal imports sit at module top (none hidden in a function to dodge a
-cycle), there is no import cycle, and the language layer never imports torch."""
+cycle), there is no import cycle, and the language layer never imports torch. A string that is
+exactly a pdc module's name (`"pdc.stages.train.worker"`: a module started with `python -m`)
+counts as a reference to it, like an import: a module starts only its own layer or lower, and
+what it starts does not import it back."""
 
 from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +34,8 @@ LAYERS = [
     ("runner", ("pdc.runner",)),
     ("cli", ("pdc.cli",)),
 ]
+# A string holding just a dotted pdc module name.
+MODULE_NAME = re.compile(r"pdc(\.[A-Za-z_][A-Za-z0-9_]*)+")
 # Commands import the layers they need when they run: `pdc fmt` must not import torch.
 LAZY_ALLOWED = {"pdc.cli"}
 
@@ -72,6 +78,9 @@ def _imports(path: Path, module: str) -> list[tuple[str, bool, int]]:
                 pkg = module.split(".")[: -node.level] if not path.name == "__init__.py" else module.split(".")[: len(module.split(".")) - node.level + 1]
                 base = ".".join(pkg + [node.module])
             names = [base] + [f"{base}.{a.name}" for a in node.names]
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and MODULE_NAME.fullmatch(node.value):
+            names = [node.value]  # a module named to be started (`python -m NAME`): a reference at top
+            top.add(id(node))
         for name in names:
             if name == "pdc" or name.startswith("pdc."):
                 out.append((name, id(node) in top, node.lineno))

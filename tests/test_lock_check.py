@@ -18,7 +18,8 @@ from pdc.emit.fingerprint import model_identity
 from pdc.errors import PdcError
 from pdc.graph.probe import default_probe
 from pdc.lang import load_spec
-from pdc.runner.build import Build, lock_path_of
+from pdc.runner.build import Build
+from pdc.runner.build_locks import lock_path_of
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -107,7 +107,7 @@ MEASURE = """
 import resource, sys, torch
 from pdc.lang.settings import TrainConfig
 from pdc.stages.train import losses
-from pdc.stages.train.loop import Cached
+from pdc.stages.train.stage import Cached
 torch.set_num_threads(1)
 kind, B, L, V, K = sys.argv[1], 1, 512, 32000, 64
 torch.manual_seed(0)

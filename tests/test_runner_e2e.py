@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 from pdc.cli import main as pdc_main
+from pdc.lang import load_spec
 from pdc.plan.results import read_record
+from pdc.runner.build import Build
+from pdc.stages.evaluate import comparison_rows
 from tiny_builds import WIDTH_SPEC
 
 @pytest.fixture(scope="module")
@@ -21,15 +24,32 @@ def project(width_build):
 
 
 def test_run_writes_every_stage(project):
-    """After `pdc run` every stage has its output and the report exists."""
-    build = project / "build" / "tiny"
+    """After `pdc run` every stage has its record, and what the build says agrees with itself: each
+    record holds the key the spec gives its stage now, the lock pins the kept indices the prune
+    stage recorded and wrote, the report's evaluation table is the evaluate record's, and the
+    models evaluated are the ones the stages wrote."""
+    build_dir = project / "build" / "tiny"
+    build = Build(load_spec(project / "tiny.pds"), build_dir)
     for stage in ("correct", "prune", "distill", "evaluate"):
-        assert json.loads((build / stage / "stage.json").read_text())["key"]
-    assert not list(build.glob("*.tmp"))
-    assert (build / "report.md").read_text().count("|") > 10
-    assert (build / "report.html").exists()
-    results = read_record(build / "evaluate").result
+        assert read_record(build_dir / stage).key == build.stage_key(stage), stage
+        assert build.done(stage)
+    assert not list(build_dir.glob("*.tmp"))
+    prune = read_record(build_dir / "prune").result
+    kept = json.loads(json.dumps(prune.kept))
+    assert json.loads((project / "tiny.prune.lock.json").read_text())["kept_indices"] == kept
+    assert json.loads((build_dir / "prune" / "kept_indices.json").read_text()) == kept
+    assert build.lock("prune")["kept_indices"] == kept
+    hidden = kept["hidden"]
+    assert len(hidden) == prune.arch_after["hidden"] and hidden == sorted(set(hidden))
+    results = read_record(build_dir / "evaluate").result
     assert set(results.models) == {"teacher", "corrected teacher", "pruned", "distilled"}
+    columns, rows = comparison_rows(results)
+    report = (build_dir / "report.md").read_text()
+    assert "| " + " | ".join(["metric", *columns]) + " |" in report
+    assert rows and all("| " + " | ".join(row) + " |" in report for row in rows)
+    assert (build_dir / "report.html").exists()
+    for label, ref in build.graph.node("evaluate").inputs.items():
+        assert Path(results.models[label].path).resolve() == build.model_dir(ref).resolve(), label
 
 
 def test_training_stages_read_the_token_shards_in_place(project):

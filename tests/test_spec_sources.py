@@ -174,7 +174,7 @@ def test_builtin_names_agree_with_assets():
     """The checker's builtin names are the ones `pdc setup` installs."""
     from pdc.inputs import assets
     from pdc.lang.sources import _index
-    from pdc.lang.checker import BUILTIN_DATA
+    from pdc.lang.check_sources import BUILTIN_DATA
 
     assert set(BUILTIN_DATA) == set(assets.builtin_data_names())
     assert set(_index()["builtin"]) == set(assets.BUILTIN_MODELS)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from pdc.lang import checked, load_spec, settings
 from pdc.plan import stage_graph
-from pdc.runner.build import SETTINGS_EPOCH, Build, settings_identity
+from pdc.runner.build import Build
+from pdc.runner.stage_keys import SETTINGS_EPOCH, settings_identity
 from tiny_builds import WIDTH_SPEC, make_project
 
 GOLDEN = Path(__file__).parent / "golden" / "settings_defaults.json"
@@ -44,7 +45,7 @@ def test_every_default_is_pinned():
             was = pinned["defaults"].get(cls, {}).get(name)
             assert was is not None, f"new setting {cls}.{name} = {value}: `python {Path(__file__).name}` records it"
             assert was == value, (
-                f"{cls}.{name} default {was} -> {value}: bump SETTINGS_EPOCH in pdc/runner/build.py (stages "
+                f"{cls}.{name} default {was} -> {value}: bump SETTINGS_EPOCH in pdc/runner/stage_keys.py (stages "
                 f"computed with the old default must not be reused), then `python {Path(__file__).name}`")
 
 

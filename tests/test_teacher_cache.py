@@ -21,7 +21,7 @@ from pdc.lang.settings import TrainConfig
 from pdc.plan.results import read_record
 from pdc.stages.distill import run_distill
 from pdc.stages.teacher_logits import compute_teacher_logits
-from test_train_common import learnable_blocks, save_tiny, train_val
+from train_support import learnable_blocks, save_tiny, train_val
 from tiny_builds import make_project
 
 K = 8

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from pdc.lang.settings import TrainConfig
 from pdc.stages.correct import run_correct
-from test_train_common import learnable_blocks, save_tiny, train_val, weights
+from train_support import learnable_blocks, save_tiny, train_val, weights
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pdc.lang.settings import TrainConfig
 from pdc.plan.training import Launch
 from pdc.stages.distill import run_distill
 from pdc.stages.teacher_logits import compute_teacher_logits
-from test_train_common import learnable_blocks, save_tiny, train_val, weights
+from train_support import learnable_blocks, save_tiny, train_val, weights
 
 
 @pytest.fixture(scope="module")

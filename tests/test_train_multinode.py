@@ -24,7 +24,7 @@ from pdc.errors import PdcError
 from pdc.lang.settings import TrainConfig
 from pdc.plan.training import Launch
 from pdc.stages.distill import run_distill
-from test_train_common import learnable_blocks, save_tiny, train_val, weights
+from train_support import learnable_blocks, save_tiny, train_val, weights
 
 CFG = TrainConfig(steps=6, lr=5e-3, min_lr=5e-4, warmup=1, global_batch=4, micro_batch=1, seq_len=16,
                   checkpoint_every=2, seed=3)

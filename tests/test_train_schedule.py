@@ -13,7 +13,7 @@ from pdc.errors import PdcError
 from pdc.lang.settings import TrainConfig
 from pdc.inputs.order import DataCursor, global_batch_indices, rank_micro_batch
 from pdc.plan.training import Launch, batch_geometry, ds_config, grad_accumulation, total_steps
-from pdc.stages.train.schedule import lr_schedule
+from train_support import lr_schedule
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min():
@@ -135,7 +135,7 @@ def test_stage_files_hold_the_deepspeed_config_and_every_launcher(tmp_path):
     the same stage directory with the same world size."""
     import json
 
-    from pdc.emit.launch_files import write_stage_files
+    from pdc.stages.train.launch_files import write_stage_files
 
     cfg = TrainConfig(steps=100, lr=2e-4, min_lr=2e-5, warmup=10, global_batch=8, micro_batch=2, zero=1,
                       precision="bf16")

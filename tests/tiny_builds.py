@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import save_tiny_checkpoint
 from pdc.cli import main as pdc_main
-from test_eval_support import write_mc_task
+from eval_support import write_mc_task
 
 WIDTH_SPEC = """\
 model teacher = dir("tiny")

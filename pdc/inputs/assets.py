@@ -34,7 +34,7 @@ from typing import Sequence
 from pdc.errors import PdcError
 from pdc.files import sha256_bytes, sha256_file, staged_dir, write_bytes
 from pdc.inputs.asset_sources import gzip_decompress
-from pdc.lang.checker import RETIRED_DATA
+from pdc.lang.check_sources import RETIRED_DATA
 from pdc.inputs.cache import cache_root
 from pdc.inputs.gguf import VERIFY_PROMPT, convert_gguf
 

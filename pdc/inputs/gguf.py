@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pdc.errors import PdcError
+from pdc.inputs.verify import tied_head_names
 from pdc.lang.sources import SourceError, gguf_config
 from pdc.plan.counts import count, hf_config
 
@@ -65,10 +66,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, verify: bool = True) -> dict:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
     # A head tied to the embedding may be reported missing, nothing else may be.
-    head = model.get_output_embeddings()
-    tied = {n for n, p in model.named_parameters(remove_duplicate=False)
-            if head is not None and p is head.weight and p is model.get_input_embeddings().weight}
-    missing = [k for k in missing if k not in tied]
+    missing = [k for k in missing if k not in tied_head_names(model)]
     if missing or unexpected:
         raise PdcError(f"GGUF tensors do not match the config: missing {missing[:3]}, "
                        f"unexpected {unexpected[:3]}", STAGE)

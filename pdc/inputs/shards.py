@@ -22,7 +22,6 @@ turns rows into a LongTensor.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -30,7 +29,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 
 from pdc.errors import PdcError
-from pdc.files import staged_dir, write_json
+from pdc.files import read_versioned_json, staged_dir, write_json
 
 FORMAT_VERSION = 1
 TOKENS = "tokens"
@@ -104,16 +103,8 @@ class ShardedArray:
     def __init__(self, directory: Path, column: str = TOKENS):
         self.dir = Path(directory)
         self.column = column
-        path = self.dir / f"{column}.json"
-        try:
-            info = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PdcError(f"no shard column {column!r} in {self.dir} ({path.name} missing)") from None
-        except ValueError as exc:
-            raise PdcError(f"{path} is not readable JSON ({exc})") from None
-        if info.get("version") != FORMAT_VERSION:
-            raise PdcError(f"{path} has shard format version {info.get('version')}, this pdc reads "
-                           f"{FORMAT_VERSION}: delete {self.dir} to rebuild it")
+        info = read_versioned_json(self.dir / f"{column}.json", "version", FORMAT_VERSION,
+                                   f"shard column {column!r}", self.dir)
         self.info = info
         self.meta: dict = info.get("meta", {})
         self.dtype = np.dtype(info["dtype"])

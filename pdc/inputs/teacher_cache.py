@@ -32,7 +32,6 @@ read the same blocks of the same teacher reuse it, and a killed pass loses at mo
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -40,7 +39,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from pdc.errors import PdcError
-from pdc.files import is_temp_name, sha256_json, staged_dir, write_json
+from pdc.files import is_temp_name, read_versioned_json, sha256_json, staged_dir, write_json
 from pdc.inputs.shards import ShardedArray, ShardWriter
 
 FORMAT = "teacher-topk-v1"  # the layout above: part of every cache key
@@ -92,17 +91,7 @@ def create(directory: Path, meta: dict) -> Path:
 
 
 def _read_meta(directory: Path) -> dict:
-    path = Path(directory) / CACHE_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PdcError(f"no teacher logits cache in {directory} ({CACHE_FILE} missing)") from None
-    except ValueError as exc:
-        raise PdcError(f"{path} is not readable JSON ({exc}): delete {directory} to rebuild it") from None
-    if meta.get("format") != FORMAT:
-        raise PdcError(f"{path} has format {meta.get('format')!r}, this pdc reads {FORMAT!r}: delete {directory} "
-                       "to rebuild it")
-    return meta
+    return read_versioned_json(Path(directory) / CACHE_FILE, "format", FORMAT, "teacher logits cache", directory)
 
 
 class TeacherLogits:

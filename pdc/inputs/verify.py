@@ -272,6 +272,16 @@ def expected_tensors(model_dir: Path, stage: Optional[str] = None):
     return list(groups.values()), model
 
 
+def tied_head_names(model) -> set[str]:
+    """The state-dict names of `model`'s output head when it is tied to the input embedding (one
+    tensor under two names, which a checkpoint stores once: these names may be absent from it);
+    empty when the head has its own weight. Read from the model's own embedding modules."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None or head.weight is not embed.weight:
+        return set()
+    return {f"{name}.weight" for name, module in model.named_modules(remove_duplicate=False) if module is head}
+
+
 def module_names(model, keys: Iterable[str]) -> dict[str, tuple[str, bool]]:
     """{stored key: (the module tensor transformers loads it into, merged)} by transformers' own
     load-time rules for `model`'s class: a renaming (GPT-NeoX's `embed_out.` -> `lm_head.`) or a

@@ -25,116 +25,42 @@ while it runs, so the next run can name the stage that was interrupted.
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from pdc import __version__
-from pdc.emit.fingerprint import model_identity
-from pdc.emit.launch_files import write_stage_files
-from pdc.emit.lock import LOCK_SUFFIX, build_lock, write_lock
-from pdc.emit.model_card import ROLES, CardEvaluation, CardSource, render_card, write_card
 from pdc.errors import PdcError, one_line
-from pdc.files import (
-    exclusive_lock,
-    remove_temp_leftovers,
-    replace_path_with_link,
-    sha256_json,
-    staged_dir,
-    write_json,
-    write_text,
-)
-from pdc.inputs.assets import local_tasks_dir
-from pdc.inputs.data import check_corpus, split_blocks, take, token_blocks
-from pdc.inputs.models import data_identity, materialize_model, source_identity
-from pdc.inputs.shards import Blocks
-from pdc.inputs.teacher_cache import TeacherLogits
-from pdc.inputs.verify import check_same_vocabulary, load_tokenizer, verify_checkpoint
+from pdc.files import exclusive_lock, replace_path_with_link, staged_dir, write_json, write_text
 from pdc.lang.checked import CheckedSpec
 from pdc.plan.dry_run import build_plan
-from pdc.plan.results import (
-    EvaluateResult,
-    ModelIdentity,
-    StageRecord,
-    StageResult,
-    TeacherLogitsResult,
-    read_record,
-    write_record,
-)
-from pdc.plan.stage_graph import (
-    ModelRef,
-    Node,
-    SourceRef,
-    StageGraph,
-    StageRef,
-    build_graph,
-)
+from pdc.plan.results import ModelIdentity, StageRecord, StageResult, write_record
+from pdc.plan.stage_graph import Node, StageGraph, build_graph
 from pdc.plan.training import Launch
+from pdc.runner.build_cards import BuildCards
+from pdc.runner.build_inputs import BuildInputs, HELDOUT_MORE, stage_blocks
+from pdc.runner.build_locks import BuildLocks
+from pdc.runner.build_status import BUILD_LOCK, BuildStatus
 from pdc.runner.comparison_report import write_comparison_report
 from pdc.runner.report import write_report
 from pdc.runner.speed_models import evaluation_speed
 from pdc.runner.speed_table import render_text
+from pdc.runner.stage_keys import StageKeys
 from pdc.stages.correct import run_correct
 from pdc.stages.distill import run_distill
-from pdc.stages.evaluate import comparison_rows, comparison_table, evaluate_models, write_results
+from pdc.stages.evaluate import comparison_table, evaluate_models, write_results
 from pdc.stages.prune_depth import prune_depth
 from pdc.stages.prune_width import prune_width
 from pdc.stages.teacher_logits import compute_teacher_logits
-
-STAGES_FILE = "stages.json"
-BUILD_LOCK = ".pdc-build.lock"  # held while a run writes into the build directory
-
+from pdc.stages.train.launch_files import write_stage_files
 
 def default_build_dir(spec: CheckedSpec) -> Path:
     return Path(spec.path).parent / "build" / Path(spec.path).stem
 
 
-def lock_path_of(spec: CheckedSpec, prune_name: str, variant: Optional[str] = None) -> Path:
-    """Where a prune stage's lock lives: next to the spec, `<spec stem>.<stage>.lock.json` (a file
-    to commit with the spec, outside the ignored build directory); a comparison variant's is
-    `<spec stem>.<variant>.<stage>.lock.json`."""
-    spec_path = Path(spec.path)
-    parts = [spec_path.stem] + ([variant] if variant else []) + [prune_name]
-    return spec_path.with_name(".".join(parts) + LOCK_SUFFIX)
-
-
-# Part of every stage key. A setting at its default is left out of the keys (below), so a
-# changed default would reuse stages computed with the old one: bump this with it
-# (tests/test_stage_keys.py pins every default).
-SETTINGS_EPOCH = 1
-
-
-def _field_default(f: dataclasses.Field):
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return dataclasses.MISSING
-
-
-def settings_identity(x):
-    """JSON-able form of stage settings. Source spans and check tolerances are left out (moving a
-    line or loosening `pdc check` changes nothing that a stage computes), and so is every setting
-    at its default: a new setting with a default leaves the keys and locks of the specs that do
-    not use it unchanged."""
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        fields = {f.name: settings_identity(getattr(x, f.name)) for f in dataclasses.fields(x)
-                  if f.name not in ("span", "check_tolerance", "setting_spans")
-                  and getattr(x, f.name) != _field_default(f)}
-        return {"__type__": type(x).__name__, **fields}
-    if isinstance(x, (list, tuple)):
-        return [settings_identity(v) for v in x]
-    if isinstance(x, dict):
-        return {str(k): settings_identity(v) for k, v in x.items()}
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-class Build:
-    """One build directory and the stage graph of one spec."""
+class Build(BuildInputs, StageKeys, BuildStatus, BuildLocks, BuildCards):
+    """One build directory and the stage graph of one spec: its inputs (`build_inputs`), stage keys
+    and records (`stage_keys`), statuses and clean-up (`build_status`), prune locks (`build_locks`)
+    and model cards (`build_cards`); here, running a stage and the files beside the stages."""
 
     def __init__(self, spec: CheckedSpec, out_dir: Optional[Path] = None, progress: bool = True,
                  artifacts: bool = True, launch: Launch = Launch(), shared: Optional[dict[str, Path]] = None,
@@ -157,104 +83,11 @@ class Build:
         self._verified: set[Path] = set()
         self._identities: dict[str, ModelIdentity] = {}  # source model -> content hashes (model cards)
 
-    # -- models and data --
-    def source_dir(self, name: str) -> Path:
-        if name not in self._sources:
-            checked = self.spec.source_config if name == self.spec.source_model else None
-            self._sources[name] = materialize_model(self.spec.models[name], self.base, checked)
-        return self._sources[name]
-
-    def model_dir(self, ref: ModelRef) -> Path:
-        if isinstance(ref, SourceRef):
-            return self.source_dir(ref.model)
-        if ref.stage in self._overrides:
-            return self._overrides[ref.stage]
-        return self.out / ref.stage / ref.output
-
-    def use_model(self, ref: ModelRef, model_dir: Path) -> None:
-        """Read `model_dir` wherever the graph reads `ref` (`pdc check --prune-input/--build`)."""
-        if isinstance(ref, SourceRef):
-            self._sources[ref.model] = Path(model_dir)
-        else:
-            self._overrides[ref.stage] = Path(model_dir)
-
-    def tokenizer(self, model_dir: Path, stage: Optional[str] = None):
-        if model_dir not in self._tokenizers:
-            self._tokenizers[model_dir] = load_tokenizer(model_dir, stage=stage)
-        return self._tokenizers[model_dir]
-
-    def input_model(self, ref: ModelRef, stage: str) -> Path:
-        """The model `ref` as `stage` reads it, verified (once per run) before it is trusted."""
-        path = self.model_dir(ref)
-        if path not in self._verified:
-            try:
-                self._tokenizers[path] = verify_checkpoint(path, stage).tokenizer
-            except PdcError as exc:
-                if isinstance(ref, StageRef) and ref.stage not in self._overrides:
-                    exc.message += f" [written by stage {ref.stage}: delete {self.out / ref.stage} and run again]"
-                exc.stage = exc.stage or stage
-                raise
-            self._verified.add(path)
-        return path
-
-    def check_vocabularies(self, teacher: Path, student: Path, stage: str) -> None:
-        check_same_vocabulary(teacher, self.tokenizer(teacher, stage), student, self.tokenizer(student, stage), stage)
-
-    def blocks(self, data_name: str, model_dir: Path, seq_len: int, stage: str) -> Blocks:
-        """The token shards of a data declaration (tokenized once, memory-mapped)."""
-        return token_blocks(self.spec.data[data_name], self.tokenizer(model_dir), seq_len, self.base, stage,
-                            progress=self.progress, label=f"data '{data_name}'")
-
-    def tasks_dir(self) -> Optional[Path]:
-        evaluate = self.graph.of_kind("evaluate")
-        ref = evaluate[0].decl.tasks_dir if evaluate else None
-        if ref is None:
-            return None
-        if ref == "builtin":
-            return local_tasks_dir()
-        path = Path(ref).expanduser()
-        return path if path.is_absolute() else self.base / path
-
-    # -- keys: a stage's key covers its settings and everything upstream of it --
-    def _ref_key(self, ref: ModelRef):
-        if isinstance(ref, SourceRef):
-            return source_identity(self.spec.models[ref.model], self.base)
-        return self.stage_key(ref.stage)
-
-    def stage_key(self, name: str) -> str:
-        if name not in self._keys:
-            node = self.graph.node(name)
-            parts = [__version__, SETTINGS_EPOCH, node.kind, settings_identity(node.decl),
-                     {role: self._ref_key(ref) for role, ref in node.inputs.items()},
-                     [data_identity(self.spec.data[d], self.base) for d in node.data]]
-            if node.kind == "evaluate":
-                parts.append(str(self.tasks_dir()) if self.tasks_dir() else None)
-            if node.needs:
-                parts.append({up: self.stage_key(up) for up in node.needs})
-            self._keys[name] = sha256_json(parts)[:16]
-        return self._keys[name]
-
-    def record(self, name: str) -> Optional[StageRecord]:
-        return read_record(self.out / name)
-
-    def done(self, name: str) -> bool:
-        try:
-            rec = self.record(name)
-        except PdcError:
-            return False  # a record of another pdc version: the stage runs again
-        if rec is not None and isinstance(rec.result, TeacherLogitsResult) and not cache_holds(rec.result):
-            return False  # its cache (or some of its parts) was deleted since: the pass runs again
-        return rec is not None and rec.key == self.stage_key(name)
-
-    def require(self, name: str) -> None:
-        if not self.done(name):
-            raise PdcError(f"stage {name!r} has not run (or its inputs changed): run it first", name)
-
     # -- running --
     def run_stage(self, name: str) -> StageRecord:
         if self.done(name):
             print(f"[pdc] {name}: up to date, skipped")
-            self._log_status(name, "skipped")
+            self.log_status(name, "skipped")
             self._share(name)
             return self.record(name)
         key = self.stage_key(name)
@@ -262,7 +95,7 @@ class Build:
             return self._link_shared(name, self.shared[key])
         node = self.graph.node(name)
         print(f"[pdc] {name}: running")
-        self._log_status(name, "running")
+        self.log_status(name, "running")
         t0 = time.perf_counter()
         try:
             with staged_dir(self.out / name) as tmp:
@@ -280,9 +113,9 @@ class Build:
                                      seconds=round(time.perf_counter() - t0, 2), result=result)
                 write_record(tmp, record)
         except PdcError as exc:
-            self._log_status(name, "failed", message=exc.message)
+            self.log_status(name, "failed", message=exc.message)
             raise
-        self._log_status(name, "done", record.seconds)
+        self.log_status(name, "done", record.seconds)
         print(f"[pdc] {name}: done in {record.seconds:.1f}s")
         self._share(name)
         return record
@@ -296,87 +129,8 @@ class Build:
         link = self.out / name
         replace_path_with_link(link, target)
         print(f"[pdc] {name}: same settings and inputs as {target.parent.name}/{target.name}, shared")
-        self._log_status(name, "shared")
+        self.log_status(name, "shared")
         return self.record(name)
-
-    def _log_status(self, name: str, status: str, seconds: Optional[float] = None,
-                    message: Optional[str] = None) -> None:
-        """`stages.json`: what this invocation did with each stage (running, done, failed, skipped, shared)."""
-        path = self.out / STAGES_FILE
-        data = self._statuses()
-        data[name] = {"status": status, **({"seconds": seconds} if seconds is not None else {}),
-                      **({"message": message} if message else {})}
-        write_json(path, data)
-
-    def _statuses(self) -> dict:
-        try:
-            data = json.loads((self.out / STAGES_FILE).read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    # -- before a run writes anything --
-    def check_inputs(self, names: list[str]) -> None:
-        """Verify every model and corpus that the stages to run will read and that exists now
-        (a model written later in this run is verified when it is handed over)."""
-        t0 = time.perf_counter()
-        to_run = [n for n in names if not self.done(n)]
-        models, corpora = set(), set()
-        for name in to_run:
-            node = self.graph.node(name)
-            ready = {role: ref for role, ref in node.inputs.items()
-                     if isinstance(ref, SourceRef) or ref.stage not in to_run}
-            for ref in ready.values():
-                models.add(self.input_model(ref, name))
-            for d in node.data:
-                check_corpus(self.spec.data[d], self.base, name)
-                corpora.add(d)
-            # the token blocks the stage will read: enough text for its samples and sequences
-            tokenizer_of = self.model_dir(ready.get("model") or ready.get("teacher") or SourceRef(self.spec.source_model))
-            stage_blocks(self, node, tokenizer_of if tokenizer_of.exists() else self.source_dir(self.spec.source_model))
-            if node.kind == "distill" and {"teacher", "student"} <= set(ready):
-                self.check_vocabularies(self.model_dir(ready["teacher"]), self.model_dir(ready["student"]), name)
-        if models or corpora:
-            counted = [f"{len(models)} model{'s' * (len(models) != 1)}"] if models else []
-            counted += [f"{len(corpora)} corpus" if len(corpora) == 1 else f"{len(corpora)} corpora"] if corpora else []
-            print(f"[pdc] inputs checked: {', '.join(counted)} ({time.perf_counter() - t0:.1f}s)")
-
-    def clean_leftovers(self) -> None:
-        """Remove what an interrupted run left behind (staging directories, temporary files;
-        never `<stage>.work/` checkpoints) and say so in one line."""
-        if not self.out.is_dir():
-            return
-        removed = remove_temp_leftovers(self.out, recurse=[p for p in self.out.glob("*.work") if p.is_dir()])
-        statuses = self._statuses()
-        interrupted = [n for n, v in statuses.items()
-                       if isinstance(v, dict) and v.get("status") == "running" and n in self.graph.nodes]
-        if not removed and not interrupted:
-            return
-        what = f"removed {', '.join(str(p.relative_to(self.out)) for p in removed)}" if removed else "nothing to remove"
-        if not interrupted:
-            print(f"[pdc] an earlier run was interrupted: {what}")
-            return
-        fates = []
-        for n in interrupted:
-            if self.done(n):
-                fates.append(f"{n} had finished")
-            elif (self.out / f"{n}.work" / "checkpoints" / "resume.json").exists():
-                fates.append(f"{n} resumes from its last checkpoint")
-            else:
-                fates.append(f"{n} runs again")
-            statuses[n] = {"status": "interrupted"}
-        write_json(self.out / STAGES_FILE, statuses)
-        print(f"[pdc] the last run was interrupted during {', '.join(interrupted)}: {what}; {', '.join(fates)}")
-
-    def work_dir(self, name: str) -> Path:
-        """Persistent checkpoints of a training stage; wiped when the stage's key changes."""
-        work = self.out / f"{name}.work"
-        key_file = work / "key"
-        if work.exists() and (not key_file.exists() or key_file.read_text() != self.stage_key(name)):
-            shutil.rmtree(work)
-        work.mkdir(parents=True, exist_ok=True)
-        key_file.write_text(self.stage_key(name))
-        return work
 
     # -- files beside the stages --
     def write_plan(self) -> None:
@@ -391,93 +145,8 @@ class Build:
                 write_stage_files(self.out / f"{node.name}.work", node.decl.train, stage=node.name,
                                   launch=self.launch)
 
-    def lock(self, name: str) -> dict:
-        """The lock of prune stage `name`, from its record. It pins what decides the pruned
-        graph (the stage's settings), not the spec's text: editing a comment or another stage
-        must not fail `pdc check`."""
-        record = self.record(name)
-        if record is None:
-            raise PdcError(f"stage {name!r} has not run: no lock to write", name)
-        settings = json.dumps(settings_identity(self.graph.node(name).decl), sort_keys=True, default=repr)
-        return build_lock(record.result, settings)
-
-    def write_lock(self, name: str) -> Path:
-        return write_lock(self.lock(name), lock_path_of(self.spec, name, self.variant))
-
-    # -- model cards: README.md in every stage's model/, derived from the records --
-    def write_cards(self) -> list[Path]:
-        """Write (or refresh) the card of every stage model that exists; a stage whose record
-        or upstream records are missing or unreadable gets none (yet)."""
-        written = []
-        for node in self.graph.nodes.values():
-            model_dir = self.out / node.name / "model"
-            if node.kind not in ROLES or not (model_dir / "config.json").exists():
-                continue
-            try:
-                lineage = [self.record(n) for n in self.graph.ancestors(node.name) + [node.name]]
-            except PdcError:
-                continue
-            if any(r is None for r in lineage):
-                continue
-            text = render_card(node.name, str(self.spec.path), self.spec.text, self._card_source(), lineage,
-                               self._card_evaluation(node.name))
-            written.append(write_card(model_dir, text))
-        return written
-
-    def _card_source(self) -> CardSource:
-        name = self.spec.source_model
-        if name not in self._identities:  # hashed once per invocation
-            self._identities[name] = model_identity(self.source_dir(name))
-        src = self.spec.models[name]
-        return CardSource(name=name, kind=src.kind, ref=src.ref, identity=self._identities[name])
-
-    def _card_evaluation(self, stage: str) -> Optional[CardEvaluation]:
-        """The build's comparison table with `stage`'s column marked (None before evaluation)."""
-        for node in self.graph.of_kind("evaluate"):
-            try:
-                record = self.record(node.name)
-            except PdcError:
-                return None
-            if record is None or not isinstance(record.result, EvaluateResult):
-                return None
-            columns, rows = comparison_rows(record.result)
-            column = next((label for label, ref in node.inputs.items()
-                           if ref == StageRef(stage) and label in record.result.models), None)
-            return CardEvaluation(columns=columns, rows=rows, column=column, limit=record.result.limit)
-        return None
-
 
 # ---- the stage functions: (build, node, staging dir) -> typed result --------------------------
-def stage_blocks(build: Build, node: Node, model_dir: Path) -> dict[str, Blocks]:
-    """The token blocks `node` reads, by role ("train"/"val", "calibration", "saliency",
-    "heldout"), tokenized with `model_dir`'s tokenizer. The runner asks for them before a run
-    writes anything (too little text is refused with how much there is and how much was asked)
-    and the stage reads them: one place decides what each stage reads."""
-    st = node.decl
-    if node.kind in ("correct", "teacher_logits", "distill"):
-        blocks = build.blocks(st.data, model_dir, st.train.seq_len, node.name)
-        train, val = split_blocks(blocks, st.train.val_fraction, node.name)
-        return {"train": train, "val": val}
-    if node.kind == "prune" and st.kind == "width" and st.importance.method == "activation":
-        imp = st.importance
-        return {"calibration": take(build.blocks(st.data, model_dir, imp.seq_len, node.name), imp.samples,
-                                    imp.seed, "samples", node.name)}
-    if node.kind == "prune" and st.kind == "depth" and st.depth.saliency.kind in ("loss", "cosine"):
-        sal = st.depth.saliency
-        return {"saliency": take(build.blocks(sal.data or st.data, model_dir, sal.seq_len, node.name), sal.samples,
-                                 0, "samples", node.name)}
-    if node.kind == "evaluate" and st.eval.perplexity_data:
-        # "heldout": the first data named; "heldout:NAME" each further one
-        first, *more = st.eval.perplexity_data
-        out = {"heldout": _heldout_blocks(build, st.eval, first)}
-        out.update({f"{HELDOUT_MORE}{name}": _heldout_blocks(build, st.eval, name) for name in more})
-        return out
-    return {}
-
-
-HELDOUT_MORE = "heldout:"
-
-
 def _run_correct(build: Build, node: Node, out: Path) -> StageResult:
     st = node.decl
     src = build.input_model(node.inputs["model"], node.name)
@@ -499,14 +168,6 @@ def _run_prune(build: Build, node: Node, out: Path) -> StageResult:
     return prune_depth(model_dir, st.depth, data.get("saliency"), out, tasks_dir=build.tasks_dir(),
                        progress=build.progress, deploy=build.artifacts, nproc=build.launch.nproc_per_node,
                        work_dir=work)
-
-
-def cache_holds(result: TeacherLogitsResult) -> bool:
-    """Whether the teacher logits cache a pass filled still holds as many blocks as it recorded."""
-    try:
-        return len(TeacherLogits(Path(result.cache_dir))) >= result.blocks
-    except PdcError:
-        return False
 
 
 def _run_teacher_logits(build: Build, node: Node, out: Path) -> StageResult:
@@ -549,16 +210,6 @@ def _run_evaluate(build: Build, node: Node, out: Path) -> StageResult:
     if result.speed is not None:
         print(render_text(result.speed))
     return result
-
-
-def _heldout_blocks(build: Build, cfg, name: str) -> Blocks:
-    blocks = build.blocks(name, build.source_dir(build.spec.source_model), cfg.seq_len, "evaluate")
-    for node in build.graph.of_kind("distill"):
-        if node.decl.data == name:
-            # The same corpus as training: only its held-out tail is fair to measure on.
-            blocks = split_blocks(blocks, node.decl.train.val_fraction, "evaluate")[1]
-    # `limit` caps the perplexity blocks as it caps task examples (the first N, fixed).
-    return blocks[: cfg.limit] if cfg.limit else blocks
 
 
 STAGE_RUNNERS: dict[str, Callable[[Build, Node, Path], StageResult]] = {

@@ -18,7 +18,8 @@ from pdc.emit.lock import compare_locks, read_lock, render_mismatches
 from pdc.errors import PdcError
 from pdc.lang.checked import CheckedSpec
 from pdc.plan.stage_graph import StageRef
-from pdc.runner.build import Build, default_build_dir, lock_path_of
+from pdc.runner.build import Build, default_build_dir
+from pdc.runner.build_locks import lock_path_of
 
 STAGE = "check"
 

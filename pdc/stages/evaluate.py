@@ -62,7 +62,7 @@ from pdc.plan.results import (
 )
 from pdc.plan.training import Launch
 from pdc.stages.process_group import rank_device
-from pdc.stages.ranks import rank_world, run_in_ranks, worker_main
+from pdc.stages.ranks import eval_mode, rank_batches, rank_world, run_in_ranks, worker_main
 from pdc.stages.train.precision import cpu_has_bf16
 
 STAGE = "evaluate"
@@ -76,21 +76,9 @@ def _my_batches(model, blocks: Blocks | torch.Tensor, batch_size: int, progress:
     if len(shape) != 2 or shape[1] < 2:
         raise PdcError(f"perplexity needs token blocks [N, L>=2], got shape {shape}", STAGE)
     device = _model_device(model)
-    rank, world = rank_world()
-    mine = list(range(rank, len(blocks), world))  # this rank's share of the blocks
-    batches = range(0, len(mine), batch_size)
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="perplexity", unit="batch", leave=False)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in batches:
-            rows = mine[start:start + batch_size]
+    with eval_mode(model):
+        for rows in rank_batches(len(blocks), batch_size, "perplexity", progress):
             yield rows, _rows(blocks, rows).to(device)
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()

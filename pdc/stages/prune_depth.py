@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -56,10 +57,11 @@ from pdc.inputs.shards import Blocks
 from pdc.lang.settings import DepthTarget, Saliency
 from pdc.passes.drop_layers import PER_LAYER_CONFIG_KEYS, DropLayers
 from pdc.plan.counts import count_arch
-from pdc.plan.results import Candidate, PruneResult, SaliencyResult, encode
+from pdc.plan.results import Candidate, PruneResult, SaliencyResult, decode, encode
 from pdc.plotting import pyplot, save_figure
 from pdc.stages.evaluate import EvalConfig, eval_dtype, mean_nll, task_accuracy_items
-from pdc.stages.ranks import local_only, rank_world, run_in_ranks
+from pdc.stages.process_group import rank_device
+from pdc.stages.ranks import local_only, rank_world, run_in_ranks, worker_main
 
 STAGE = "prune"
 
@@ -441,7 +443,7 @@ def prune_depth(
                "tasks_dir": str(Path(tasks_dir).resolve()) if tasks_dir else None, "batch_size": batch_size}
 
         def scorer(cands):
-            got = run_in_ranks("pdc.stages.prune_ranks", job, nproc, work_dir, STAGE, "depth saliency")
+            got = run_in_ranks("pdc.stages.prune_depth", job, nproc, work_dir, STAGE, "depth saliency")
             return got["values"], got["baseline"]
     table = saliency_table(model, target, blocks, tokenizer, tasks_dir, batch_size, progress, scorer)
     seconds["saliency"] = time.perf_counter() - start
@@ -472,3 +474,27 @@ def prune_depth(
         seconds={k: round(v, 3) for k, v in seconds.items()}, inputs=inputs, fingerprint=emitted.fingerprint,
         saliency=saliency, artifacts=emitted.artifacts,
     )
+
+
+# ---- the saliency ranks: `python -m pdc.stages.prune_depth --job FILE` (`pdc.stages.ranks`) ----
+def _saliency_job(job: dict) -> dict:
+    """Every rank loads the model and measures its share of the candidates (loss, task) or of the
+    blocks (cosine) (`score_candidates`); rank 0 returns the values."""
+    model_dir = Path(job["model"])
+    model = load_causal_lm(model_dir, STAGE).to(rank_device())
+    target = decode(DepthTarget, job["target"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir) if target.saliency.kind == "task" else None
+    blocks = Blocks.from_json(job["blocks"]).read() if job["blocks"] else None
+    cands = candidates(len(decoder_layers(model)), target.depth, target.contiguous)
+    tasks_dir = Path(job["tasks_dir"]) if job["tasks_dir"] else None
+    values, baseline = score_candidates(scoring_model(model, target.saliency), cands, target.saliency, blocks,
+                                        tokenizer, tasks_dir, job["batch_size"], progress=False)
+    return encode({"values": values, "baseline": baseline})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return worker_main(argv, "pdc.stages.prune_depth", _saliency_job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -60,6 +60,33 @@ def local_only() -> Iterator[None]:
             os.environ["LOCAL_RANK"] = saved_env
 
 
+def rank_batches(n: int, batch_size: int, desc: str, progress: bool = False) -> Iterator[list[int]]:
+    """This rank's share of `n` rows, `batch_size` at a time: rank r of w takes rows r, r+w, ...
+    (`rank_world`; alone, every row in order), with a progress bar named `desc` on rank 0. The
+    one split of a batch loop over ranks (perplexity, block influence): each row is read by
+    exactly one rank, so per-row results and sums can be all-reduced."""
+    rank, world = rank_world()
+    mine = list(range(rank, n, world))
+    starts = range(0, len(mine), batch_size)
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+    for start in starts:
+        yield mine[start:start + batch_size]
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """`model` in eval mode inside the block; its training mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def run_in_ranks(module: str, job: dict, nproc: int, work_dir: Path, stage: str, what: str) -> dict:
     """Run `python -m module --job FILE` on `nproc` ranks of this node and return rank 0's
     result (the JSON its job function returned). `what` names the work in messages."""

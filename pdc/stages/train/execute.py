@@ -3,7 +3,7 @@
 `execute` is shared by `run_correct` and `run_distill`:
   1. checks the inputs (one-line `PdcError`s), computes the step count and batch geometry;
   2. writes `stage.json` (settings, source models, the views on the token shards the ranks read),
-     `ds_config.json` and the launch files (`pdc.emit.launch_files`) into `work_dir`; a work dir
+     `ds_config.json` and the launch files (`launch_files`) into `work_dir`; a work dir
      holding a *different* run (other config, data or source models) is cleared, one holding the
      same run is resumed from its last checkpoint -- by as many processes as wrote it (another
      world size is refused, its checkpoint kept);
@@ -31,7 +31,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pdc.emit.launch_files import launch_argv, write_stage_files
 from pdc.emit.model_card import CARD_FILE
 from pdc.errors import PdcError
 from pdc.files import write_bytes
@@ -40,8 +39,10 @@ from pdc.lang.settings import TrainConfig
 from pdc.plan.results import TeacherCorrection, TrainResult
 from pdc.plan.training import Launch, batch_geometry, total_steps
 from pdc.stages.train.jit_locks import remove_stale_jit_locks
+from pdc.stages.train.launch_files import launch_argv, write_stage_files
 from pdc.stages.train.logs import plot_loss, read_log
-from pdc.stages.train.loop import TEACHER_DIR, ensure_dist_env, run_stage
+from pdc.stages.train.loop import ensure_dist_env, run_stage
+from pdc.stages.train.stage import TEACHER_DIR
 
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json")

@@ -11,7 +11,8 @@ correction's steps the teacher's forward pass on the micro-batch gives the stude
 correction's optimizer and schedule) updates it; afterwards the teacher is frozen. The stage
 is described by `<work_dir>/stage.json` (written by `pdc.stages.train.execute`), which names
 views on the token shards (`pdc.inputs.shards`): every rank memory-maps them and reads only the
-rows of its own micro-batches.
+rows of its own micro-batches. What differs between the two kinds (models, batches, loss,
+validation, export) is `pdc.stages.train.stage.Stage`; this module runs the steps around it.
 
 Invariants:
   * data order is a pure function of (seed, position) (`pdc.inputs.order`): global batch s is
@@ -37,49 +38,23 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pdc.errors import PdcError
-from pdc.inputs.models import load_causal_lm
 from pdc.inputs.order import DataCursor, rank_micro_batch
 from pdc.inputs.shards import Blocks
-from pdc.inputs.teacher_cache import TeacherLogits
 from pdc.lang.settings import TrainConfig
-from pdc.plan.memory import teacher_partitioned
-from pdc.plan.training import ds_config, teacher_ds_config
 from pdc.stages.process_group import join_ranks, rank_device
-from pdc.stages.train import losses
 from pdc.stages.train.logs import JsonlLog, truncate_log
-from pdc.stages.train.precision import forward_precision, gpu_bf16, precision_label
+from pdc.stages.train.precision import gpu_bf16, precision_label
 from pdc.stages.train.schedule import start_scheduler
-
-
-
-# Where a distillation with a concurrent teacher correction writes the corrected teacher (beside
-# `model/` in the final directory and the stage's output; its checkpoints in `checkpoints/teacher/`).
-TEACHER_DIR = "teacher"
-
-
-@dataclass(frozen=True)
-class Cached:
-    """A micro-batch's cached teacher distribution as tensors (`pdc.inputs.teacher_cache`)."""
-
-    logprobs: torch.Tensor
-    indices: torch.Tensor
-    tail: torch.Tensor
-    nll: torch.Tensor
+from pdc.stages.train.stage import TEACHER_DIR, Stage, config_from_dict
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def config_from_dict(d: dict) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in d.items() if k in names})
-
-
 def ensure_dist_env() -> dict:
     """Single-process rendezvous env (free port) where the launcher did not set one; returns what was set."""
     import socket
@@ -114,294 +89,6 @@ def _quiet_deepspeed() -> None:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
-
-
-# ---- the stage ---------------------------------------------------------------------------------
-class Stage:
-    """What differs between teacher correction and distillation: the models and the loss.
-
-    The teacher of a distillation is frozen. It is replicated on every rank (bf16 on a GPU with
-    bf16) unless the student is trained under ZeRO-3 or the teacher's weights would take more than
-    half of a GPU (`pdc.plan.memory.teacher_partitioned`); then it runs as a DeepSpeed ZeRO-3
-    inference engine, its weights partitioned over the ranks."""
-
-    def __init__(self, spec: dict, cfg: TrainConfig, device: torch.device, micro_batch: int,
-                 ds_cfg: dict | None = None):
-        self.kind = spec["kind"]
-        self.spec = spec
-        self.name = spec["stage"]
-        self.cfg = cfg
-        self.device = device
-        self.dtype = torch.bfloat16 if gpu_bf16(cfg) else torch.float32
-        self.teacher = None
-        self.cache: TeacherLogits | None = None
-        self.teacher_placement = None
-        # concurrent teacher correction: its settings, its engine once started, and whether the
-        # current step still corrects
-        self.correction: TrainConfig | None = None
-        self.teacher_engine = None
-        self.teacher_scheduler = None
-        self.correcting = False
-        self.teacher_step_loss = 0.0
-        self.teacher_trainable = 0
-        # ZeRO-3 builds the trained model partitioned (`zero.Init`): no rank holds all of it. It is
-        # read in the dtype DeepSpeed trains it in (bf16 on a GPU): DeepSpeed casts it so anyway and
-        # keeps its fp32 master copy from those values; an fp32 read would cost each rank 4 bytes a
-        # parameter of host memory for nothing.
-        zero3 = ds_cfg if cfg.zero == 3 else None
-        if self.kind == "distill":
-            self.model = load_causal_lm(spec["student_dir"], self.name, self.dtype, zero3=zero3)
-            if spec.get("teacher_correction"):
-                self.correction = config_from_dict(spec["teacher_correction"]["cfg"])
-                self.teacher = adapt_for_correction(load_causal_lm(spec["teacher_dir"], self.name), self.correction,
-                                                    spec["teacher_correction"], self.name)
-                self.teacher_placement = "replicated"
-                vocab = self.teacher.config.vocab_size
-            elif cfg.online_teacher:
-                self.teacher = self._load_teacher(spec["teacher_dir"], micro_batch)
-                vocab = self.teacher.config.vocab_size
-            elif cfg.uses_teacher:
-                self.cache = TeacherLogits(Path(spec["teacher_cache"]["dir"]))
-                self.teacher_placement = "cached"
-                vocab = self.cache.meta.get("vocab_size", self.model.config.vocab_size)
-            else:
-                vocab = self.model.config.vocab_size
-            if vocab != self.model.config.vocab_size:
-                raise PdcError(f"teacher vocab {vocab} != student vocab {self.model.config.vocab_size}", self.name)
-        else:
-            self.model = load_causal_lm(spec["model_dir"], self.name, self.dtype, zero3=zero3)
-        self.loaded_partitioned = all(hasattr(p, "ds_id") for p in self.model.parameters())
-        if cfg.activation_checkpointing:
-            # Non-reentrant checkpointing: works with frozen inputs, LoRA and ZeRO-3 hooks.
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.kind == "correct":
-            self.model = adapt_for_correction(self.model, cfg, spec, self.name)
-        self.model.config.use_cache = False
-
-    def _load_teacher(self, teacher_dir: str, micro_batch: int):
-        import deepspeed
-
-        config = teacher_ds_config(micro_batch, gpu_bf16(self.cfg))
-        # beside a ZeRO-3 student the teacher is built partitioned too; a teacher too large for
-        # half a GPU is found so once loaded, and partitioned then
-        teacher = load_causal_lm(teacher_dir, self.name, self.dtype, zero3=config if self.cfg.zero == 3 else None)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        n_bytes = sum(p.numel() for p in teacher.parameters()) * (2 if self.dtype == torch.bfloat16 else 4)
-        device_bytes = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
-        if teacher_partitioned(self.cfg.zero, n_bytes, device_bytes):
-            self.teacher_placement = "zero3"
-            engine, *_ = deepspeed.initialize(model=teacher, config=config)
-            engine.eval()
-            return engine.module
-        self.teacher_placement = "replicated"
-        return teacher.to(self.device).eval()
-
-    def start_correction(self, world_size: int) -> None:
-        """The concurrent correction's DeepSpeed engine: the teacher's trainable parameters, the
-        correction's optimizer and LR schedule, the distillation's batch geometry."""
-        import deepspeed
-        from deepspeed.utils import logger as ds_logger
-
-        tc = self.correction
-        if tc.activation_checkpointing:
-            self.teacher.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.teacher.config.use_cache = False
-        params = [p for p in self.teacher.parameters() if p.requires_grad]
-        config = ds_config(tc, tc.total_steps(), world_size, self.name, gpu_bf16(tc))
-        ds_logger.setLevel(logging.ERROR)  # the scheduler warns that it "has not started" (started below)
-        try:
-            self.teacher_engine, _, _, self.teacher_scheduler = deepspeed.initialize(
-                model=self.teacher, model_parameters=params, config=config)
-        finally:
-            ds_logger.setLevel(logging.WARNING)
-        if world_size == 1 and tc.zero == 0:
-            self.teacher_engine.enable_backward_allreduce = False  # as for the student (see _train)
-        self.teacher = self.teacher_engine.module
-        self.teacher_trainable = sum(p.numel() for p in params)
-
-    @property
-    def uses_teacher(self) -> bool:
-        return self.teacher is not None or self.cache is not None
-
-    def batch(self, blocks: Blocks, positions) -> dict:
-        """The blocks at `positions` of `blocks` on this rank's device: token ids, and the cached
-        teacher distribution of the same rows when distilling from a cache."""
-        rows = blocks.rows(positions)
-        out = {"ids": torch.from_numpy(blocks.array.take(rows).astype(np.int64)).to(self.device)}
-        if self.cache is not None:
-            c = self.cache.take(rows)
-            out["cached"] = Cached(torch.from_numpy(c.logprobs).to(self.device),
-                                   torch.from_numpy(c.indices.astype(np.int64)).to(self.device),
-                                   torch.from_numpy(c.tail).to(self.device), torch.from_numpy(c.nll))
-        return out
-
-    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        ids = batch["ids"]
-        with forward_precision(self.cfg, self.device):
-            logits = engine(input_ids=ids).logits
-        if self.cache is not None:
-            return losses.cached_distill_loss(logits, batch["cached"], ids, self.cfg)
-        if self.teacher is None:
-            return losses.lm_loss(logits, ids), None
-        if self.correcting:
-            # one teacher pass: the student's targets as they are now, and the teacher's own step
-            with forward_precision(self.correction, self.device):
-                t_logits = self.teacher_engine(input_ids=ids).logits
-            t_loss = losses.lm_loss(t_logits, ids)
-            self.teacher_engine.backward(t_loss)
-            self.teacher_engine.step()
-            self.teacher_step_loss += t_loss.item()
-            t_logits = t_logits.detach()
-        else:
-            with torch.no_grad(), forward_precision(self.cfg, self.device):
-                t_logits = self.teacher(input_ids=ids).logits
-        return losses.distill_loss(logits, t_logits, ids, self.cfg)
-
-    def set_step(self, step: int) -> None:
-        """Whether `step` (0-based) still corrects the concurrent teacher; frozen (eval) after."""
-        if self.teacher_engine is None:
-            return
-        self.correcting = step < self.correction.total_steps()
-        self.teacher.train(self.correcting)
-        self.teacher_step_loss = 0.0
-
-    @torch.no_grad()
-    def validate(self, engine, val: Blocks, micro: int, rank: int, world: int) -> dict | None:
-        """Mean next-token loss on the held-out blocks (sharded over ranks), and for distillation
-        the teacher's loss and the student-teacher KL (full-vocabulary, temperature 1 with an online
-        teacher; from a cache, over its top k and the tail bucket at the cache's temperature). Every
-        rank runs the same number of forward passes (ZeRO-3 gathers weights collectively): a rank out
-        of blocks repeats one with weight 0."""
-        import deepspeed.comm as dist
-
-        if len(val) == 0:
-            return None
-        was_training = engine.module.training
-        teacher_training = self.teacher is not None and self.teacher.training
-        engine.module.eval()
-        if teacher_training:
-            self.teacher.eval()
-        sums = torch.zeros(4, dtype=torch.float64)  # student CE, teacher CE, KL, blocks
-        mine = list(range(rank, len(val), world))
-        per_rank = -(-len(val) // world)
-        passes = -(-per_rank // micro)
-        for i in range(passes):
-            pos = mine[i * micro:(i + 1) * micro]
-            n = len(pos)
-            batch = self.batch(val, pos or [0])
-            ids = batch["ids"]
-            logits = engine.module(input_ids=ids).logits
-            t_logits = self.teacher(input_ids=ids).logits if self.teacher is not None else None
-            if n == 0:
-                continue
-            sums[0] += losses.lm_loss(logits, ids).item() * n
-            direction = self.cfg.loss
-            if t_logits is not None:
-                sums[1] += losses.lm_loss(t_logits, ids).item() * n
-                sums[2] += losses.kl_divergence(logits, t_logits, direction, 1.0, None).item() * n
-            elif self.cache is not None:
-                c = batch["cached"]
-                sums[1] += c.nll.double().sum().item()
-                sums[2] += losses.cached_kl(logits, c.logprobs, c.indices, c.tail, direction,
-                                            self.cache.temperature).item() * n
-            sums[3] += n
-        dist.all_reduce(sums)
-        engine.module.train(was_training)
-        if teacher_training:
-            self.teacher.train()
-        n = sums[3].item()
-        out = {"loss": sums[0].item() / n}
-        if self.uses_teacher:
-            out.update(teacher_loss=sums[1].item() / n, kl=sums[2].item() / n)
-        return out
-
-    def export(self, engine, model_dir: Path, spec: dict, rank: int) -> None:
-        """Save the trained model as a plain HF checkpoint (LoRA adapters merged in), in the dtype
-        it trained in. Every rank calls this: under ZeRO-3 the weights are gathered module by
-        module onto rank 0 (`_gathered_state`), which puts them into an empty (meta) copy of the
-        model and saves that -- the source is never read again."""
-        module = engine.module
-        if engine.zero_optimization_partition_weights():
-            state = _gathered_state(module, rank)
-            if rank != 0:
-                return
-            module = self._empty_copy(module.config)
-            missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
-            if unexpected or any(not k.endswith("lm_head.weight") for k in missing):  # a tied head is not stored twice
-                raise PdcError(f"cannot rebuild the model from its ZeRO-3 partitions (missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]})", self.name)
-            module.tie_weights()
-        elif rank != 0:
-            return
-        _save_plain(module, model_dir)
-
-    def _empty_copy(self, config):
-        """The trained model's structure (with its LoRA adapters) on the meta device."""
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        return adapt_for_correction(model, self.cfg, self.spec, self.name) if self.kind == "correct" else model
-
-    def export_teacher(self, model_dir: Path, rank: int) -> None:
-        """Save the concurrently corrected teacher (rank 0; zero=3 is refused by the checker)."""
-        if rank == 0:
-            _save_plain(self.teacher_engine.module, model_dir)
-
-
-def _gathered_state(module, rank: int) -> dict:
-    """The full state dict of a ZeRO-3 partitioned `module` on rank 0 (CPU tensors; {} elsewhere),
-    gathered one module's own parameters at a time, so no GPU ever holds more than one layer."""
-    import deepspeed
-
-    state = {}
-    for prefix, sub in module.named_modules():
-        params = list(sub.named_parameters(recurse=False))
-        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-            if rank == 0:
-                for name, p in params:
-                    state[f"{prefix}.{name}" if prefix else name] = p.detach().to("cpu", copy=True)
-        if rank == 0:
-            for name, b in sub.named_buffers(recurse=False):
-                if name not in sub._non_persistent_buffers_set:
-                    state[f"{prefix}.{name}" if prefix else name] = b.detach().to("cpu", copy=True)
-    return state
-
-
-def _save_plain(module, model_dir: Path) -> None:
-    """`module` as a plain HF checkpoint: LoRA merged, checkpointing off, every weight trainable."""
-    if hasattr(module, "merge_and_unload"):
-        module = module.merge_and_unload()
-    if getattr(module, "is_gradient_checkpointing", False):
-        module.gradient_checkpointing_disable()
-    for p in module.parameters():
-        p.requires_grad_(True)
-    module.config.use_cache = True
-    module.save_pretrained(model_dir, safe_serialization=True)
-
-
-def adapt_for_correction(model, cfg: TrainConfig, targets: dict, stage: str):
-    """`model` prepared for a correction of `cfg.method`: unchanged (full), only the norms
-    trainable (norm, `targets["norm_params"]`), or LoRA adapters on `targets["lora_modules"]`
-    (lora). Targets come from the structure of the model's graph
-    (`pdc.stages.correct.correction_targets`)."""
-    method = cfg.method
-    if method == "full":
-        return model
-    if method == "norm":
-        norms = set(targets["norm_params"])
-        for name, p in model.named_parameters():
-            p.requires_grad_(name in norms)
-        return model
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
-                          target_modules=list(targets["lora_modules"]), bias="none", task_type="CAUSAL_LM",
-                          target_parameters=list(targets.get("lora_parameters") or []) or None)
-        return get_peft_model(model, lcfg)
-    raise PdcError(f"unknown correction method {method!r} (full, lora, norm)", stage)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -480,26 +167,36 @@ def run_stage(stage_dir: Path, progress: bool | None = None) -> None:
 
 
 def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: str, progress: bool) -> None:
-    import deepspeed
+    """Build the engine, resume or start, run the remaining steps, export the final model."""
     import deepspeed.comm as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != spec["world_size"]:
         raise PdcError(f"launched with {world} processes, stage expects {spec['world_size']}", name)
     device = rank_device()
-    train = Blocks.from_json(spec["data"]["train"])
-    val_blocks = Blocks.from_json(spec["data"]["val"])
-    steps, G = spec["steps"], cfg.global_batch
-    micro, gas = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
-    cursor = DataCursor(len(train), G, cfg.seed)
-
+    train, val = Blocks.from_json(spec["data"]["train"]), Blocks.from_json(spec["data"]["val"])
+    micro = ds_cfg["train_micro_batch_size_per_gpu"]
+    cursor = DataCursor(len(train), cfg.global_batch, cfg.seed)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     stage = Stage(spec, cfg, device, micro, ds_cfg)
-    params = [p for p in stage.model.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
+    engine, scheduler, trainable = _start_engine(stage, cfg, ds_cfg, world)
+    run = _Run(stage_dir=stage_dir, spec=spec, cfg=cfg, name=name, stage=stage, engine=engine, scheduler=scheduler,
+               train=train, val=val, micro=micro, gas=ds_cfg["gradient_accumulation_steps"], rank=rank, world=world,
+               device=device, cursor=cursor, trainable=trainable)
+    run.resume_or_start()
+    run.steps(progress)
+    run.export()
+
+
+def _start_engine(stage: Stage, cfg: TrainConfig, ds_cfg: dict, world: int) -> tuple:
+    """The DeepSpeed engine of the trained model, its scheduler and the count of trained
+    parameters; a concurrent correction's teacher engine is started beside it."""
+    import deepspeed
     from deepspeed.utils import logger as ds_logger
 
+    params = [p for p in stage.model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
     ds_logger.setLevel(logging.ERROR)  # the scheduler warns that it "has not started" (we start it below)
     try:
         engine, _, _, scheduler = deepspeed.initialize(model=stage.model, model_parameters=params, config=ds_cfg)
@@ -511,153 +208,226 @@ def _train(stage_dir: Path, spec: dict, ds_cfg: dict, cfg: TrainConfig, name: st
         engine.enable_backward_allreduce = False
     if stage.correction is not None:
         stage.start_correction(world)
+    return engine, scheduler, trainable
 
-    ckpt_dir = stage_dir / "checkpoints"
-    ckpt_dir.mkdir(exist_ok=True)
-    log_path = stage_dir / "log.jsonl"
-    resume = _resume_point(ckpt_dir, name)
-    if resume is not None:
-        load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=resume["tag"])
-        if load_path is None:
-            raise PdcError(f"cannot load checkpoint {ckpt_dir / resume['tag']}", name)
-        if stage.teacher_engine is not None:
-            teacher_path, _ = stage.teacher_engine.load_checkpoint(str(ckpt_dir / TEACHER_DIR), tag=resume["tag"])
-            if teacher_path is None:
-                raise PdcError(f"cannot load the corrected teacher's checkpoint {ckpt_dir / TEACHER_DIR / resume['tag']}",
-                               name)
-        start_step = int(client["step"])
-        cursor.load_state_dict(client["data"], name)
-        if cursor.position != start_step * G:
-            raise PdcError(f"checkpoint {resume['tag']} is at data position {cursor.position}, not step "
-                           f"{start_step} x global_batch {G}", name)
-        val_start = client.get("val_start")
-        rng_file = ckpt_dir / resume["tag"] / f"rng_rank{rank}.pt"
-        if rng_file.exists():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
-    else:
-        start_step = 0
-        start_scheduler(scheduler)
-        if stage.teacher_scheduler is not None:
-            start_scheduler(stage.teacher_scheduler)
-        val_start = stage.validate(engine, val_blocks, micro, rank, world)
-    if rank == 0:
-        if resume is None and log_path.exists():
-            log_path.unlink()
-        elif resume is not None:
-            truncate_log(log_path, start_step)
-    dist.barrier()
 
-    log = JsonlLog(log_path) if rank == 0 else None
-    bar = None
-    if rank == 0 and progress:
-        from tqdm import tqdm
+@dataclass
+class _Run:
+    """One rank's run of a stage: what the steps, checkpoints and the export share."""
 
-        bar = tqdm(total=steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True)
-    tokens_per_step = G * cfg.seq_len
-    val_end = None
-    engine.train()
-    try:
-        for step in range(start_step, steps):
-            t0, c0 = time.perf_counter(), time.process_time()
-            lr = scheduler.get_last_lr()[0]
-            indices = cursor.next_batch()
-            stats = torch.zeros(3, dtype=torch.float64)  # loss, KL, the corrected teacher's loss
-            stage.set_step(step)
-            for a in range(gas):
-                batch = stage.batch(train, rank_micro_batch(indices, micro, a, rank, world))
-                loss, kl = stage.loss(engine, batch)
-                engine.backward(loss)
-                engine.step()
-                stats[0] += loss.item()
-                stats[1] += kl.item() if kl is not None else 0.0
-            stats[2] = stage.teacher_step_loss if stage.correcting else 0.0
-            dist.all_reduce(stats)
-            stats /= gas * world
-            loss_val = stats[0].item()
-            if not math.isfinite(loss_val):
-                raise PdcError(f"loss is {loss_val} at step {step + 1}; stopped (try a lower lr)", name)
-            dt = time.perf_counter() - t0
-            cpu = time.process_time() - c0
-            done = step + 1
-            val = None
-            if cfg.val_every and (done % cfg.val_every == 0 or done == steps):
-                val = stage.validate(engine, val_blocks, micro, rank, world)
-                if done == steps:
-                    val_end = val
-            if log is not None:
-                rec = {"step": done, "loss": loss_val, "lr": lr, "tokens_per_s": tokens_per_step / dt,
-                       "step_s": dt, "cpu_s": cpu, "tokens": done * tokens_per_step}
-                if stage.uses_teacher:
-                    rec["kl"] = stats[1].item()
-                if stage.correcting:
-                    rec["teacher_loss"] = stats[2].item()
-                if val is not None:
-                    rec.update({f"val_{k}": v for k, v in val.items()})
-                log.write(rec)
+    stage_dir: Path
+    spec: dict
+    cfg: TrainConfig
+    name: str
+    stage: Stage
+    engine: object
+    scheduler: object
+    train: Blocks
+    val: Blocks
+    micro: int
+    gas: int
+    rank: int
+    world: int
+    device: torch.device
+    cursor: DataCursor
+    trainable: int
+    start_step: int = 0
+    val_start: dict | None = None
+    val_end: dict | None = None
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.stage_dir / "checkpoints"
+
+    @property
+    def log_path(self) -> Path:
+        return self.stage_dir / "log.jsonl"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.global_batch * self.cfg.seq_len
+
+    def validate(self) -> dict | None:
+        return self.stage.validate(self.engine, self.val, self.micro, self.rank, self.world)
+
+    def resume_or_start(self) -> None:
+        """Load the newest checkpoint (model, optimizer, scheduler, data position, RNG) and cut
+        the log back to its step; or start the schedulers and validate the starting model."""
+        import deepspeed.comm as dist
+
+        stage, name, ckpt_dir, G = self.stage, self.name, self.ckpt_dir, self.cfg.global_batch
+        ckpt_dir.mkdir(exist_ok=True)
+        resume = _resume_point(ckpt_dir, name)
+        if resume is not None:
+            load_path, client = self.engine.load_checkpoint(str(ckpt_dir), tag=resume["tag"])
+            if load_path is None:
+                raise PdcError(f"cannot load checkpoint {ckpt_dir / resume['tag']}", name)
+            if stage.teacher_engine is not None:
+                teacher_path, _ = stage.teacher_engine.load_checkpoint(str(ckpt_dir / TEACHER_DIR), tag=resume["tag"])
+                if teacher_path is None:
+                    raise PdcError(f"cannot load the corrected teacher's checkpoint {ckpt_dir / TEACHER_DIR / resume['tag']}",
+                                   name)
+            self.start_step = int(client["step"])
+            self.cursor.load_state_dict(client["data"], name)
+            if self.cursor.position != self.start_step * G:
+                raise PdcError(f"checkpoint {resume['tag']} is at data position {self.cursor.position}, not step "
+                               f"{self.start_step} x global_batch {G}", name)
+            self.val_start = client.get("val_start")
+            rng_file = ckpt_dir / resume["tag"] / f"rng_rank{self.rank}.pt"
+            if rng_file.exists():
+                _set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            self.start_step = 0
+            start_scheduler(self.scheduler)
+            if stage.teacher_scheduler is not None:
+                start_scheduler(stage.teacher_scheduler)
+            self.val_start = self.validate()
+        if self.rank == 0:
+            if resume is None and self.log_path.exists():
+                self.log_path.unlink()
+            elif resume is not None:
+                truncate_log(self.log_path, self.start_step)
+        dist.barrier()
+
+    def steps(self, progress: bool) -> None:
+        """The optimizer steps from `start_step` on: one log record per step (rank 0), validation
+        every `val_every` steps and after the last, a checkpoint every `checkpoint_every`."""
+        cfg, steps = self.cfg, self.spec["steps"]
+        log = JsonlLog(self.log_path) if self.rank == 0 else None
+        bar = None
+        if self.rank == 0 and progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps, initial=self.start_step, desc=self.name, unit="step", dynamic_ncols=True)
+        self.engine.train()
+        try:
+            for step in range(self.start_step, steps):
+                t0, c0 = time.perf_counter(), time.process_time()
+                lr = self.scheduler.get_last_lr()[0]
+                stats = self.step(step)
+                loss_val = stats[0].item()
+                dt = time.perf_counter() - t0
+                cpu = time.process_time() - c0
+                done = step + 1
+                val = None
+                if cfg.val_every and (done % cfg.val_every == 0 or done == steps):
+                    val = self.validate()
+                    if done == steps:
+                        self.val_end = val
+                if log is not None:
+                    log.write(self.record(done, stats, lr, dt, cpu, val))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_val:.4f}")
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
+                    _save_checkpoint(self.engine, self.ckpt_dir, done,
+                                     {"val_start": self.val_start, "data": self.cursor.state_dict()},
+                                     self.rank, self.name, self.stage.teacher_engine)
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_val:.4f}")
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
-                _save_checkpoint(engine, ckpt_dir, done, {"val_start": val_start, "data": cursor.state_dict()},
-                                 rank, name, stage.teacher_engine)
-    finally:
-        if bar is not None:
-            bar.close()
-        if log is not None:
-            log.close()
+                bar.close()
+            if log is not None:
+                log.close()
 
-    if val_end is None:
-        val_end = stage.validate(engine, val_blocks, micro, rank, world)
-    final_tmp, final = stage_dir / "final.tmp", stage_dir / "final"
-    if rank == 0:
-        shutil.rmtree(final_tmp, ignore_errors=True)
-        final_tmp.mkdir()
-    dist.barrier()
-    try:
-        stage.export(engine, final_tmp / "model", spec, rank)
-        if stage.teacher_engine is not None:
-            stage.export_teacher(final_tmp / TEACHER_DIR, rank)
+    def step(self, step: int) -> torch.Tensor:
+        """One optimizer step over the next global batch (this rank's micro-batches, gradient
+        accumulation in the engine): [loss, KL, the corrected teacher's loss] averaged over ranks."""
+        import deepspeed.comm as dist
+
+        stage, engine = self.stage, self.engine
+        indices = self.cursor.next_batch()
+        stats = torch.zeros(3, dtype=torch.float64)  # loss, KL, the corrected teacher's loss
+        stage.set_step(step)
+        for a in range(self.gas):
+            batch = stage.batch(self.train, rank_micro_batch(indices, self.micro, a, self.rank, self.world))
+            loss, kl = stage.loss(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            stats[0] += loss.item()
+            stats[1] += kl.item() if kl is not None else 0.0
+        stats[2] = stage.teacher_step_loss if stage.correcting else 0.0
+        dist.all_reduce(stats)
+        stats /= self.gas * self.world
+        loss_val = stats[0].item()
+        if not math.isfinite(loss_val):
+            raise PdcError(f"loss is {loss_val} at step {step + 1}; stopped (try a lower lr)", self.name)
+        return stats
+
+    def record(self, done: int, stats: torch.Tensor, lr: float, dt: float, cpu: float, val: dict | None) -> dict:
+        """The log record of step `done`."""
+        rec = {"step": done, "loss": stats[0].item(), "lr": lr, "tokens_per_s": self.tokens_per_step / dt,
+               "step_s": dt, "cpu_s": cpu, "tokens": done * self.tokens_per_step}
+        if self.stage.uses_teacher:
+            rec["kl"] = stats[1].item()
+        if self.stage.correcting:
+            rec["teacher_loss"] = stats[2].item()
+        if val is not None:
+            rec.update({f"val_{k}": v for k, v in val.items()})
+        return rec
+
+    def export(self) -> None:
+        """Write the final model (and a corrected teacher) with `metrics.json` into `final.tmp/`,
+        then rename it to `final/`."""
+        import deepspeed.comm as dist
+
+        stage, rank, stage_dir = self.stage, self.rank, self.stage_dir
+        if self.val_end is None:
+            self.val_end = self.validate()
+        final_tmp, final = stage_dir / "final.tmp", stage_dir / "final"
         if rank == 0:
-            metrics = {
-                "stage": name,
-                "kind": spec["kind"],
-                "steps": steps,
-                "tokens": steps * tokens_per_step,
-                "global_batch": G,
-                "micro_batch": micro,
-                "grad_accumulation": gas,
-                "world_size": world,
-                "seq_len": cfg.seq_len,
-                "precision": precision_label(cfg, device),
-                "zero": cfg.zero,
-                "activation_checkpointing": cfg.activation_checkpointing,
-                "teacher_placement": stage.teacher_placement,
-                "loaded_partitioned": stage.loaded_partitioned,
-                # rank 0's peak of allocated GPU memory (bench/gpu_smoke.sh compares it with the plan)
-                "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-                "cache_k": stage.cache.k if stage.cache is not None else None,
-                "val_every": cfg.val_every,
-                "trainable_params": trainable,
-                "resumed_from_step": start_step,
-                "val_start": val_start,
-                "val_end": val_end,
-                "fingerprint": spec["fingerprint"],
-            }
-            if spec["kind"] == "correct":
-                metrics["method"] = cfg.method
-            else:
-                metrics["loss"] = cfg.loss
-            if stage.correction is not None:
-                metrics["teacher_correction"] = {"steps": stage.correction.total_steps(),
-                                                 "method": stage.correction.method,
-                                                 "trainable_params": stage.teacher_trainable}
-            (final_tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    except OSError as exc:
-        shutil.rmtree(final_tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
-            raise PdcError(f"disk full while saving the final model in {stage_dir}", name) from exc
-        raise
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(final_tmp, final)
-    dist.barrier()
+            shutil.rmtree(final_tmp, ignore_errors=True)
+            final_tmp.mkdir()
+        dist.barrier()
+        try:
+            stage.export(self.engine, final_tmp / "model", self.spec, rank)
+            if stage.teacher_engine is not None:
+                stage.export_teacher(final_tmp / TEACHER_DIR, rank)
+            if rank == 0:
+                (final_tmp / "metrics.json").write_text(json.dumps(self.metrics(), indent=2))
+        except OSError as exc:
+            shutil.rmtree(final_tmp, ignore_errors=True)
+            if exc.errno == errno.ENOSPC:
+                raise PdcError(f"disk full while saving the final model in {stage_dir}", self.name) from exc
+            raise
+        if rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(final_tmp, final)
+        dist.barrier()
+
+    def metrics(self) -> dict:
+        """The stage's `metrics.json`: what ran, where, and the validation before and after."""
+        cfg, spec, stage, device, steps = self.cfg, self.spec, self.stage, self.device, self.spec["steps"]
+        metrics = {
+            "stage": self.name,
+            "kind": spec["kind"],
+            "steps": steps,
+            "tokens": steps * self.tokens_per_step,
+            "global_batch": cfg.global_batch,
+            "micro_batch": self.micro,
+            "grad_accumulation": self.gas,
+            "world_size": self.world,
+            "seq_len": cfg.seq_len,
+            "precision": precision_label(cfg, device),
+            "zero": cfg.zero,
+            "activation_checkpointing": cfg.activation_checkpointing,
+            "teacher_placement": stage.teacher_placement,
+            "loaded_partitioned": stage.loaded_partitioned,
+            # rank 0's peak of allocated GPU memory (bench/gpu_smoke.sh compares it with the plan)
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            "cache_k": stage.cache.k if stage.cache is not None else None,
+            "val_every": cfg.val_every,
+            "trainable_params": self.trainable,
+            "resumed_from_step": self.start_step,
+            "val_start": self.val_start,
+            "val_end": self.val_end,
+            "fingerprint": spec["fingerprint"],
+        }
+        if spec["kind"] == "correct":
+            metrics["method"] = cfg.method
+        else:
+            metrics["loss"] = cfg.loss
+        if stage.correction is not None:
+            metrics["teacher_correction"] = {"steps": stage.correction.total_steps(),
+                                             "method": stage.correction.method,
+                                             "trainable_params": stage.teacher_trainable}
+        return metrics

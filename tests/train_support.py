@@ -1,4 +1,5 @@
-"""Helpers shared by the training tests (tiny models on disk, learnable token blocks). No tests here."""
+"""Helpers shared by the training tests (tiny models on disk, learnable token blocks, the LR schedule
+replayed). No tests here."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from safetensors.torch import load_file
 
 from conftest import make_tiny_model
 from pdc.inputs.shards import Blocks, write_rows
+from pdc.lang.settings import TrainConfig
+from pdc.plan.training import scheduler_config
+from pdc.stages.train.schedule import start_scheduler
 
 VOCAB = 128
 SEQ = 16
@@ -43,3 +47,19 @@ def train_val(blocks: torch.Tensor, n_train: int, directory: Path) -> tuple[Bloc
     """(first n_train blocks, the rest) as views on one shard directory."""
     view = as_shards(blocks, directory)
     return view[:n_train], view[n_train:]
+
+
+def lr_schedule(cfg: TrainConfig, steps: int) -> list[float]:
+    """The LR of each optimizer step 1..steps, from the same DeepSpeed scheduler the engine builds
+    (`scheduler_config`), started as the training loop starts it."""
+    from deepspeed.runtime import lr_schedules  # deepspeed takes seconds to import: only when used
+
+    sched_cfg = scheduler_config(cfg, steps)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = getattr(lr_schedules, sched_cfg["type"])(opt, **sched_cfg["params"])
+    start_scheduler(sched)
+    out = []
+    for _ in range(steps):
+        out.append(float(opt.param_groups[0]["lr"]))
+        sched.step()
+    return out
