@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pdc.arch import Arch
-from pdc.lang import ast
+from pdc.lang import ast, check_reconstruct
 from pdc.lang.checked import (
     STAGE_KINDS,
     SPEED_METRICS,
@@ -676,6 +676,7 @@ class _Checker:
         schema = dict(axes, data=self.data_reader(), check_rtol=_float(lo=0), check_atol=_float(lo=0))
         if kind == "width":
             schema["importance"] = self.importance
+            schema["reconstruct"] = lambda v, key: check_reconstruct.read(v, key, self.call_args, _Bad, _float)
         else:
             schema.update(saliency=self.saliency, contiguous=_bool)
         got = self.settings(st.block.settings, schema, f"prune {kind}")
@@ -740,8 +741,12 @@ class _Checker:
             target = arch.with_sizes(**targets)
             if not bad_axis:
                 self.check_heads(target, arch, got, source_note)
+            reconstruct = got.get("reconstruct", (None,))[0]
+            why = None if bad_axis else check_reconstruct.problem(reconstruct, importance, width, sizes)
+            if why:
+                self.error(why, got["reconstruct"][1].span)
             return PruneStage("width", width, None, importance, data, target, arch, span=st.span,
-                              check_tolerance=_tolerance(got), setting_spans=_spans(got))
+                              check_tolerance=_tolerance(got), setting_spans=_spans(got), reconstruct=reconstruct)
         # depth
         if "depth" not in got:
             if not any(k == "depth" for k in (s.key.value for s in st.block.settings)):

@@ -51,6 +51,17 @@ class ImportanceConfig:
 
 
 @dataclass(frozen=True)
+class ReconstructConfig:
+    """Reconstruction after a width cut (`reconstruct=lsq(damp=0.01)`): the projections that read
+    pruned units (the MLP down projection, the attention output projection) are refit by damped
+    least squares so their output on the calibration activations matches the unpruned layer's.
+    `damp` scales the ridge term by the mean diagonal of the kept units' second moments."""
+
+    method: Literal["lsq"] = "lsq"
+    damp: float = 0.01
+
+
+@dataclass(frozen=True)
 class WidthTarget:
     """Target sizes; None keeps the source size on that axis."""
 
