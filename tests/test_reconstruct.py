@@ -170,3 +170,26 @@ def test_lock_records_reconstruction_and_check_reproduces_it(tmp_path, capsys):
     bad.write_text(json.dumps(lock))
     assert pdc_main(["check", str(spec), "--lock", str(bad)]) == 1
     assert "reconstruct" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_processes_refit_the_student_one_process_does(tmp_path):
+    """`--nproc-per-node 2`: each rank sums the moments of its calibration batches, the sums are
+    all-reduced and rank 0 hands them to the stage; the lock equals one process's (numbers within
+    the lock's tolerance: float64 sums in another order)."""
+    import os
+    from unittest import mock
+
+    from pdc.cli import main as pdc_main
+    from pdc.emit.lock import compare_locks, read_lock
+    from tiny_builds import make_project
+
+    locks = []
+    for nproc in (1, 2):
+        root = tmp_path / str(nproc)
+        spec = make_project(root, RECONSTRUCT_SPEC)
+        with mock.patch.dict(os.environ, {"PDC_CACHE": str(root / "cache")}):
+            assert pdc_main(["run", str(spec), "--nproc-per-node", str(nproc)]) == 0
+        locks.append(read_lock(root / "tiny.prune.lock.json"))
+    assert (tmp_path / "2" / "build" / "tiny" / "prune.work" / "grams.pt").exists()
+    assert compare_locks(locks[0], locks[1]) == []

@@ -223,7 +223,7 @@ class PruneResult:
     model: str = "model"
     plot: Optional[str] = None  # width: importance.png
     # width with `reconstruct=`: method, damp and the calibration output errors (plain, refit)
-    reconstruct: Optional[dict] = None
+    reconstruct: Optional[dict[str, Any]] = None
 
 
 # ---- evaluation --------------------------------------------------------------------------------
