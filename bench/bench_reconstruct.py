@@ -133,12 +133,10 @@ def main() -> None:
     print(f"\nheld-out LM loss on {args.blocks} x {args.seq} wiki-heldout tokens (whole pruned program)")
     base = _lm_loss(program, held)
     print(f"  {'unpruned':24s} {base:.4f} (ppl {math.exp(base):.2f})")
-    for label, target, rec in (
-        (f"mlp={args.mlp} plain", WidthTarget(mlp=args.mlp), None),
-        (f"mlp={args.mlp} lsq 0.01", WidthTarget(mlp=args.mlp), ReconstructConfig(damp=0.01)),
-        (f"heads={args.heads} plain", WidthTarget(heads=args.heads), None),
-        (f"heads={args.heads} lsq 0.01", WidthTarget(heads=args.heads), ReconstructConfig(damp=0.01)),
-    ):
+    runs = [(f"{axis}={size} " + ("plain" if damp is None else f"lsq {damp:g}"), WidthTarget(**{axis: size}),
+             None if damp is None else ReconstructConfig(damp=damp))
+            for axis, size in (("mlp", args.mlp), ("heads", args.heads)) for damp in (None, 0.01, 1.0)]
+    for label, target, rec in runs:
         pruned = program.clone()
         prune_program(pruned, calib, target, config, progress=False, scores=scores, reconstruct=rec)
         loss = _lm_loss(pruned, held)
