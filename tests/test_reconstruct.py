@@ -148,14 +148,18 @@ prune width { mlp=64 heads=2 importance=activation(samples=8, seq_len=32) recons
 
 
 def test_lock_records_reconstruction_and_check_reproduces_it(tmp_path, capsys):
-    """`pdc run` writes the reconstruction into the lock (method, damping, the calibration output
-    errors plain and refit); `pdc check` recompiles the same student, and fails on a lock whose
-    refit differs."""
+    """The prune stage as `pdc run` runs it (without the .pt2/ONNX files, as `pdc check` does)
+    writes the reconstruction into the lock (method, damping, the calibration output errors plain
+    and refit); `pdc check` recompiles the same student, and fails on a lock whose refit differs."""
     from pdc.cli import main as pdc_main
-    from tiny_builds import run_project
+    from pdc.lang import load_spec
+    from pdc.runner.build import Build
+    from tiny_builds import make_project
 
-    run_project(tmp_path, RECONSTRUCT_SPEC)
-    spec = tmp_path / "tiny.pds"
+    spec_path = make_project(tmp_path, RECONSTRUCT_SPEC)
+    build = Build(load_spec(spec_path), tmp_path / "build" / "tiny", progress=False, artifacts=False)
+    build.run_stage("prune")
+    build.write_lock("prune")
     lock = json.loads((tmp_path / "tiny.prune.lock.json").read_text())
     rec = lock["reconstruct"]
     assert (rec["method"], rec["damp"]) == ("lsq", 0.01)
@@ -164,11 +168,11 @@ def test_lock_records_reconstruction_and_check_reproduces_it(tmp_path, capsys):
     stage = json.loads((tmp_path / "build" / "tiny" / "prune" / "stage.json").read_text())
     assert "reconstruct_solve" in json.dumps(stage)
     capsys.readouterr()
-    assert pdc_main(["check", str(spec)]) == 0
+    assert pdc_main(["check", str(spec_path)]) == 0
     rec["error"]["mlp"]["refit"] *= 2
     bad = tmp_path / "altered.lock.json"
     bad.write_text(json.dumps(lock))
-    assert pdc_main(["check", str(spec), "--lock", str(bad)]) == 1
+    assert pdc_main(["check", str(spec_path), "--lock", str(bad)]) == 1
     assert "reconstruct" in capsys.readouterr().out
 
 
