@@ -11,6 +11,11 @@ the refit generalise?), for plain slicing and for damping values; and the held-o
 whole pruned program. Re-ranking: the same errors when neurons are kept by their output energy
 (E[x_i^2] |W[:, i]|^2, what a refit-aware ranking would look at first) instead of activation.
 Run: OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python bench/bench_reconstruct.py [--blocks 16 --seq 256]
+Measured (1 thread on 2 cores shared with other jobs, so seconds vary run to run): calibration
+pass 81.9 / 36.5 s, moments inside it 60.1 / 17.4 s, MLP solves 30.3 / 8.2 s: reconstruction costs
+1.10 / 0.70 of the calibration pass. MLP held-out output error plain 0.0965, damp 0.01 0.1141
+(overfit), damp 1 0.0840; held-out loss plain 3.747, damp 0.01 3.790, damp 1 3.691 (ppl 42.40 ->
+40.08); heads 9 -> 6: plain 5.614 (ppl 274), damp 1 3.462 (ppl 31.9); unpruned 3.106 (22.3).
 """
 
 from __future__ import annotations
