@@ -70,6 +70,8 @@ def build_lock(result: PruneResult, settings: str) -> dict:
                     "calibration_loss": fp.calibration_loss, "calibration_blocks": fp.calibration_blocks},
         "environment": {"pdc": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }
+    if result.reconstruct is not None:  # absent otherwise: locks without it stay byte for byte
+        lock["reconstruct"] = result.reconstruct
     return _rounded(lock)
 
 

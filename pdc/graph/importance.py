@@ -61,6 +61,10 @@ class Importance:
     expert_score: str = ""
     seconds: float = 0.0
     tokens: int = 0
+    # with `grams`: second moments sum_t x_t x_t^T (float64) of the inputs of the projections that
+    # read pruned units, by ("mlp" | "heads" | "shared_mlp", layer); what reconstruction solves with
+    grams: dict = field(default_factory=dict)
+    gram_seconds: float = 0.0
 
     FIELDS = ("mlp", "heads", "kv_heads", "experts", "expert_mass", "expert_output", "expert_mlp", "shared_mlp")
 
@@ -85,13 +89,17 @@ class Importance:
 
 
 def compute(program: Program, calib: torch.Tensor, config: ImportanceConfig, batch_size: int = 8,
-            progress: bool = False, ranks: tuple[int, int] = (0, 1)) -> Importance:
+            progress: bool = False, ranks: tuple[int, int] = (0, 1), grams: bool = False) -> Importance:
     """Scores of every unit. `ranks` = (rank, world): with world > 1 (torch.distributed
     initialized), this rank runs batches rank, rank + world, ... and the sums are all-reduced, so
-    every rank returns the scores of the whole calibration set."""
+    every rank returns the scores of the whole calibration set. `grams` (activation only) also
+    sums the second moments reconstruction needs, in the same pass (`Importance.grams`)."""
     start = time.perf_counter()
+    if grams and config.method != "activation":
+        raise PdcError("reconstruction needs activation importance: its statistics come from the calibration pass",
+                       STAGE)
     if config.method == "activation":
-        imp = _activation(program, calib, config, batch_size, progress, ranks)
+        imp = _activation(program, calib, config, batch_size, progress, ranks, grams)
         imp.tokens = int(calib.numel())
     elif config.method == "magnitude":
         imp = _magnitude(program)
@@ -141,7 +149,7 @@ class _Accumulator:
 
 @torch.no_grad()
 def _activation(program: Program, calib: torch.Tensor, config: ImportanceConfig, batch_size: int, progress: bool,
-                ranks: tuple[int, int]) -> Importance:
+                ranks: tuple[int, int], grams: bool = False) -> Importance:
     from tqdm import tqdm
 
     if calib.dim() != 2 or calib.dtype != torch.long:
@@ -166,9 +174,17 @@ def _activation(program: Program, calib: torch.Tensor, config: ImportanceConfig,
     accs = {key: _Accumulator(config.seq_agg, config.batch_agg) for key, (kind, _, _) in taps.items()
             if kind in ("mlp", "heads", "hidden", "shared_mlp")}
     batch_shape: list = [None]
+    moments: dict[str, torch.Tensor] = {}  # tap -> float64 sum of x x^T (with `grams`)
+    gram_time = [0.0]
 
     def record(name: str, value: torch.Tensor) -> None:
         kind, index, head_dim = taps[name]
+        if grams and kind in ("mlp", "heads", "shared_mlp"):
+            t0 = time.perf_counter()
+            flat = value.reshape(-1, value.shape[-1]).float()
+            part = (flat.T @ flat).double()  # one float32 product per batch, summed in float64
+            moments[name] = part if name not in moments else moments[name] + part
+            gram_time[0] += time.perf_counter() - t0
         if kind == "heads":
             b, l, width = value.shape
             value = torch.linalg.vector_norm(value.reshape(b, l, width // head_dim, head_dim), dim=-1)
@@ -192,6 +208,11 @@ def _activation(program: Program, calib: torch.Tensor, config: ImportanceConfig,
                 accs[name].all_reduce(torch.zeros(_tap_width(structure, kind, index, head_dim), dtype=torch.float64))
         for index in sorted(routed):
             routed[index].all_reduce()
+        for name, (kind, index, head_dim) in sorted(taps.items()):
+            if grams and kind in ("mlp", "heads", "shared_mlp"):  # a rank without batches adds zeros
+                width = _tap_width(structure, kind, index, head_dim) * (head_dim if kind == "heads" else 1)
+                moments[name] = moments.get(name, torch.zeros(width, width, dtype=torch.float64))
+                dist.all_reduce(moments[name])
     hidden = None
     imp = Importance(method="activation", hidden=torch.zeros(0), expert_score=config.expert_score if routed else "")
     for name, (kind, index, _) in taps.items():
@@ -205,6 +226,8 @@ def _activation(program: Program, calib: torch.Tensor, config: ImportanceConfig,
         else:
             imp.heads[index] = score
     imp.hidden = hidden
+    imp.grams = {(taps[name][0], taps[name][1]): gram for name, gram in moments.items()}
+    imp.gram_seconds = gram_time[0]
     for layer in structure.layers:
         imp.kv_heads[layer.index] = _group_sum(imp.heads[layer.index], layer.attn.kv_heads)
     for index, acc in routed.items():

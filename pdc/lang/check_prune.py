@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import Callable, Optional
 
 from pdc.arch import Arch
-from pdc.lang import ast
+from pdc.lang import ast, check_reconstruct
 from pdc.lang.check_settings import (Bad, CheckerBase, describe_value, head_span, read_bool, read_enum, read_float,
                                      read_int, read_word, suggest)
 from pdc.lang.checked import PruneStage
@@ -100,6 +100,7 @@ class PruneRules(CheckerBase):
         schema = dict(axes, data=self.data_reader(), check_rtol=read_float(lo=0), check_atol=read_float(lo=0))
         if kind == "width":
             schema["importance"] = self.importance
+            schema["reconstruct"] = lambda v, key: check_reconstruct.read(v, key, self.call_args, Bad, read_float)
         else:
             schema.update(saliency=self.saliency, contiguous=read_bool)
         got = self.settings(st.block.settings, schema, f"prune {kind}")
@@ -177,8 +178,14 @@ class PruneRules(CheckerBase):
         target = arch.with_sizes(**targets)
         if not bad_axis:
             self.check_heads(target, arch, got, source_note)
+        reconstruct = got.get("reconstruct", (None,))[0]
+        sizes = {a: getattr(arch, a) for a in width_axes}
+        why = None if bad_axis else check_reconstruct.problem(reconstruct, importance, width, sizes)
+        if why:
+            self.error(why, got["reconstruct"][1].span)
         return PruneStage("width", width, None, importance, data, target, arch, span=st.span,
-                          check_tolerance=tolerance_of(got), setting_spans=setting_spans_of(got))
+                          check_tolerance=tolerance_of(got), setting_spans=setting_spans_of(got),
+                          reconstruct=reconstruct)
 
     def depth_stage(self, st: ast.PruneStmt, got: dict, arch: Arch, data: Optional[str],
                     default_data: Optional[str]) -> Optional[PruneStage]:

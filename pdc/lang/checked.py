@@ -19,6 +19,7 @@ from pdc.lang.settings import (
     EvalConfig,
     ImportanceConfig,
     ModelSource,
+    ReconstructConfig,
     TrainConfig,
     WidthTarget,
 )
@@ -69,6 +70,8 @@ class PruneStage:
     check_tolerance: tuple = (None, None)
     # Where each setting was written, for diagnostics raised after checking (the plan layer).
     setting_spans: dict = field(default_factory=dict, compare=False)
+    # width: refit the projections reading pruned units (None: plain slicing, the paper's)
+    reconstruct: Optional[ReconstructConfig] = None
 
 
 @dataclass(frozen=True)

@@ -163,6 +163,8 @@ def _recipe_plan(spec: CheckedSpec, gpu_mem: int | None) -> dict[str, Any]:
             }
             if st.kind == "width":
                 entry["importance"] = asdict(st.importance)
+                if st.reconstruct is not None:
+                    entry["reconstruct"] = asdict(st.reconstruct)
             else:
                 entry["saliency"] = asdict(st.depth.saliency)
                 entry["contiguous"] = st.depth.contiguous
@@ -263,6 +265,10 @@ def _render_recipe(plan: dict[str, Any]) -> str:
                 experts = f", experts={imp['expert_score']}" if st["axes"].get("experts") and imp.get("expert_score") else ""
                 out.append(f"    importance: {imp['method']} (samples={imp['samples']}, seq_len={imp['seq_len']}, "
                            f"batch={imp['batch_agg']}, seq={imp['seq_agg']}{experts})")
+                if st.get("reconstruct"):
+                    rec = st["reconstruct"]
+                    out.append(f"    reconstruct: {rec['method']}(damp={rec['damp']:g}): the projections reading cut "
+                               f"units refit from the calibration pass's moments")
             else:
                 sal = st["saliency"]
                 what = f"task {sal['task']} ({sal['shots']}-shot)" if sal["kind"] == "task" else f"{sal['kind']} on '{sal['data']}'"

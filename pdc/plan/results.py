@@ -222,6 +222,8 @@ class PruneResult:
     artifacts: dict[str, ArtifactResult] = field(default_factory=dict)
     model: str = "model"
     plot: Optional[str] = None  # width: importance.png
+    # width with `reconstruct=`: method, damp and the calibration output errors (plain, refit)
+    reconstruct: Optional[dict[str, Any]] = None
 
 
 # ---- evaluation --------------------------------------------------------------------------------

@@ -164,7 +164,8 @@ def _run_prune(build: Build, node: Node, out: Path) -> StageResult:
     if st.kind == "width":
         # magnitude/random importance reads no data
         return prune_width(model_dir, data.get("calibration"), st.width, st.importance, out, progress=build.progress,
-                           deploy=build.artifacts, nproc=build.launch.nproc_per_node, work_dir=work)
+                           deploy=build.artifacts, nproc=build.launch.nproc_per_node, work_dir=work,
+                           reconstruct=st.reconstruct)
     return prune_depth(model_dir, st.depth, data.get("saliency"), out, tasks_dir=build.tasks_dir(),
                        progress=build.progress, deploy=build.artifacts, nproc=build.launch.nproc_per_node,
                        work_dir=work)

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
 from pdc.errors import PdcError
 from pdc.graph import importance as imp_mod
 from pdc.graph.export import export_dir, materialize
@@ -28,8 +30,14 @@ def _importance(job: dict) -> dict:
     materialize(program)
     calib = Blocks.from_json(job["calibration"]).read()
     config = decode(ImportanceConfig, job["config"])
-    scores = imp_mod.compute(program, calib, config, batch_size=job["batch_size"], ranks=rank_world())
-    return {"scores": scores.to_json(), "tokens": scores.tokens}
+    grams = bool(job.get("grams"))
+    scores = imp_mod.compute(program, calib, config, batch_size=job["batch_size"], ranks=rank_world(), grams=grams)
+    out = {"scores": scores.to_json(), "tokens": scores.tokens}
+    if grams and rank_world()[0] == 0:  # reconstruction's moments: too large for the JSON result
+        path = Path(job["work_dir"]) / "grams.pt"
+        torch.save(scores.grams, path)
+        out["grams"] = str(path)
+    return out
 
 
 def _job(job: dict) -> Optional[dict]:

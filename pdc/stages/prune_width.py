@@ -30,7 +30,8 @@ from pdc.graph.program import STAGE, Program
 from pdc.graph.rewrite import materialize_sliced
 from pdc.graph.structure import structure_of
 from pdc.inputs.shards import Blocks
-from pdc.lang.settings import ImportanceConfig, WidthTarget
+from pdc.lang.settings import ImportanceConfig, ReconstructConfig, WidthTarget
+from pdc.passes.reconstruct_outputs import ReconstructOutputs
 from pdc.passes.recompute_buffers import RecomputeBuffers
 from pdc.passes.slice_heads import SliceHeads
 from pdc.passes.slice_hidden import SliceHidden
@@ -67,8 +68,11 @@ def check_target(arch: Arch, target: WidthTarget) -> tuple[int, int]:
     return new_heads, new_kv
 
 
-def plan_passes(program: Program, scores: "imp_mod.Importance", target: WidthTarget) -> list:
-    """Turn scores and target sizes into configured passes (hidden, mlp, heads)."""
+def plan_passes(program: Program, scores: "imp_mod.Importance", target: WidthTarget,
+                reconstruct: Optional[ReconstructConfig] = None) -> list:
+    """Turn scores and target sizes into configured passes (hidden, mlp, heads); with
+    `reconstruct`, the refit of the projections reading the cut units goes first (it needs their
+    unsliced columns)."""
     arch = program.arch
     structure = structure_of(program)
     passes = []
@@ -86,9 +90,24 @@ def plan_passes(program: Program, scores: "imp_mod.Importance", target: WidthTar
                 scores.heads[layer.index], scores.kv_heads[layer.index], a.heads, a.kv_heads, new_heads, new_kv)
         passes.append(SliceHeads(keep_h, keep_kv))
     passes += _expert_passes(structure, scores, target)
+    if reconstruct is not None:
+        passes = _reconstruct_pass(passes, scores, reconstruct) + passes
     if passes:  # buffers derived from the config (Gemma's sqrt(hidden) scale) follow the new sizes
         passes.append(RecomputeBuffers())
     return passes
+
+
+def _reconstruct_pass(passes: list, scores: "imp_mod.Importance", config: ReconstructConfig) -> list:
+    """The refit of every projection whose input units a slicing pass in `passes` cuts."""
+    keep = {}
+    for p in passes:
+        if isinstance(p, SliceMlp):
+            keep.update({("mlp", i): k for i, k in p.keep.items()})
+        elif isinstance(p, SliceHeads):
+            keep.update({("heads", i): k for i, k in p.keep_heads.items()})
+        elif isinstance(p, SliceSharedMlp):
+            keep.update({("shared_mlp", i): k for i, k in p.keep.items()})
+    return [ReconstructOutputs(keep, scores.grams, config.damp)] if keep else []
 
 
 def _expert_passes(structure, scores: "imp_mod.Importance", target: WidthTarget) -> list:
@@ -113,21 +132,28 @@ def _expert_passes(structure, scores: "imp_mod.Importance", target: WidthTarget)
 
 def prune_program(program: Program, calib: Optional[torch.Tensor], target: WidthTarget,
                   importance: ImportanceConfig, progress: bool = True, batch_size: int = 8,
-                  scores: Optional["imp_mod.Importance"] = None) -> tuple[Program, dict]:
-    """Rank (unless `scores` were computed elsewhere: several ranks), slice and (for meta
-    sources) read the kept weights. Returns the program (rewritten in place) and a report
-    {"importance": Importance, "passes": [...], "seconds": {...}}."""
+                  scores: Optional["imp_mod.Importance"] = None,
+                  reconstruct: Optional[ReconstructConfig] = None) -> tuple[Program, dict]:
+    """Rank (unless `scores` were computed elsewhere: several ranks), (with `reconstruct`) refit,
+    slice and (for meta sources) read the kept weights. Returns the program (rewritten in place)
+    and a report {"importance": Importance, "passes": [...], "seconds": {...}}."""
     seconds = {}
     if importance.method == "activation" and calib is None:
         raise PdcError("activation importance needs calibration blocks", STAGE)
     if scores is None:
-        scores = imp_mod.compute(program, calib, importance, batch_size=batch_size, progress=progress)
+        scores = imp_mod.compute(program, calib, importance, batch_size=batch_size, progress=progress,
+                                 grams=reconstruct is not None)
     seconds["importance"] = scores.seconds
+    if reconstruct is not None:
+        seconds["reconstruct_moments"] = scores.gram_seconds  # inside the importance pass's time
     start = time.perf_counter()
-    passes = plan_passes(program, scores, target)
+    passes = plan_passes(program, scores, target, reconstruct)
     manager = PassManager(passes, progress=progress)
     results = manager.run(program)
     seconds["slicing"] = time.perf_counter() - start
+    for r in results:
+        if r.name == ReconstructOutputs.name:
+            seconds["reconstruct_solve"] = r.seconds
     if program.on_meta():
         start = time.perf_counter()
         materialize_sliced(program, progress=progress)
@@ -138,13 +164,15 @@ def prune_program(program: Program, calib: Optional[torch.Tensor], target: Width
 def prune_width(model_dir: Path, calib: Optional[Blocks | torch.Tensor], target: WidthTarget,
                 importance: ImportanceConfig, out_dir: Path, progress: bool = True,
                 stream_weights: Optional[bool] = None, batch_size: int = 8, deploy: bool = True,
-                nproc: int = 1, work_dir: Optional[Path] = None) -> PruneResult:
+                nproc: int = 1, work_dir: Optional[Path] = None,
+                reconstruct: Optional[ReconstructConfig] = None) -> PruneResult:
     """Prune the checkpoint in `model_dir` to `target` and write into `out_dir` (the caller's
     staging directory): model/, kept_indices.json, importance.json, importance.png and, with
     `deploy`, program.pt2 and model.onnx. `stream_weights` (default: only for checkpoints over
     4 GiB) keeps the source weights on disk during calibration and reads each one per use. With
     `nproc` > 1, activation importance runs on that many ranks of this node
-    (`pdc.stages.prune_ranks`, job files in `work_dir`)."""
+    (`pdc.stages.prune_ranks`, job files in `work_dir`). `reconstruct` refits the projections
+    reading the cut units from moments summed in the same calibration pass."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     shards = calib if isinstance(calib, Blocks) else None
     if shards is not None:
@@ -169,14 +197,18 @@ def prune_width(model_dir: Path, calib: Optional[Blocks | torch.Tensor], target:
         start = time.perf_counter()
         job = {"kind": "importance", "model": str(model_dir.resolve()), "calibration": shards.to_json(),
                "config": encode(importance), "batch_size": batch_size}
+        if reconstruct is not None:
+            job.update(grams=True, work_dir=str(Path(work_dir).resolve()))
         got = run_in_ranks("pdc.stages.prune_ranks", job, nproc, work_dir, STAGE, "activation importance")
         scores = imp_mod.Importance.from_json(got["scores"], got["tokens"])
+        if reconstruct is not None:  # rank 0 saved the all-reduced moments beside the job
+            scores.grams = torch.load(Path(got["grams"]), weights_only=True)
         scores.seconds = time.perf_counter() - start
     elif not stream_weights and importance.method == "activation":
         start = time.perf_counter()
         materialize(program, progress=progress)
         seconds["load_weights"] = time.perf_counter() - start
-    program, report = prune_program(program, calib, target, importance, progress, batch_size, scores)
+    program, report = prune_program(program, calib, target, importance, progress, batch_size, scores, reconstruct)
     seconds.update(report["seconds"])
     params_after = program.num_params()  # emit_pruned checks it against the emitted config
     emitted = emit_pruned(program, out_dir, model_dir, calib, deploy=deploy, progress=progress)
@@ -192,11 +224,19 @@ def prune_width(model_dir: Path, calib: Optional[Blocks | torch.Tensor], target:
         arch_before=arch_before.sizes(), arch_after=program.arch.sizes(), kept=program.kept,
         seconds={k: round(v, 3) for k, v in seconds.items()}, inputs=inputs, fingerprint=emitted.fingerprint,
         importance=importance.method, calibration_tokens=scores.tokens, artifacts=emitted.artifacts,
-        plot="importance.png",
+        plot="importance.png", reconstruct=_reconstruct_record(reconstruct, program),
     )
     if progress:
         print(format_summary(result))
     return result
+
+
+def _reconstruct_record(config: Optional[ReconstructConfig], program: Program) -> Optional[dict]:
+    """What the lock and stage.json record of a reconstruction: the method, its damping and the
+    mean relative output error on the calibration tokens per projection kind, plain and refit."""
+    if config is None:
+        return None
+    return {"method": config.method, "damp": config.damp, "error": program.meta.get("reconstruct", {})}
 
 
 def format_summary(result: PruneResult) -> str:
