@@ -13,6 +13,7 @@ from typing import ClassVar, Literal, Optional, Union
 
 from pdc.arch import Arch
 from pdc.lang.diagnostics import Diagnostic, Span, render
+from pdc.lang.search_settings import SearchConfig
 from pdc.lang.settings import (
     DataSource,
     DepthTarget,
@@ -55,7 +56,7 @@ class PruneStage:
 
     stage_kind: ClassVar[str] = "prune"
 
-    kind: Literal["width", "depth"]
+    kind: Literal["width", "depth", "search"]
     width: Optional[WidthTarget]
     depth: Optional[DepthTarget]
     importance: ImportanceConfig
@@ -69,6 +70,9 @@ class PruneStage:
     check_tolerance: tuple = (None, None)
     # Where each setting was written, for diagnostics raised after checking (the plan layer).
     setting_spans: dict = field(default_factory=dict, compare=False)
+    # `prune search`: the budgets and ranking (target_arch is then the source's: the shape is
+    # chosen when the stage runs, and recorded in its result and lock)
+    search: Optional[SearchConfig] = None
 
 
 @dataclass(frozen=True)

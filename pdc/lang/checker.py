@@ -35,6 +35,7 @@ from pdc.lang.checked import (
     PruneStage,
     VariantSpec,
 )
+from pdc.lang.check_search import check_search
 from pdc.lang.diagnostics import Diagnostic, DiagnosticSink, Note, Span, SpecError
 from pdc.lang.settings import (
     DataSource,
@@ -664,8 +665,11 @@ class _Checker:
     def prune(self, st: ast.PruneStmt, arch: Optional[Arch], default_data: Optional[str],
               source_note: Note) -> Optional[PruneStage]:
         kind = st.kind.value
+        if kind == "search":
+            return check_search(self, st, arch, default_data, source_note)
         if kind not in ("width", "depth"):
-            self.error(f"unknown prune kind '{kind}': expected width or depth" + _suggest(kind, ("width", "depth")),
+            self.error(f"unknown prune kind '{kind}': expected width, depth or search"
+                       + _suggest(kind, ("width", "depth", "search")),
                        st.kind.span)
             return None
         for e in st.block.entries:

@@ -222,6 +222,7 @@ class PruneResult:
     artifacts: dict[str, ArtifactResult] = field(default_factory=dict)
     model: str = "model"
     plot: Optional[str] = None  # width: importance.png
+    search: Optional[dict[str, Any]] = None  # prune search: the space, every score, both rankings (search.json)
 
 
 # ---- evaluation --------------------------------------------------------------------------------

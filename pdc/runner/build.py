@@ -77,6 +77,7 @@ from pdc.runner.report import write_report
 from pdc.runner.speed_models import evaluation_speed
 from pdc.runner.speed_table import render_text
 from pdc.stages.correct import run_correct
+from pdc.runner.search_stage import run_search
 from pdc.stages.distill import run_distill
 from pdc.stages.evaluate import comparison_rows, comparison_table, evaluate_models, write_results
 from pdc.stages.prune_depth import prune_depth
@@ -458,7 +459,7 @@ def stage_blocks(build: Build, node: Node, model_dir: Path) -> dict[str, Blocks]
         blocks = build.blocks(st.data, model_dir, st.train.seq_len, node.name)
         train, val = split_blocks(blocks, st.train.val_fraction, node.name)
         return {"train": train, "val": val}
-    if node.kind == "prune" and st.kind == "width" and st.importance.method == "activation":
+    if node.kind == "prune" and st.kind in ("width", "search") and st.importance.method == "activation":
         imp = st.importance
         return {"calibration": take(build.blocks(st.data, model_dir, imp.seq_len, node.name), imp.samples,
                                     imp.seed, "samples", node.name)}
@@ -492,6 +493,8 @@ def _run_prune(build: Build, node: Node, out: Path) -> StageResult:
     model_dir = build.input_model(node.inputs["model"], node.name)
     data = stage_blocks(build, node, model_dir)
     work = build.out / f"{node.name}.work"  # job files when importance or saliency runs on several ranks
+    if st.kind == "search":
+        return run_search(build, node, out, data.get("calibration"))
     if st.kind == "width":
         # magnitude/random importance reads no data
         return prune_width(model_dir, data.get("calibration"), st.width, st.importance, out, progress=build.progress,
