@@ -63,6 +63,7 @@ from pdc.plan.results import (
     read_record,
     write_record,
 )
+from pdc.plan.search_plan import short_distill_stage
 from pdc.plan.stage_graph import (
     ModelRef,
     Node,
@@ -230,6 +231,9 @@ class Build:
                      [data_identity(self.spec.data[d], self.base) for d in node.data]]
             if node.kind == "evaluate":
                 parts.append(str(self.tasks_dir()) if self.tasks_dir() else None)
+            if node.kind == "prune" and node.decl.kind == "search":  # it distills as the distill stage does
+                d = short_distill_stage(self.spec, node.decl)
+                parts.append(d and [settings_identity(d.train), data_identity(self.spec.data[d.data], self.base)])
             if node.needs:
                 parts.append({up: self.stage_key(up) for up in node.needs})
             self._keys[name] = sha256_json(parts)[:16]
