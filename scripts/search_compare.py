@@ -37,17 +37,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--more", nargs="*", default=[])
+    ap.add_argument("--heldout-blocks", type=int, default=None, help="the first N held-out blocks (all: default)")
+    ap.add_argument("--students", nargs=2, type=Path, metavar=("SEARCH", "HAND"),
+                    help="compare these two distilled checkpoints (before search.json exists)")
     args = ap.parse_args()
     out = args.out
-    search = json.loads((out / "search" / "search.json").read_text())
-    rows = search["candidates"]
-    chosen = rows[search["chosen"]]
-    log = {"chosen": chosen["sizes"], "steps": search["steps"]}
-    students = {"search": out / "search.work" / f"candidate{chosen['cheap_rank'] - 1}" / "distilled" / "model"}
-    hand_row = next((r for r in rows if r["sizes"] == HAND), None)
     teacher = builtin_model_dir("smollm2-135m")
     tok = load_tokenizer(teacher)
-    if hand_row is not None and hand_row["distill_loss"] is not None:
+    if args.students:
+        students = {"search": args.students[0], "hand": args.students[1]}
+        log = {"students": {k: str(v) for k, v in students.items()}}
+    else:
+        search = json.loads((out / "search" / "search.json").read_text())
+        rows = search["candidates"]
+        chosen = rows[search["chosen"]]
+        log = {"chosen": chosen["sizes"], "steps": search["steps"]}
+        students = {"search": out / "search.work" / f"candidate{chosen['cheap_rank'] - 1}" / "distilled" / "model"}
+        hand_row = next((r for r in rows if r["sizes"] == HAND), None)
+    if args.students:
+        pass
+    elif hand_row is not None and hand_row["distill_loss"] is not None:
         students["hand"] = out / "search.work" / f"candidate{hand_row['cheap_rank'] - 1}" / "distilled" / "model"
         log["hand_from"] = "the search's short distillation (it was a top candidate)"
     else:
@@ -71,6 +80,9 @@ def main() -> None:
     ecfg = EvalConfig(tasks=(EvalTask("movie_recommendation_local", 0),), perplexity_data=("heldout",),
                       seq_len=512, precision="bf16")
     held = token_blocks(DataSource("builtin", "wiki-heldout"), tok, 512)
+    if args.heldout_blocks:
+        held = held[: args.heldout_blocks]
+    log["heldout_blocks"] = len(held)
     more = {n: token_blocks(DataSource("builtin", n), tok, 512) for n in args.more}
     ev = evaluate_models(dict(students), lambda p: load_tokenizer(p), ecfg, local_tasks_dir(), held,
                          more_heldout=more, reuse_scores=True)
@@ -80,7 +92,7 @@ def main() -> None:
                          "tasks": {t: {"values": s.values, "items": s.items} for t, s in m.tasks.items()}}
                      for k, m in ev.models.items()}
     log["search_minus_hand"] = [f"{metric}: {format_difference(metric, d)}" for metric, d in score_differences(a, b)]
-    write_json(out / "compare.json", log)
+    write_json(out / ("compare_students.json" if args.students else "compare.json"), log)
     print(json.dumps(log, indent=1, default=str))
 
 
