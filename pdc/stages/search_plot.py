@@ -26,13 +26,14 @@ def plot_pareto(search: dict, path: Path, hand: dict) -> Path:
     fig, axes = plt.subplots(1, len(xs_key), figsize=(7 * len(xs_key), 4.5), squeeze=False)
     for ax, (key, label) in zip(axes[0], xs_key):
         pts = [(r[key], r["cheap_loss"]) for r in rows]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, c="tab:blue", label="candidates (LM loss, no training)")
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, c="tab:blue",
+                   label="candidates: LM loss untrained (calibration blocks)")
         front = pareto_front(pts)
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="tab:blue", lw=0.8, alpha=0.6)
         dist = [(r[key], r["distill_loss"]) for r in rows if r.get("distill_loss") is not None]
         if dist:
             ax.scatter([p[0] for p in dist], [p[1] for p in dist], s=30, marker="s", c="tab:orange",
-                       label=f"top {len(dist)} after {search['steps']} distillation steps")
+                       label=f"top {len(dist)} after {search['steps']} distillation steps (validation blocks)")
         ch = rows[search["chosen"]]
         ax.scatter([ch[key]], [ch["distill_loss"] if ch.get("distill_loss") is not None else ch["cheap_loss"]],
                    s=160, facecolors="none", edgecolors="red", lw=2, label="chosen: " + _label(ch["sizes"]))
@@ -46,7 +47,7 @@ def plot_pareto(search: dict, path: Path, hand: dict) -> Path:
                 ax.scatter([h[key]], [h["distill_loss"]], marker="*", s=140, c="grey")
                 ax.annotate(f"{name} (distilled)", (h[key], h["distill_loss"]), fontsize=8, xytext=(4, -10),
                             textcoords="offset points")
-        ax.set(xlabel=label, ylabel="validation LM loss (nats)")
+        ax.set(xlabel=label, ylabel="LM loss (nats): calibration blocks untrained, validation blocks distilled")
         ax.legend(fontsize=7)
     fig.suptitle(f"prune search: {len(rows)} candidates of {search['space_size']} shapes "
                  f"({', '.join(_limit(l) for l in search['limits'])})")
