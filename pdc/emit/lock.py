@@ -72,7 +72,22 @@ def build_lock(result: PruneResult, settings: str) -> dict:
     }
     if result.reconstruct is not None:  # absent otherwise: locks without it stay byte for byte
         lock["reconstruct"] = result.reconstruct
+    if result.search is not None:
+        lock["search"] = search_lock(result.search)
     return _rounded(lock)
+
+
+def search_lock(search: dict) -> dict:
+    """What a `prune search` chose and why: the space, every candidate's exact size and scores,
+    both rankings. Latencies are left out: they are measured on the machine that ran it."""
+    keys = ("sizes", "params", "memory", "cheap_loss", "cheap_rank", "distill_loss", "distill_rank", "dropped_layers")
+    return {
+        "limits": search["limits"], "axes": search["axes"], "keep": search["keep"], "slack": search["slack"],
+        "top": search["top"], "steps": search["steps"], "space_size": search["space_size"],
+        "candidates": [{k: c[k] for k in keys} for c in search["candidates"]],
+        "chosen": search["chosen_sizes"], "chosen_cheap_rank": search["chosen_cheap_rank"],
+        "reordered": search["reordered"],
+    }
 
 
 def write_lock(lock: dict, path: Union[str, Path]) -> Path:

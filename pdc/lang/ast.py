@@ -86,7 +86,17 @@ class Entry:
     span: Span = _span()
 
 
-Item = Union[Setting, Entry]
+@dataclass(frozen=True)
+class Limit:
+    """`metric<=value` inside a block (a `prune search` budget): `metric` is a name (`params`)
+    or a call (`memory(batch=1, context=4096)`); a value written `0.85x` is relative."""
+
+    metric: Union[Call, Name]
+    value: Value
+    span: Span = _span()
+
+
+Item = Union[Setting, Entry, Limit]
 
 
 @dataclass(frozen=True)
@@ -232,7 +242,7 @@ def number_value(text: str) -> Union[int, float]:
     Units are SI: k=1e3, M=1e6, B=G=1e9, T=1e12 (write `8192`, not `8k`, for a power of two).
     """
     units = {"k": 3, "K": 3, "M": 6, "B": 9, "G": 9, "T": 12}
-    t = text.replace("_", "")
+    t = text.replace("_", "").removesuffix("x")  # `0.85x`: a factor (search limits only)
     exp = 0
     if t and t[-1] in units:
         exp = units[t[-1]]

@@ -11,6 +11,7 @@ from pdc.arch import Arch
 from pdc.lang import ast, check_reconstruct
 from pdc.lang.check_settings import (Bad, CheckerBase, describe_value, head_span, read_bool, read_enum, read_float,
                                      read_int, read_word, suggest)
+from pdc.lang.check_search import check_search
 from pdc.lang.checked import PruneStage
 from pdc.lang.diagnostics import Note, Span
 from pdc.lang.settings import DepthTarget, ImportanceConfig, Saliency, WidthTarget
@@ -89,9 +90,11 @@ class PruneRules(CheckerBase):
     def prune(self, st: ast.PruneStmt, arch: Optional[Arch], default_data: Optional[str],
               source_note: Note) -> Optional[PruneStage]:
         kind = st.kind.value
+        if kind == "search":
+            return check_search(self, st, arch, default_data, source_note)
         if kind not in ("width", "depth"):
-            self.error(f"unknown prune kind '{kind}': expected width or depth" + suggest(kind, ("width", "depth")),
-                       st.kind.span)
+            self.error(f"unknown prune kind '{kind}': expected width, depth or search"
+                       + suggest(kind, ("width", "depth", "search")), st.kind.span)
             return None
         for e in st.block.entries:
             self.error("unexpected entry in prune; settings are written key=value", e.span)

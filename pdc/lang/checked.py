@@ -13,6 +13,7 @@ from typing import ClassVar, Literal, Optional, Union
 
 from pdc.arch import Arch
 from pdc.lang.diagnostics import Diagnostic, Span, render
+from pdc.lang.search_settings import SearchConfig
 from pdc.lang.settings import (
     DataSource,
     DepthTarget,
@@ -56,7 +57,7 @@ class PruneStage:
 
     stage_kind: ClassVar[str] = "prune"
 
-    kind: Literal["width", "depth"]
+    kind: Literal["width", "depth", "search"]
     width: Optional[WidthTarget]
     depth: Optional[DepthTarget]
     importance: ImportanceConfig
@@ -72,6 +73,9 @@ class PruneStage:
     setting_spans: dict = field(default_factory=dict, compare=False)
     # width: refit the projections reading pruned units (None: plain slicing, the paper's)
     reconstruct: Optional[ReconstructConfig] = None
+    # `prune search`: the budgets and ranking (target_arch is then the source's: the shape is
+    # chosen when the stage runs, and recorded in its result and lock)
+    search: Optional[SearchConfig] = None
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,8 @@ def format_value(v) -> str:
         return f"{v.key.value}={format_value(v.value)}"
     if isinstance(v, ast.Entry):
         return format_value(v.value)
+    if isinstance(v, ast.Limit):
+        return f"{format_value(v.metric)}<={format_value(v.value)}"
     if isinstance(v, ast.Override):
         return f"{v.stage.value}.{v.key.value}={format_value(v.value)}"
     if isinstance(v, ast.Without):

@@ -9,6 +9,7 @@ become a `SpecError` in the compiler format ("expected ...").
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import importlib.resources
 import re
@@ -23,7 +24,7 @@ from pdc.lang.diagnostics import Note, Span, SpecError
 _comments: contextvars.ContextVar[list] = contextvars.ContextVar("pds_comments")
 
 # What a NUMBER token must be (the lexer takes letters glued to a number so this can say so).
-_WELL_FORMED_NUMBER = re.compile(r"[+-]?(\d[\d_]*(\.[\d_]*)?|\.\d[\d_]*)([eE][+-]?\d+)?[kKMBGT]?")
+_WELL_FORMED_NUMBER = re.compile(r"[+-]?(\d[\d_]*(\.[\d_]*)?|\.\d[\d_]*)([eE][+-]?\d+)?([kKMBGT]|x)?")
 
 # Human names for terminals in "expected ..." messages.
 _TERMINAL_WORDS = {
@@ -153,6 +154,10 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def setting(self, meta, c):
         return ast.Setting(self._name(c[0]), c[1], self._span(meta))
+
+    @v_args(meta=True)
+    def limit(self, meta, c):
+        return ast.Limit(c[0], c[1], self._span(meta))
 
     @v_args(meta=True)
     def entry(self, meta, c):
@@ -304,7 +309,28 @@ def parse_text(text: str, filename: str = "<spec>") -> ast.Spec:
         raise
     except RecursionError:  # e.g. f(f(f(...))) nested thousands deep
         raise SpecError.single("expression nested too deeply", Span(filename, 1, 1, 1, 2), text) from None
+    _check_limits(spec, text)
     return ast.Spec(spec.statements, filename, tuple(bucket), spec.span)
+
+
+def _check_limits(node, text: str, in_search: bool = False, limit_value=None) -> None:
+    """Budgets (`params<=0.85x`) belong in `prune search` blocks, and a relative number (`x`)
+    only on the right of a budget: anywhere else `5x` would silently read as 5."""
+    if isinstance(node, ast.Number) and node.text.endswith("x") and node is not limit_value:
+        raise SpecError.single(f"'{node.text}': a relative size (x) is written only in a search budget "
+                               "(`params<=0.85x`)", node.span, text)
+    if isinstance(node, ast.Limit) and not in_search:
+        raise SpecError.single("a budget (`<=`) is written only in `prune search { ... }`", node.span, text)
+    if isinstance(node, ast.PruneStmt):
+        in_search = node.kind.value == "search"
+    if isinstance(node, (list, tuple)):
+        for child in node:
+            _check_limits(child, text, in_search)
+    elif dataclasses.is_dataclass(node):
+        value = node.value if isinstance(node, ast.Limit) else None
+        for f in dataclasses.fields(node):
+            if f.name not in ("span", "text", "comments"):
+                _check_limits(getattr(node, f.name), text, in_search, value)
 
 
 def read_spec_text(path: str | Path) -> str:

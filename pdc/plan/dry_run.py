@@ -24,6 +24,7 @@ from pdc.lang.diagnostics import DiagnosticSink, SpecError
 from pdc.lang.settings import TrainConfig
 from pdc.plan.counts import ConfigError, Counts, count, count_arch, flops_per_token, nearest_valid, representable
 from pdc.plan.memory import memory_plan, render_memory
+from pdc.plan.search_plan import render_search, search_entry
 from pdc.plan.training import cache_bytes_per_token
 
 DEFAULT_FLOPS_SEQ_LEN = 4096
@@ -94,6 +95,9 @@ def _counts(spec: CheckedSpec) -> dict[str, Counts]:
         raise SpecError.single(f"cannot build the source model: {exc.message}", spec.source_span, spec.text) from None
     for st in spec.prune_stages():
         before = st.source_arch or spec.source_arch
+        if st.kind == "search":  # the shape is chosen at run time; search_entry checks the budgets
+            out[st.name] = count_arch(spec.source_config, before)
+            continue
         reason = representable(spec.source_config, st.target_arch)
         if reason is None:
             out[st.name] = count_arch(spec.source_config, st.target_arch)
@@ -161,7 +165,10 @@ def _recipe_plan(spec: CheckedSpec, gpu_mem: int | None) -> dict[str, Any]:
                 "flops_per_token_ratio": flops_per_token(c1, after, flops_seq) / flops_per_token(c0, before, flops_seq),
                 "target": arch_summary(after, c1),
             }
-            if st.kind == "width":
+            if st.kind == "search":
+                entry["importance"] = asdict(st.importance)
+                entry["search"] = search_entry(spec, st)
+            elif st.kind == "width":
                 entry["importance"] = asdict(st.importance)
                 if st.reconstruct is not None:
                     entry["reconstruct"] = asdict(st.reconstruct)
@@ -252,15 +259,18 @@ def _render_recipe(plan: dict[str, Any]) -> str:
         if kind == "prune":
             out.append(f"[{i}] {st['name']}: prune {st['prune']}"
                        + (f" (calibration data '{st['data']}')" if st.get("data") and (
-                           st["prune"] == "width" or st["saliency"]["kind"] != "task") else ""))
-            rows = [[axis, str(a), str(b), f"{b / a:.3f}x" if a else "-"] for axis, (a, b) in st["axes"].items()]
-            rows.append(_params_row("params", st["params_total"]))
-            rows.append(_params_row("non-embedding", st["params_non_embedding"]))
-            if st["params_active"] != st["params_total"]:
-                rows.append(_params_row("active per token", st["params_active"]))
-            rows.append(["flops/token", "1", f"{st['flops_per_token_ratio']:.3f}", f"{st['flops_per_token_ratio']:.3f}x"])
-            out.extend("    " + line for line in _table(rows, ["axis", "source", "target", "ratio"]))
-            if st["prune"] == "width":
+                           st["prune"] != "depth" or st["saliency"]["kind"] != "task") else ""))
+            if st["prune"] != "search":  # a search's shape is chosen when it runs
+                rows = [[axis, str(a), str(b), f"{b / a:.3f}x" if a else "-"] for axis, (a, b) in st["axes"].items()]
+                rows.append(_params_row("params", st["params_total"]))
+                rows.append(_params_row("non-embedding", st["params_non_embedding"]))
+                if st["params_active"] != st["params_total"]:
+                    rows.append(_params_row("active per token", st["params_active"]))
+                rows.append(["flops/token", "1", f"{st['flops_per_token_ratio']:.3f}", f"{st['flops_per_token_ratio']:.3f}x"])
+                out.extend("    " + line for line in _table(rows, ["axis", "source", "target", "ratio"]))
+            if st["prune"] == "search":
+                out.extend(render_search(st))
+            if st["prune"] in ("width", "search"):
                 imp = st["importance"]
                 experts = f", experts={imp['expert_score']}" if st["axes"].get("experts") and imp.get("expert_score") else ""
                 out.append(f"    importance: {imp['method']} (samples={imp['samples']}, seq_len={imp['seq_len']}, "
@@ -300,17 +310,20 @@ def _render_recipe(plan: dict[str, Any]) -> str:
                        + (f", limit={st['limit']}" if st["limit"] else "")
                        + ("; inference speed, teacher against student" if st.get("speed") else ""))
     fin = plan["final"]
-    out += [
-        "",
-        f"final {'student' if any(s['kind'] == 'prune' for s in plan['stages']) else 'model'}: {fin['model_type']} "
-        + " ".join(f"{axis}={fin[axis]}" for axis, _ in AXES + MOE_AXES if axis in fin and axis != "head_dim")
-        + f" head_dim={fin['head_dim']}",
-        f"    {human_count(fin['params_total'])} total ({fin['params_total']:,}), "
-        f"{human_count(fin['params_non_embedding'])} non-embedding ({fin['params_non_embedding']:,}), "
-        + (f"{human_count(fin['params_active'])} active per token ({fin['params_active']:,}), "
-           if fin["params_active"] != fin["params_total"] else "")
-        + f"{plan['flops_per_token_ratio']:.3f}x the source's FLOPs/token at seq_len {plan['flops_seq_len']}",
-    ]
+    if any(s.get("prune") == "search" for s in plan["stages"]):
+        out += ["", "final student: the shape the search chooses when it runs"]
+    else:
+        out += [
+            "",
+            f"final {'student' if any(s['kind'] == 'prune' for s in plan['stages']) else 'model'}: {fin['model_type']} "
+            + " ".join(f"{axis}={fin[axis]}" for axis, _ in AXES + MOE_AXES if axis in fin and axis != "head_dim")
+            + f" head_dim={fin['head_dim']}",
+            f"    {human_count(fin['params_total'])} total ({fin['params_total']:,}), "
+            f"{human_count(fin['params_non_embedding'])} non-embedding ({fin['params_non_embedding']:,}), "
+            + (f"{human_count(fin['params_active'])} active per token ({fin['params_active']:,}), "
+               if fin["params_active"] != fin["params_total"] else "")
+            + f"{plan['flops_per_token_ratio']:.3f}x the source's FLOPs/token at seq_len {plan['flops_seq_len']}",
+        ]
     if "memory" in plan:
         out += ["", render_memory(plan["memory"])]
     return "\n".join(out)

@@ -231,7 +231,7 @@ def memory_plan(spec: CheckedSpec, gpu_mem: int, params_of: ParamsOf) -> list[di
                     entry["alternatives"][f"zero={zero}{' checkpointing' if ckpt else ''}"] = alt
         elif isinstance(st, PruneStage):
             before = st.source_arch or arch
-            seq = st.importance.seq_len if st.kind == "width" else st.depth.saliency.seq_len
+            seq = st.importance.seq_len if st.kind in ("width", "search") else st.depth.saliency.seq_len
             mem = forward_memory(before, CALIBRATION_BATCH, seq, params_of(before), logits=st.kind == "depth")
             entry.update(mem, gpus=1 if mem["total"] <= gpu_mem else None, params=params_of(before),
                          batch=CALIBRATION_BATCH, seq_len=seq)

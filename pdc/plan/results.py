@@ -224,6 +224,7 @@ class PruneResult:
     plot: Optional[str] = None  # width: importance.png
     # width with `reconstruct=`: method, damp and the calibration output errors (plain, refit)
     reconstruct: Optional[dict[str, Any]] = None
+    search: Optional[dict[str, Any]] = None  # prune search: the space, every score, both rankings (search.json)
 
 
 # ---- evaluation --------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from pdc.runner.build_locks import BuildLocks
 from pdc.runner.build_status import BUILD_LOCK, BuildStatus
 from pdc.runner.comparison_report import write_comparison_report
 from pdc.runner.report import write_report
+from pdc.runner.search_stage import run_search
 from pdc.runner.speed_models import evaluation_speed
 from pdc.runner.speed_table import render_text
 from pdc.runner.stage_keys import StageKeys
@@ -161,6 +162,8 @@ def _run_prune(build: Build, node: Node, out: Path) -> StageResult:
     model_dir = build.input_model(node.inputs["model"], node.name)
     data = stage_blocks(build, node, model_dir)
     work = build.out / f"{node.name}.work"  # job files when importance or saliency runs on several ranks
+    if st.kind == "search":
+        return run_search(build, node, out, data.get("calibration"))
     if st.kind == "width":
         # magnitude/random importance reads no data
         return prune_width(model_dir, data.get("calibration"), st.width, st.importance, out, progress=build.progress,

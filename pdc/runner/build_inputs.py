@@ -117,7 +117,7 @@ def stage_blocks(build: BuildInputs, node: Node, model_dir: Path) -> dict[str, B
         blocks = build.blocks(st.data, model_dir, st.train.seq_len, node.name)
         train, val = split_blocks(blocks, st.train.val_fraction, node.name)
         return {"train": train, "val": val}
-    if node.kind == "prune" and st.kind == "width" and st.importance.method == "activation":
+    if node.kind == "prune" and st.kind in ("width", "search") and st.importance.method == "activation":
         imp = st.importance
         return {"calibration": take(build.blocks(st.data, model_dir, imp.seq_len, node.name), imp.samples,
                                     imp.seed, "samples", node.name)}

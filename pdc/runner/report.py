@@ -313,6 +313,12 @@ def _prune_section(doc: Doc, build: Path, name: str, prune: PruneResult | None):
         else:
             doc.muted("saliency plot not written")
     else:
+        if prune.kind == "search":
+            s = prune.search
+            doc.p(f"Architecture search: {s['space_size']} shapes, {len(s['candidates'])} ranked; chose "
+                  + ", ".join(f"{k}={v}" for k, v in s["chosen_sizes"].items())
+                  + f" (rank {s['chosen_cheap_rank']} by LM loss without training; short distillation "
+                  + ("reordered" if s["reordered"] else "kept") + " the top candidates' order).")
         doc.p("Width pruning to " + ", ".join(f"{k}={v}" for k, v in prune.arch_after.items()) +
               f" with {prune.importance} importance on {format_number(prune.calibration_tokens)} calibration tokens.")
         if prune.seconds:

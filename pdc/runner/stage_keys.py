@@ -15,6 +15,7 @@ from pdc.files import sha256_json
 from pdc.inputs.models import data_identity, source_identity
 from pdc.inputs.teacher_cache import TeacherLogits
 from pdc.plan.results import StageRecord, TeacherLogitsResult, read_record
+from pdc.plan.search_plan import short_distill_stage
 from pdc.plan.stage_graph import ModelRef, SourceRef
 
 
@@ -76,6 +77,9 @@ class StageKeys:
                      [data_identity(self.spec.data[d], self.base) for d in node.data]]
             if node.kind == "evaluate":
                 parts.append(str(self.tasks_dir()) if self.tasks_dir() else None)
+            if node.kind == "prune" and node.decl.kind == "search":  # it distills as the distill stage does
+                d = short_distill_stage(self.spec, node.decl)
+                parts.append(d and [settings_identity(d.train), data_identity(self.spec.data[d.data], self.base)])
             if node.needs:
                 parts.append({up: self.stage_key(up) for up in node.needs})
             self._keys[name] = sha256_json(parts)[:16]
