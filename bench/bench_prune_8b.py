@@ -176,6 +176,12 @@ def main() -> None:
     for a, r in result.get("artifacts", {}).items():
         print(f"  {a:<14}{r['bytes'] / 2**30:8.2f} GiB  max|diff| {r['max_abs_diff']:.3g} <= {r['tolerance']:g}")
     print(f"build disk        {disk(build) / 2**30:8.2f} GiB")
+    from pdc.plan.prune_host import prune_host_bytes
+
+    hidden_after = result["arch_after"]["hidden"]
+    plan = prune_host_bytes(result["params_after"], cfg["vocab_size"], hidden_after)
+    print(f"planned peak      {plan['total'] / 2**30:8.2f} GiB  (pdc.plan.prune_host; measured / planned "
+          f"{peak / plan['total']:.2f})")
 
 
 if __name__ == "__main__":

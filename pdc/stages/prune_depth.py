@@ -1,11 +1,15 @@
 """Depth pruning: score which decoder layers matter least, drop them from the exported program,
 emit every output from it.
 
-The stage loads the checkpoint once as a Hugging Face model and traces it once into a `Program`
-that shares its weights. Saliency is measured on the Hugging Face model (lm-eval's task harness
-needs one) with the candidate layers *temporarily removed* (`layers_removed`: the decoder's
-ModuleList is swapped and the KV-cache indices renumbered, no weights are copied); the choice is
-then applied to the program by `pdc.passes.drop_layers.DropLayers` under the `PassManager`, and
+Loss saliency (on one process) is scored on the program itself: each candidate is the program
+with `drop_layers` applied to a copy of its graph that shares the weights
+(`pdc.stages.depth_on_program`); a source over 4 GiB is then never loaded: exported on the meta
+device, scored with its weights read per use from the safetensors files, cut, and only the kept
+layers read (in the source's precision, as width pruning does). Task and cosine saliency, and
+loss on several ranks, still load the checkpoint as a Hugging Face model (lm-eval's harness needs
+one), trace it into a `Program` that shares its weights, and score the model with the candidate
+layers *temporarily removed* (`layers_removed`: the decoder's ModuleList is swapped and the
+KV-cache indices renumbered, no weights are copied). The choice is then applied to the program by `pdc.passes.drop_layers.DropLayers` under the `PassManager`, and
 the checkpoint, `program.pt2`, ONNX and the lock's fingerprints are all emitted from the rewritten
 program (`pdc.emit.pruned`), exactly as for width pruning.
 
@@ -430,6 +434,8 @@ def prune_depth(
         blocks = shards.read()
     seconds = {}
     on_program = target.saliency.kind == "loss" and nproc == 1  # scored on the graph (pdc.stages.depth_on_program)
+    if not (model_dir / "config.json").exists():
+        raise PdcError(f"no Hugging Face checkpoint in {model_dir} (config.json missing)", STAGE)
     config = json.loads((model_dir / "config.json").read_text())
     if on_program and streams(model_dir):  # never loaded: scored from the files, cut, then read
         model, tokenizer = None, None
