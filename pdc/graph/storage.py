@@ -1,8 +1,8 @@
 """How a program's weights are held: stored in the source's precision, computed in fp32.
 
 A student cut from a large bf16 source keeps its weights in bf16 (half the memory of fp32),
-and the graph gains one `aten._to_copy(weight, float32)` after each such weight's read: each
-weight is widened only while the op that reads it runs. The logits are therefore exactly
+and the graph gains one `aten._to_copy(weight, float32)` right before each op that reads such a
+weight: each weight is widened only while that op runs (fx's generated code drops it after). The logits are therefore exactly
 those of an fp32 student holding the same (bf16-rounded) values -- what the fp32 path computes
 from a bf16 source -- at half its resident size.
 
@@ -47,12 +47,12 @@ def compute_in_fp32(program: Program) -> int:
                     cast = graph.call_function(UPCAST, (user,), {"dtype": torch.float32})
                 user.replace_all_uses_with(cast, delete_user_cb=lambda u, c=cast: u is not c)
                 inserted += 1
-        users = [u for u in node.users if not (u.target is EMBEDDING and u.args[0] is node)]
-        if users:
-            with graph.inserting_after(node):
+        for user in [u for u in node.users if not (u.target is EMBEDDING and u.args[0] is node)]:
+            # right before its user: export puts every get_attr at the top of the graph, and a
+            # cast there would widen the whole model before the first layer runs
+            with graph.inserting_before(user):
                 cast = graph.call_function(UPCAST, (node,), {"dtype": torch.float32})
-            for user in users:
-                user.replace_input_with(node, cast)
+            user.replace_input_with(node, cast)
             inserted += 1
     program.meta["computes_in_fp32"] = True
     if inserted:
