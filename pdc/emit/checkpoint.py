@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +18,6 @@ import torch
 
 from pdc.errors import PdcError
 from pdc.graph.program import STAGE, Program
-from pdc.graph.storage import stored_below_fp32
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -51,30 +49,6 @@ def checkpoint_tensors(program: Program, dtype: Optional[torch.dtype] = None) ->
     return tensors
 
 
-_ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-             torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict] = None) -> None:
-    """A safetensors file written one tensor at a time (header, then each tensor's bytes): no
-    buffer of the whole file, which `safetensors.torch.save_file` (0.8) builds in memory."""
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _ST_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        for tensor in tensors.values():
-            if tensor.numel():
-                fh.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-
 def emit_checkpoint(program: Program, model_dir: Path, source_dir: Optional[Path] = None,
                     dtype: Optional[torch.dtype] = None) -> Path:
     """Write config.json, model.safetensors and the source tokenizer files into `model_dir`
@@ -91,11 +65,7 @@ def emit_checkpoint(program: Program, model_dir: Path, source_dir: Optional[Path
     config.pop("torch_dtype", None)
     config.pop("_name_or_path", None)
     (model_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tensors = checkpoint_tensors(program, dtype)
-    if stored_below_fp32(program):  # a large student: safetensors' writer would buffer it whole
-        write_safetensors(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
-    else:
-        save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(checkpoint_tensors(program, dtype), str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     if source_dir is not None:
         for fname in TOKENIZER_FILES:
             if (Path(source_dir) / fname).exists():
