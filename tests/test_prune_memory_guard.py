@@ -86,9 +86,9 @@ def test_prune_under_a_quarter_of_the_source(tmp_path):
 
 @pytest.mark.slow
 def test_prune_and_verify_every_file_under_two_fifths_of_the_source(tmp_path):
-    """With program.pt2 and ONNX written and each file loaded back and checked: measured 66 MiB
-    over the start for the 182 MiB source (the ONNX export and onnxruntime's session add about
-    50 MiB that the quarter cap does not hold; not yet shown to be independent of the size)."""
+    """With program.pt2 and ONNX written and each file loaded back and checked (the ONNX export
+    and onnxruntime's session add tens of MiB that a quarter of this small source does not
+    hold; not yet shown to be independent of the size)."""
     got = _run(tmp_path, "deploy")
     assert got["big"]["artifacts"] == ["model", "model.onnx", "program.pt2"]
     _check(got, share=0.4)
