@@ -7,7 +7,9 @@ that reads it runs), and the files are checked one at a time after the student i
 weight widened to fp32 (the output head: vocab x hidden) plus the fingerprint's bounded logits
 (`pdc.emit.fingerprint.LOSS_LOGITS_BYTES`, twice: the logits and their log-softmax) plus the
 process itself (Python, torch, transformers, the traced graph: `PROCESS_BYTES`, measured as
-the peak of pruning a 0.2 GB model, tests/test_prune_memory_guard.py).
+the peak of pruning a 0.2 GB model, tests/test_prune_memory_guard.py). Not counted: loading
+`program.pt2` (torch.export.load) and ONNX (onnxruntime) back to check them, which hold the
+student's weights twice (measured on the 8B width student: 20.1 GiB and over 22.7 GiB).
 """
 
 from __future__ import annotations
