@@ -4,7 +4,8 @@ Before: `structure_of(program).layers` lists the current decoder layers 0..n-1, 
 whose `output` node (its last residual add) is the residual stream leaving it and whose `input`
 node is the residual stream entering it; parameters are named `<base><i>.*` (current index; the
 base, e.g. `model.layers.` or `gpt_neox.layers.`, is the layers' common prefix)
-and hold real values (the depth stage exports the model it measured saliency on, weights shared).
+and hold real values (weights shared with the model saliency was measured on) or, for a source
+exported without weights, meta tensors that keep their source names (`Program.source_name`).
 `program.kept["layers"]` is keyed by *source* layer index (one key per current layer).
 
 After (for `drop` = a set of current indices, not all of them):
@@ -54,9 +55,6 @@ class DropLayers:
             raise PdcError(f"drop_layers: layers {bad} do not exist (the graph has {n} decoder layers)", STAGE)
         if len(self.drop) >= n:
             raise PdcError(f"drop_layers: cannot drop all {n} decoder layers", STAGE)
-        if program.on_meta():
-            raise PdcError("drop_layers: the program's weights are not loaded (meta tensors); materialize it first",
-                           STAGE)
         if not self.drop:
             program.kept.setdefault("dropped_layers", [])
             return PassResult(self.name, {"layers": [n, n], "dropped_layers": []})

@@ -100,12 +100,20 @@ def test_bad_drop_is_pdc_error(exported, drop, message):
         PassManager([DropLayers(drop)]).run(program)
 
 
-def test_meta_weights_are_refused(tmp_path):
-    """Precondition: the pass renames parameters, so their values must be loaded."""
+def test_meta_weights_keep_their_source_names(tmp_path):
+    """A source exported without weights drops layers before any is read: the renumbered layers
+    read their source tensors (`Program.source_name`), so the result equals dropping on real ones."""
+    from pdc.graph.export import materialize
+    from pdc.graph.rewrite import materialize_sliced
+
     make_tiny_model("llama").save_pretrained(tmp_path / "src")
-    program = export_dir(tmp_path / "src")
-    with pytest.raises(PdcError, match="drop_layers: the program's weights are not loaded"):
+    on_meta, real = export_dir(tmp_path / "src"), export_dir(tmp_path / "src")
+    materialize(real)
+    for program in (on_meta, real):
         PassManager([DropLayers([1])]).run(program)
+    assert on_meta.source_name("model.layers.1.mlp.up_proj.weight") == "model.layers.2.mlp.up_proj.weight"
+    materialize_sliced(on_meta)
+    assert torch.equal(on_meta.forward(IDS), real.forward(IDS))
 
 
 def test_empty_drop_changes_nothing(exported):

@@ -38,7 +38,11 @@ VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash",
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 LOGITS_SLICE = 8  # logits of the first vocab entries at each probe row's last position
 FINGERPRINT_BLOCKS = 4  # calibration blocks whose next-token loss the fingerprint records
-BATCH = 4
+# fp32 logits per forward of the calibration loss: as many whole blocks as fit (at least one; a
+# block longer than fits alone is cut to the tokens that do: 523 at Llama 3's 128K vocabulary),
+# so the loss costs a few times this, whatever the calibration's seq_len. SmolLM2's 4 x 256
+# tokens (the examples' locks) fit in one forward, as they always ran.
+LOSS_LOGITS_BYTES = 256 * 2**20
 
 
 # ---- inputs ------------------------------------------------------------------------------
@@ -139,13 +143,8 @@ def program_fingerprint(program: Program, ep: "torch.export.ExportedProgram",
     blocks = calibration[:FINGERPRINT_BLOCKS].long() if calibration is not None and calibration.numel() else None
     calib_loss = None
     if blocks is not None:
-        total, count = 0.0, 0
-        for start in range(0, blocks.shape[0], BATCH):
-            chunk = blocks[start:start + BATCH]
-            n = chunk.shape[0] * (chunk.shape[1] - 1)
-            total += next_token_loss(program.forward(chunk).float(), chunk) * n
-            count += n
-        calib_loss = total / count
+        blocks = blocks[:, :max(2, LOSS_LOGITS_BYTES // (4 * program.arch.vocab))]  # bounded memory
+        calib_loss = calibration_loss(program, blocks)
     last = logits[:, -1, :]
     return ProgramFingerprint(
         graph_sha256=graph["hash"], nodes=graph["nodes"], op_counts=graph["op_counts"], dynamic=graph["dynamic"],
@@ -161,9 +160,22 @@ def program_fingerprint(program: Program, ep: "torch.export.ExportedProgram",
     )
 
 
+def calibration_loss(program: Program, blocks: torch.Tensor) -> float:
+    """Mean next-token loss over `blocks` [n, seq], as many whole blocks per forward as have
+    `LOSS_LOGITS_BYTES` of fp32 logits (at least one)."""
+    per = max(1, LOSS_LOGITS_BYTES // (4 * blocks.shape[1] * program.arch.vocab))
+    total, count = 0.0, 0
+    for start in range(0, blocks.shape[0], per):
+        chunk = blocks[start:start + per]
+        n = chunk.shape[0] * (chunk.shape[1] - 1)
+        total += next_token_loss(program.forward(chunk), chunk) * n
+        count += n
+    return total / count
+
+
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return float(torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
 
 
 def _op_name(target: Any) -> str:

@@ -13,6 +13,7 @@ the kept indices and the fingerprint are produced.
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,12 @@ import torch
 from pdc.emit.artifacts import write_artifacts
 from pdc.emit.checkpoint import emit_checkpoint
 from pdc.emit.fingerprint import program_fingerprint
+from pdc.emit.lean import check_staged, write_unchecked
 from pdc.errors import PdcError
 from pdc.files import write_json
 from pdc.graph.export import seal
 from pdc.graph.program import STAGE, Program
+from pdc.graph.storage import release_weights, stored_below_fp32
 from pdc.plan.counts import count_arch
 from pdc.plan.results import ArtifactResult, ProgramFingerprint
 
@@ -42,7 +45,8 @@ def emit_pruned(program: Program, out_dir: Path, source_dir: Optional[Path], cal
                 deploy: bool = True, progress: bool = False) -> Emitted:
     """Write `model/` and `kept_indices.json` into `out_dir` (the stage's staging directory),
     seal the program once, fingerprint it and (with `deploy`) write and verify `program.pt2` and
-    `model.onnx`. `source_dir` provides the tokenizer files copied beside the weights.
+    `model.onnx` (a student stored below fp32 is released after they are written and each file is
+checked alone: `pdc.emit.lean`). `source_dir` provides the tokenizer files copied beside the weights.
     Precondition, checked before anything is written: the program has exactly the parameter
     count of the config it emits (built by transformers on the meta device)."""
     params, expected = program.num_params(), count_arch(program.hf_config, program.arch).total
@@ -62,7 +66,17 @@ def emit_pruned(program: Program, out_dir: Path, source_dir: Optional[Path], cal
     fingerprint = program_fingerprint(program, ep, calibration)
     seconds["fingerprint"] = time.perf_counter() - start
     artifacts = {}
-    if deploy:
+    if deploy and stored_below_fp32(program):  # a large student: never two copies at once
+        start = time.perf_counter()
+        staged = write_unchecked(program, ep, out_dir, progress=progress)
+        seconds["write_artifacts"] = time.perf_counter() - start
+        del ep
+        release_weights(program)
+        gc.collect()
+        start = time.perf_counter()
+        artifacts = check_staged(staged, progress=progress)
+        seconds["verify_artifacts"] = time.perf_counter() - start
+    elif deploy:
         start = time.perf_counter()
         artifacts = write_artifacts(program, ep, out_dir, progress=progress)
         seconds["artifacts"] = time.perf_counter() - start

@@ -300,7 +300,7 @@ class _TapProgram:
         unread: dict[torch.fx.Node, str] = {}  # meta parameter nodes not read yet -> HF name
 
         def load(name: str) -> torch.Tensor:
-            return program.weights.load(name, torch.float32)
+            return program.weights.load(program.source_name(name), torch.float32)
 
         for node in nodes[: last_tap + 1]:
             if node.op == "call_module" and node.target == "_guards_fn":
@@ -327,7 +327,7 @@ class _TapProgram:
 def _weight(program: Program, name: str) -> torch.Tensor:
     tensor = program.param(name)
     if tensor.is_meta:
-        tensor = program.weights.load(name, torch.float32)
+        tensor = program.weights.load(program.source_name(name), torch.float32)
         index = program.meta.get("source_index", {}).get(name)
         for dim, idx in enumerate(index or []):
             if idx is not None:

@@ -78,15 +78,28 @@ class Program:
     def del_param(self, hf_name: str) -> None:
         owner, leaf = _owner(self.gm, self.prefix + hf_name)
         delattr(owner, leaf)
+        for key in ("source_name", "source_index"):
+            self.meta.get(key, {}).pop(hf_name, None)
 
     def rename_param(self, old: str, new: str) -> None:
-        """Move a parameter to a new HF name and retarget its get_attr node(s)."""
+        """Move a parameter to a new HF name and retarget its get_attr node(s). A weight not
+        read yet (meta) keeps the name it has in the source (`source_name`)."""
         value = self.param(old)
+        moved = {key: self.meta.get(key, {}).get(old) for key in ("source_name", "source_index")}
         self.del_param(old)
         self.set_param(new, value)
+        if value.is_meta:
+            self.meta.setdefault("source_name", {})[new] = moved["source_name"] or old
+            if moved["source_index"] is not None:
+                self.meta.setdefault("source_index", {})[new] = moved["source_index"]
         for node in self.gm.graph.nodes:
             if node.op == "get_attr" and node.target == self.prefix + old:
                 node.target = self.prefix + new
+
+    def source_name(self, hf_name: str) -> str:
+        """The name parameter `hf_name` has in the source checkpoint (layers renumbered by a
+        depth pass keep theirs until their weights are read)."""
+        return self.meta.get("source_name", {}).get(hf_name, hf_name)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """HF-named parameters (buffers excluded) that the graph reads, in graph order."""
@@ -147,11 +160,13 @@ class Program:
         with _fake_cpu_params(self, mode), mode:
             return self.gm(mode.from_tensor(ids))
 
-    def clone(self) -> "Program":
+    def clone(self, share_weights: bool = False) -> "Program":
         """A deep copy (graph, parameters, cached structure: it names nodes, which the copy keeps)
-        for before/after comparisons and for tests that share one export."""
+        for before/after comparisons and for tests that share one export. With `share_weights`
+        the copy reads the same tensors (a candidate graph to edit, not weights to change)."""
+        memo = {id(t): t for t in list(self.gm.parameters()) + list(self.gm.buffers())} if share_weights else {}
         return Program(
-            gm=copy.deepcopy(self.gm), arch=self.arch, hf_config=dict(self.hf_config),
+            gm=copy.deepcopy(self.gm, memo), arch=self.arch, hf_config=dict(self.hf_config),
             probe=self.probe, prefix=self.prefix, kept=copy.deepcopy(self.kept),
             weights=self.weights, meta=copy.deepcopy(self.meta), _shapes_stale=self._shapes_stale,
             embedding=self.embedding, head=self.head,

@@ -137,7 +137,7 @@ def materialize_sliced(program: Program, dtype: torch.dtype = torch.float32, pro
     indices = program.meta.get("source_index", {})
     names = [n for n in program.param_nodes() if program.param(n).is_meta]
     for name in tqdm(names, desc="read+slice weights", disable=not progress):
-        tensor = program.weights.load(name)
+        tensor = program.weights.load(program.source_name(name))
         for dim, idx in enumerate(indices.get(name, [])):
             if idx is not None:
                 tensor = take(tensor, dim, idx)

@@ -1,11 +1,15 @@
 """Depth pruning: score which decoder layers matter least, drop them from the exported program,
 emit every output from it.
 
-The stage loads the checkpoint once as a Hugging Face model and traces it once into a `Program`
-that shares its weights. Saliency is measured on the Hugging Face model (lm-eval's task harness
-needs one) with the candidate layers *temporarily removed* (`layers_removed`: the decoder's
-ModuleList is swapped and the KV-cache indices renumbered, no weights are copied); the choice is
-then applied to the program by `pdc.passes.drop_layers.DropLayers` under the `PassManager`, and
+Loss saliency (on one process) is scored on the program itself: each candidate is the program
+with `drop_layers` applied to a copy of its graph that shares the weights
+(`pdc.stages.depth_on_program`); a source over 4 GiB is then never loaded: exported on the meta
+device, scored with its weights read per use from the safetensors files, cut, and only the kept
+layers read (in the source's precision, as width pruning does). Task and cosine saliency, and
+loss on several ranks, still load the checkpoint as a Hugging Face model (lm-eval's harness needs
+one), trace it into a `Program` that shares its weights, and score the model with the candidate
+layers *temporarily removed* (`layers_removed`: the decoder's ModuleList is swapped and the
+KV-cache indices renumbered, no weights are copied). The choice is then applied to the program by `pdc.passes.drop_layers.DropLayers` under the `PassManager`, and
 the checkpoint, `program.pt2`, ONNX and the lock's fingerprints are all emitted from the rewritten
 program (`pdc.emit.pruned`), exactly as for width pruning.
 
@@ -44,13 +48,16 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from pdc.emit.checkpoint import source_dtype
 from pdc.emit.fingerprint import prune_inputs
 from pdc.emit.pruned import emit_pruned
 from pdc.errors import PdcError
 from pdc.files import write_json
-from pdc.graph.export import export_model, source_arch
+from pdc.graph.export import export_dir, export_model, source_arch
 from pdc.graph.manager import PassManager
 from pdc.graph.probe import default_probe
+from pdc.graph.rewrite import materialize_sliced
+from pdc.graph.storage import compute_in_fp32, return_freed_memory
 from pdc.inputs.data import take
 from pdc.inputs.models import load_causal_lm
 from pdc.inputs.shards import Blocks
@@ -59,6 +66,7 @@ from pdc.passes.drop_layers import PER_LAYER_CONFIG_KEYS, DropLayers
 from pdc.plan.counts import count_arch
 from pdc.plan.results import Candidate, PruneResult, SaliencyResult, decode, encode
 from pdc.plotting import pyplot, save_figure
+from pdc.stages.depth_on_program import loss_scores, program_nll, streams, without
 from pdc.stages.evaluate import EvalConfig, eval_dtype, mean_nll, task_accuracy_items
 from pdc.stages.process_group import rank_device
 from pdc.stages.ranks import local_only, rank_world, run_in_ranks, worker_main
@@ -305,12 +313,14 @@ def choose(cands: Sequence[Sequence[int]], values: Sequence[float], kind: str, n
 
 
 def saliency_table(model, target: DepthTarget, blocks=None, tokenizer=None, tasks_dir=None,
-                   batch_size: int = 4, progress: bool = True, scorer: Callable | None = None) -> dict:
+                   batch_size: int = 4, progress: bool = True, scorer: Callable | None = None,
+                   n_layers: int | None = None, measure_dropped: Callable | None = None) -> dict:
     """Score all candidates and choose; the JSON-able table written to `saliency.json`.
-    `scorer(cands) -> (values, baseline)` replaces `score_candidates` in this process (the
-    scores of several ranks)."""
+    `scorer(cands, blocks) -> (values, baseline)` replaces `score_candidates` in this process
+    (the scores of several ranks, or of the program: then `model` may be None, with `n_layers`
+    and `measure_dropped(layers, blocks)` for the non-contiguous choice)."""
     _task_items.clear()
-    n_layers = len(decoder_layers(model))
+    n_layers = len(decoder_layers(model)) if n_layers is None else n_layers
     cands = candidates(n_layers, target.depth, target.contiguous)
     n_drop = n_layers - target.depth
     sal = target.saliency
@@ -321,7 +331,7 @@ def saliency_table(model, target: DepthTarget, blocks=None, tokenizer=None, task
     if not cands:
         values, baseline = [], None
     elif scorer is not None:
-        values, baseline = scorer(cands)
+        values, baseline = scorer(cands, blocks)
     else:
         model = scoring_model(model, sal)
         values, baseline = score_candidates(model, cands, sal, blocks, tokenizer, tasks_dir, batch_size, progress)
@@ -330,7 +340,9 @@ def saliency_table(model, target: DepthTarget, blocks=None, tokenizer=None, task
         after = None
     elif target.contiguous:
         after = values[cands.index(chosen)]
-    else:  # single layers were scored alone; measure them removed together
+    elif measure_dropped is not None:  # single layers were scored alone; measure them removed together
+        after = measure_dropped(chosen, blocks)
+    else:
         model = scoring_model(model, sal)
         with layers_removed(model, chosen):
             after = _measurement(model, sal, blocks, tokenizer, tasks_dir, batch_size)()
@@ -423,35 +435,57 @@ def prune_depth(
     if shards is not None:
         blocks = shards.read()
     seconds = {}
-    start = time.perf_counter()
-    model, tokenizer = _load(model_dir)
-    seconds["load_weights"] = time.perf_counter() - start
-    candidates(len(decoder_layers(model)), target.depth, target.contiguous)  # fail before any work
-    check_saliency_inputs(target.saliency, blocks, tokenizer)
-    start = time.perf_counter()
+    on_program = target.saliency.kind == "loss" and nproc == 1  # scored on the graph (pdc.stages.depth_on_program)
+    if not (model_dir / "config.json").exists():
+        raise PdcError(f"no Hugging Face checkpoint in {model_dir} (config.json missing)", STAGE)
     config = json.loads((model_dir / "config.json").read_text())
-    program = export_model(model, default_probe(model.config.vocab_size, model_dir), hf_config=config)
-    seconds["export"] = time.perf_counter() - start
+    if on_program and streams(model_dir):  # never loaded: scored from the files, cut, then read
+        model, tokenizer = None, None
+        start = time.perf_counter()
+        program = export_dir(model_dir, progress=progress)
+        seconds["export"] = time.perf_counter() - start
+        return_freed_memory()
+    else:
+        start = time.perf_counter()
+        model, tokenizer = _load(model_dir)
+        seconds["load_weights"] = time.perf_counter() - start
+        start = time.perf_counter()
+        program = export_model(model, default_probe(model.config.vocab_size, model_dir), hf_config=config)
+        seconds["export"] = time.perf_counter() - start
+    candidates(program.arch.layers, target.depth, target.contiguous)  # fail before any work
+    check_saliency_inputs(target.saliency, blocks, tokenizer)
     arch_before = program.arch
     start = time.perf_counter()
-    scorer = None
-    if nproc > 1:
+    scorer = measure_dropped = None
+    if on_program:
+        def scorer(cands, blocks):
+            return loss_scores(program, cands, blocks, batch_size, progress)
+
+        def measure_dropped(drop, blocks):
+            return program_nll(without(program, drop), blocks, batch_size)
+    elif nproc > 1:
         if work_dir is None or (blocks is not None and shards is None):
             raise PdcError("depth saliency on several processes needs a work directory and token shards", STAGE)
         job = {"kind": "saliency", "model": str(model_dir.resolve()), "target": encode(target),
                "blocks": shards.to_json() if shards is not None else None,
                "tasks_dir": str(Path(tasks_dir).resolve()) if tasks_dir else None, "batch_size": batch_size}
 
-        def scorer(cands):
+        def scorer(cands, _blocks):
             got = run_in_ranks("pdc.stages.prune_depth", job, nproc, work_dir, STAGE, "depth saliency")
             return got["values"], got["baseline"]
-    table = saliency_table(model, target, blocks, tokenizer, tasks_dir, batch_size, progress, scorer)
+    table = saliency_table(model, target, blocks, tokenizer, tasks_dir, batch_size, progress, scorer,
+                           program.arch.layers, measure_dropped)
     seconds["saliency"] = time.perf_counter() - start
     dropped = table["dropped_layers"]
     start = time.perf_counter()
     PassManager([DropLayers(dropped)]).run(program)
     seconds["drop_layers"] = time.perf_counter() - start
     del model  # the program holds the surviving weights
+    if program.on_meta():  # a streamed source: read the kept layers, in the source's precision
+        start = time.perf_counter()
+        materialize_sliced(program, dtype=source_dtype(config), progress=progress)
+        compute_in_fp32(program)
+        seconds["read_weights"] = time.perf_counter() - start
     params_after = program.num_params()  # emit_pruned checks it against the emitted config
     emitted = emit_pruned(program, out_dir, model_dir, blocks, deploy=deploy, progress=progress)
     seconds.update(emitted.seconds)

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from pdc.arch import Arch
+from pdc.emit.checkpoint import source_dtype
 from pdc.emit.fingerprint import prune_inputs
 from pdc.emit.pruned import emit_pruned
 from pdc.errors import PdcError
@@ -28,6 +29,7 @@ from pdc.graph.export import export_dir, materialize, source_arch
 from pdc.graph.manager import PassManager
 from pdc.graph.program import STAGE, Program
 from pdc.graph.rewrite import materialize_sliced
+from pdc.graph.storage import compute_in_fp32, return_freed_memory
 from pdc.graph.structure import structure_of
 from pdc.inputs.shards import Blocks
 from pdc.lang.settings import ImportanceConfig, ReconstructConfig, WidthTarget
@@ -133,9 +135,11 @@ def _expert_passes(structure, scores: "imp_mod.Importance", target: WidthTarget)
 def prune_program(program: Program, calib: Optional[torch.Tensor], target: WidthTarget,
                   importance: ImportanceConfig, progress: bool = True, batch_size: int = 8,
                   scores: Optional["imp_mod.Importance"] = None,
-                  reconstruct: Optional[ReconstructConfig] = None) -> tuple[Program, dict]:
+                  reconstruct: Optional[ReconstructConfig] = None,
+                  dtype: torch.dtype = torch.float32) -> tuple[Program, dict]:
     """Rank (unless `scores` were computed elsewhere: several ranks), (with `reconstruct`) refit,
-    slice and (for meta sources) read the kept weights. Returns the program (rewritten in place)
+    slice and (for meta sources) read the kept weights, stored as `dtype` (narrower than fp32:
+    computed in fp32 all the same, `pdc.graph.storage`). Returns the program (rewritten in place)
     and a report {"importance": Importance, "passes": [...], "seconds": {...}}."""
     seconds = {}
     if importance.method == "activation" and calib is None:
@@ -156,7 +160,8 @@ def prune_program(program: Program, calib: Optional[torch.Tensor], target: Width
             seconds["reconstruct_solve"] = r.seconds
     if program.on_meta():
         start = time.perf_counter()
-        materialize_sliced(program, progress=progress)
+        materialize_sliced(program, dtype=dtype, progress=progress)
+        compute_in_fp32(program)
         seconds["read_weights"] = time.perf_counter() - start
     return program, {"importance": scores, "passes": results, "seconds": seconds}
 
@@ -169,7 +174,8 @@ def prune_width(model_dir: Path, calib: Optional[Blocks | torch.Tensor], target:
     """Prune the checkpoint in `model_dir` to `target` and write into `out_dir` (the caller's
     staging directory): model/, kept_indices.json, importance.json, importance.png and, with
     `deploy`, program.pt2 and model.onnx. `stream_weights` (default: only for checkpoints over
-    4 GiB) keeps the source weights on disk during calibration and reads each one per use. With
+    4 GiB) keeps the source weights on disk during calibration and reads each one per use, and
+    keeps the student's weights in the source's precision (bf16 stays bf16). With
     `nproc` > 1, activation importance runs on that many ranks of this node
     (`pdc.stages.prune_ranks`, job files in `work_dir`). `reconstruct` refits the projections
     reading the cut units from moments summed in the same calibration pass."""
@@ -192,6 +198,8 @@ def prune_width(model_dir: Path, calib: Optional[Blocks | torch.Tensor], target:
     arch_before = program.arch
     if stream_weights is None:
         stream_weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) > 4 * 2**30
+    if stream_weights:
+        return_freed_memory()  # weights read one at a time must not pile up in malloc's heap
     scores = None
     if in_ranks:
         start = time.perf_counter()
@@ -208,7 +216,10 @@ def prune_width(model_dir: Path, calib: Optional[Blocks | torch.Tensor], target:
         start = time.perf_counter()
         materialize(program, progress=progress)
         seconds["load_weights"] = time.perf_counter() - start
-    program, report = prune_program(program, calib, target, importance, progress, batch_size, scores, reconstruct)
+    # a streamed (large) source's student keeps its precision; small ones stay fp32 as before
+    dtype = source_dtype(program.hf_config) if stream_weights else torch.float32
+    program, report = prune_program(program, calib, target, importance, progress, batch_size, scores, reconstruct,
+                                    dtype)
     seconds.update(report["seconds"])
     params_after = program.num_params()  # emit_pruned checks it against the emitted config
     emitted = emit_pruned(program, out_dir, model_dir, calib, deploy=deploy, progress=progress)

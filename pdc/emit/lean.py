@@ -1,0 +1,172 @@
+"""The deployable files of a program too large to hold twice: write all, then check each alone.
+
+`pdc.emit.artifacts` checks each file while the program still holds its weights: two copies of
+the model at once. A student stored below fp32 (`pdc.graph.storage`, a large source) takes this
+path instead:
+
+    references = program logits on every check input          (the program's last forward)
+    program.pt2, model.onnx written from the sealed program    (into a temporary directory)
+    the program's weights are released                         (by the caller: `emit_pruned`)
+    model/ loaded, checked, dropped; program.pt2 ...; model.onnx ...
+    the files move into place
+
+The checks and tolerances are those of `pdc.emit.artifacts`, against the same references. The
+checkpoint is loaded in its stored precision and run in fp32 (each weight widened on read, as
+the program does); onnxruntime runs without graph optimisations, which would otherwise fold
+every widened weight into an fp32 copy. No fp64 noise measurement: it needs a second copy.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pdc.emit.artifacts import (
+    CHECKPOINT_ATOL, ONNX_ATOL, ONNX_DATA_SUFFIX, ONNX_RTOL, PT2_ATOL, _check_ids, _first_line, _max_abs_diff,
+    _size, _temp_dir_beside, check_inputs,
+)
+from pdc.emit.checkpoint import source_dtype
+from pdc.emit.fingerprint import is_dynamic
+from pdc.errors import PdcError
+from pdc.graph.program import STAGE, Program
+from pdc.inputs.models import load_causal_lm
+from pdc.plan.results import ArtifactResult
+
+
+@dataclass
+class Staged:
+    """Files written but not yet checked, and the logits they must reproduce."""
+    out_dir: Path
+    tmp: "_temp_dir_beside"
+    tmp_dir: Path
+    inputs: list[torch.Tensor]  # the probe first, then (dynamic) one more shape
+    references: list[torch.Tensor]
+    dtype: torch.dtype
+    seconds: dict
+
+
+def write_unchecked(program: Program, ep: "torch.export.ExportedProgram", out_dir: Path,
+                    progress: bool = False) -> Staged:
+    """Reference logits, then program.pt2 and model.onnx (external data) into a temporary
+    directory beside `out_dir/model.onnx`; nothing is checked yet."""
+    out_dir = Path(out_dir)
+    inputs = check_inputs(_check_ids(program.probe), dynamic=is_dynamic(ep))
+    references = [program.forward(ids).detach().float() for ids in inputs]
+    tmp = _temp_dir_beside(out_dir / "model.onnx")
+    tmp_dir = tmp.__enter__()
+    seconds = {}
+    try:
+        start = time.perf_counter()
+        torch.export.save(ep, str(tmp_dir / "program.pt2"))
+        seconds["program.pt2"] = time.perf_counter() - start
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(ep, (inputs[0],), dynamo=True, input_names=["input_ids"],
+                                             output_names=["logits"], optimize=True, verbose=False)
+            onnx_program.save(str(tmp_dir / "model.onnx"), external_data=True)
+        del onnx_program
+        seconds["model.onnx"] = time.perf_counter() - start
+    except Exception as exc:
+        tmp.__exit__(None, None, None)
+        raise PdcError(f"writing program.pt2/model.onnx failed: {type(exc).__name__}: {_first_line(exc)}",
+                       STAGE) from exc
+    return Staged(out_dir, tmp, tmp_dir, inputs, references, source_dtype(program.hf_config), seconds)
+
+
+def check_staged(staged: Staged, progress: bool = False) -> dict[str, ArtifactResult]:
+    """Check model/, program.pt2 and model.onnx one at a time against the references (the
+    program's weights are released by now), then move the two files into place."""
+    out: dict[str, ArtifactResult] = {}
+    bar = tqdm(total=3, desc="check artifacts", disable=not progress, unit="file")
+    try:
+        start = time.perf_counter()
+        diff = _check(_checkpoint_logits(staged.out_dir / "model", staged.dtype, staged.inputs[:1]),
+                      staged.references[:1], CHECKPOINT_ATOL, 0.0, "model/: the checkpoint")
+        out["model"] = ArtifactResult(path="model", bytes=_size(staged.out_dir / "model"),
+                                      seconds=round(time.perf_counter() - start, 2), max_abs_diff=diff,
+                                      tolerance=CHECKPOINT_ATOL)
+        bar.update(1)
+        start = time.perf_counter()
+        pt2 = staged.tmp_dir / "program.pt2"
+        diff = _check(_pt2_logits(pt2, staged.inputs[:1]), staged.references[:1], PT2_ATOL, 0.0, "program.pt2")
+        out[pt2.name] = ArtifactResult(path=pt2.name, bytes=pt2.stat().st_size,
+                                       seconds=round(time.perf_counter() - start + staged.seconds["program.pt2"], 2),
+                                       max_abs_diff=diff, tolerance=PT2_ATOL)
+        bar.update(1)
+        start = time.perf_counter()
+        onnx = staged.tmp_dir / "model.onnx"
+        diff = _check(_onnx_logits(onnx, staged.inputs), staged.references, ONNX_ATOL, ONNX_RTOL, "model.onnx")
+        out[onnx.name] = ArtifactResult(
+            path=onnx.name, bytes=_size(onnx) + _size(onnx.with_name(onnx.name + ONNX_DATA_SUFFIX)),
+            seconds=round(time.perf_counter() - start + staged.seconds["model.onnx"], 2), max_abs_diff=diff,
+            tolerance=ONNX_ATOL)
+        bar.update(1)
+        stale = staged.out_dir / ("model.onnx" + ONNX_DATA_SUFFIX)
+        if not (staged.tmp_dir / stale.name).exists():
+            stale.unlink(missing_ok=True)
+        for item in sorted(staged.tmp_dir.iterdir(), key=lambda p: p.name == "model.onnx"):
+            os.replace(item, staged.out_dir / item.name)  # the .onnx last: it names its data file
+    finally:
+        bar.close()
+        staged.tmp.__exit__(None, None, None)
+    return out
+
+
+def _check(got: list[torch.Tensor], expected: list[torch.Tensor], atol: float, rtol: float, what: str) -> float:
+    diffs = []
+    for g, e in zip(got, expected):
+        diff = _max_abs_diff(g, e)
+        if g.shape != e.shape or not bool(((g - e).abs() <= atol + rtol * e.abs()).all()):
+            tol = f"{atol:g}" + (f" + {rtol:g}*|logit|" if rtol else "")
+            raise PdcError(f"{what}'s logits differ from the rewritten program's by {diff:.3g} > {tol}", STAGE)
+        diffs.append(diff)
+    return max(diffs)
+
+
+class _Fp32(torch.nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.float()
+
+
+@torch.no_grad()
+def _checkpoint_logits(model_dir: Path, dtype: torch.dtype, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The checkpoint loaded as stored, each weight widened to fp32 when read (as the program)."""
+    from torch.nn.utils import parametrize
+
+    model = load_causal_lm(model_dir, STAGE, dtype=dtype)
+    for module in list(model.modules()):
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_floating_point() and param.element_size() < 4:
+                parametrize.register_parametrization(module, name, _Fp32(), unsafe=True)
+    return [model(input_ids=ids, use_cache=False).logits.float() for ids in inputs]
+
+
+@torch.no_grad()
+def _pt2_logits(path: Path, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    try:
+        module = torch.export.load(str(path)).module()
+    except Exception as exc:
+        raise PdcError(f"torch.export.load of {path.name} failed: {_first_line(exc)}", STAGE) from exc
+    return [module(ids).float() for ids in inputs]
+
+
+def _onnx_logits(path: Path, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no fp32 copies
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return [torch.from_numpy(session.run(["logits"], {"input_ids": ids.numpy()})[0]).float() for ids in inputs]
+    except Exception as exc:
+        raise PdcError(f"onnxruntime cannot run {path.name}: {_first_line(exc)}", STAGE) from exc

@@ -1,0 +1,62 @@
+"""Run a program whose weights are still in the source files: each read when first needed.
+
+`streamed(program)` is the program's graph compiled to Python by fx with every meta parameter's
+`get_attr` replaced by a read from `program.weights` (its source name, sliced by any recorded
+source index, widened to fp32 as the graph was traced) placed right before its first use; fx's
+generated code drops every value after its last use, so a forward holds one weight (plus the
+program's own real tensors) and the activations, whatever the model's size. Each forward reads
+the weights again: the cost is disk and page-cache bandwidth, not memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from pdc.graph.program import Program
+from pdc.graph.rewrite import take
+
+
+def read_weight(program: Program, name: str) -> torch.Tensor:
+    """Parameter `name` from the source files as the program holds it (sliced, fp32)."""
+    tensor = program.weights.load(program.source_name(name), torch.float32)
+    for dim, idx in enumerate(program.meta.get("source_index", {}).get(name) or []):
+        if idx is not None:
+            tensor = take(tensor, dim, idx)
+    return tensor
+
+
+def streamed(program: Program) -> torch.nn.Module:
+    """A module computing `program.forward` (logits) that reads meta weights per use."""
+    graph = torch.fx.Graph()
+    copies: dict[torch.fx.Node, torch.fx.Node] = {}
+    unread: dict[torch.fx.Node, str] = {}
+
+    def load(name: str) -> torch.Tensor:
+        return read_weight(program, name)
+
+    for node in program.gm.graph.nodes:
+        if node.op == "call_module" and node.target == "_guards_fn":
+            continue  # export's input guard: computes nothing
+        if node.op == "get_attr" and node.target.startswith(program.prefix):
+            name = node.target[len(program.prefix):]
+            if program.param(name).is_meta:
+                unread[node] = name
+                continue
+        for source in node.all_input_nodes:
+            if source in unread:
+                copies[source] = graph.call_function(load, (unread.pop(source),))
+        copies[node] = graph.node_copy(node, lambda n: copies[n])
+    return _Logits(torch.fx.GraphModule(program.gm, graph))
+
+
+class _Logits(torch.nn.Module):
+    """The copied graph returns export's flat output tuple; the program returns the logits."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.gm(ids)
+        return out[0] if isinstance(out, (tuple, list)) else out

@@ -1,0 +1,31 @@
+"""Host memory (RAM) of a prune stage on a streamed source, from the architectures alone.
+
+A source over 4 GiB is never loaded: calibration and slicing read one weight at a time, the
+student is held in the source's precision and computed in fp32 (each weight widened while the op
+that reads it runs), and the files are checked one at a time after the student is released
+(`pdc.graph.storage`, `pdc.emit.lean`). The peak is therefore the student plus the largest
+weight widened to fp32 (the output head: vocab x hidden) plus the fingerprint's bounded logits
+(`pdc.emit.fingerprint.LOSS_LOGITS_BYTES`, twice: the logits and their log-softmax) plus the
+process itself (Python, torch, transformers, the traced graph: `PROCESS_BYTES`, measured as
+the peak of pruning a 0.2 GB model, tests/test_prune_memory_guard.py). Not counted: loading
+`program.pt2` (torch.export.load) and ONNX (onnxruntime) back to check them, which hold the
+student's weights twice (measured on the 8B width student: 20.1 GiB and over 22.7 GiB).
+"""
+
+from __future__ import annotations
+
+PROCESS_BYTES = int(0.9 * 2**30)  # imports, traced graph, ONNX exporter (a small model's whole peak)
+LOSS_LOGITS_BYTES = 256 * 2**20  # pdc.emit.fingerprint's bound on one forward's fp32 logits
+
+
+def prune_host_bytes(student_params: int, vocab: int, hidden: int, stored_bytes: int = 2) -> dict[str, int]:
+    """Peak host memory of pruning to a student of `student_params` parameters (stored in
+    `stored_bytes` each) with output head vocab x hidden, by part, the sum under "total"."""
+    parts = {
+        "student": student_params * stored_bytes,
+        "widened head": vocab * hidden * 4,
+        "fingerprint logits": 2 * LOSS_LOGITS_BYTES,
+        "process": PROCESS_BYTES,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
