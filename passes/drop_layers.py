@@ -31,7 +31,6 @@ from typing import Iterable
 
 import torch
 
-from pdc.arch import PER_LAYER_KEYS as PER_LAYER_CONFIG_KEYS  # noqa: F401 (stages/prune_depth.py reads it here)
 from pdc.arch import per_layer_lists
 from pdc.errors import PdcError
 from pdc.graph.manager import PassResult

@@ -62,14 +62,15 @@ from pdc.inputs.data import take
 from pdc.inputs.models import load_causal_lm
 from pdc.inputs.shards import Blocks
 from pdc.lang.settings import DepthTarget, Saliency
-from pdc.passes.drop_layers import PER_LAYER_CONFIG_KEYS, DropLayers
+from pdc.arch import per_layer_lists
+from pdc.passes.drop_layers import DropLayers
 from pdc.plan.counts import count_arch
 from pdc.plan.results import Candidate, PruneResult, SaliencyResult, decode, encode
 from pdc.plotting import pyplot, save_figure
 from pdc.stages.depth_on_program import loss_scores, program_nll, streams, without
 from pdc.stages.evaluate import EvalConfig, eval_dtype, mean_nll, task_accuracy_items
 from pdc.stages.process_group import rank_device
-from pdc.stages.ranks import local_only, rank_world, run_in_ranks, worker_main
+from pdc.stages.ranks import eval_mode, local_only, rank_batches, rank_world, run_in_ranks, worker_main
 
 STAGE = "prune"
 
@@ -108,16 +109,6 @@ def _set_layer_indices(layers: Sequence[torch.nn.Module], indices: Sequence[int]
                 mod.layer_idx = idx
 
 
-def _per_layer_config(config, keep: Sequence[int], n_layers: int) -> dict:
-    """Per-layer config lists restricted to `keep` (only lists that have one entry per layer)."""
-    out = {}
-    for key in PER_LAYER_CONFIG_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, (list, tuple)) and len(value) == n_layers:
-            out[key] = [value[i] for i in keep]
-    return out
-
-
 def _keep_list(n: int, drop: Sequence[int]) -> list[int]:
     bad = [i for i in drop if not 0 <= i < n]
     if bad:
@@ -148,10 +139,10 @@ def layers_removed(model, drop: Sequence[int]) -> Iterator[None]:
     layers = decoder_layers(model)
     n = len(layers)
     keep = _keep_list(n, drop)
-    saved_lists = {k: getattr(model.config, k) for k in _per_layer_config(model.config, range(n), n)}
+    saved_lists = {k: getattr(model.config, k) for k in per_layer_lists(model.config, range(n), n)}
     saved_n = model.config.num_hidden_layers
     try:
-        _install(model, [layers[i] for i in keep], len(keep), _per_layer_config(model.config, keep, n))
+        _install(model, [layers[i] for i in keep], len(keep), per_layer_lists(model.config, keep, n))
         yield
     finally:
         _install(model, layers, saved_n, saved_lists)
@@ -175,7 +166,7 @@ def block_influence(model, blocks: torch.Tensor, runs: Sequence[Sequence[int]], 
                     progress: bool = False) -> list[float]:
     """1 - cos(h entering run[0], h leaving run[-1]) averaged over all tokens, for each run of
     consecutive layers, from forward passes of the full model (hooks on the decoder layers).
-    Split over ranks (`rank_world`): each rank runs every world-th batch; the float64 sums are
+    Split over ranks (`rank_batches`): each block is read by one rank; the float64 sums are
     all-reduced."""
     layers = decoder_layers(model)
     inputs: dict[int, torch.Tensor] = {}
@@ -198,27 +189,22 @@ def block_influence(model, blocks: torch.Tensor, runs: Sequence[Sequence[int]], 
     sums = torch.zeros(len(runs), dtype=torch.float64)
     count = 0
     device = next(model.parameters()).device
-    rank, world = rank_world()
-    starts = list(range(0, len(blocks), batch_size))[rank::world]
-    if progress and rank == 0:
-        starts = tqdm(starts, desc="block influence", unit="batch", leave=False)
-    was_training = model.training
-    model.eval()
     try:
-        for s in starts:
-            ids = blocks[s : s + batch_size].to(device)
-            model(input_ids=ids, use_cache=False)
-            for c, run in enumerate(runs):
-                cos = torch.nn.functional.cosine_similarity(inputs[run[0]].double(), outputs[run[-1]].double(), dim=-1)
-                sums[c] += float((1.0 - cos).sum())
-            count += ids.numel()
-            inputs.clear()
-            outputs.clear()
+        with eval_mode(model):
+            for rows in rank_batches(len(blocks), batch_size, "block influence", progress):
+                ids = blocks[rows].to(device)
+                model(input_ids=ids, use_cache=False)
+                for c, run in enumerate(runs):
+                    cos = torch.nn.functional.cosine_similarity(inputs[run[0]].double(), outputs[run[-1]].double(),
+                                                                dim=-1)
+                    sums[c] += float((1.0 - cos).sum())
+                count += ids.numel()
+                inputs.clear()
+                outputs.clear()
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
-    if world > 1:
+    if rank_world()[1] > 1:
         both = torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64)])
         dist.all_reduce(both)
         sums, count = both[:-1], int(both[-1])
