@@ -37,7 +37,7 @@ import torch.fx
 
 from pdc.errors import PdcError
 from pdc.graph.program import STAGE, Program
-from pdc.graph.rewrite import take
+from pdc.graph.stream import copy_reading_weights, read_weight
 from pdc.graph.structure import structure_of
 from pdc.lang.settings import ImportanceConfig
 
@@ -295,27 +295,12 @@ class _TapProgram:
     def __init__(self, program: Program, taps: set[str], on_tap: Callable[[str, torch.Tensor], None]):
         nodes = list(program.gm.graph.nodes)
         last_tap = max(i for i, n in enumerate(nodes) if n.name in taps)
-        graph = torch.fx.Graph()
-        copies: dict[torch.fx.Node, torch.fx.Node] = {}
-        unread: dict[torch.fx.Node, str] = {}  # meta parameter nodes not read yet -> HF name
 
-        def load(name: str) -> torch.Tensor:
-            return program.weights.load(program.source_name(name), torch.float32)
-
-        for node in nodes[: last_tap + 1]:
-            if node.op == "call_module" and node.target == "_guards_fn":
-                continue  # export's input guard: computes nothing
-            if node.op == "get_attr" and node.target.startswith(program.prefix):
-                name = node.target[len(program.prefix):]
-                if program.param(name).is_meta:
-                    unread[node] = name
-                    continue
-            for source in node.all_input_nodes:
-                if source in unread:
-                    copies[source] = graph.call_function(load, (unread.pop(source),))
-            copies[node] = graph.node_copy(node, lambda n: copies[n])
+        def tap(graph: torch.fx.Graph, node: torch.fx.Node, copy: torch.fx.Node) -> None:
             if node.name in taps:
-                graph.call_function(on_tap, (node.name, copies[node]))
+                graph.call_function(on_tap, (node.name, copy))
+
+        graph = copy_reading_weights(program, nodes[: last_tap + 1], tap)
         graph.output(None)
         self.module = torch.fx.GraphModule(program.gm, graph)
 
@@ -326,13 +311,7 @@ class _TapProgram:
 # ---- magnitude / random ------------------------------------------------------------------
 def _weight(program: Program, name: str) -> torch.Tensor:
     tensor = program.param(name)
-    if tensor.is_meta:
-        tensor = program.weights.load(program.source_name(name), torch.float32)
-        index = program.meta.get("source_index", {}).get(name)
-        for dim, idx in enumerate(index or []):
-            if idx is not None:
-                tensor = take(tensor, dim, idx)
-    return tensor.float()
+    return read_weight(program, name) if tensor.is_meta else tensor.float()
 
 
 def _slice_norms(tensor: torch.Tensor, dim: int) -> torch.Tensor:

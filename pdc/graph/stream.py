@@ -26,16 +26,18 @@ def read_weight(program: Program, name: str) -> torch.Tensor:
     return tensor
 
 
-def streamed(program: Program) -> torch.nn.Module:
-    """A module computing `program.forward` (logits) that reads meta weights per use."""
+def copy_reading_weights(program: Program, nodes, after=None) -> torch.fx.Graph:
+    """A new graph of `nodes` (the program's, in order) in which every meta parameter is read by
+    `read_weight` right before its first use; `after(graph, node, copy)` may add nodes after each copy.
+    The one copy rule of a streamed forward and of importance's tapped forward."""
     graph = torch.fx.Graph()
     copies: dict[torch.fx.Node, torch.fx.Node] = {}
-    unread: dict[torch.fx.Node, str] = {}
+    unread: dict[torch.fx.Node, str] = {}  # meta parameter nodes not read yet -> program name
 
     def load(name: str) -> torch.Tensor:
         return read_weight(program, name)
 
-    for node in program.gm.graph.nodes:
+    for node in nodes:
         if node.op == "call_module" and node.target == "_guards_fn":
             continue  # export's input guard: computes nothing
         if node.op == "get_attr" and node.target.startswith(program.prefix):
@@ -47,6 +49,14 @@ def streamed(program: Program) -> torch.nn.Module:
             if source in unread:
                 copies[source] = graph.call_function(load, (unread.pop(source),))
         copies[node] = graph.node_copy(node, lambda n: copies[n])
+        if after is not None:
+            after(graph, node, copies[node])
+    return graph
+
+
+def streamed(program: Program) -> torch.nn.Module:
+    """A module computing `program.forward` (logits) that reads meta weights per use."""
+    graph = copy_reading_weights(program, program.gm.graph.nodes)
     return _Logits(torch.fx.GraphModule(program.gm, graph))
 
 
