@@ -18,7 +18,7 @@ from pdc.errors import PdcError
 from pdc.files import sha256_file
 from pdc.lang.settings import DepthTarget, Saliency
 from pdc.plan.results import read_record
-from pdc.stages.evaluate import task_accuracy
+from pdc.stages.lm_tasks import task_accuracy
 from pdc.stages.prune_depth import block_influence, candidates, layers_removed, prune_depth, saliency_table
 from eval_support import write_mc_task
 from tiny_builds import write_corpus

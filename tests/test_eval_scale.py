@@ -16,7 +16,8 @@ from pdc.inputs.shards import Blocks, write_rows
 from pdc.lang.settings import EvalConfig, EvalTask
 from pdc.plan.training import Launch
 from pdc.plan.results import EvaluateResult
-from pdc.stages.evaluate import comparison_table, evaluate_model, evaluate_models, run_tasks
+from pdc.stages.evaluate import comparison_table, evaluate_model, evaluate_models
+from pdc.stages.lm_tasks import run_tasks
 from eval_support import make_tiny_model_for_tasks, rig_to_prefer, write_mc_task
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
@@ -124,7 +125,7 @@ def test_the_recipes_tasks_are_in_lm_evals_registry_offline():
     """The paper's benchmarks in specs/ name tasks lm-eval ships (its bundled registry, indexed
     offline), with the paper's shot counts; the ones that run model-written code are allowed."""
     from pdc.lang import load_spec
-    from pdc.stages.evaluate import _builtin_task_names
+    from pdc.stages.lm_tasks import _builtin_task_names
 
     registry = _builtin_task_names()
     paper = {"winogrande": 5, "arc_challenge": 25, "mmlu": 5, "hellaswag": 10, "gsm8k": 5, "truthfulqa_mc2": 0,

@@ -30,7 +30,7 @@ def test_smollm2_heldout_perplexity_far_below_uniform(smollm2):
 
 def test_smollm2_movie_recommendation_local_through_lm_eval(smollm2):
     from pdc.inputs.assets import local_tasks_dir
-    from pdc.stages.evaluate import run_tasks
+    from pdc.stages.lm_tasks import run_tasks
     from pdc.lang.settings import EvalTask
 
     model, tok = smollm2

@@ -8,14 +8,8 @@ import math
 import pytest
 
 from pdc.errors import PdcError
-from pdc.stages.evaluate import (
-    comparison_table,
-    evaluate_model,
-    evaluate_models,
-    run_tasks,
-    task_accuracy,
-    write_results,
-)
+from pdc.stages.evaluate import comparison_table, evaluate_model, evaluate_models, write_results
+from pdc.stages.lm_tasks import run_tasks, task_accuracy
 from pdc.lang.settings import EvalConfig, EvalTask
 from conftest import make_tiny_tokenizer
 from eval_support import make_tiny_model_for_tasks, rig_to_prefer, write_mc_task

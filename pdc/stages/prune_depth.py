@@ -68,7 +68,8 @@ from pdc.plan.counts import count_arch
 from pdc.plan.results import Candidate, PruneResult, SaliencyResult, decode, encode
 from pdc.plotting import pyplot, save_figure
 from pdc.stages.depth_on_program import loss_scores, program_nll, streams, without
-from pdc.stages.evaluate import EvalConfig, eval_dtype, mean_nll, task_accuracy_items
+from pdc.stages.evaluate import EvalConfig, eval_dtype, mean_nll
+from pdc.stages.lm_tasks import task_accuracy_items
 from pdc.stages.process_group import rank_device
 from pdc.stages.ranks import eval_mode, local_only, rank_batches, rank_world, run_in_ranks, worker_main
 

@@ -76,6 +76,13 @@ def rank_batches(n: int, batch_size: int, desc: str, progress: bool = False) -> 
         yield mine[start:start + batch_size]
 
 
+def model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - a model without parameters is not a model
+        return torch.device("cpu")
+
+
 @contextlib.contextmanager
 def eval_mode(model) -> Iterator[None]:
     """`model` in eval mode inside the block; its training mode restored afterwards."""
