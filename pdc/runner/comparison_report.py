@@ -37,7 +37,8 @@ from pdc.plan.results import (
     read_record,
 )
 from pdc.plotting import pyplot, save_figure
-from pdc.runner.report import Doc, format_number, read_log_records, render_html, render_markdown, speed_section
+from pdc.runner.report import format_number, read_log_records, speed_section
+from pdc.runner.report_doc import Doc, render_html, render_markdown
 from pdc.runner.speed_table import paired_ratio, read_speed, speedup_ratio, variant_student
 from pdc.runner.stats import PERPLEXITY_RATIO, SPEED_RATIO, Difference, format_difference, score_differences, verdict
 
