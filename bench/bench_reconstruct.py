@@ -38,18 +38,6 @@ def _error(weight: torch.Tensor, new_k: torch.Tensor, keep: torch.Tensor, gram: 
     return float(((residual @ gram) * residual).sum() / ((w @ gram) * w).sum())
 
 
-def _lm_loss(program, blocks: torch.Tensor) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(blocks), 4):
-            ids = blocks[i:i + 4]
-            logits = program.forward(ids)[:, :-1]
-            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                             reduction="sum"))
-            count += ids[:, 1:].numel()
-    return total / count
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks", type=int, default=16)
@@ -69,6 +57,7 @@ def main() -> None:
     from pdc.lang.settings import DataSource, ImportanceConfig, ReconstructConfig, WidthTarget
     from pdc.passes.reconstruct_outputs import refit
     from pdc.stages.prune_width import prune_program
+    from pdc.stages.depth_on_program import program_nll
 
     try:
         src = smollm2_dir()
@@ -136,7 +125,7 @@ def main() -> None:
         print(f"  {what:18s} {sum(cal) / len(cal):.4f} / {sum(hel) / len(hel):.4f}")
 
     print(f"\nheld-out LM loss on {args.blocks} x {args.seq} wiki-heldout tokens (whole pruned program)")
-    base = _lm_loss(program, held)
+    base = program_nll(program, held)
     print(f"  {'unpruned':24s} {base:.4f} (ppl {math.exp(base):.2f})")
     runs = [(f"{axis}={size} " + ("plain" if damp is None else f"lsq {damp:g}"), WidthTarget(**{axis: size}),
              None if damp is None else ReconstructConfig(damp=damp))
@@ -144,7 +133,7 @@ def main() -> None:
     for label, target, rec in runs:
         pruned = program.clone()
         prune_program(pruned, calib, target, config, progress=False, scores=scores, reconstruct=rec)
-        loss = _lm_loss(pruned, held)
+        loss = program_nll(pruned, held)
         print(f"  {label:24s} {loss:.4f} (ppl {math.exp(loss):.2f})")
         del pruned
 

@@ -19,7 +19,9 @@ from pdc.files import sha256_file
 from pdc.lang.settings import DepthTarget, Saliency
 from pdc.plan.results import read_record
 from pdc.stages.lm_tasks import task_accuracy
-from pdc.stages.prune_depth import block_influence, candidates, layers_removed, prune_depth, saliency_table
+from pdc.graph.export import export_model
+from pdc.stages.depth_on_program import block_influence, without
+from pdc.stages.prune_depth import candidates, prune_depth, saliency_table
 from eval_support import write_mc_task
 from tiny_builds import write_corpus
 
@@ -54,7 +56,7 @@ def test_loss_choice_equals_brute_force(family, contiguous):
     model = make_tiny_model(family, num_hidden_layers=5)
     blocks = _blocks()
     target = DepthTarget(depth=3, saliency=Saliency("loss"), contiguous=contiguous)
-    table = saliency_table(model, target, blocks, progress=False)
+    table = saliency_table(export_model(model), target, blocks, progress=False)
     cands = candidates(5, 3, contiguous)
     ref = _brute_force_losses(model, blocks, cands)
     assert [c["layers"] for c in table["candidates"]] == cands
@@ -72,21 +74,20 @@ def test_loss_choice_equals_brute_force(family, contiguous):
 
 @settings(max_examples=6, deadline=None)
 @given(drop=st.sets(st.integers(0, 3), min_size=1, max_size=3), family=st.sampled_from(["llama", "mistral", "qwen2"]))
-def test_layers_removed_equals_hand_built_and_restores(drop, family):
-    """Inside `layers_removed` (what saliency measures), logits equal the hand-built smaller
-    model; afterwards they equal the original model's again."""
+def test_candidate_equals_hand_built_and_leaves_the_program(drop, family):
+    """A candidate (`without`: what saliency measures) computes the hand-built smaller model;
+    the program it was cut from still computes the full model."""
     model = make_tiny_model(family)
+    program = export_model(model)
     ids = _blocks(2, 10, seed=len(drop))
     with torch.no_grad():
-        before = model(input_ids=ids).logits
-        with layers_removed(model, sorted(drop)):
-            inside = model(input_ids=ids).logits
-            assert model.config.num_hidden_layers == 4 - len(drop)
-        after = model(input_ids=ids).logits
+        before = program.forward(ids)
+        inside = without(program, sorted(drop)).forward(ids)
+        after = program.forward(ids)
         ref = hand_built(model, sorted(drop))(input_ids=ids).logits
     torch.testing.assert_close(inside, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(before, after)
-    assert model.config.num_hidden_layers == 4
+    assert program.arch.layers == 4
 
 
 def test_block_influence_matches_hidden_states():
@@ -101,16 +102,17 @@ def test_block_influence_matches_hidden_states():
     hook.remove()
     hs[-1] = captured["last"]  # HF's last hidden state is after the final norm; BI wants before
     ref = [float((1 - F.cosine_similarity(hs[r[0]].double(), hs[r[-1] + 1].double(), dim=-1)).mean()) for r in runs]
-    got = block_influence(model, blocks, runs, batch_size=2)
+    got = block_influence(export_model(model), blocks, runs, batch_size=2)
     assert torch.allclose(torch.tensor(got, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64), rtol=1e-6)
 
 
 def test_cosine_saliency_drops_the_lowest_influence_block():
     model = make_tiny_model("mistral", num_hidden_layers=5)
     blocks = _blocks()
-    table = saliency_table(model, DepthTarget(3, Saliency("cosine"), contiguous=True), blocks, progress=False)
+    program = export_model(model)
+    table = saliency_table(program, DepthTarget(3, Saliency("cosine"), contiguous=True), blocks, progress=False)
     cands = candidates(5, 3, True)
-    influence = block_influence(model, blocks, cands)
+    influence = block_influence(program, blocks, cands)
     assert table["dropped_layers"] == cands[influence.index(min(influence))]
     assert table["baseline"] is None and table["after_drop"] is None
 
@@ -199,13 +201,14 @@ def test_task_saliency_in_bf16_scores_a_bf16_copy_and_prunes_the_fp32_weights(tm
     """`task(..., precision=bf16)`: every candidate is scored on a bf16 model, while the pruned
     checkpoint keeps the source's fp32 weights (the same as an fp32-scored run dropping the
     same layers)."""
+    import pdc.stages.depth_on_program as on_program
     import pdc.stages.prune_depth as depth
 
     src = _save_source(tmp_path, "llama", layers=3)
     tasks = write_mc_task(tmp_path / "tasks")
     dtypes = []
-    real = depth.task_accuracy_items
-    monkeypatch.setattr(depth, "task_accuracy_items",
+    real = on_program.task_accuracy_items
+    monkeypatch.setattr(on_program, "task_accuracy_items",
                         lambda model, *a, **k: dtypes.append(next(model.parameters()).dtype) or real(model, *a, **k))
     target = DepthTarget(2, Saliency("task", task="tiny_mc", shots=0, limit=6, precision="bf16"), contiguous=True)
     result = prune_depth(src, target, None, tmp_path / "bf16", tasks_dir=tasks, progress=False, deploy=False)
@@ -229,16 +232,3 @@ def test_prune_depth_errors(tmp_path):
     with pytest.raises(PdcError, match="no Hugging Face checkpoint"):
         prune_depth(tmp_path / "missing", DepthTarget(2), _blocks(), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
-
-
-def test_generate_with_cache_inside_layers_removed(family):
-    """Renumbered KV-cache indices: cached greedy decoding of the temporarily shortened model
-    equals uncached decoding and the hand-built model's."""
-    model = make_tiny_model(family)
-    prompt = _blocks(1, 5, seed=7)
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    with torch.no_grad(), layers_removed(model, [1]):
-        cached = model.generate(prompt, use_cache=True, **kwargs)
-        uncached = model.generate(prompt, use_cache=False, **kwargs)
-    ref = hand_built(model, [1]).generate(prompt, use_cache=True, **kwargs)
-    assert torch.equal(cached, uncached) and torch.equal(cached, ref)

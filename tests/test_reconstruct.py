@@ -83,8 +83,8 @@ def test_moments_cost_no_extra_forward(monkeypatch):
     from graph_exports import exported
 
     runs = []
-    real = imp_mod._TapProgram.run
-    monkeypatch.setattr(imp_mod._TapProgram, "run", lambda self, ids: (runs.append(len(ids)), real(self, ids)))
+    real = imp_mod.TapProgram.run
+    monkeypatch.setattr(imp_mod.TapProgram, "run", lambda self, ids: (runs.append(len(ids)), real(self, ids)))
     program = exported("llama")
     scores = imp_mod.compute(program, CALIB, ImportanceConfig(), batch_size=4, grams=True)
     assert sum(runs) == len(CALIB) and len(runs) == 2

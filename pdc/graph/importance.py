@@ -29,15 +29,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.fx
 
 from pdc.errors import PdcError
 from pdc.graph.program import STAGE, Program
-from pdc.graph.stream import copy_reading_weights, read_weight
+from pdc.graph.stream import TapProgram, read_weight
 from pdc.graph.structure import structure_of
 from pdc.lang.settings import ImportanceConfig
 
@@ -147,6 +145,28 @@ class _Accumulator:
         return total.float()
 
 
+def _taps(structure) -> dict[str, tuple]:
+    """The nodes activation importance reads: node name -> (kind, layer, head_dim). Each MLP's
+    (and shared expert's) down-projection input, each attention's o-projection input, each norm
+    output on the hidden channels, and a mixture's expert ids, routing weights, expert MLP inputs
+    and weighted outputs."""
+    taps: dict[str, tuple] = {}
+    for layer in structure.layers:
+        if layer.mlp is not None:
+            taps[layer.mlp.down_input] = ("mlp", layer.index, 0)
+        taps[layer.attn.o_input] = ("heads", layer.index, layer.attn.head_dim)
+        if layer.moe is not None:
+            e = layer.moe
+            for node, kind in ((e.expert_ids, "ids"), (e.weights, "routing"), (e.down_input, "expert_mlp"),
+                               (e.weighted_output, "expert_output")):
+                taps[node] = (kind, layer.index, 0)
+            if e.shared is not None:
+                taps[e.shared.down_input] = ("shared_mlp", layer.index, 0)
+    for name in structure.hidden.norm_outputs:
+        taps[name] = ("hidden", -1, 0)
+    return taps
+
+
 @torch.no_grad()
 def _activation(program: Program, calib: torch.Tensor, config: ImportanceConfig, batch_size: int, progress: bool,
                 ranks: tuple[int, int], grams: bool = False) -> Importance:
@@ -155,22 +175,9 @@ def _activation(program: Program, calib: torch.Tensor, config: ImportanceConfig,
     if calib.dim() != 2 or calib.dtype != torch.long:
         raise PdcError(f"calibration blocks must be a LongTensor [N, L], got {calib.dtype} {tuple(calib.shape)}", STAGE)
     structure = structure_of(program)
-    taps: dict[str, tuple] = {}  # node name -> (kind, layer, head_dim)
-    routed: dict[int, _ExpertAccumulator] = {}
-    for layer in structure.layers:
-        if layer.mlp is not None:
-            taps[layer.mlp.down_input] = ("mlp", layer.index, 0)
-        taps[layer.attn.o_input] = ("heads", layer.index, layer.attn.head_dim)
-        if layer.moe is not None:
-            e = layer.moe
-            routed[layer.index] = _ExpertAccumulator(e.experts, e.size)
-            for node, kind in ((e.expert_ids, "ids"), (e.weights, "routing"), (e.down_input, "expert_mlp"),
-                               (e.weighted_output, "expert_output")):
-                taps[node] = (kind, layer.index, 0)
-            if e.shared is not None:
-                taps[e.shared.down_input] = ("shared_mlp", layer.index, 0)
-    for name in structure.hidden.norm_outputs:
-        taps[name] = ("hidden", -1, 0)
+    taps = _taps(structure)
+    routed = {layer.index: _ExpertAccumulator(layer.moe.experts, layer.moe.size)
+              for layer in structure.layers if layer.moe is not None}
     accs = {key: _Accumulator(config.seq_agg, config.batch_agg) for key, (kind, _, _) in taps.items()
             if kind in ("mlp", "heads", "hidden", "shared_mlp")}
     batch_shape: list = [None]
@@ -195,7 +202,7 @@ def _activation(program: Program, calib: torch.Tensor, config: ImportanceConfig,
             value = value.reshape(*batch_shape[0], -1)
         accs[name].add(value)
 
-    tapped = _TapProgram(program, set(taps), record)
+    tapped = TapProgram(program, set(taps), record)
     rank, world = ranks
     starts = list(range(0, calib.shape[0], batch_size))[rank::world]  # whole batches: as one process runs them
     for start in tqdm(starts, desc="calibration", unit="batch", disable=not progress or rank != 0):
@@ -281,31 +288,6 @@ def _tap_width(structure, kind: str, index: int, head_dim: int) -> int:
 
 def _group_sum(head_scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return head_scores.reshape(kv_heads, -1).sum(dim=1)
-
-
-class _TapProgram:
-    """The program's graph up to its last tapped node, compiled to Python by fx: each tapped value
-    is handed to `on_tap(name, value)` as soon as it is computed, and fx's generated code drops
-    every value after its last use (a batch holds no more activations than the forward itself).
-    Generated code rather than a node-by-node interpreter, whose per-node Python cost was about a
-    seventh of SmolLM2's forward on CPU. A parameter still on the meta device is read from
-    `program.weights` by a node placed right before its first use (one weight in memory at a
-    time); the others are the program's own tensors, shared, not copied."""
-
-    def __init__(self, program: Program, taps: set[str], on_tap: Callable[[str, torch.Tensor], None]):
-        nodes = list(program.gm.graph.nodes)
-        last_tap = max(i for i, n in enumerate(nodes) if n.name in taps)
-
-        def tap(graph: torch.fx.Graph, node: torch.fx.Node, copy: torch.fx.Node) -> None:
-            if node.name in taps:
-                graph.call_function(on_tap, (node.name, copy))
-
-        graph = copy_reading_weights(program, nodes[: last_tap + 1], tap)
-        graph.output(None)
-        self.module = torch.fx.GraphModule(program.gm, graph)
-
-    def run(self, ids: torch.Tensor) -> None:
-        self.module(ids)
 
 
 # ---- magnitude / random ------------------------------------------------------------------

@@ -1,17 +1,15 @@
 """Depth pruning: score which decoder layers matter least, drop them from the exported program,
 emit every output from it.
 
-Loss saliency (on one process) is scored on the program itself: each candidate is the program
-with `drop_layers` applied to a copy of its graph that shares the weights
-(`pdc.stages.depth_on_program`); a source over 4 GiB is then never loaded: exported on the meta
-device, scored with its weights read per use from the safetensors files, cut, and only the kept
-layers read (in the source's precision, as width pruning does). Task and cosine saliency, and
-loss on several ranks, still load the checkpoint as a Hugging Face model (lm-eval's harness needs
-one), trace it into a `Program` that shares its weights, and score the model with the candidate
-layers *temporarily removed* (`layers_removed`: the decoder's ModuleList is swapped and the
-KV-cache indices renumbered, no weights are copied). The choice is then applied to the program by `pdc.passes.drop_layers.DropLayers` under the `PassManager`, and
-the checkpoint, `program.pt2`, ONNX and the lock's fingerprints are all emitted from the rewritten
-program (`pdc.emit.pruned`), exactly as for width pruning.
+Every saliency kind is scored on the program itself (`pdc.stages.depth_on_program`): each
+candidate is the program with `drop_layers` applied to a copy of its graph that shares the weights;
+task saliency runs lm-eval on it through a thin model wrapper (`ProgramLM`). The choice is then
+applied to the program by `pdc.passes.drop_layers.DropLayers` under the `PassManager`, and the
+checkpoint, `program.pt2`, ONNX and the lock's fingerprints are all emitted from the rewritten
+program (`pdc.emit.pruned`), exactly as for width pruning: one representation is scored, emitted
+and locked. A source over 4 GiB scored by loss or cosine on one process is never loaded: exported
+on the meta device, scored with its weights read per use from the safetensors files, cut, and only
+the kept layers read (in the source's precision, as width pruning does).
 
 Saliency kinds (`pdc.lang.settings.Saliency.kind`):
 
@@ -35,17 +33,13 @@ residual updates skipped: same weights, layers renumbered 0..depth-1), and its c
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from pdc.emit.checkpoint import source_dtype
@@ -53,27 +47,24 @@ from pdc.emit.fingerprint import prune_inputs
 from pdc.emit.pruned import emit_pruned
 from pdc.errors import PdcError
 from pdc.files import write_json
-from pdc.graph.export import export_dir, export_model, source_arch
+from pdc.graph.export import export_dir, export_model
 from pdc.graph.manager import PassManager
 from pdc.graph.probe import default_probe
+from pdc.graph.program import Program
 from pdc.graph.rewrite import materialize_sliced
 from pdc.graph.storage import compute_in_fp32, return_freed_memory
 from pdc.inputs.data import take
 from pdc.inputs.models import load_causal_lm
 from pdc.inputs.shards import Blocks
 from pdc.lang.settings import DepthTarget, Saliency
-from pdc.arch import per_layer_lists
 from pdc.passes.drop_layers import DropLayers
 from pdc.plan.counts import count_arch
 from pdc.plan.results import Candidate, PruneResult, SaliencyResult, decode, encode
 from pdc.plotting import pyplot, save_figure
-from pdc.stages.depth_on_program import loss_scores, program_nll, streams, without
-from pdc.stages.evaluate import EvalConfig, eval_dtype, mean_nll
-from pdc.stages.lm_tasks import task_accuracy_items
-from pdc.stages.process_group import rank_device
-from pdc.stages.ranks import eval_mode, local_only, rank_batches, rank_world, run_in_ranks, worker_main
+from pdc.stages.depth_on_program import (STAGE, check_saliency_inputs, measure, score_candidates, scoring_program,
+                                         streams, task_items_seen, without)
+from pdc.stages.ranks import run_in_ranks, worker_main
 
-STAGE = "prune"
 
 _METRIC = {
     # kind: (metric name in tables, better when "lower"/"higher" for the model after removal)
@@ -81,72 +72,6 @@ _METRIC = {
     "task": ("accuracy", "higher"),
     "cosine": ("block_influence", "lower"),
 }
-
-
-# ---- temporary layer removal (saliency) ------------------------------------------------------
-def _layer_list_owner(model) -> tuple[torch.nn.Module, str]:
-    """(module, attribute) holding the decoder's layers: the one ModuleList with one entry per
-    decoder layer of the config (`model.layers`, `gpt_neox.layers`, ...)."""
-    n = source_arch(model.config.to_dict()).layers
-    found = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-             if isinstance(child, torch.nn.ModuleList) and len(child) == n]
-    if len(found) != 1:
-        raise PdcError(f"{type(model).__name__}: found {len(found)} module lists of {n} layers, need exactly one "
-                       "(the decoder layers) for depth pruning", STAGE)
-    return found[0]
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder's layer list of a causal LM."""
-    parent, name = _layer_list_owner(model)
-    return getattr(parent, name)
-
-
-def _set_layer_indices(layers: Sequence[torch.nn.Module], indices: Sequence[int]) -> None:
-    """Each attention module addresses the KV cache by `layer_idx`; renumber them."""
-    for layer, idx in zip(layers, indices):
-        for mod in layer.modules():
-            if hasattr(mod, "layer_idx"):
-                mod.layer_idx = idx
-
-
-def _keep_list(n: int, drop: Sequence[int]) -> list[int]:
-    bad = [i for i in drop if not 0 <= i < n]
-    if bad:
-        raise PdcError(f"cannot drop layers {bad}: the model has {n} layers", STAGE)
-    keep = [i for i in range(n) if i not in set(drop)]
-    if not keep:
-        raise PdcError("cannot drop every decoder layer", STAGE)
-    return keep
-
-
-def _install(model, layers: Sequence[torch.nn.Module], n_layers: int, lists: dict) -> None:
-    """Make `layers` the decoder's layers, with config and KV-cache indices to match."""
-    parent, name = _layer_list_owner(model)
-    setattr(parent, name, layers if isinstance(layers, torch.nn.ModuleList) else torch.nn.ModuleList(layers))
-    model.config.num_hidden_layers = n_layers
-    for key, value in lists.items():
-        setattr(model.config, key, value)
-    _set_layer_indices(getattr(parent, name), range(n_layers))
-
-
-@contextlib.contextmanager
-def layers_removed(model, drop: Sequence[int]) -> Iterator[None]:
-    """Run `model` without decoder layers `drop` inside the block; restored exactly afterwards.
-
-    Invariant: inside, the model computes what a checkpoint with those layers deleted computes
-    (layer list, `config.num_hidden_layers`, per-layer config lists and KV-cache indices agree).
-    """
-    layers = decoder_layers(model)
-    n = len(layers)
-    keep = _keep_list(n, drop)
-    saved_lists = {k: getattr(model.config, k) for k in per_layer_lists(model.config, range(n), n)}
-    saved_n = model.config.num_hidden_layers
-    try:
-        _install(model, [layers[i] for i in keep], len(keep), per_layer_lists(model.config, keep, n))
-        yield
-    finally:
-        _install(model, layers, saved_n, saved_lists)
 
 
 # ---- candidates and saliency ---------------------------------------------------------------------
@@ -162,132 +87,6 @@ def candidates(n_layers: int, depth: int, contiguous: bool) -> list[list[int]]:
     return [[i] for i in range(n_layers)]
 
 
-@torch.no_grad()
-def block_influence(model, blocks: torch.Tensor, runs: Sequence[Sequence[int]], batch_size: int = 4,
-                    progress: bool = False) -> list[float]:
-    """1 - cos(h entering run[0], h leaving run[-1]) averaged over all tokens, for each run of
-    consecutive layers, from forward passes of the full model (hooks on the decoder layers).
-    Split over ranks (`rank_batches`): each block is read by one rank; the float64 sums are
-    all-reduced."""
-    layers = decoder_layers(model)
-    inputs: dict[int, torch.Tensor] = {}
-    outputs: dict[int, torch.Tensor] = {}
-
-    def pre_hook(idx):
-        def hook(module, args, kwargs):
-            inputs[idx] = args[0] if args else kwargs["hidden_states"]
-        return hook
-
-    def post_hook(idx):
-        def hook(module, args, kwargs, output):
-            outputs[idx] = output[0] if isinstance(output, tuple) else output
-        return hook
-
-    handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
-        handles.append(layer.register_forward_hook(post_hook(i), with_kwargs=True))
-    sums = torch.zeros(len(runs), dtype=torch.float64)
-    count = 0
-    device = next(model.parameters()).device
-    try:
-        with eval_mode(model):
-            for rows in rank_batches(len(blocks), batch_size, "block influence", progress):
-                ids = blocks[rows].to(device)
-                model(input_ids=ids, use_cache=False)
-                for c, run in enumerate(runs):
-                    cos = torch.nn.functional.cosine_similarity(inputs[run[0]].double(), outputs[run[-1]].double(),
-                                                                dim=-1)
-                    sums[c] += float((1.0 - cos).sum())
-                count += ids.numel()
-                inputs.clear()
-                outputs.clear()
-    finally:
-        for h in handles:
-            h.remove()
-    if rank_world()[1] > 1:
-        both = torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64)])
-        dist.all_reduce(both)
-        sums, count = both[:-1], int(both[-1])
-    return (sums / max(count, 1)).tolist()
-
-
-def scoring_model(model, saliency: Saliency):
-    """The model candidates are scored on: with `task(..., precision=bf16)` a bf16 copy where the
-    device has bf16 (as the evaluation's `precision=bf16`; timedial 3x faster on this project's
-    CPU), else `model` itself. The copy only scores; the pruned weights come from `model`."""
-    if saliency.kind != "task" or saliency.precision is None:
-        return model
-    device = next(model.parameters()).device
-    dtype = eval_dtype(EvalConfig(precision=saliency.precision), device)
-    return model if dtype == next(model.parameters()).dtype else copy.deepcopy(model).to(dtype)
-
-
-def score_candidates(
-    model,
-    cands: Sequence[Sequence[int]],
-    saliency: Saliency,
-    blocks: torch.Tensor | None = None,
-    tokenizer=None,
-    tasks_dir: Path | None = None,
-    batch_size: int = 4,
-    progress: bool = True,
-) -> tuple[list[float], float | None]:
-    """(metric per candidate, metric of the full model) for `saliency.kind`.
-
-    loss/task: the model with each candidate removed; cosine: the candidate's block influence
-    (the full-model baseline is then None: nothing is removed).
-    """
-    check_saliency_inputs(saliency, blocks, tokenizer)
-    kind = saliency.kind
-    if kind == "cosine":
-        return block_influence(model, blocks, cands, batch_size, progress), None
-    measure = _measurement(model, saliency, blocks, tokenizer, tasks_dir, batch_size)
-    # Split over ranks by candidate: rank r measures the full model (r = 0) and candidates r,
-    # r + world, ... alone, exactly as one process would; the values are then summed.
-    rank, world = rank_world()
-    values = torch.zeros(len(cands) + 1, dtype=torch.float64)
-    with local_only():
-        if rank == 0:
-            values[-1] = measure()
-        mine = list(range(rank, len(cands), world))
-        for c in tqdm(mine, desc=f"depth saliency ({kind})", unit="cand", disable=not progress or rank != 0):
-            with layers_removed(model, cands[c]):
-                values[c] = measure()
-    if world > 1:
-        dist.all_reduce(values)  # each entry was filled by exactly one rank
-    return values[:-1].tolist(), float(values[-1])
-
-
-def check_saliency_inputs(saliency: Saliency, blocks: torch.Tensor | None, tokenizer) -> None:
-    """A one-line `PdcError` when `saliency` cannot be measured with what it was given."""
-    kind = saliency.kind
-    if kind in ("loss", "cosine") and (blocks is None or len(blocks) == 0):
-        raise PdcError(f"depth saliency '{kind}' needs data blocks (saliency data=...)", STAGE)
-    if kind == "task":
-        if not saliency.task:
-            raise PdcError("depth saliency 'task' needs a task name (saliency task=...)", STAGE)
-        if tokenizer is None:
-            raise PdcError("depth saliency 'task' needs the model's tokenizer", STAGE)
-
-
-# Items each task measurement scored, in this process (the saliency table's `items`).
-_task_items: list = []
-
-
-def _measurement(model, saliency: Saliency, blocks, tokenizer, tasks_dir, batch_size) -> Callable[[], float]:
-    """The loss/task metric of `model` as it currently is (layers removed or not)."""
-    if saliency.kind == "loss":
-        return lambda: mean_nll(model, blocks, batch_size)
-    if saliency.kind == "task":
-        def accuracy() -> float:
-            value, n = task_accuracy_items(model, tokenizer, saliency.task, saliency.shots, tasks_dir, saliency.limit)
-            _task_items.append(n)
-            return value
-        return accuracy
-    raise PdcError(f"unknown depth saliency {saliency.kind!r} (expected loss, task or cosine)", STAGE)
-
-
 def choose(cands: Sequence[Sequence[int]], values: Sequence[float], kind: str, n_drop: int, contiguous: bool) -> list[int]:
     """Layers to drop: the best contiguous candidate, or the `n_drop` best single layers.
     "Best" = the model loses least: lowest loss / influence, highest accuracy; ties go to the
@@ -299,15 +98,14 @@ def choose(cands: Sequence[Sequence[int]], values: Sequence[float], kind: str, n
     return sorted(cands[c][0] for c in order[:n_drop])
 
 
-def saliency_table(model, target: DepthTarget, blocks=None, tokenizer=None, tasks_dir=None,
-                   batch_size: int = 4, progress: bool = True, scorer: Callable | None = None,
-                   n_layers: int | None = None, measure_dropped: Callable | None = None) -> dict:
-    """Score all candidates and choose; the JSON-able table written to `saliency.json`.
-    `scorer(cands, blocks) -> (values, baseline)` replaces `score_candidates` in this process
-    (the scores of several ranks, or of the program: then `model` may be None, with `n_layers`
-    and `measure_dropped(layers, blocks)` for the non-contiguous choice)."""
-    _task_items.clear()
-    n_layers = len(decoder_layers(model)) if n_layers is None else n_layers
+def saliency_table(program: Program, target: DepthTarget, blocks=None, tokenizer=None, tasks_dir=None,
+                   batch_size: int = 4, progress: bool = True, scorer: Callable | None = None) -> dict:
+    """Score all candidates of `program` and choose; the JSON-able table written to
+    `saliency.json`. `program` is the one candidates are scored on (`scoring_program`);
+    `scorer(cands, blocks) -> (values, baseline)` replaces `score_candidates` in this process (the
+    scores of several ranks)."""
+    task_items_seen()  # counts from before this table are not its own
+    n_layers = program.arch.layers
     cands = candidates(n_layers, target.depth, target.contiguous)
     n_drop = n_layers - target.depth
     sal = target.saliency
@@ -320,22 +118,16 @@ def saliency_table(model, target: DepthTarget, blocks=None, tokenizer=None, task
     elif scorer is not None:
         values, baseline = scorer(cands, blocks)
     else:
-        model = scoring_model(model, sal)
-        values, baseline = score_candidates(model, cands, sal, blocks, tokenizer, tasks_dir, batch_size, progress)
+        values, baseline = score_candidates(program, cands, sal, blocks, tokenizer, tasks_dir, batch_size, progress)
     chosen = choose(cands, values, sal.kind, n_drop, target.contiguous) if cands else []
     if not cands or sal.kind == "cosine":
         after = None
     elif target.contiguous:
         after = values[cands.index(chosen)]
-    elif measure_dropped is not None:  # single layers were scored alone; measure them removed together
-        after = measure_dropped(chosen, blocks)
-    else:
-        model = scoring_model(model, sal)
-        with layers_removed(model, chosen):
-            after = _measurement(model, sal, blocks, tokenizer, tasks_dir, batch_size)()
+    else:  # single layers were scored alone; measure them removed together
+        after = measure(without(program, chosen), sal, blocks, tokenizer, tasks_dir, batch_size)
+    items = task_items_seen()
     metric, better = _METRIC[sal.kind]
-    items = {n for n in _task_items if n is not None}
-    _task_items.clear()
     return {
         "kind": sal.kind,
         "metric": metric,
@@ -391,13 +183,29 @@ def plot_saliency(table: dict, path: Path) -> Path:
 
 
 # ---- the stage -----------------------------------------------------------------------------------
-def _load(model_dir: Path):
+def load_source(model_dir: Path, saliency: Saliency, progress: bool = False, streaming: bool = True):
+    """(program, HF model or None, tokenizer or None, seconds) of the checkpoint in `model_dir`.
+    Loaded and exported (the program shares the model's weights); with `streaming`, a source over
+    4 GiB scored by loss or cosine is exported on the meta device instead and never loaded."""
+    seconds = {}
+    config = json.loads((model_dir / "config.json").read_text())
+    if streaming and saliency.kind != "task" and streams(model_dir):
+        start = time.perf_counter()
+        program = export_dir(model_dir, progress=progress)
+        seconds["export"] = time.perf_counter() - start
+        return_freed_memory()
+        return program, None, None, seconds
+    start = time.perf_counter()
     model = load_causal_lm(model_dir, STAGE)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception:  # loss/cosine saliency need no tokenizer; `task` reports it when needed
         tokenizer = None
-    return model, tokenizer
+    seconds["load_weights"] = time.perf_counter() - start
+    start = time.perf_counter()
+    program = export_model(model, default_probe(model.config.vocab_size, model_dir), hf_config=config)
+    seconds["export"] = time.perf_counter() - start
+    return program, model, tokenizer, seconds
 
 
 def prune_depth(
@@ -421,36 +229,17 @@ def prune_depth(
     shards = blocks if isinstance(blocks, Blocks) else None
     if shards is not None:
         blocks = shards.read()
-    seconds = {}
-    on_program = target.saliency.kind == "loss" and nproc == 1  # scored on the graph (pdc.stages.depth_on_program)
     if not (model_dir / "config.json").exists():
         raise PdcError(f"no Hugging Face checkpoint in {model_dir} (config.json missing)", STAGE)
     config = json.loads((model_dir / "config.json").read_text())
-    if on_program and streams(model_dir):  # never loaded: scored from the files, cut, then read
-        model, tokenizer = None, None
-        start = time.perf_counter()
-        program = export_dir(model_dir, progress=progress)
-        seconds["export"] = time.perf_counter() - start
-        return_freed_memory()
-    else:
-        start = time.perf_counter()
-        model, tokenizer = _load(model_dir)
-        seconds["load_weights"] = time.perf_counter() - start
-        start = time.perf_counter()
-        program = export_model(model, default_probe(model.config.vocab_size, model_dir), hf_config=config)
-        seconds["export"] = time.perf_counter() - start
+    program, model, tokenizer, seconds = load_source(model_dir, target.saliency, progress, streaming=nproc == 1)
     candidates(program.arch.layers, target.depth, target.contiguous)  # fail before any work
     check_saliency_inputs(target.saliency, blocks, tokenizer)
     arch_before = program.arch
     start = time.perf_counter()
-    scorer = measure_dropped = None
-    if on_program:
-        def scorer(cands, blocks):
-            return loss_scores(program, cands, blocks, batch_size, progress)
-
-        def measure_dropped(drop, blocks):
-            return program_nll(without(program, drop), blocks, batch_size)
-    elif nproc > 1:
+    scoring = scoring_program(program, model, target.saliency)
+    scorer = None
+    if nproc > 1:
         if work_dir is None or (blocks is not None and shards is None):
             raise PdcError("depth saliency on several processes needs a work directory and token shards", STAGE)
         job = {"kind": "saliency", "model": str(model_dir.resolve()), "target": encode(target),
@@ -460,8 +249,8 @@ def prune_depth(
         def scorer(cands, _blocks):
             got = run_in_ranks("pdc.stages.prune_depth", job, nproc, work_dir, STAGE, "depth saliency")
             return got["values"], got["baseline"]
-    table = saliency_table(model, target, blocks, tokenizer, tasks_dir, batch_size, progress, scorer,
-                           program.arch.layers, measure_dropped)
+    table = saliency_table(scoring, target, blocks, tokenizer, tasks_dir, batch_size, progress, scorer)
+    del scoring
     seconds["saliency"] = time.perf_counter() - start
     dropped = table["dropped_layers"]
     start = time.perf_counter()
@@ -499,17 +288,17 @@ def prune_depth(
 
 # ---- the saliency ranks: `python -m pdc.stages.prune_depth --job FILE` (`pdc.stages.ranks`) ----
 def _saliency_job(job: dict) -> dict:
-    """Every rank loads the model and measures its share of the candidates (loss, task) or of the
-    blocks (cosine) (`score_candidates`); rank 0 returns the values."""
-    model_dir = Path(job["model"])
-    model = load_causal_lm(model_dir, STAGE).to(rank_device())
+    """Every rank exports the model as the stage does and scores its share of the candidates
+    (loss, task) or of the blocks (cosine) on the program (`score_candidates`); rank 0 returns
+    the values."""
     target = decode(DepthTarget, job["target"])
-    tokenizer = AutoTokenizer.from_pretrained(model_dir) if target.saliency.kind == "task" else None
+    program, model, tokenizer, _ = load_source(Path(job["model"]), target.saliency, streaming=False)
+    program = scoring_program(program, model, target.saliency)
     blocks = Blocks.from_json(job["blocks"]).read() if job["blocks"] else None
-    cands = candidates(len(decoder_layers(model)), target.depth, target.contiguous)
+    cands = candidates(program.arch.layers, target.depth, target.contiguous)
     tasks_dir = Path(job["tasks_dir"]) if job["tasks_dir"] else None
-    values, baseline = score_candidates(scoring_model(model, target.saliency), cands, target.saliency, blocks,
-                                        tokenizer, tasks_dir, job["batch_size"], progress=False)
+    values, baseline = score_candidates(program, cands, target.saliency, blocks, tokenizer, tasks_dir,
+                                        job["batch_size"], progress=False)
     return encode({"values": values, "baseline": baseline})
 
 

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pdc.emit.fingerprint import prune_inputs
@@ -36,7 +35,6 @@ from pdc.graph import importance as imp_mod
 from pdc.graph.export import export_dir, materialize
 from pdc.graph.manager import PassManager
 from pdc.graph.program import Program
-from pdc.inputs.models import load_causal_lm
 from pdc.inputs.shards import Blocks
 from pdc.lang.search_settings import SearchConfig
 from pdc.lang.settings import DepthTarget, TrainConfig, WidthTarget
@@ -45,6 +43,7 @@ from pdc.plan.counts import count_arch
 from pdc.plan.results import PruneResult
 from pdc.plan.search_space import Candidate, arch_of, plan_space, source_sizes
 from pdc.plan.training import Launch
+from pdc.stages.depth_on_program import program_nll
 from pdc.stages.distill import run_distill
 from pdc.stages.prune_depth import choose, saliency_table
 from pdc.stages.prune_width import plan_passes
@@ -67,26 +66,11 @@ class ShortDistill:
     launch: Launch = Launch()
 
 
-def lm_loss(program: Program, blocks: torch.Tensor, batch_size: int = 4) -> float:
-    """Mean next-token NLL (nats) of `program` on `blocks` [N, L]."""
-    total, count = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        ids = blocks[i:i + batch_size]
-        logits = program.forward(ids)
-        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                                       reduction="sum").double())
-        count += ids[:, 1:].numel()
-    return total / count
-
-
-def layer_order(model_dir: Path, cfg: SearchConfig, blocks: torch.Tensor, progress: bool) -> dict:
-    """Each single layer's saliency (the `prune depth` table with contiguous=false); `drop(n)`
-    picks the n least salient as `prune depth` would."""
-    model = load_causal_lm(model_dir, STAGE)
-    n = model.config.num_hidden_layers
-    table = saliency_table(model, DepthTarget(n - 1, cfg.saliency, contiguous=False), blocks, progress=progress)
-    del model
-    return table
+def layer_order(program: Program, cfg: SearchConfig, blocks: torch.Tensor, progress: bool) -> dict:
+    """Each single layer's saliency on `program` (the `prune depth` table with contiguous=false);
+    `drop(n)` picks the n least salient as `prune depth` would."""
+    n = program.arch.layers
+    return saliency_table(program, DepthTarget(n - 1, cfg.saliency, contiguous=False), blocks, progress=progress)
 
 
 def drop_for(table: Optional[dict], depth: int, layers: int) -> list[int]:
@@ -142,13 +126,13 @@ def prune_search(model_dir: Path, calib: torch.Tensor, cfg: SearchConfig, out_di
     table = None
     start = time.perf_counter()
     if any(c.sizes["depth"] != source.layers for c in space.ranked):
-        table = layer_order(model_dir, cfg, calib[: cfg.samples], progress)
+        table = layer_order(program, cfg, calib[: cfg.samples], progress)
     seconds["saliency"] = time.perf_counter() - start
     blocks = calib[: cfg.samples]
     start = time.perf_counter()
     cheap = []
     for cand in tqdm(space.ranked, desc="cheap score (LM loss, no training)", disable=not progress):
-        cheap.append(lm_loss(cut(program, scores, cand, table), blocks))
+        cheap.append(program_nll(cut(program, scores, cand, table), blocks))
     seconds["cheap_score"] = time.perf_counter() - start
     by_cheap = sorted(range(len(cheap)), key=lambda i: cheap[i])
     top = by_cheap[: cfg.top]
@@ -196,7 +180,7 @@ def hand_scores(cfg: SearchConfig, program: Program, scores, table, ranked: list
             out[name] = {k: same[k] for k in ("sizes", "params", "cheap_loss", "distill_loss", "latency")}
             continue
         cand = Candidate(sizes, arch_of(program.arch, sizes), count_arch(source_cfg, arch_of(program.arch, sizes)).total)
-        out[name] = {"sizes": sizes, "params": cand.params, "cheap_loss": lm_loss(cut(program, scores, cand, table), blocks),
+        out[name] = {"sizes": sizes, "params": cand.params, "cheap_loss": program_nll(cut(program, scores, cand, table), blocks),
                      "distill_loss": None, "latency": fit.predict(cand.arch) if fit else None}
     return out
 
