@@ -1,7 +1,7 @@
 """Depth saliency is scored on the program (each candidate the program with `drop_layers` applied,
 weights shared), for loss, task and cosine: the same tables as the Hugging Face model with the
-layers removed (the old way, kept as a fixture), and the same again when the weights are streamed
-from the files."""
+layers removed (the old way: fixtures/depth_saliency_hf.json, written by depth_saliency_hf.py at
+the last commit that had it), and the same again when the weights are streamed from the files."""
 
 from __future__ import annotations
 
@@ -12,26 +12,14 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, make_tiny_tokenizer
+from depth_saliency_hf import BLOCKS, CASES, MC_ITEMS
 from eval_support import write_mc_task
 from pdc.graph.export import export_dir, export_model, materialize
 from pdc.lang.settings import DepthTarget, Saliency
 from pdc.stages.depth_on_program import score_candidates, scoring_program
 from pdc.stages.prune_depth import candidates, saliency_table
 
-BLOCKS = torch.randint(3, 98, (4, 12), generator=torch.Generator().manual_seed(0))
-
-# Saliency tables of these tiny models as the Hugging Face model scored them with the candidate
-# layers swapped out of its layer list (`layers_removed`, deleted since): written by running
-# that producer at aea8510 (/work/notes/issue29_s3_fixture.py, the same cases).
 HF_TABLES = json.loads((Path(__file__).parent / "fixtures" / "depth_saliency_hf.json").read_text())
-CASES = [  # (fixture name, family, layers, depth, contiguous, saliency)
-    ("loss_llama_contiguous", "llama", 5, 3, True, Saliency("loss")),
-    ("loss_qwen2_single", "qwen2", 5, 3, False, Saliency("loss")),
-    ("cosine_mistral_contiguous", "mistral", 5, 3, True, Saliency("cosine")),
-    ("cosine_llama_single", "llama", 5, 3, False, Saliency("cosine")),
-    ("task_llama_single", "llama", 4, 2, False, Saliency("task", task="tiny_mc", shots=0)),
-    ("task_qwen2_contiguous_bf16", "qwen2", 4, 2, True, Saliency("task", task="tiny_mc", shots=0, precision="bf16")),
-]
 
 
 @pytest.mark.parametrize("name, family, layers, depth, contiguous, saliency", CASES, ids=[c[0] for c in CASES])
@@ -44,7 +32,7 @@ def test_program_tables_equal_the_hf_model_with_layers_removed(tmp_path, name, f
     task = saliency.kind == "task"
     table = saliency_table(scoring_program(program, model, saliency), DepthTarget(depth, saliency, contiguous),
                            None if task else BLOCKS, make_tiny_tokenizer() if task else None,
-                           write_mc_task(tmp_path / "tasks", n=12) if task else None, progress=False)
+                           write_mc_task(tmp_path / "tasks", n=MC_ITEMS) if task else None, progress=False)
     old = HF_TABLES[name]
     # Bit for bit on this machine (fp32 and bf16): the graph runs the HF model's own aten ops.
     assert [c["value"] for c in table["candidates"]] == pytest.approx([c["value"] for c in old["candidates"]],
