@@ -12,7 +12,7 @@ import functools
 import torch
 
 from conftest import make_tiny_model
-from pdc.graph.export import export_dir, export_model, materialize
+from pdc.graph.export import export_model
 from pdc.graph.program import Program
 
 
@@ -24,18 +24,6 @@ def _exported(family: str) -> Program:
 def exported(family: str) -> Program:
     """A fresh, independent copy of the exported tiny `family` model (weights included)."""
     return _exported(family).clone()
-
-
-def program_getter(source_dirs):
-    """`family -> Program` for checkpoints saved by a `source_dirs(family)` fixture: each family
-    is exported once (the slow step), every call gets its own clone."""
-    @functools.lru_cache(maxsize=None)
-    def get(family: str) -> Program:
-        program = export_dir(source_dirs(family))
-        materialize(program)
-        return program
-
-    return lambda family: get(family).clone()
 
 
 def load_hf(path):

@@ -15,14 +15,13 @@ and global layers (gemma2), config multipliers (granite).
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
 import torch
 
-from conftest import save_tiny_checkpoint
-from graph_exports import assert_same_logits, load_hf, program_getter
+from family_sources import FAMILIES, GQA, PARAMS, SIZES, checkpoint_fixtures
+from graph_exports import assert_same_logits, load_hf
 from pdc.emit.pruned import emit_pruned
 from pdc.graph.manager import PassManager
 from pdc.lang.settings import ImportanceConfig, WidthTarget
@@ -35,52 +34,10 @@ from pdc.stages.prune_width import prune_program
 
 IDS = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(1))
 CALIB = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
-SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-             max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-GQA = dict(num_key_value_heads=2, head_dim=16)
-# family -> (config overrides, width target): targets the family's config can represent.
-FAMILIES = {
-    "llama": (dict(GQA), WidthTarget(hidden=48, mlp=64, heads=2)),
-    "mistral": (dict(GQA, sliding_window=None), WidthTarget(hidden=40, heads=2, kv_heads=1)),
-    "qwen2": (dict(GQA, tie_word_embeddings=True), WidthTarget(hidden=48, mlp=64, heads=2)),
-    "qwen3": (dict(GQA), WidthTarget(hidden=48, mlp=64, heads=2, kv_heads=1)),
-    "gemma2": (dict(GQA, query_pre_attn_scalar=16, attn_logit_softcapping=20.0, final_logit_softcapping=10.0,
-                    sliding_window=4, tie_word_embeddings=True), WidthTarget(hidden=48, mlp=64, heads=2)),
-    "phi3": (dict(GQA), WidthTarget(hidden=48, mlp=64, heads=2, kv_heads=1)),
-    "gpt_neox": (dict(use_parallel_residual=True, rotary_pct=0.5), WidthTarget(hidden=48, mlp=64, heads=3, kv_heads=3)),
-    "olmo2": (dict(GQA), WidthTarget(hidden=48, mlp=64, heads=2, kv_heads=1)),
-    "granite": (dict(GQA, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
-                     logits_scaling=4.0), WidthTarget(hidden=48, mlp=64, heads=2)),
-    # More of the same patterns (slow: run with -m slow): Gemma 3 (q/k norms + post norms),
-    # Cohere (parallel residual, LayerNorm without bias), StableLM (parallel residual with
-    # LayerNorm bias; head_dim derived from hidden / heads), Phi-2 (parallel, biases everywhere,
-    # a biased output head).
-    "gemma3_text": (dict(GQA, query_pre_attn_scalar=16, sliding_window=4, tie_word_embeddings=True),
-                    WidthTarget(hidden=48, mlp=64, heads=2)),
-    "cohere": (dict(GQA, use_qk_norm=False), WidthTarget(hidden=48, mlp=64, heads=2)),
-    "stablelm": (dict(num_key_value_heads=2, use_parallel_residual=True), WidthTarget(hidden=32, mlp=64, heads=2)),
-    "phi": (dict(), WidthTarget(hidden=48, mlp=64, heads=3, kv_heads=3)),
-}
-SLOW = {"gemma3_text", "cohere", "stablelm", "phi"}
-PARAMS = [pytest.param(f, marks=pytest.mark.slow) if f in SLOW else f for f in FAMILIES]
 DROP = [1, 2]
 
 
-@pytest.fixture(scope="module")
-def source_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-
-    @functools.lru_cache(maxsize=None)
-    def get(family: str):
-        overrides, _ = FAMILIES[family]
-        return save_tiny_checkpoint(root / family, "custom", model_type=family, **SIZES, **overrides)
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def programs(source_dirs):
-    return program_getter(source_dirs)
+source_dirs, programs = checkpoint_fixtures(FAMILIES, SIZES, "families")
 
 
 def _assert_counts(model, program, source_cfg):

@@ -12,14 +12,13 @@ source's config.json alone; the router's settings are carried over.
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
 import torch
 
-from conftest import save_tiny_checkpoint
-from graph_exports import assert_same_logits, load_hf, program_getter
+from family_sources import checkpoint_fixtures
+from graph_exports import assert_same_logits, load_hf
 from pdc.emit.pruned import emit_pruned
 from pdc.graph import importance as imp_mod
 from pdc.graph.export import export_dir, materialize
@@ -57,20 +56,7 @@ ROUTER_KEYS = ("num_experts_per_tok", "router_aux_loss_coef", "output_router_log
                "router_jitter_noise")
 
 
-@pytest.fixture(scope="module")
-def source_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe")
-
-    @functools.lru_cache(maxsize=None)
-    def get(family: str):
-        return save_tiny_checkpoint(root / family, "custom", model_type=family, **SIZES, **FAMILIES[family][0])
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def programs(source_dirs):
-    return program_getter(source_dirs)
+source_dirs, programs = checkpoint_fixtures(FAMILIES, SIZES, "moe")
 
 
 def _counts(model) -> tuple[int, int]:

@@ -13,21 +13,19 @@
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
 import torch
 
-from conftest import save_tiny_checkpoint
-from graph_exports import assert_same_logits, load_hf, program_getter
+from family_sources import FAMILIES, SIZES, checkpoint_fixtures
+from graph_exports import assert_same_logits, load_hf
 from pdc.emit.pruned import emit_pruned
 from pdc.graph import importance as imp_mod
 from pdc.graph.manager import PassManager
-from pdc.lang.settings import ImportanceConfig, ReconstructConfig, WidthTarget
+from pdc.lang.settings import ImportanceConfig, ReconstructConfig
 from pdc.passes.reconstruct_outputs import ReconstructOutputs, refit
 from pdc.stages.prune_width import prune_program
-from test_families import FAMILIES, SIZES
 
 IDS = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(1))
 CALIB = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(2))
@@ -95,23 +93,7 @@ def test_moments_cost_no_extra_forward(monkeypatch):
     assert torch.equal(plain.mlp[0], scores.mlp[0])  # the scores do not depend on taking moments
 
 
-@pytest.fixture(scope="module")
-def source_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-
-    @functools.lru_cache(maxsize=None)
-    def get(family: str):
-        overrides, _ = FAMILIES[family]
-        return save_tiny_checkpoint(root / family, "custom", model_type=family, **SIZES, **overrides)
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def programs(source_dirs):
-    return program_getter(source_dirs)
-
-
+source_dirs, programs = checkpoint_fixtures(FAMILIES, SIZES, "families")
 
 
 @pytest.mark.parametrize("family,deploy", CASES)
