@@ -22,7 +22,10 @@ from pdc.stages.prune_depth import candidates, saliency_table
 HF_TABLES = json.loads((Path(__file__).parent / "fixtures" / "depth_saliency_hf.json").read_text())
 
 
-@pytest.mark.parametrize("name, family, layers, depth, contiguous, saliency", CASES, ids=[c[0] for c in CASES])
+# fp32 task saliency is also checked against a hand-built model (test_depth_prune): slow here.
+@pytest.mark.parametrize("name, family, layers, depth, contiguous, saliency", [
+    pytest.param(*case, id=case[0], marks=[pytest.mark.slow] if case[0] == "task_llama_single" else [])
+    for case in CASES])
 def test_program_tables_equal_the_hf_model_with_layers_removed(tmp_path, name, family, layers, depth, contiguous,
                                                                saliency):
     if saliency.precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():

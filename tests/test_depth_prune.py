@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import make_tiny_model, make_tiny_tokenizer, save_tiny_checkpoint
 from depth_reference import hand_built
+from graph_exports import exported
 from pdc.cli import main as pdc_main
 from pdc.errors import PdcError
 from pdc.files import sha256_file
@@ -78,7 +79,7 @@ def test_candidate_equals_hand_built_and_leaves_the_program(drop, family):
     """A candidate (`without`: what saliency measures) computes the hand-built smaller model;
     the program it was cut from still computes the full model."""
     model = make_tiny_model(family)
-    program = export_model(model)
+    program = exported(family)  # the export of this same model (seed 0), once per family
     ids = _blocks(2, 10, seed=len(drop))
     with torch.no_grad():
         before = program.forward(ids)
