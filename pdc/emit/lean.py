@@ -52,12 +52,12 @@ class Staged:
     seconds: dict
 
 
-def write_unchecked(program: Program, ep: "torch.export.ExportedProgram", out_dir: Path,
+def write_unchecked(program: Program, ep: "torch.export.ExportedProgram", out_dir: Path, onnx: bool = True,
                     progress: bool = False) -> Staged:
-    """Reference logits, then program.pt2 and model.onnx (external data) into a temporary
-    directory beside `out_dir/model.onnx`; nothing is checked yet."""
+    """Reference logits, then program.pt2 and (with `onnx`) model.onnx (external data) into a
+    temporary directory beside `out_dir/model.onnx`; nothing is checked yet."""
     out_dir = Path(out_dir)
-    inputs = check_inputs(_check_ids(program.probe), dynamic=is_dynamic(ep))
+    inputs = check_inputs(_check_ids(program.probe), dynamic=onnx and is_dynamic(ep))
     references = [program.forward(ids).detach().float() for ids in inputs]
     tmp = _temp_dir_beside(out_dir / "model.onnx")
     tmp_dir = tmp.__enter__()
@@ -66,6 +66,8 @@ def write_unchecked(program: Program, ep: "torch.export.ExportedProgram", out_di
         start = time.perf_counter()
         torch.export.save(ep, str(tmp_dir / "program.pt2"))
         seconds["program.pt2"] = time.perf_counter() - start
+        if not onnx:
+            return Staged(out_dir, tmp, tmp_dir, inputs, references, source_dtype(program.hf_config), seconds)
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -84,10 +86,11 @@ def write_unchecked(program: Program, ep: "torch.export.ExportedProgram", out_di
 
 
 def check_staged(staged: Staged, progress: bool = False) -> dict[str, ArtifactResult]:
-    """Check model/, program.pt2 and model.onnx one at a time against the references (the
-    program's weights are released by now), then move the two files into place."""
+    """Check model/, program.pt2 and model.onnx (when written) one at a time against the
+    references (the program's weights are released by now), then move the files into place."""
     out: dict[str, ArtifactResult] = {}
-    bar = tqdm(total=3, desc="check artifacts", disable=not progress, unit="file")
+    onnx = staged.tmp_dir / "model.onnx"
+    bar = tqdm(total=2 + onnx.exists(), desc="check artifacts", disable=not progress, unit="file")
     try:
         start = time.perf_counter()
         diff = _check(_checkpoint_logits(staged.out_dir / "model", staged.dtype, staged.inputs[:1]),
@@ -105,14 +108,14 @@ def check_staged(staged: Staged, progress: bool = False) -> dict[str, ArtifactRe
                                        max_abs_diff=diff, tolerance=PT2_ATOL)
         bar.update(1)
         gc.collect()
-        start = time.perf_counter()
-        onnx = staged.tmp_dir / "model.onnx"
-        diff = _check(_onnx_logits(onnx, staged.inputs), staged.references, ONNX_ATOL, ONNX_RTOL, "model.onnx")
-        out[onnx.name] = ArtifactResult(
-            path=onnx.name, bytes=_size(onnx) + _size(onnx.with_name(onnx.name + ONNX_DATA_SUFFIX)),
-            seconds=round(time.perf_counter() - start + staged.seconds["model.onnx"], 2), max_abs_diff=diff,
-            tolerance=ONNX_ATOL)
-        bar.update(1)
+        if onnx.exists():
+            start = time.perf_counter()
+            diff = _check(_onnx_logits(onnx, staged.inputs), staged.references, ONNX_ATOL, ONNX_RTOL, "model.onnx")
+            out[onnx.name] = ArtifactResult(
+                path=onnx.name, bytes=_size(onnx) + _size(onnx.with_name(onnx.name + ONNX_DATA_SUFFIX)),
+                seconds=round(time.perf_counter() - start + staged.seconds["model.onnx"], 2), max_abs_diff=diff,
+                tolerance=ONNX_ATOL)
+            bar.update(1)
         stale = staged.out_dir / ("model.onnx" + ONNX_DATA_SUFFIX)
         if not (staged.tmp_dir / stale.name).exists():
             stale.unlink(missing_ok=True)

@@ -65,9 +65,10 @@ from pdc.lang.settings import DepthTarget, Saliency
 from pdc.arch import per_layer_lists
 from pdc.passes.drop_layers import DropLayers
 from pdc.plan.counts import count_arch
+from pdc.plan.prune_host import streams
 from pdc.plan.results import Candidate, PruneResult, SaliencyResult, decode, encode
 from pdc.plotting import pyplot, save_figure
-from pdc.stages.depth_on_program import loss_scores, program_nll, streams, without
+from pdc.stages.depth_on_program import loss_scores, program_nll, without
 from pdc.stages.evaluate import EvalConfig, eval_dtype, mean_nll, task_accuracy_items
 from pdc.stages.process_group import rank_device
 from pdc.stages.ranks import eval_mode, local_only, rank_batches, rank_world, run_in_ranks, worker_main
@@ -410,10 +411,11 @@ def prune_depth(
     deploy: bool = True,
     nproc: int = 1,
     work_dir: Path | None = None,
+    onnx: bool = True,
 ) -> PruneResult:
     """Score, choose and drop layers of the checkpoint in `model_dir`; write into `out_dir` (the
     caller's staging directory): `model/` (HF checkpoint + tokenizer), `kept_indices.json`,
-    `saliency.json`, `saliency.png` and, with `deploy`, `program.pt2` and `model.onnx`. With
+    `saliency.json`, `saliency.png` and, with `deploy`, `program.pt2` and (with `onnx`) `model.onnx`. With
     `nproc` > 1 the candidates are scored on that many ranks of this node (`pdc.stages.ranks`,
     job files in `work_dir`)."""
     model_dir = Path(model_dir)
@@ -473,7 +475,7 @@ def prune_depth(
         compute_in_fp32(program)
         seconds["read_weights"] = time.perf_counter() - start
     params_after = program.num_params()  # emit_pruned checks it against the emitted config
-    emitted = emit_pruned(program, out_dir, model_dir, blocks, deploy=deploy, progress=progress)
+    emitted = emit_pruned(program, out_dir, model_dir, blocks, deploy=deploy, onnx=onnx, progress=progress)
     seconds.update(emitted.seconds)
     write_json(out_dir / "saliency.json", table)
     plot_saliency(table, out_dir / "saliency.png")
