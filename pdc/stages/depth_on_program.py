@@ -8,7 +8,6 @@ the safetensors files per use (`pdc.graph.stream`): memory of one weight and the
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -18,13 +17,6 @@ from tqdm.auto import tqdm
 from pdc.graph.program import Program
 from pdc.graph.stream import streamed
 from pdc.passes.drop_layers import DropLayers
-
-STREAM_BYTES = 4 * 2**30  # sources larger than this are scored (and cut) from their files
-
-
-def streams(model_dir: Path) -> bool:
-    """Whether the checkpoint in `model_dir` is scored and cut without loading it."""
-    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors")) > STREAM_BYTES
 
 
 def without(program: Program, drop: Sequence[int]) -> Program:
