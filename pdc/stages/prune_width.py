@@ -205,7 +205,7 @@ def prune_width(model_dir: Path, calib: Optional[Blocks | torch.Tensor], target:
     if in_ranks:
         start = time.perf_counter()
         job = {"kind": "importance", "model": str(model_dir.resolve()), "calibration": shards.to_json(),
-               "config": encode(importance), "batch_size": batch_size}
+               "config": encode(importance), "batch_size": batch_size, "stream": bool(stream_weights)}
         if reconstruct is not None:
             job.update(grams=True, work_dir=str(Path(work_dir).resolve()))
         got = run_in_ranks("pdc.stages.prune_ranks", job, nproc, work_dir, STAGE, "activation importance")
