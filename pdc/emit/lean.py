@@ -58,27 +58,31 @@ class Staged:
     references: list[torch.Tensor]
     dtype: torch.dtype
     seconds: dict
+    pt2: bool  # program.pt2 was written and is checked
     onnx: bool  # model.onnx is exported (from program.pt2) and checked
 
 
 def write_unchecked(program: Program, ep: "torch.export.ExportedProgram", out_dir: Path, onnx: bool = True,
-                    progress: bool = False) -> Staged:
+                    progress: bool = False, pt2: bool = True) -> Staged:
     """Reference logits, then program.pt2 into a temporary directory beside
     `out_dir/model.onnx`; nothing is checked yet (model.onnx is exported from program.pt2 when
     it is checked: `check_staged`)."""
     out_dir = Path(out_dir)
+    onnx = onnx and pt2  # exported from program.pt2
     inputs = check_inputs(_check_ids(program.probe), dynamic=onnx and is_dynamic(ep))
     references = [program.forward(ids).detach().float() for ids in inputs]
     tmp = _temp_dir_beside(out_dir / "model.onnx")
     tmp_dir = tmp.__enter__()
+    seconds = {}
     try:
         start = time.perf_counter()
-        torch.export.save(ep, str(tmp_dir / "program.pt2"))
-        seconds = {"program.pt2": time.perf_counter() - start}
+        if pt2:
+            torch.export.save(ep, str(tmp_dir / "program.pt2"))
+        seconds["program.pt2"] = time.perf_counter() - start
     except Exception as exc:
         tmp.__exit__(None, None, None)
         raise PdcError(f"writing program.pt2 failed: {type(exc).__name__}: {_first_line(exc)}", STAGE) from exc
-    return Staged(out_dir, tmp, tmp_dir, inputs, references, source_dtype(program.hf_config), seconds, onnx)
+    return Staged(out_dir, tmp, tmp_dir, inputs, references, source_dtype(program.hf_config), seconds, pt2, onnx)
 
 
 def check_staged(staged: Staged, progress: bool = False) -> dict[str, ArtifactResult]:
@@ -87,7 +91,7 @@ def check_staged(staged: Staged, progress: bool = False) -> dict[str, ArtifactRe
     released by now); then move the files into place."""
     out: dict[str, ArtifactResult] = {}
     onnx = staged.tmp_dir / "model.onnx"
-    bar = tqdm(total=2 + staged.onnx, desc="check artifacts", disable=not progress, unit="file")
+    bar = tqdm(total=1 + staged.pt2 + staged.onnx, desc="check artifacts", disable=not progress, unit="file")
     try:
         start = time.perf_counter()
         diff = _check(_checkpoint_logits(staged.out_dir / "model", staged.dtype, staged.inputs[:1]),
@@ -97,13 +101,15 @@ def check_staged(staged: Staged, progress: bool = False) -> dict[str, ArtifactRe
                                       tolerance=CHECKPOINT_ATOL)
         bar.update(1)
         gc.collect()  # each loaded copy is gone before the next is read
-        logits, seconds = _in_child(staged)
-        pt2 = staged.tmp_dir / "program.pt2"
-        diff = _check([logits], staged.references[:1], PT2_ATOL, 0.0, "program.pt2")
-        out[pt2.name] = ArtifactResult(path=pt2.name, bytes=pt2.stat().st_size,
-                                       seconds=round(seconds["program.pt2"] + staged.seconds["program.pt2"], 2),
-                                       max_abs_diff=diff, tolerance=PT2_ATOL)
-        bar.update(1)
+        if staged.pt2:
+            logits, seconds = _in_child(staged)
+            pt2 = staged.tmp_dir / "program.pt2"
+            diff = _check([logits], staged.references[:1], PT2_ATOL, 0.0, "program.pt2")
+            out[pt2.name] = ArtifactResult(path=pt2.name, bytes=pt2.stat().st_size,
+                                           seconds=round(seconds["program.pt2"] + staged.seconds["program.pt2"], 2),
+                                           max_abs_diff=diff, tolerance=PT2_ATOL)
+            bar.update(1)
+            shutil.rmtree(staged.tmp_dir / EXCHANGE)
         if staged.onnx:
             start = time.perf_counter()
             diff = _check(_onnx_logits(onnx, staged.inputs), staged.references, ONNX_ATOL, ONNX_RTOL, "model.onnx")
@@ -112,7 +118,6 @@ def check_staged(staged: Staged, progress: bool = False) -> dict[str, ArtifactRe
                 seconds=round(time.perf_counter() - start + seconds["model.onnx"], 2), max_abs_diff=diff,
                 tolerance=ONNX_ATOL)
             bar.update(1)
-        shutil.rmtree(staged.tmp_dir / EXCHANGE)
         stale = staged.out_dir / ("model.onnx" + ONNX_DATA_SUFFIX)
         if not (staged.tmp_dir / stale.name).exists():
             stale.unlink(missing_ok=True)

@@ -411,11 +411,12 @@ def prune_depth(
     deploy: bool = True,
     nproc: int = 1,
     work_dir: Path | None = None,
+    pt2: bool = True,
     onnx: bool = True,
 ) -> PruneResult:
     """Score, choose and drop layers of the checkpoint in `model_dir`; write into `out_dir` (the
     caller's staging directory): `model/` (HF checkpoint + tokenizer), `kept_indices.json`,
-    `saliency.json`, `saliency.png` and, with `deploy`, `program.pt2` and (with `onnx`) `model.onnx`. With
+    `saliency.json`, `saliency.png` and, with `deploy`, `program.pt2` (with `pt2`) and `model.onnx` (with `onnx`), each verified (the checkpoint too). With
     `nproc` > 1 the candidates are scored on that many ranks of this node (`pdc.stages.ranks`,
     job files in `work_dir`)."""
     model_dir = Path(model_dir)
@@ -475,7 +476,7 @@ def prune_depth(
         compute_in_fp32(program)
         seconds["read_weights"] = time.perf_counter() - start
     params_after = program.num_params()  # emit_pruned checks it against the emitted config
-    emitted = emit_pruned(program, out_dir, model_dir, blocks, deploy=deploy, onnx=onnx, progress=progress)
+    emitted = emit_pruned(program, out_dir, model_dir, blocks, deploy=deploy, pt2=pt2, onnx=onnx, progress=progress)
     seconds.update(emitted.seconds)
     write_json(out_dir / "saliency.json", table)
     plot_saliency(table, out_dir / "saliency.png")

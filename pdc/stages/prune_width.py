@@ -169,12 +169,12 @@ def prune_program(program: Program, calib: Optional[torch.Tensor], target: Width
 
 def prune_width(model_dir: Path, calib: Optional[Blocks | torch.Tensor], target: WidthTarget,
                 importance: ImportanceConfig, out_dir: Path, progress: bool = True,
-                stream_weights: Optional[bool] = None, batch_size: int = 8, deploy: bool = True, onnx: bool = True,
+                stream_weights: Optional[bool] = None, batch_size: int = 8, deploy: bool = True, pt2: bool = True, onnx: bool = True,
                 nproc: int = 1, work_dir: Optional[Path] = None,
                 reconstruct: Optional[ReconstructConfig] = None) -> PruneResult:
     """Prune the checkpoint in `model_dir` to `target` and write into `out_dir` (the caller's
     staging directory): model/, kept_indices.json, importance.json, importance.png and, with
-    `deploy`, program.pt2 and (with `onnx`) model.onnx. `stream_weights` (default: only for checkpoints over
+    `deploy`, program.pt2 (with `pt2`) and model.onnx (with `onnx`), each verified (the checkpoint too). `stream_weights` (default: only for checkpoints over
     4 GiB) keeps the source weights on disk during calibration and reads each one per use, and
     keeps the student's weights in the source's precision (bf16 stays bf16). With
     `nproc` > 1, activation importance runs on that many ranks of this node
@@ -223,7 +223,7 @@ def prune_width(model_dir: Path, calib: Optional[Blocks | torch.Tensor], target:
                                     dtype)
     seconds.update(report["seconds"])
     params_after = program.num_params()  # emit_pruned checks it against the emitted config
-    emitted = emit_pruned(program, out_dir, model_dir, calib, deploy=deploy, onnx=onnx, progress=progress)
+    emitted = emit_pruned(program, out_dir, model_dir, calib, deploy=deploy, pt2=pt2, onnx=onnx, progress=progress)
     seconds.update(emitted.seconds)
     scores = report["importance"]
     write_json(out_dir / "importance.json", scores.to_json(), indent=None)
