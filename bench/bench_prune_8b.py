@@ -10,7 +10,7 @@ bytes on disk. `--depth 16`: the depth recipe's 32 -> 16 layers instead, by loss
 the same calibration tokens (17 contiguous candidates). Heavy (16 GB of weights written; about 20 min on 2 cores). Run:
 
     python bench/bench_prune_8b.py --dir /work/big24 [--config llama-3.1-8b] [--samples 4 --seq-len 256]
-    python bench/bench_prune_8b.py --dir /tmp/small --config smollm2-135m --hidden 384 --mlp 1024  # smoke
+    python bench/bench_prune_8b.py --dir /tmp/small --config smollm2-135m --hidden 378 --mlp 1024  # smoke
 """
 
 from __future__ import annotations
@@ -98,12 +98,14 @@ def make_checkpoint(path: Path, cfg: dict) -> None:
 
 
 def write_spec(path: Path, model_dir: Path, recipe: tuple, samples: int, seq_len: int,
-               depth: int | None = None) -> None:
+               depth: int | None = None, emit: str | None = None) -> None:
     hidden, mlp, heads, kv = recipe
     stage = (f"prune depth {{ depth={depth} contiguous=true saliency=loss(wiki, samples={samples}, seq_len={seq_len}) }}"
              if depth else
              f"prune width {{ hidden={hidden} mlp={mlp} heads={heads} kv_heads={kv} "
              f"importance=activation(samples={samples}, seq_len={seq_len}) }}")
+    if emit:
+        stage = stage[:-1] + f"emit={emit} }}"
     path.write_text(f"""# written by bench/bench_prune_8b.py
 model teacher = dir("{model_dir}")
 data  wiki    = builtin("wiki")
@@ -112,14 +114,35 @@ data  wiki    = builtin("wiki")
 """)
 
 
-def sample_rss(pid: int, out: dict, stop: threading.Event) -> None:
-    """The child's current RSS every half second (the peak also comes from its rusage)."""
-    while not stop.wait(0.5):
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the ranks torchrun starts)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
         try:
-            kb = int(next(l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")).split()[1])
-        except (OSError, StopIteration):
-            continue
-        out["max"] = max(out.get("max", 0), kb * 1024)
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in open(f"/proc/{p}/task/{task}/children").read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _field(path: str, key: str) -> int:
+    try:
+        return 1024 * int(next(l for l in open(path) if l.startswith(key)).split()[1])
+    except (OSError, StopIteration):
+        return 0
+
+
+def sample_rss(pid: int, out: dict, stop: threading.Event) -> None:
+    """Every second: the child's RSS and the process tree's summed PSS (pages shared between the
+    ranks, such as the mapped weight files, counted once). The peak RSS also comes from rusage."""
+    while not stop.wait(1.0):
+        tree = _tree(pid)
+        out["max"] = max(out.get("max", 0), _field(f"/proc/{pid}/status", "VmRSS:"))
+        out["tree_pss"] = max(out.get("tree_pss", 0), sum(_field(f"/proc/{p}/smaps_rollup", "Pss:") for p in tree))
+        out["procs"] = max(out.get("procs", 0), len(tree))
 
 
 def disk(path: Path) -> int:
@@ -135,6 +158,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int)
     ap.add_argument("--mlp", type=int)
     ap.add_argument("--depth", type=int, help="prune depth to this many layers (loss saliency) instead of width")
+    ap.add_argument("--nproc", type=int, default=1, help="pdc compile --nproc-per-node (importance on N ranks)")
+    ap.add_argument("--emit", help="the stage's emit= (e.g. hf,lock); default: every output")
     args = ap.parse_args()
     cfg = json.loads((ROOT / "pdc/configs" / f"{args.config}.json").read_text())
     recipe = RECIPES.get(args.config, (cfg["hidden_size"], cfg["intermediate_size"],
@@ -144,12 +169,15 @@ def main() -> None:
     if not (model_dir / "model.safetensors.index.json").exists():
         make_checkpoint(model_dir, cfg)
     spec = args.dir / ("depth.pds" if args.depth else "width.pds")
-    write_spec(spec, model_dir, recipe, args.samples, args.seq_len, args.depth)
+    write_spec(spec, model_dir, recipe, args.samples, args.seq_len, args.depth, args.emit)
     build = args.dir / ("build-depth" if args.depth else "build")
     shutil.rmtree(build, ignore_errors=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "pdc.cli", "compile", str(spec), "--out", str(build)], env=env)
+    # `pdc run` of this one-stage spec is `pdc compile` that takes --nproc-per-node
+    command = ["run", str(spec), "--out", str(build), "--nproc-per-node", str(args.nproc)] if args.nproc > 1 else \
+        ["compile", str(spec), "--out", str(build)]
+    child = subprocess.Popen([sys.executable, "-m", "pdc.cli", *command], env=env)
     sampled, stop = {}, threading.Event()
     threading.Thread(target=sample_rss, args=(child.pid, sampled, stop), daemon=True).start()
     rc = child.wait()
@@ -173,6 +201,8 @@ def main() -> None:
     print(f"time total        {wall:8.1f} s  (pdc compile wall clock, cores shared)")
     print(f"peak RSS          {peak / 2**30:8.2f} GiB  (ru_maxrss of pdc compile; sampled max "
           f"{sampled.get('max', 0) / 2**30:.2f})")
+    print(f"peak tree PSS     {sampled.get('tree_pss', 0) / 2**30:8.2f} GiB  (sampled each second over "
+          f"{sampled.get('procs', 0)} processes, pages shared between them counted once)")
     for a, r in result.get("artifacts", {}).items():
         print(f"  {a:<14}{r['bytes'] / 2**30:8.2f} GiB  max|diff| {r['max_abs_diff']:.3g} <= {r['tolerance']:g}")
     print(f"build disk        {disk(build) / 2**30:8.2f} GiB")

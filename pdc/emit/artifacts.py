@@ -210,12 +210,12 @@ def check_inputs(probe: torch.Tensor, dynamic: bool) -> list[torch.Tensor]:
 
 # ---- all of them -------------------------------------------------------------------------
 def write_artifacts(program: Program, ep: "torch.export.ExportedProgram", out_dir: Path, onnx: bool = True,
-                    progress: bool = False) -> dict[str, ArtifactResult]:
+                    progress: bool = False, pt2: bool = True) -> dict[str, ArtifactResult]:
     """Verify `out_dir/model` (already emitted from `program`) and write `program.pt2` and
     `model.onnx` from `ep`, each checked against `program`. Returns one `ArtifactResult` per
     file; `PdcError` when one cannot be produced or verified."""
     out_dir = Path(out_dir)
-    steps = ["model", "program.pt2"] + (["model.onnx"] if onnx else [])
+    steps = ["model"] + (["program.pt2"] if pt2 else []) + (["model.onnx"] if onnx else [])
     bar = tqdm(total=len(steps), desc="artifacts", disable=not progress, unit="file")
     out: dict[str, ArtifactResult] = {}
 
@@ -229,12 +229,14 @@ def write_artifacts(program: Program, ep: "torch.export.ExportedProgram", out_di
                                   tolerance=CHECKPOINT_ATOL)
     bar.update(1)
 
-    start = time.perf_counter()
-    pt2 = out_dir / "program.pt2"
-    diff = save_exported_program(ep, program, pt2)
-    out[pt2.name] = ArtifactResult(path=pt2.name, bytes=pt2.stat().st_size,
-                                   seconds=round(time.perf_counter() - start, 2), max_abs_diff=diff, tolerance=PT2_ATOL)
-    bar.update(1)
+    if pt2:
+        start = time.perf_counter()
+        path = out_dir / "program.pt2"
+        diff = save_exported_program(ep, program, path)
+        out[path.name] = ArtifactResult(path=path.name, bytes=path.stat().st_size,
+                                        seconds=round(time.perf_counter() - start, 2), max_abs_diff=diff,
+                                        tolerance=PT2_ATOL)
+        bar.update(1)
 
     if onnx:
         start = time.perf_counter()

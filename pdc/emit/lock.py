@@ -17,6 +17,8 @@ while it held the rewritten program, so no checkpoint is reloaded and nothing is
                   parameter's shape;
 - `numeric`:      the program's logits on the probe (summary numbers and a slice) and next-token
                   loss on the probe and on the first calibration blocks;
+- `not_emitted`:  (only with `emit=` leaving some out) the deployable files neither written nor
+                  verified;
 - `environment`:  torch/transformers/pdc versions -- recorded, never compared.
 
 Structure is compared exactly, numbers within `atol + rtol * |expected|`.
@@ -52,9 +54,10 @@ REQUIRED_KEYS = ("lock_version", "spec", "inputs", "kept_indices", "params", "ar
 
 
 # ---- building ----------------------------------------------------------------------------
-def build_lock(result: PruneResult, settings: str) -> dict:
+def build_lock(result: PruneResult, settings: str, not_emitted: Sequence[str] = ()) -> dict:
     """The lock of a prune stage from its typed result; `settings` is the canonical text of the
-    stage's settings. Invariant: equal results and settings give equal locks (and byte-equal
+    stage's settings; `not_emitted` the deployable files the spec left out (`emit=`), which were
+    therefore neither written nor verified. Invariant: equal results and settings give equal locks (and byte-equal
     `write_lock`); no path is recorded, so two build directories give the same lock."""
     fp = result.fingerprint
     lock = {
@@ -74,6 +77,8 @@ def build_lock(result: PruneResult, settings: str) -> dict:
         lock["reconstruct"] = result.reconstruct
     if result.search is not None:
         lock["search"] = search_lock(result.search)
+    if not_emitted:  # absent otherwise, as above
+        lock["not_emitted"] = {"files": sorted(not_emitted), "verified": False}
     return _rounded(lock)
 
 

@@ -42,10 +42,10 @@ class Emitted:
 
 
 def emit_pruned(program: Program, out_dir: Path, source_dir: Optional[Path], calibration: Optional[torch.Tensor],
-                deploy: bool = True, progress: bool = False) -> Emitted:
+                deploy: bool = True, pt2: bool = True, onnx: bool = True, progress: bool = False) -> Emitted:
     """Write `model/` and `kept_indices.json` into `out_dir` (the stage's staging directory),
     seal the program once, fingerprint it and (with `deploy`) write and verify `program.pt2` and
-    `model.onnx` (a student stored below fp32 is released after they are written and each file is
+    (with `onnx`) `model.onnx`; with `deploy` but not `pt2`, only the checkpoint is verified (a student stored below fp32 is released after they are written and each file is
 checked alone: `pdc.emit.lean`). `source_dir` provides the tokenizer files copied beside the weights.
     Precondition, checked before anything is written: the program has exactly the parameter
     count of the config it emits (built by transformers on the meta device)."""
@@ -68,7 +68,7 @@ checked alone: `pdc.emit.lean`). `source_dir` provides the tokenizer files copie
     artifacts = {}
     if deploy and stored_below_fp32(program):  # a large student: never two copies at once
         start = time.perf_counter()
-        staged = write_unchecked(program, ep, out_dir, progress=progress)
+        staged = write_unchecked(program, ep, out_dir, pt2=pt2, onnx=onnx, progress=progress)
         seconds["write_artifacts"] = time.perf_counter() - start
         del ep
         release_weights(program)
@@ -78,6 +78,6 @@ checked alone: `pdc.emit.lean`). `source_dir` provides the tokenizer files copie
         seconds["verify_artifacts"] = time.perf_counter() - start
     elif deploy:
         start = time.perf_counter()
-        artifacts = write_artifacts(program, ep, out_dir, progress=progress)
+        artifacts = write_artifacts(program, ep, out_dir, pt2=pt2, onnx=onnx, progress=progress)
         seconds["artifacts"] = time.perf_counter() - start
     return Emitted(artifacts=artifacts, fingerprint=fingerprint, seconds=seconds)

@@ -66,7 +66,15 @@ class Call:
         return tuple(a for a in self.args if isinstance(a, Kwarg))
 
 
-Value = Union[Number, Str, Name, Call]
+@dataclass(frozen=True)
+class Names:
+    """`a,b,c`: a list of names, only as the value of a setting (`emit=hf,lock`)."""
+
+    items: tuple[Name, ...]
+    span: Span = _span()
+
+
+Value = Union[Number, Str, Name, Call, Names]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import Callable, Optional
 
 from pdc.arch import Arch
-from pdc.lang import ast, check_reconstruct
+from pdc.lang import ast, check_emit, check_reconstruct
 from pdc.lang.check_settings import (Bad, CheckerBase, describe_value, head_span, read_bool, read_enum, read_float,
                                      read_int, read_word, suggest)
 from pdc.lang.check_search import check_search
@@ -100,7 +100,8 @@ class PruneRules(CheckerBase):
             self.error("unexpected entry in prune; settings are written key=value", e.span)
         axes = {axis: read_int(1) for axis in AXES}
         # check_rtol/check_atol: the numeric tolerance `pdc check` allows against the lock.
-        schema = dict(axes, data=self.data_reader(), check_rtol=read_float(lo=0), check_atol=read_float(lo=0))
+        schema = dict(axes, data=self.data_reader(), check_rtol=read_float(lo=0), check_atol=read_float(lo=0),
+                      emit=check_emit.read)
         if kind == "width":
             schema["importance"] = self.importance
             schema["reconstruct"] = lambda v, key: check_reconstruct.read(v, key, self.call_args, Bad, read_float)
@@ -111,9 +112,9 @@ class PruneRules(CheckerBase):
             return None
         bad_axis = self.check_axes(kind, got, arch, source_note)
         data = got.get("data", (None,))[0]
-        if kind == "width":
-            return self.width_stage(st, got, arch, data, default_data, bad_axis, source_note)
-        return self.depth_stage(st, got, arch, data, default_data)
+        stage = (self.width_stage(st, got, arch, data, default_data, bad_axis, source_note) if kind == "width"
+                 else self.depth_stage(st, got, arch, data, default_data))
+        return replace(stage, emit=got["emit"][0]) if stage is not None and "emit" in got else stage
 
     def check_axes(self, kind: str, got: dict, arch: Arch, source_note: Note) -> bool:
         """Each target no larger than the source (or the previous prune stage's result) and on an

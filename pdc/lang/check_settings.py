@@ -32,6 +32,8 @@ def describe_value(v: ast.Value) -> str:
         return f"string {v.value!r}"
     if isinstance(v, ast.Name):
         return f"name '{v.value}'"
+    if isinstance(v, ast.Names):
+        return f"list {','.join(n.value for n in v.items)}"
     return f"call {v.name.value}(...)"
 
 

@@ -15,6 +15,8 @@ from pdc.arch import Arch
 from pdc.lang.diagnostics import Diagnostic, Span, render
 from pdc.lang.search_settings import SearchConfig
 from pdc.lang.settings import (
+    EMIT_FILES,
+    EMIT_OUTPUTS,
     DataSource,
     DepthTarget,
     EvalConfig,
@@ -76,6 +78,13 @@ class PruneStage:
     # `prune search`: the budgets and ranking (target_arch is then the source's: the shape is
     # chosen when the stage runs, and recorded in its result and lock)
     search: Optional[SearchConfig] = None
+    # the outputs it writes (`emit=`); the lock names the deployable files left out
+    emit: tuple = EMIT_OUTPUTS
+
+    @property
+    def not_emitted(self) -> list[str]:
+        """The files this stage leaves out (and so does not verify), as the lock lists them."""
+        return [f for o, f in EMIT_FILES.items() if o not in self.emit]
 
 
 @dataclass(frozen=True)

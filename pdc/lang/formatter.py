@@ -50,6 +50,8 @@ def format_value(v) -> str:
         return format_string(v.value)
     if isinstance(v, ast.Name):
         return v.value
+    if isinstance(v, ast.Names):
+        return ",".join(n.value for n in v.items)
     if isinstance(v, ast.Kwarg):
         return f"{v.key.value}={format_value(v.value)}"
     if isinstance(v, ast.Call):

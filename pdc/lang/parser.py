@@ -176,6 +176,10 @@ class _ToAst(Transformer):
     def name(self, c):
         return self._name(c[0])
 
+    @v_args(meta=True)
+    def names(self, meta, c):
+        return ast.Names(tuple(c), self._span(meta))
+
     def number(self, c):
         tok = c[0]
         if not _WELL_FORMED_NUMBER.fullmatch(str(tok)):

@@ -10,6 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal, Optional
 
+# What a prune stage can write (`emit=`): the checkpoint, program.pt2, the ONNX model, the lock.
+EMIT_OUTPUTS = ("hf", "pt2", "onnx", "lock")
+# The files of the deployable outputs, as the lock names them when they were left out.
+EMIT_FILES = {"pt2": "program.pt2", "onnx": "model.onnx"}
+
 ModelKind = Literal["hf", "dir", "gguf", "builtin"]
 DataKind = Literal["hf", "json", "jsonl", "text", "parquet", "builtin"]
 

@@ -21,9 +21,10 @@ from pdc.lang.checked import (
     PruneStage,
 )
 from pdc.lang.diagnostics import DiagnosticSink, SpecError
-from pdc.lang.settings import TrainConfig
+from pdc.lang.settings import EMIT_OUTPUTS, TrainConfig
 from pdc.plan.counts import ConfigError, Counts, count, count_arch, flops_per_token, nearest_valid, representable
 from pdc.plan.memory import memory_plan, render_memory
+from pdc.plan.prune_host import streamed_prune_host
 from pdc.plan.search_plan import render_search, search_entry
 from pdc.plan.training import cache_bytes_per_token
 
@@ -165,6 +166,15 @@ def _recipe_plan(spec: CheckedSpec, gpu_mem: int | None) -> dict[str, Any]:
                 "flops_per_token_ratio": flops_per_token(c1, after, flops_seq) / flops_per_token(c0, before, flops_seq),
                 "target": arch_summary(after, c1),
             }
+            # streamed: the first stage's width cut, or its depth cut scored by loss (task and
+            # cosine saliency load the source)
+            streamable = st.kind == "width" or (st.kind == "depth" and st.depth.saliency.kind == "loss")
+            host = streamed_prune_host(spec.source_config, c0.total, c1.total, after.vocab, after.hidden) \
+                if previous == "source" and streamable else None
+            if host:  # only a streamed source: plans of loaded ones are unchanged
+                entry["host_memory"] = host
+            if st.emit != EMIT_OUTPUTS:
+                entry["not_emitted"] = st.not_emitted
             if st.kind == "search":
                 entry["importance"] = asdict(st.importance)
                 entry["search"] = search_entry(spec, st)
@@ -268,6 +278,14 @@ def _render_recipe(plan: dict[str, Any]) -> str:
                     rows.append(_params_row("active per token", st["params_active"]))
                 rows.append(["flops/token", "1", f"{st['flops_per_token_ratio']:.3f}", f"{st['flops_per_token_ratio']:.3f}x"])
                 out.extend("    " + line for line in _table(rows, ["axis", "source", "target", "ratio"]))
+            if st.get("host_memory"):
+                mem = st["host_memory"]
+                out.append(f"    host memory: {mem['total'] / 2**30:.1f} GiB peak, the source streamed from its files "
+                           f"(student {mem['student'] / 2**30:.1f} + output head widened {mem['widened head'] / 2**30:.1f}"
+                           f" + fingerprint logits {mem['fingerprint logits'] / 2**30:.1f} + process "
+                           f"{mem['process'] / 2**30:.1f} GiB)")
+            if st.get("not_emitted"):
+                out.append(f"    not emitted (nor verified): {', '.join(st['not_emitted'])}")
             if st["prune"] == "search":
                 out.extend(render_search(st))
             if st["prune"] in ("width", "search"):

@@ -164,13 +164,14 @@ def _run_prune(build: Build, node: Node, out: Path) -> StageResult:
     work = build.out / f"{node.name}.work"  # job files when importance or saliency runs on several ranks
     if st.kind == "search":
         return run_search(build, node, out, data.get("calibration"))
+    deploy, pt2, onnx = build.artifacts, "pt2" in st.emit, "onnx" in st.emit  # `emit=`
     if st.kind == "width":
         # magnitude/random importance reads no data
         return prune_width(model_dir, data.get("calibration"), st.width, st.importance, out, progress=build.progress,
-                           deploy=build.artifacts, nproc=build.launch.nproc_per_node, work_dir=work,
+                           deploy=deploy, pt2=pt2, onnx=onnx, nproc=build.launch.nproc_per_node, work_dir=work,
                            reconstruct=st.reconstruct)
     return prune_depth(model_dir, st.depth, data.get("saliency"), out, tasks_dir=build.tasks_dir(),
-                       progress=build.progress, deploy=build.artifacts, nproc=build.launch.nproc_per_node,
+                       progress=build.progress, deploy=deploy, pt2=pt2, onnx=onnx, nproc=build.launch.nproc_per_node,
                        work_dir=work)
 
 

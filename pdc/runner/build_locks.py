@@ -33,8 +33,9 @@ class BuildLocks:
         record = self.record(name)
         if record is None:
             raise PdcError(f"stage {name!r} has not run: no lock to write", name)
-        settings = json.dumps(settings_identity(self.graph.node(name).decl), sort_keys=True, default=repr)
-        return build_lock(record.result, settings)
+        decl = self.graph.node(name).decl
+        settings = json.dumps(settings_identity(decl), sort_keys=True, default=repr)
+        return build_lock(record.result, settings, not_emitted=decl.not_emitted)
 
     def write_lock(self, name: str) -> Path:
         return write_lock(self.lock(name), lock_path_of(self.spec, name, self.variant))

@@ -39,13 +39,6 @@ from pdc.stages.lm_tasks import task_accuracy_items
 from pdc.stages.ranks import local_only, rank_batches, rank_world
 
 STAGE = "prune"
-STREAM_BYTES = 4 * 2**30  # sources larger than this are scored (and cut) from their files
-
-
-def streams(model_dir: Path) -> bool:
-    """Whether the checkpoint in `model_dir` is scored and cut without loading it."""
-    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors")) > STREAM_BYTES
-
 
 def without(program: Program, drop: Sequence[int]) -> Program:
     """The program with current layers `drop` removed; `program` itself is unchanged."""

@@ -59,10 +59,11 @@ from pdc.inputs.shards import Blocks
 from pdc.lang.settings import DepthTarget, Saliency
 from pdc.passes.drop_layers import DropLayers
 from pdc.plan.counts import count_arch
+from pdc.plan.prune_host import streams
 from pdc.plan.results import Candidate, PruneResult, SaliencyResult, decode, encode
 from pdc.plotting import pyplot, save_figure
 from pdc.stages.depth_on_program import (STAGE, check_saliency_inputs, measure, score_candidates, scoring_program,
-                                         streams, task_items_seen, without)
+                                         task_items_seen, without)
 from pdc.stages.ranks import run_in_ranks, worker_main
 
 
@@ -219,10 +220,12 @@ def prune_depth(
     deploy: bool = True,
     nproc: int = 1,
     work_dir: Path | None = None,
+    pt2: bool = True,
+    onnx: bool = True,
 ) -> PruneResult:
     """Score, choose and drop layers of the checkpoint in `model_dir`; write into `out_dir` (the
     caller's staging directory): `model/` (HF checkpoint + tokenizer), `kept_indices.json`,
-    `saliency.json`, `saliency.png` and, with `deploy`, `program.pt2` and `model.onnx`. With
+    `saliency.json`, `saliency.png` and, with `deploy`, `program.pt2` (with `pt2`) and `model.onnx` (with `onnx`), each verified (the checkpoint too). With
     `nproc` > 1 the candidates are scored on that many ranks of this node (`pdc.stages.ranks`,
     job files in `work_dir`)."""
     model_dir = Path(model_dir)
@@ -263,7 +266,7 @@ def prune_depth(
         compute_in_fp32(program)
         seconds["read_weights"] = time.perf_counter() - start
     params_after = program.num_params()  # emit_pruned checks it against the emitted config
-    emitted = emit_pruned(program, out_dir, model_dir, blocks, deploy=deploy, progress=progress)
+    emitted = emit_pruned(program, out_dir, model_dir, blocks, deploy=deploy, pt2=pt2, onnx=onnx, progress=progress)
     seconds.update(emitted.seconds)
     write_json(out_dir / "saliency.json", table)
     plot_saliency(table, out_dir / "saliency.png")

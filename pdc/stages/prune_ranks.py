@@ -1,6 +1,7 @@
 """The ranks of width pruning's activation importance: `python -m pdc.stages.prune_ranks --job
 FILE` under torchrun, started by `prune_width` when `pdc run --nproc-per-node M` gives it several
-processes. Every rank exports the model, runs its share of the calibration batches
+processes. Every rank exports the model (a streamed source's weights stay in its files, read per
+use, so the ranks share the page cache instead of holding a copy each), runs its share of the calibration batches
 (`pdc.graph.importance.compute` with `ranks`), the sums are all-reduced; rank 0 returns the
 scores, and the stage's own process plans and slices with them: what one process would compute,
 so 1, 2 and 4 processes keep the same units. (Depth saliency's ranks are `pdc.stages.prune_depth`
@@ -19,6 +20,7 @@ from pdc.errors import PdcError
 from pdc.graph import importance as imp_mod
 from pdc.graph.export import export_dir, materialize
 from pdc.graph.program import STAGE
+from pdc.graph.storage import return_freed_memory
 from pdc.inputs.shards import Blocks
 from pdc.lang.settings import ImportanceConfig
 from pdc.plan.results import decode, encode
@@ -27,7 +29,10 @@ from pdc.stages.ranks import rank_world, worker_main
 
 def _importance(job: dict) -> dict:
     program = export_dir(Path(job["model"]))
-    materialize(program)
+    if job.get("stream"):  # each weight read from the files per use: ranks share the page cache, no copy each
+        return_freed_memory()
+    else:
+        materialize(program)
     calib = Blocks.from_json(job["calibration"]).read()
     config = decode(ImportanceConfig, job["config"])
     grams = bool(job.get("grams"))

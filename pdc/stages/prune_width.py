@@ -42,6 +42,7 @@ from pdc.passes.slice_experts import SliceExperts
 from pdc.passes.slice_mlp import SliceMlp
 from pdc.passes.slice_shared_mlp import SliceSharedMlp
 from pdc.plan.counts import count_arch
+from pdc.plan.prune_host import streams
 from pdc.plan.results import PruneResult, encode
 from pdc.plotting import pyplot, save_figure
 from pdc.stages.ranks import run_in_ranks
@@ -168,12 +169,12 @@ def prune_program(program: Program, calib: Optional[torch.Tensor], target: Width
 
 def prune_width(model_dir: Path, calib: Optional[Blocks | torch.Tensor], target: WidthTarget,
                 importance: ImportanceConfig, out_dir: Path, progress: bool = True,
-                stream_weights: Optional[bool] = None, batch_size: int = 8, deploy: bool = True,
+                stream_weights: Optional[bool] = None, batch_size: int = 8, deploy: bool = True, pt2: bool = True, onnx: bool = True,
                 nproc: int = 1, work_dir: Optional[Path] = None,
                 reconstruct: Optional[ReconstructConfig] = None) -> PruneResult:
     """Prune the checkpoint in `model_dir` to `target` and write into `out_dir` (the caller's
     staging directory): model/, kept_indices.json, importance.json, importance.png and, with
-    `deploy`, program.pt2 and model.onnx. `stream_weights` (default: only for checkpoints over
+    `deploy`, program.pt2 (with `pt2`) and model.onnx (with `onnx`), each verified (the checkpoint too). `stream_weights` (default: only for checkpoints over
     4 GiB) keeps the source weights on disk during calibration and reads each one per use, and
     keeps the student's weights in the source's precision (bf16 stays bf16). With
     `nproc` > 1, activation importance runs on that many ranks of this node
@@ -197,14 +198,14 @@ def prune_width(model_dir: Path, calib: Optional[Blocks | torch.Tensor], target:
     seconds["export"] = time.perf_counter() - start
     arch_before = program.arch
     if stream_weights is None:
-        stream_weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) > 4 * 2**30
+        stream_weights = streams(model_dir)
     if stream_weights:
         return_freed_memory()  # weights read one at a time must not pile up in malloc's heap
     scores = None
     if in_ranks:
         start = time.perf_counter()
         job = {"kind": "importance", "model": str(model_dir.resolve()), "calibration": shards.to_json(),
-               "config": encode(importance), "batch_size": batch_size}
+               "config": encode(importance), "batch_size": batch_size, "stream": bool(stream_weights)}
         if reconstruct is not None:
             job.update(grams=True, work_dir=str(Path(work_dir).resolve()))
         got = run_in_ranks("pdc.stages.prune_ranks", job, nproc, work_dir, STAGE, "activation importance")
@@ -222,7 +223,7 @@ def prune_width(model_dir: Path, calib: Optional[Blocks | torch.Tensor], target:
                                     dtype)
     seconds.update(report["seconds"])
     params_after = program.num_params()  # emit_pruned checks it against the emitted config
-    emitted = emit_pruned(program, out_dir, model_dir, calib, deploy=deploy, progress=progress)
+    emitted = emit_pruned(program, out_dir, model_dir, calib, deploy=deploy, pt2=pt2, onnx=onnx, progress=progress)
     seconds.update(emitted.seconds)
     scores = report["importance"]
     write_json(out_dir / "importance.json", scores.to_json(), indent=None)
