@@ -13,6 +13,7 @@ from pdc.inputs import generated
 from pdc.inputs.mixture import interleave
 from pdc.lang import check_text
 from pdc.runner.build import Build
+from pdc.runner.report import write_report
 from tiny_builds import write_corpus
 
 SPEC = """\
@@ -62,7 +63,15 @@ def test_a_run_generates_and_mixes_before_its_stages(project):
     assert [t for t in texts if t in gen_texts] == gen_texts  # all of the smaller corpus, in order
     # and what the stages read is the mixture's token blocks
     blocks = build.blocks("mixed", project / "tiny", 32, "prune")
-    assert "mixed" in str(blocks.array.meta["source"]) or str(mixed) in str(blocks.array.meta["source"])
+    assert str(mixed) in str(blocks.array.meta["source"])
+    # the run records the corpora it made, and the report lists them
+    build.write_plan()
+    build.write_data_record()
+    made = json.loads((project / "build" / "data.json").read_text())
+    assert made["gen"]["corpus"] == str(corpus) and made["gen"]["generated"]["new_tokens"] == new
+    assert made["mixed"] == {"kind": "mix", "corpus": str(mixed), "generated": None}
+    md = write_report(project / "build")[0].read_text()
+    assert "Data made for this build" in md and f"{new:,} new tokens" in md
 
 
 def test_generation_resumes_at_the_missing_part_with_the_same_bits(project, monkeypatch):

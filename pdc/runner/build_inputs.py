@@ -75,6 +75,8 @@ class BuildInputs:
     def corpus(self, data_name: str, stage: str) -> DataSource:
         """A data declaration as a corpus on disk (generated or mixed data made once, in the cache)."""
         if data_name not in self._corpora:
+            for part, _, _ in self.spec.data[data_name].parts:  # made (and recorded) under their own names
+                self.corpus(part, stage)
             self._corpora[data_name] = concrete(self.spec.data[data_name], self.base, stage, self.progress,
                                                 data_name)
         return self._corpora[data_name]
