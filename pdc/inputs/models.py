@@ -163,9 +163,18 @@ def source_identity(src: ModelSource, base_dir: Path) -> list:
 
 
 def data_identity(src: DataSource, base_dir: Path) -> list:
+    """What a corpus is, for the stage keys; generated and mixed data by what they read and how
+    (nothing is generated to know it)."""
+    plain = (src.kind, src.ref, src.split, src.field)
+    if src.kind == "generate":
+        g = src.generate
+        return [plain, source_identity(g.model, base_dir), data_identity(g.prompts, base_dir),
+                [g.tokens, g.length, g.prompt_tokens, g.temperature, g.seed, g.batch]]
+    if src.kind == "mix":
+        return [plain, [[name, data_identity(part, base_dir), share] for name, part, share in src.parts]]
     if src.kind in LOCAL_DATA_KINDS:
-        return [dataclasses.astuple(src), file_identity(local_path(src.ref, base_dir))]
-    return [dataclasses.astuple(src)]
+        return [plain, file_identity(local_path(src.ref, base_dir))]
+    return [plain]
 
 
 def load_causal_lm(model_dir: Path, stage: str, dtype: torch.dtype = torch.float32,

@@ -159,6 +159,9 @@ class CheckerBase:
         self.models: dict[str, ModelSource] = {}
         self.data: dict[str, DataSource] = {}
         self.decl: dict[str, ast.ModelDecl | ast.DataDecl] = {}
+        self.uses: dict[str, set[str]] = {}  # data made from other declarations -> the names it reads
+        self.prompt_uses: list = []  # (data name, span) of each generate(prompts=...)
+        self.variant_uses: frozenset = frozenset()  # names only a comparison's variants read
         self.source_arch: Optional[Arch] = None
         # the settings read from the correct and distill blocks (key -> (value, node)), for checks
         # that span both stages

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from pdc.lang import ast
+from pdc.lang.check_generated import GeneratedRules
 from pdc.lang.check_settings import Bad, CheckerBase, Silent, describe_value, read_string, suggest
 from pdc.lang.diagnostics import Note
 from pdc.lang.settings import DataSource, ModelSource
@@ -13,14 +14,14 @@ from pdc.lang.sources import local_path
 
 
 MODEL_KINDS = ("hf", "dir", "gguf", "builtin")
-DATA_KINDS = ("hf", "json", "jsonl", "text", "parquet", "builtin")
+DATA_KINDS = ("hf", "json", "jsonl", "text", "parquet", "builtin", "generate", "mix")
 # The carried text domains (pdc/data/manifest.json; a test keeps the two lists equal).
 BUILTIN_DATA = ("wiki", "wiki-heldout", "reddit", "amazon")
 RETIRED_DATA = {"news": "the New York Times paragraphs came from the bigbench 1.0.0 sdist, which is no longer "
                         "served; use 'amazon' or 'reddit' (other SQuAD-shifts domains) or a jsonl file"}
 
 
-class SourceRules(CheckerBase):
+class SourceRules(GeneratedRules, CheckerBase):
     """Models and data: declarations, their sources and references to them."""
 
     def declare(self, stmt) -> None:
@@ -38,6 +39,10 @@ class SourceRules(CheckerBase):
             src = self.model_source(stmt.source)
             if src is not None:
                 self.models[name] = src
+        elif stmt.source.name.value in ("generate", "mix"):  # data read from other declarations
+            made = (self.generated_source if stmt.source.name.value == "generate" else self.mixed_source)(stmt.source)
+            if made is not None:
+                self.data[name], self.uses[name] = made
         else:
             src = self.data_source(stmt.source)
             if src is not None:

@@ -84,6 +84,7 @@ class _Checker(SourceRules, TrainingRules, EvaluateRules, PruneRules):
                        "no distill stage", correct_st.block.span)
         lowered = self.paper_correction_defaults(lowered)
         self.warn_unused(lowered)
+        self.check_prompt_leaks({d for s in lowered if isinstance(s, EvaluateStage) for d in s.eval.perplexity_data})
         lowered = self.fold_concurrent_correction(lowered, correct_st, distill_st)
         if arch is None and not self.sink.has_errors:  # defensive: every path above reports
             self.error(f"cannot determine the architecture of model '{source_name}'", self.decl[source_name].span
@@ -209,6 +210,10 @@ class _Checker(SourceRules, TrainingRules, EvaluateRules, PruneRules):
                 used |= {s.teacher, s.data}
             elif isinstance(s, EvaluateStage):
                 used |= set(s.eval.perplexity_data)
+        used |= self.variant_uses
+        for name in reversed(list(self.uses)):  # what generated and mixed data read is used with them
+            if name in used:
+                used |= self.uses[name]
         models = [d for d in self.decl.values() if isinstance(d, ast.ModelDecl)]
         for name, decl in self.decl.items():
             if name in used or (isinstance(decl, ast.ModelDecl) and decl is models[0]):
@@ -236,8 +241,17 @@ def _named(lowered: list) -> tuple:
     return tuple(named)
 
 
-def _check_one(spec: ast.Spec, text: str, path: Path, resolve) -> CheckedSpec:
-    return _Checker(spec, text, path.resolve().parent, resolve).run(path)
+def _check_one(spec: ast.Spec, text: str, path: Path, resolve, variant_uses: frozenset = frozenset()) -> CheckedSpec:
+    checker = _Checker(spec, text, path.resolve().parent, resolve)
+    checker.variant_uses = variant_uses
+    return checker.run(path)
+
+
+def _variant_uses(compare: ast.CompareStmt) -> frozenset:
+    """Model and data names the stages written inside a comparison's variants read."""
+    items = (i for v in compare.variants for i in v.items)
+    return frozenset(n.value for i in items for n in (getattr(i, a, None) for a in ("model", "data", "teacher"))
+                     if isinstance(n, ast.Name))
 
 
 def check(spec: ast.Spec, text: str, path: str | Path, resolve=resolve_config) -> CheckedSpec:
@@ -248,14 +262,14 @@ def check(spec: ast.Spec, text: str, path: str | Path, resolve=resolve_config) -
     base_ast = replace(spec, statements=tuple(s for s in spec.statements if not isinstance(s, ast.CompareStmt)))
     diagnostics: list[Diagnostic] = []
 
-    def attempt(tree: ast.Spec) -> Optional[CheckedSpec]:
+    def attempt(tree: ast.Spec, variant_uses: frozenset = frozenset()) -> Optional[CheckedSpec]:
         try:
-            return _check_one(tree, text, path, resolve)
+            return _check_one(tree, text, path, resolve, variant_uses)
         except SpecError as exc:
             diagnostics.extend(d for d in exc.diagnostics if d not in diagnostics)
             return None
 
-    base = attempt(base_ast)
+    base = attempt(base_ast, _variant_uses(compares[0]) if compares else frozenset())
     comparison = None
     if compares:
         for extra in compares[1:]:

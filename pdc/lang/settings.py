@@ -16,7 +16,7 @@ EMIT_OUTPUTS = ("hf", "pt2", "onnx", "lock")
 EMIT_FILES = {"pt2": "program.pt2", "onnx": "model.onnx"}
 
 ModelKind = Literal["hf", "dir", "gguf", "builtin"]
-DataKind = Literal["hf", "json", "jsonl", "text", "parquet", "builtin"]
+DataKind = Literal["hf", "json", "jsonl", "text", "parquet", "builtin", "generate", "mix"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,27 @@ class DataSource:
     ref: str
     split: str = "train"
     field: str = "text"
+    # `generate`: text the model `ref` samples (`GenerateConfig`); `mix`: the named corpora
+    # (name, source, share), shares summing to 1
+    generate: Optional["GenerateConfig"] = None
+    parts: tuple[tuple[str, "DataSource", float], ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Text a model samples (`data gen = generate(teacher, prompts=wiki, tokens=200k)`): each
+    document of `prompts`, cut to its first `prompt_tokens` tokens, starts samples of up to
+    `length` new tokens at `temperature` (prompts cycle) until `tokens` new tokens are written;
+    `batch` samples run together, and each part of `batch` samples draws from its own seed."""
+
+    model: ModelSource
+    prompts: DataSource
+    tokens: int
+    length: int = 256
+    prompt_tokens: int = 32
+    temperature: float = 1.0
+    seed: int = 0
+    batch: int = 64  # throughput on a CPU core: 61 tok/s at 16, 111 at 64 (SmolLM2-135M, shared cores)
 
 
 @dataclass(frozen=True)

@@ -76,8 +76,11 @@ def render_search(st: dict[str, Any]) -> list[str]:
         out.append(f"      {' '.join(f'{k}={v}' for k, v in c['sizes'].items())}  {c['params']:,} params")
     if len(s["candidates"]) > 12:
         out.append(f"      ... {len(s['candidates']) - 12} more")
-    out.append(f"    ranking cost: LM loss of {s['ranked']} candidates ({cost['cheap_forward_tokens']:,} forward tokens), "
-               f"then the top {cost['distill_students']} distilled {cost['distill_steps'] // max(1, cost['distill_students'])} "
+    cheap = f"    ranking cost: LM loss of {s['ranked']} candidates ({cost['cheap_forward_tokens']:,} forward tokens)"
+    if not cost["distill_steps"]:  # steps=0: the cheap score decides
+        out.append(cheap + "; no distillation ranks them (steps=0): the lowest loss is chosen")
+        return out
+    out.append(f"{cheap}, then the top {cost['distill_students']} distilled {cost['distill_steps'] // max(1, cost['distill_students'])} "
                f"steps each ({cost['distill_steps']} steps, {cost['distill_tokens']:,} tokens)"
                + (f" from one cached teacher pass ({cost['teacher_pass_tokens']:,} tokens, k={s['cache_k']})"
                   if s["cache_k"] else " with the teacher online"))

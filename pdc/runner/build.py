@@ -79,6 +79,7 @@ class Build(BuildInputs, StageKeys, BuildStatus, BuildLocks, BuildCards):
         self.progress = progress
         self._tokenizers: dict[Path, object] = {}
         self._sources: dict[str, Path] = {}
+        self._corpora: dict = {}  # data name -> the corpus on disk (`BuildInputs.corpus`)
         self._keys: dict[str, str] = {}
         self._overrides: dict[str, Path] = {}  # stage -> an existing model dir standing in for it
         self._verified: set[Path] = set()
@@ -236,6 +237,7 @@ def _run(build: Build, names: list[str]) -> Path:
     with exclusive_lock(build.out / BUILD_LOCK, f"another pdc run is writing into {build.out}"):
         build.clean_leftovers()
         build.write_plan()
+        build.write_data_record()
         build.emit_stage_files()
         try:
             for name in names:

@@ -5,20 +5,26 @@ anything. Mixed into `pdc.runner.build.Build`."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Optional
 
 from pdc.errors import PdcError
+from pdc.files import write_json
 from pdc.inputs.assets import local_tasks_dir
+from pdc.inputs.corpora import concrete
+from pdc.inputs.generated import META as GENERATED_META
 from pdc.inputs.data import check_corpus, split_blocks, take, token_blocks
 from pdc.inputs.models import materialize_model
 from pdc.inputs.shards import Blocks
 from pdc.inputs.verify import check_same_vocabulary, load_tokenizer, verify_checkpoint
+from pdc.lang.settings import DataSource
 from pdc.plan.stage_graph import ModelRef, Node, SourceRef, StageRef
 
 
 HELDOUT_MORE = "heldout:"  # the role of each further perplexity corpus: "heldout:NAME"
+DATA_FILE = "data.json"  # the generated and mixed corpora a build read (`write_data_record`)
 
 
 class BuildInputs:
@@ -66,9 +72,31 @@ class BuildInputs:
     def check_vocabularies(self, teacher: Path, student: Path, stage: str) -> None:
         check_same_vocabulary(teacher, self.tokenizer(teacher, stage), student, self.tokenizer(student, stage), stage)
 
+    def corpus(self, data_name: str, stage: str) -> DataSource:
+        """A data declaration as a corpus on disk (generated or mixed data made once, in the cache)."""
+        if data_name not in self._corpora:
+            for part, _, _ in self.spec.data[data_name].parts:  # made (and recorded) under their own names
+                self.corpus(part, stage)
+            self._corpora[data_name] = concrete(self.spec.data[data_name], self.base, stage, self.progress,
+                                                data_name)
+        return self._corpora[data_name]
+
+    def write_data_record(self) -> None:
+        """`data.json`: the generated and mixed corpora this build read, where they are and how they
+        were made (the generation's `generated.json`), for the report."""
+        made = {}
+        for name, corpus in self._corpora.items():
+            kind = self.spec.data[name].kind
+            if kind in ("generate", "mix"):
+                meta = Path(corpus.ref).parent / GENERATED_META
+                made[name] = {"kind": kind, "corpus": corpus.ref,
+                              "generated": json.loads(meta.read_text()) if meta.exists() else None}
+        if made:
+            write_json(self.out / DATA_FILE, made)
+
     def blocks(self, data_name: str, model_dir: Path, seq_len: int, stage: str) -> Blocks:
         """The token shards of a data declaration (tokenized once, memory-mapped)."""
-        return token_blocks(self.spec.data[data_name], self.tokenizer(model_dir), seq_len, self.base, stage,
+        return token_blocks(self.corpus(data_name, stage), self.tokenizer(model_dir), seq_len, self.base, stage,
                             progress=self.progress, label=f"data '{data_name}'")
 
     def tasks_dir(self) -> Optional[Path]:
@@ -94,7 +122,7 @@ class BuildInputs:
             for ref in ready.values():
                 models.add(self.input_model(ref, name))
             for d in node.data:
-                check_corpus(self.spec.data[d], self.base, name)
+                check_corpus(self.corpus(d, name), self.base, name)
                 corpora.add(d)
             # the token blocks the stage will read: enough text for its samples and sequences
             tokenizer_of = self.model_dir(ready.get("model") or ready.get("teacher") or SourceRef(self.spec.source_model))

@@ -34,6 +34,7 @@ from pdc.plan.results import (
     read_record,
 )
 from pdc.plotting import pyplot, save_figure
+from pdc.runner.build_inputs import DATA_FILE
 from pdc.runner.stats import format_difference, score_differences, verdict
 from pdc.runner.report_doc import Doc, render_html, render_markdown
 from pdc.runner.speed_table import SPEED_PNG, absolute_table, plot_speed, read_speed, setup_line, speedup_table
@@ -113,6 +114,21 @@ def _spec_section(doc: Doc, build: Path, plan: dict | None):
         doc.muted("spec text not found (no spec.pds in the build directory)")
     else:
         doc.pre(text)
+
+
+def _data_section(doc: Doc, build: Path):
+    """The generated and mixed corpora the build read (`data.json`, written when they are made)."""
+    made = _json(build / DATA_FILE)
+    if not isinstance(made, dict) or not made:
+        return
+    doc.h(2, "Data made for this build")
+    rows = []
+    for name, entry in made.items():
+        meta = entry.get("generated") or {}
+        what = (f"{meta.get('new_tokens', '?'):,} new tokens, {meta.get('samples', '?')} samples from "
+                f"{meta.get('prompts', '?')} prompts, {meta.get('settings', {})}" if meta else "mixture")
+        rows.append([name, entry.get("kind", "?"), what, entry.get("corpus", "?")])
+    doc.table(["data", "kind", "what", "corpus"], rows)
 
 
 ARCH_ROWS = (("hidden", "hidden size"), ("mlp", "MLP size"), ("heads", "attention heads"),
@@ -464,6 +480,7 @@ def build_doc(build_dir: Path) -> Doc:
     planned_prunes = [s["name"] for s in _planned_stages(plan) if s.get("kind") == "prune" and isinstance(s.get("name"), str)]
     sections = [
         ("Spec", lambda d: _spec_section(d, build, plan)),
+        ("Data made for this build", lambda d: _data_section(d, build)),
         ("Architecture", lambda d: _arch_section(d, plan, last_prune)),
         ("Time per stage", lambda d: _stages_section(d, build, plan, records)),
         *[("Pruning", lambda d, n=n: _prune_section(d, build, n, records[n].result if n in records else None))

@@ -78,7 +78,8 @@ class StageKeys:
             if node.kind == "evaluate":
                 parts.append(str(self.tasks_dir()) if self.tasks_dir() else None)
             if node.kind == "prune" and node.decl.kind == "search":  # it distills as the distill stage does
-                d = short_distill_stage(self.spec, node.decl)
+                # (a search of steps=0 distills nothing: the distillation's data and settings are not its input)
+                d = short_distill_stage(self.spec, node.decl) if node.decl.search.steps > 0 else None
                 parts.append(d and [settings_identity(d.train), data_identity(self.spec.data[d.data], self.base)])
             if node.needs:
                 parts.append({up: self.stage_key(up) for up in node.needs})
